@@ -1,0 +1,101 @@
+"""``driftless``: one console script, subcommands for the hub, agent, broker and demo.
+
+Rule: this module imports nothing heavy at import time; each subcommand imports
+its own package when it runs, so ``driftless agent run`` never loads the hub's
+FastAPI/SQLModel stack on a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="driftless", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=_env("DRIFTLESS_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-format", choices=("json", "console"), default=_env("DRIFTLESS_LOG_FORMAT", "json")
+    )
+    top = parser.add_subparsers(dest="command", required=True)
+
+    hub = top.add_parser("hub", help="the cloud hub").add_subparsers(dest="hub_cmd", required=True)
+    serve = hub.add_parser("serve", help="run the admin API and the MQTT link in one process")
+    serve.add_argument("--broker", default=_env("DRIFTLESS_BROKER", "mqtt://127.0.0.1:1883"))
+    serve.add_argument("--db", default=_env("DRIFTLESS_DB", "sqlite:///driftless-hub.db"))
+    serve.add_argument("--host", default=_env("DRIFTLESS_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("DRIFTLESS_PORT", "8080")))
+    serve.add_argument("--client-id", default=_env("DRIFTLESS_HUB_CLIENT_ID", "driftless-hub"))
+
+    agent = top.add_parser("agent", help="the edge agent").add_subparsers(
+        dest="agent_cmd", required=True
+    )
+    run = agent.add_parser("run", help="run the agent for one device")
+    run.add_argument("--device-id", default=_env("DRIFTLESS_DEVICE_ID", ""), required=False)
+    run.add_argument("--broker", default=_env("DRIFTLESS_BROKER", "mqtt://127.0.0.1:1883"))
+    run.add_argument("--data-dir", type=Path, default=Path(_env("DRIFTLESS_DATA_DIR", "agent-data")))
+
+    broker = top.add_parser("broker", help="development broker").add_subparsers(
+        dest="broker_cmd", required=True
+    )
+    brun = broker.add_parser("run", help="run Mosquitto with a generated config until Ctrl-C")
+    brun.add_argument("--data-dir", type=Path, default=Path(".driftless/broker"))
+    brun.add_argument("--port", type=int, default=0, help="0 picks a free port")
+
+    demo = top.add_parser("demo", help="broker + hub + agents on loopback, converging live")
+    demo.add_argument("--devices", type=int, default=3)
+    demo.add_argument("--api-port", type=int, default=8080)
+    demo.add_argument("--data-dir", type=Path, default=Path(".driftless/demo"))
+    demo.add_argument(
+        "--once", action="store_true", help="run the scripted changes, then exit (for CI)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from driftless import logs
+
+    logs.configure(args.log_level, fmt=args.log_format)
+    if args.command == "hub":
+        from hub.serve import serve
+        from hub.settings import HubSettings
+
+        return serve(
+            HubSettings(
+                broker_url=args.broker,
+                db_url=args.db,
+                api_host=args.host,
+                api_port=args.port,
+                mqtt_client_id=args.client_id,
+            )
+        )
+    if args.command == "agent":
+        if not args.device_id:
+            print("driftless agent run: --device-id is required", file=sys.stderr)
+            return 2
+        from edge_agent.driver import run_agent
+
+        return run_agent(device_id=args.device_id, broker_url=args.broker, data_dir=args.data_dir)
+    if args.command == "broker":
+        from driftless.demo import run_broker
+
+        return run_broker(data_dir=args.data_dir, port=args.port or None)
+    if args.command == "demo":
+        from driftless.demo import run_demo
+
+        return run_demo(
+            devices=args.devices, api_port=args.api_port, data_dir=args.data_dir, once=args.once
+        )
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

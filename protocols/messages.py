@@ -1,0 +1,81 @@
+"""Versioned wire messages (protocol version 1).
+
+Rules:
+- Every message carries ``v`` (the protocol version) and ``kind`` (its type tag);
+  a message is valid only on the channel of its kind.
+- Generations are per-device integers that only grow; 0 means "nothing yet".
+- Reports are ordered by ``(boot_epoch, seq)``: ``boot_epoch`` grows on every
+  agent start and is kept on disk, ``seq`` grows within one boot.
+- A birth and the Last Will set at the same connect carry the same ``session``
+  (Sparkplug B's bdSeq), so a Will from an older session can be recognised.
+- Unknown extra fields are ignored so that minor additions stay compatible; a
+  change that breaks old peers bumps ``PROTOCOL_VERSION`` and the topic root.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from protocols.topics import DEVICE_ID_PATTERN
+
+PROTOCOL_VERSION = 1
+
+DeviceId = Annotated[str, msgspec.Meta(pattern=f"^{DEVICE_ID_PATTERN}$")]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=2048)]
+ShortText = Annotated[str, msgspec.Meta(max_length=64)]
+
+Phase = Literal["applied", "applying", "failed"]
+
+
+class _Base(msgspec.Struct, kw_only=True, frozen=True, tag_field="kind"):
+    v: int = PROTOCOL_VERSION
+    device_id: DeviceId
+
+
+class Desired(_Base, kw_only=True, frozen=True, tag="desired"):
+    """The whole configuration a device should run (never a delta)."""
+
+    generation: Positive
+    config: dict[str, Any]
+    issued_at: Timestamp
+
+
+class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
+    """Sent on every connect: who I am, what I have applied, which session this is."""
+
+    session: NonNegative
+    boot_epoch: NonNegative
+    seq: NonNegative
+    applied_generation: NonNegative
+    failed_generation: NonNegative = 0
+    agent_version: ShortText
+    ts: Timestamp
+
+
+class Status(_Base, kw_only=True, frozen=True, tag="status"):
+    """Retained online flag; the Last Will carries ``online=False`` for the same session."""
+
+    online: bool
+    session: NonNegative
+    ts: Timestamp
+
+
+class Reported(_Base, kw_only=True, frozen=True, tag="reported"):
+    """The device's actual state after an apply started, finished or failed."""
+
+    boot_epoch: NonNegative
+    seq: NonNegative
+    phase: Phase
+    generation: NonNegative
+    applied_generation: NonNegative
+    failed_generation: NonNegative = 0
+    error: ErrorText | None = None
+    ts: Timestamp
+
+
+Message = Desired | Birth | Status | Reported

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = agent.add_parser("run", help="run the agent for one device")
     run.add_argument("--device-id", default=_env("DRIFTLESS_DEVICE_ID", ""), required=False)
     run.add_argument("--broker", default=_env("DRIFTLESS_BROKER", "mqtt://127.0.0.1:1883"))
-    run.add_argument("--data-dir", type=Path, default=Path(_env("DRIFTLESS_DATA_DIR", "agent-data")))
+    run.add_argument(
+        "--data-dir", type=Path, default=Path(_env("DRIFTLESS_DATA_DIR", "agent-data"))
+    )
 
     broker = top.add_parser("broker", help="development broker").add_subparsers(
         dest="broker_cmd", required=True

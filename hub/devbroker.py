@@ -58,7 +58,9 @@ def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s") from None
+                raise TimeoutError(
+                    f"nothing listening on {host}:{port} after {timeout_s}s"
+                ) from None
             time.sleep(0.02)
 
 

@@ -73,7 +73,7 @@ def _classify(data: bytes, kind: type, exc: msgspec.ValidationError) -> Protocol
         return ProtocolError(
             Reason.UNSUPPORTED_VERSION, f"protocol version {header.v!r} is not {PROTOCOL_VERSION}"
         )
-    expected = kind.__struct_config__.tag
+    expected = kind.__struct_config__.tag  # type: ignore[attr-defined]
     if header.kind != expected:
         return ProtocolError(
             Reason.WRONG_KIND, f"kind {header.kind!r} where {expected!r} was expected"

@@ -23,7 +23,10 @@ T = TypeVar("T")
 
 
 def wait_until(
-    predicate: Callable[[], T], *, timeout_s: float = 20.0, what: str = "condition",
+    predicate: Callable[[], T],
+    *,
+    timeout_s: float = 20.0,
+    what: str = "condition",
     interval_s: float = 0.05,
 ) -> T:
     """Poll ``predicate`` until it returns a truthy value; raise AssertionError at the deadline."""
@@ -103,8 +106,16 @@ class HubProcess(ChildProcess):
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         super().__init__(
             driftless_argv(
-                "hub", "serve", "--broker", broker_url, "--db", f"sqlite:///{self.db_path}",
-                "--host", "127.0.0.1", "--port", str(self.api_port),
+                "hub",
+                "serve",
+                "--broker",
+                broker_url,
+                "--db",
+                f"sqlite:///{self.db_path}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
             ),
             workdir / "hub.log",
         )
@@ -117,7 +128,8 @@ class HubProcess(ChildProcess):
             if wait_mqtt:
                 wait_until(
                     lambda: self.api.get("/health").json().get("mqtt_connected"),
-                    timeout_s=20, what="hub MQTT link",
+                    timeout_s=20,
+                    what="hub MQTT link",
                 )
         except (TimeoutError, AssertionError) as exc:
             raise AssertionError(f"hub did not come up: {exc}\n{self.log()[-3000:]}") from exc
@@ -144,8 +156,14 @@ class AgentProcess(ChildProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(
             driftless_argv(
-                "agent", "run", "--device-id", device_id, "--broker", broker_url,
-                "--data-dir", str(self.data_dir),
+                "agent",
+                "run",
+                "--device-id",
+                device_id,
+                "--broker",
+                broker_url,
+                "--data-dir",
+                str(self.data_dir),
             ),
             workdir / f"agent-{device_id}.log",
         )

@@ -1,0 +1,106 @@
+"""The agent's on-disk state: atomic writes only.
+
+Rules:
+- Every write goes to a temporary file in the same directory, is fsynced, then
+  renamed over the target, and the directory is fsynced: a crash at any instant
+  leaves the old file or the new one, never a torn mix (invariant 4).
+- A state file that cannot be read is moved aside (``.corrupt``), never deleted,
+  and the agent starts from defaults; the core's clock-based boot epoch keeps
+  report ordering intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from edge_agent.core import AgentState, HistoryEntry
+
+log = logging.getLogger("driftless.agent.store")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably; raises OSError."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Delete temp files a crash left behind; returns how many."""
+    removed = 0
+    for leftover in directory.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed += 1
+    return removed
+
+
+class _StateFile(msgspec.Struct):
+    applied_generation: int = 0
+    failed_generation: int = 0
+    last_error: str | None = None
+    boot_epoch: int = 0
+    session: int = 0
+    history: list[tuple[int, bool, float]] = []
+
+
+class StateStore:
+    """``state.json`` in the agent's data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / "state.json"
+
+    def load(self) -> AgentState:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path.parent)
+        try:
+            raw = msgspec.json.decode(self.path.read_bytes(), type=_StateFile)
+        except FileNotFoundError:
+            return AgentState()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            aside = self.path.with_suffix(".corrupt")
+            os.replace(self.path, aside)
+            log.error(
+                "state file unreadable; moved aside", extra={"path": str(aside), "error": str(exc)}
+            )
+            return AgentState()
+        return AgentState(
+            applied_generation=raw.applied_generation,
+            failed_generation=raw.failed_generation,
+            last_error=raw.last_error,
+            boot_epoch=raw.boot_epoch,
+            session=raw.session,
+            history=tuple(HistoryEntry(g, ok, at) for g, ok, at in raw.history),
+        )
+
+    def save(self, state: AgentState) -> None:
+        raw = _StateFile(
+            applied_generation=state.applied_generation,
+            failed_generation=state.failed_generation,
+            last_error=state.last_error,
+            boot_epoch=state.boot_epoch,
+            session=state.session,
+            history=[(h.generation, h.ok, h.at) for h in state.history],
+        )
+        atomic_write_bytes(self.path, msgspec.json.format(msgspec.json.encode(raw)))

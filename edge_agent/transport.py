@@ -1,0 +1,146 @@
+"""The only module that imports paho: a thin MQTT 5 face with no paho types leaking out.
+
+Rules:
+- Callbacks run on the network thread and are turned into plain transport events.
+- ``connect`` raises TransportError (never a paho return code) so the caller can back off.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+KEEPALIVE_S = 30
+MAX_QUEUED_OUTGOING = 1000
+
+
+class TransportError(Exception):
+    """The broker could not be reached or refused the connection; retry later."""
+
+
+@dataclass(frozen=True)
+class TConnected:
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class TConnectRefused:
+    reason: str
+
+
+@dataclass(frozen=True)
+class TSubscribed:
+    granted: bool
+
+
+@dataclass(frozen=True)
+class TMessage:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class TDisconnected:
+    reason: str
+
+
+TransportEvent = TConnected | TConnectRefused | TSubscribed | TMessage | TDisconnected
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://host:port`` or ``mqtts://host:port`` -> (host, port, tls); raises ValueError."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker URL {url!r} must look like mqtt://HOST:PORT")
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+class MqttTransport:
+    """One persistent MQTT 5 session for one device."""
+
+    def __init__(
+        self,
+        client_id: str,
+        broker_url: str,
+        on_event: Callable[[TransportEvent], None],
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host, self.port, tls = parse_broker_url(broker_url)
+        self._on_event = on_event
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self._client.max_queued_messages_set(MAX_QUEUED_OUTGOING)
+        if tls:
+            self._client.tls_set_context(tls_context or ssl.create_default_context())
+        self._client.on_connect = self._connected
+        self._client.on_subscribe = self._subscribed
+        self._client.on_message = self._message
+        self._client.on_disconnect = self._disconnected
+
+    def set_will(self, topic: str, payload: bytes) -> None:
+        self._client.will_set(topic, payload, qos=1, retain=True)
+
+    def connect(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        try:
+            self._client.connect(
+                self.host, self.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
+            )
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot reach {self.host}:{self.port}: {exc}") from exc
+
+    def loop(self, timeout_s: float) -> bool:
+        """Run network I/O for up to ``timeout_s``; False once the connection is gone."""
+        return self._client.loop(timeout=timeout_s) == mqtt.MQTT_ERR_SUCCESS
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_and_wait(self, topic: str, payload: bytes, *, timeout_s: float) -> bool:
+        """Publish QoS 1 and wait for the PUBACK while driving the loop ourselves."""
+        info = self._client.publish(topic, payload, qos=1, retain=True)
+        deadline_loops = max(1, int(timeout_s / 0.05))
+        for _ in range(deadline_loops):
+            if info.is_published():
+                return True
+            if not self.loop(0.05):
+                return False
+        return info.is_published()
+
+    def subscribe(self, topic: str) -> None:
+        self._client.subscribe(topic, qos=1)
+
+    def disconnect(self) -> None:
+        self._client.disconnect()
+        self.loop(0.1)
+
+    # paho callbacks (network thread)
+
+    def _connected(self, _c: object, _u: object, flags: object, reason: object, _p: object) -> None:
+        if getattr(reason, "is_failure", False):
+            self._on_event(TConnectRefused(str(reason)))
+        else:
+            self._on_event(TConnected(bool(getattr(flags, "session_present", False))))
+
+    def _subscribed(
+        self, _c: object, _u: object, _mid: int, codes: list[object], _p: object
+    ) -> None:
+        self._on_event(TSubscribed(all(not getattr(c, "is_failure", False) for c in codes)))
+
+    def _message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        self._on_event(TMessage(message.topic, bytes(message.payload)))
+
+    def _disconnected(
+        self, _c: object, _u: object, _flags: object, reason: object, _p: object
+    ) -> None:
+        self._on_event(TDisconnected(str(reason)))

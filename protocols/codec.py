@@ -44,38 +44,32 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes, kind: type[M], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
-    """Pure: parse ``data`` as a message of type ``kind``; raises ProtocolError."""
+    """Pure: parse ``data`` as a message of type ``kind``; raises ProtocolError.
+
+    The envelope (``v``, ``kind``) is checked first, so a peer speaking another
+    version or sending the wrong message type is told exactly that.
+    """
     if len(data) > max_bytes:
         raise ProtocolError(
             Reason.OVERSIZED, f"{len(data)} bytes exceeds the {max_bytes}-byte limit"
         )
     try:
-        message = _decoders[kind].decode(data)
-    except msgspec.ValidationError as exc:
-        raise _classify(data, kind, exc) from None
+        header = _header_decoder.decode(data)
+    except msgspec.ValidationError:
+        raise ProtocolError(Reason.MALFORMED, "payload must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(Reason.MALFORMED, f"not valid JSON: {exc}") from None
-    if message.v != PROTOCOL_VERSION:  # type: ignore[attr-defined]
-        raise ProtocolError(
-            Reason.UNSUPPORTED_VERSION,
-            f"protocol version {message.v!r} is not {PROTOCOL_VERSION}",  # type: ignore[attr-defined]
-        )
-    return message  # type: ignore[return-value]
-
-
-def _classify(data: bytes, kind: type, exc: msgspec.ValidationError) -> ProtocolError:
-    """Say *why* a well-formed JSON document failed validation."""
-    try:
-        header = _header_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        return ProtocolError(Reason.MALFORMED, "payload must be a JSON object")
     if header.v != PROTOCOL_VERSION:
-        return ProtocolError(
-            Reason.UNSUPPORTED_VERSION, f"protocol version {header.v!r} is not {PROTOCOL_VERSION}"
+        got = "missing" if header.v is None else repr(header.v)
+        raise ProtocolError(
+            Reason.UNSUPPORTED_VERSION, f"protocol version {got} is not {PROTOCOL_VERSION}"
         )
-    expected = kind.__struct_config__.tag  # type: ignore[attr-defined]
+    expected = kind.__struct_config__.tag
     if header.kind != expected:
-        return ProtocolError(
+        raise ProtocolError(
             Reason.WRONG_KIND, f"kind {header.kind!r} where {expected!r} was expected"
         )
-    return ProtocolError(Reason.INVALID_FIELDS, str(exc))
+    try:
+        return _decoders[kind].decode(data)  # type: ignore[return-value]
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(Reason.INVALID_FIELDS, str(exc)) from None

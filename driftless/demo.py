@@ -1,0 +1,244 @@
+"""``driftless demo``: a real broker, the hub and a few agents on loopback, converging live.
+
+Rules:
+- Everything runs as real processes on 127.0.0.1 (Mosquitto, ``driftless hub
+  serve``, one ``driftless agent run`` per device) so the demo shows what a
+  deployment does, not a mock.
+- Every wait has a deadline; Ctrl-C (or the end of ``--once``) stops every child.
+- Each capability that lands gets a scene here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
+
+
+class DemoError(RuntimeError):
+    """A step of the demo did not happen before its deadline."""
+
+
+def run_broker(*, data_dir: Path, port: int | None) -> int:
+    """``driftless broker run``: the development broker in the foreground until Ctrl-C."""
+    broker = MosquittoBroker(data_dir, port=port)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"mosquitto listening on {broker.url} (config {broker.config_path}); Ctrl-C stops it")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        broker.stop()
+    return 0
+
+
+def _child(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "driftless.cli", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _wait(predicate: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            result = predicate()
+            if result:
+                return result
+        time.sleep(0.1)
+    raise DemoError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class Demo:
+    def __init__(self, *, devices: int, api_port: int, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self.device_ids = [f"demo-{i:02d}" for i in range(1, devices + 1)]
+        self.broker = MosquittoBroker(self.data_dir / "broker")
+        self.api_port = api_port
+        self.hub: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Demo]:
+        try:
+            self._start()
+            yield self
+        finally:
+            for proc in self.agents.values():
+                _stop(proc)
+            _stop(self.hub)
+            self.broker.stop()
+            self.api.close()
+
+    def _start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.broker.start()
+        say(f"broker    Mosquitto on {self.broker.url} (data in {self.broker.data_dir})")
+        self.hub = _child(
+            [
+                "hub",
+                "serve",
+                "--broker",
+                self.broker.url,
+                "--db",
+                f"sqlite:///{self.data_dir / 'hub.db'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+            ],
+            self.data_dir / "hub.log",
+        )
+        wait_for_port("127.0.0.1", self.api_port, timeout_s=30)
+        _wait(
+            lambda: self.api.get("/health").json()["mqtt_connected"],
+            timeout_s=20,
+            what="the hub's MQTT link",
+        )
+        say(
+            f"hub       API on http://127.0.0.1:{self.api_port}/docs (logs {self.data_dir}/hub.log)"
+        )
+        for device_id in self.device_ids:
+            response = self.api.post("/devices", json={"id": device_id, "labels": {"site": "demo"}})
+            if response.status_code not in (201, 409):
+                raise DemoError(f"registering {device_id}: {response.status_code} {response.text}")
+            self.start_agent(device_id)
+        _wait(
+            lambda: self.summary()["online"] == len(self.device_ids),
+            timeout_s=30,
+            what="all agents online",
+        )
+        say(f"agents    {len(self.device_ids)} devices online")
+
+    def start_agent(self, device_id: str) -> None:
+        self.agents[device_id] = _child(
+            [
+                "agent",
+                "run",
+                "--device-id",
+                device_id,
+                "--broker",
+                self.broker.url,
+                "--data-dir",
+                str(self.data_dir / "agents" / device_id),
+            ],
+            self.data_dir / f"agent-{device_id}.log",
+        )
+
+    def stop_agent(self, device_id: str) -> None:
+        _stop(self.agents.pop(device_id, None))
+
+    def summary(self) -> dict[str, Any]:
+        return self.api.get("/fleet/summary").json()  # type: ignore[no-any-return]
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.api.get("/devices", params={"limit": 500}).json()["items"]  # type: ignore[no-any-return]
+
+    def set_fleet_config(self, config: dict[str, Any]) -> None:
+        response = self.api.put("/fleet/desired", json={"config": config})
+        response.raise_for_status()
+
+    def converge(self, *, timeout_s: float = 30) -> float:
+        start = time.monotonic()
+        _wait(
+            lambda: self.summary()["in_sync"] == len(self.device_ids),
+            timeout_s=timeout_s,
+            what="every device in sync",
+        )
+        return time.monotonic() - start
+
+    def table(self) -> None:
+        for d in self.devices():
+            state = "in sync" if d["in_sync"] else "behind"
+            print(
+                f"    {d['id']:10} online={d['online']!s:5} "
+                f"desired=g{d['desired_generation']:<3} "
+                f"reported=g{d['reported_generation']:<3} {state}"
+            )
+
+
+def say(text: str) -> None:
+    print(f"[driftless] {text}", flush=True)
+
+
+def scenes(demo: Demo, *, rounds: int | None) -> None:
+    say("scene 1   push a configuration to the whole fleet")
+    demo.set_fleet_config({"sample_rate_hz": 10, "message": "hello fleet"})
+    say(f"          converged in {demo.converge():.2f}s")
+    demo.table()
+
+    away = demo.device_ids[-1]
+    say(f"scene 2   {away} goes offline; desired state changes three times while it is away")
+    demo.stop_agent(away)
+    _wait(
+        lambda: not demo.api.get(f"/devices/{away}").json()["online"],
+        timeout_s=15,
+        what=f"{away} offline",
+    )
+    for rate in (20, 30, 40):
+        demo.set_fleet_config({"sample_rate_hz": rate, "message": f"rate {rate}"})
+    demo.table()
+    say(f"          {away} comes back and applies only the newest generation")
+    demo.start_agent(away)
+    say(f"          converged in {demo.converge():.2f}s")
+    demo.table()
+
+    n = 0
+    while rounds is None or n < rounds:
+        n += 1
+        time.sleep(5)
+        demo.set_fleet_config({"sample_rate_hz": 40 + n, "message": f"tick {n}"})
+        say(f"tick {n:<5}  new configuration, converged in {demo.converge():.2f}s; Ctrl-C stops")
+
+
+def run_demo(*, devices: int, api_port: int, data_dir: Path, once: bool) -> int:
+    """Entry point for ``driftless demo``."""
+    if os.environ.get("DRIFTLESS_DEMO_FRESH", "1") == "1" and data_dir.exists():
+        shutil.rmtree(data_dir)
+    port = api_port
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            port = free_port()
+            say(f"port {api_port} is taken; using {port}")
+    demo = Demo(devices=devices, api_port=port, data_dir=data_dir)
+    try:
+        with demo.running():
+            scenes(demo, rounds=0 if once else None)
+    except KeyboardInterrupt:
+        say("stopped")
+    except (DemoError, BrokerError) as exc:
+        print(f"demo failed: {exc} (logs in {data_dir})", file=sys.stderr)
+        return 1
+    return 0

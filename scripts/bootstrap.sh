@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what Driftless needs on a fresh machine, then gets out of the way:
+#   - Mosquitto (Debian package) when it is missing and can be installed;
+#   - a virtual environment in .venv with the project and its dev extras.
+# Idempotent: the venv is refreshed only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
+
+if ! have_mosquitto; then
+  echo "bootstrap: installing Mosquitto (Debian package)" >&2
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  else
+    echo "bootstrap: Mosquitto is missing and I cannot install it (not root, no sudo)." >&2
+    echo "           Install the 'mosquitto' package, then run this again." >&2
+    exit 1
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "bootstrap: Python 3.11 or newer is required ($("$PY" --version 2>&1))" >&2
+  exit 1
+fi
+
+stamp=.venv/.driftless-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: preparing .venv" >&2
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  echo "$want" > "$stamp"
+fi

@@ -41,7 +41,7 @@ from edge_agent.core import (
     Subscribed,
 )
 from edge_agent.runtime import Applier, ApplyError, ConfigFileApplier
-from edge_agent.store import StateStore
+from edge_agent.store import StateStore, remove_stale_temporaries
 from edge_agent.transport import (
     MqttTransport,
     TConnected,
@@ -71,6 +71,8 @@ class AgentDriver:
     ) -> None:
         self.device_id = device_id
         self.store = StateStore(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(data_dir)  # a crash mid-write leaves them; we own the dir
         self.applier = applier or ConfigFileApplier(data_dir)
         self.clock = clock
         self.core = AgentCore(device_id, self.store.load(), driftless.__version__)

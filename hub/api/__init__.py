@@ -1,0 +1,1 @@
+"""The admin API (FastAPI): one router per resource under ``/api/v1``."""

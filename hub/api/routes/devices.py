@@ -1,0 +1,129 @@
+"""``/devices``: register, list, read, delete devices and set one device's desired state.
+
+Rules:
+- Domain errors from :mod:`hub.store` become HTTP errors here and only here:
+  DeviceNotFound -> 404, DeviceExists -> 409, ConfigTooLarge -> 413.
+- A desired change is accepted once committed, whether or not the broker is up;
+  the link is only told about it (the DB is the truth, the sweep delivers it).
+- Handlers are sync: FastAPI runs them in its threadpool, the link is notified
+  thread-safely.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+
+from hub import store
+from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
+from hub.models import (
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    DesiredUpdate,
+    DeviceCreate,
+    DevicePage,
+    DevicePublic,
+)
+
+router = APIRouter(prefix="/devices", tags=["devices"])
+
+DeviceIdPath = Annotated[str, Path(description="device id", max_length=64)]
+
+
+def parse_label_filters(values: list[str]) -> dict[str, str]:
+    """Pure: ``["site=lab", "role=gw"]`` -> ``{"site": "lab", "role": "gw"}``; raises ValueError."""
+    import re
+
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or re.fullmatch(LABEL_KEY_PATTERN, key) is None:
+            raise ValueError(f"label filter {item[:80]!r} must be KEY=VALUE with a valid key")
+        if re.fullmatch(LABEL_VALUE_PATTERN, value) is None:
+            raise ValueError(f"label filter {item[:80]!r} has an invalid value")
+        out[key] = value
+    return out
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DevicePublic)
+def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> DevicePublic:
+    try:
+        row = store.register_device(session, device_id=body.id, labels=body.labels, now=now)
+    except DeviceExists as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return DevicePublic.from_row(row)
+
+
+@router.get("", response_model=DevicePage)
+def list_devices(
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    label: Annotated[list[str], Query(description="KEY=VALUE; repeat to AND")] = [],  # noqa: B006
+) -> DevicePage:
+    page = settings.page_size_default if limit is None else limit
+    if page > settings.page_size_max:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"limit {page} exceeds the maximum page size {settings.page_size_max}",
+        )
+    try:
+        labels = parse_label_filters(label)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    rows, total = store.list_devices(session, limit=page, offset=offset, labels=labels)
+    return DevicePage(
+        items=[DevicePublic.from_row(r) for r in rows], total=total, limit=page, offset=offset
+    )
+
+
+@router.get("/{device_id}", response_model=DevicePublic)
+def get_device(device_id: DeviceIdPath, session: SessionDep) -> DevicePublic:
+    try:
+        return DevicePublic.from_row(store.get_device(session, device_id=device_id))
+    except DeviceNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+
+@router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_device(device_id: DeviceIdPath, session: SessionDep, link: LinkDep) -> Response:
+    try:
+        store.delete_device(session, device_id=device_id)
+    except DeviceNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    link.desired_changed([device_id])  # best effort: clears the retained desired document
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.put(
+    "/{device_id}/desired",
+    response_model=DevicePublic,
+    responses={413: {"description": "config larger than max_config_bytes"}},
+)
+def set_desired(
+    *,
+    device_id: DeviceIdPath,
+    body: DesiredUpdate,
+    session: SessionDep,
+    settings: SettingsDep,
+    link: LinkDep,
+    now: NowDep,
+) -> DevicePublic:
+    """Replace the device's whole desired config; its desired_generation grows by 1."""
+    try:
+        row = store.set_desired(
+            session,
+            device_id=device_id,
+            config=body.config,
+            now=now,
+            max_config_bytes=settings.max_config_bytes,
+        )
+    except DeviceNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except ConfigTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+    link.desired_changed([row.id])
+    return DevicePublic.from_row(row)

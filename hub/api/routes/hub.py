@@ -1,0 +1,28 @@
+"""``/health`` and ``/hub/stats``: the hub process itself.
+
+Rule: these handlers are ``async`` on purpose: they run on the event loop thread,
+the only thread that touches the link's counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from hub.api.deps import LinkDep
+from hub.models import Health
+
+router = APIRouter(tags=["hub"])
+
+
+@router.get("/health", response_model=Health)
+async def health(link: LinkDep) -> Health:
+    return Health(status="ok", mqtt_connected=link.connected)
+
+
+@router.get("/hub/stats")
+async def hub_stats(link: LinkDep) -> dict[str, Any]:
+    """Counters of the MQTT link: received per channel, rejected per reason, stale per kind,
+    desired published, connection state and reconnects."""
+    return link.stats.as_dict()

@@ -1,0 +1,41 @@
+"""Domain errors of the hub's data-access layer.
+
+Rules:
+- The store raises these; only the API routes turn them into HTTP status codes.
+- Each error says whose fault it is: all of these are the caller's (bad request),
+  none means a local bug or a database outage (those propagate as they are).
+"""
+
+from __future__ import annotations
+
+
+class HubError(Exception):
+    """Root of the hub's domain errors."""
+
+
+class DeviceNotFound(HubError):
+    """No device with this id is registered."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is not registered")
+        self.device_id = device_id
+
+
+class DeviceExists(HubError):
+    """A device with this id is already registered."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is already registered")
+        self.device_id = device_id
+
+
+class ConfigTooLarge(HubError):
+    """A desired config whose JSON encoding exceeds the configured limit."""
+
+    def __init__(self, size_bytes: int, limit_bytes: int) -> None:
+        super().__init__(
+            f"desired config is {size_bytes} bytes of JSON; the limit is {limit_bytes} bytes "
+            "(max_config_bytes) so that the whole desired document fits in one MQTT message"
+        )
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes

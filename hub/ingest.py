@@ -1,0 +1,190 @@
+"""Pure rules for messages from devices (sans-I/O): topic + payload in, decisions out.
+
+Nothing here touches MQTT, the database or the clock: callers pass ``now`` and the
+device's current tracking fields, and get back the new fields plus what to do.
+
+Rules (the contract; ARCHITECTURE invariants 3 and 5):
+
+- **Birth.** ``birth.session < tracking.session``: stale birth, ignored entirely.
+  Otherwise ``session``, ``online=True``, ``last_seen`` and ``agent_version`` are
+  taken from it. If ``(boot_epoch, seq)`` is newer than the newest report, it also
+  counts as a report: ``reported_generation = applied_generation``,
+  ``failed_generation``, phase ``failed`` if ``failed_generation > applied_generation``
+  else ``applied``. Regardless of ordering, when ``desired_generation > 0`` and
+  ``desired_generation > birth.applied_generation`` the desired document is
+  republished (the broker may have lost the retained copy).
+- **Status** (retained; the Last Will is a Status with ``online=False``).
+  ``status.session < tracking.session``: stale (a Will from an older session arriving
+  after the next birth must not mark the device offline). Otherwise ``session``,
+  ``online`` and ``last_seen`` are taken from it.
+- **Reported.** ``(boot_epoch, seq) <= (last_report_epoch, last_report_seq)``: stale,
+  dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken.
+- Duplicates and out-of-order deliveries therefore change nothing.
+- A message must arrive on the channel of its kind, name the device of its topic,
+  and decode under :mod:`protocols`; otherwise it is rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from protocols import Birth, Channel, ProtocolError, Reported, Status, decode, parse_topic
+
+DeviceMessage = Birth | Status | Reported
+
+_KIND_OF_CHANNEL: dict[Channel, type[Birth] | type[Status] | type[Reported]] = {
+    Channel.BIRTH: Birth,
+    Channel.STATUS: Status,
+    Channel.REPORTED: Reported,
+}
+
+
+class Stale(enum.StrEnum):
+    """Why a well-formed message changed nothing; stable strings used as stats keys."""
+
+    BIRTH = "stale_birth"
+    STATUS = "stale_status"
+    REPORT = "stale_report"
+
+
+class Reject(enum.StrEnum):
+    """Hub-side rejection reasons (the codec's own reasons come from ``protocols.Reason``)."""
+
+    DEVICE_MISMATCH = "device_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    UNEXPECTED_CHANNEL = "unexpected_channel"
+
+
+class Rejected(Exception):
+    """A message the hub refuses; ``reason`` is a stable stats key."""
+
+    def __init__(self, reason: str, detail: str, *, device_id: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.device_id = device_id
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """The per-device fields the rules read and write (a projection of the DB row)."""
+
+    desired_generation: int = 0  # read only: the rules never change desired state
+    session: int = -1
+    online: bool = False
+    last_seen: datetime | None = None
+    agent_version: str | None = None
+    reported_generation: int = 0
+    failed_generation: int = 0
+    report_phase: str | None = None
+    report_error: str | None = None
+    report_generation: int = 0
+    last_report_epoch: int = -1
+    last_report_seq: int = -1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one message does: the new tracking fields, and whether to republish desired."""
+
+    tracking: Tracking
+    republish: bool = False
+    stale: Stale | None = None
+
+
+def classify(topic_name: str, payload: bytes) -> DeviceMessage:
+    """Pure: decode a message from a device and check it against its topic.
+
+    Raises Rejected with reason ``bad_topic``/``bad_device_id`` (topic),
+    ``oversized``/``malformed``/``unsupported_version``/``invalid_fields``/``wrong_kind``
+    (payload), ``unexpected_channel`` (e.g. a device publishing on ``desired``) or
+    ``device_mismatch`` (body names another device than the topic).
+    """
+    try:
+        device_id, channel = parse_topic(topic_name)
+    except ProtocolError as exc:
+        raise Rejected(exc.reason.value, exc.detail) from None
+    kind = _KIND_OF_CHANNEL.get(channel)
+    if kind is None:
+        raise Rejected(
+            Reject.UNEXPECTED_CHANNEL,
+            f"devices do not publish on the {channel.value!r} channel",
+            device_id=device_id,
+        )
+    try:
+        message = decode(payload, kind)
+    except ProtocolError as exc:
+        raise Rejected(exc.reason.value, exc.detail, device_id=device_id) from None
+    if message.device_id != device_id:
+        raise Rejected(
+            Reject.DEVICE_MISMATCH,
+            f"body names device {message.device_id!r} on the topic of {device_id!r}",
+            device_id=device_id,
+        )
+    return message
+
+
+def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
+    """Pure: apply a birth (see the module rules)."""
+    if birth.session < t.session:
+        return Decision(t, stale=Stale.BIRTH)
+    new = dataclasses.replace(
+        t, session=birth.session, online=True, last_seen=now, agent_version=birth.agent_version
+    )
+    if (birth.boot_epoch, birth.seq) > (t.last_report_epoch, t.last_report_seq):
+        failed = birth.failed_generation > birth.applied_generation
+        generation = birth.failed_generation if failed else birth.applied_generation
+        # A birth carries no error text: keep the one we have if it is about the same failure.
+        keep_error = failed and t.report_phase == "failed" and t.report_generation == generation
+        new = dataclasses.replace(
+            new,
+            reported_generation=birth.applied_generation,
+            failed_generation=birth.failed_generation,
+            report_phase="failed" if failed else "applied",
+            report_generation=generation,
+            report_error=t.report_error if keep_error else None,
+            last_report_epoch=birth.boot_epoch,
+            last_report_seq=birth.seq,
+        )
+    republish = t.desired_generation > 0 and t.desired_generation > birth.applied_generation
+    return Decision(new, republish=republish)
+
+
+def on_status(t: Tracking, status: Status, *, now: datetime) -> Decision:
+    """Pure: apply a status or Last Will (see the module rules)."""
+    if status.session < t.session:
+        return Decision(t, stale=Stale.STATUS)
+    return Decision(
+        dataclasses.replace(t, session=status.session, online=status.online, last_seen=now)
+    )
+
+
+def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
+    """Pure: apply a report (see the module rules)."""
+    if (report.boot_epoch, report.seq) <= (t.last_report_epoch, t.last_report_seq):
+        return Decision(t, stale=Stale.REPORT)
+    return Decision(
+        dataclasses.replace(
+            t,
+            reported_generation=report.applied_generation,
+            failed_generation=report.failed_generation,
+            report_phase=report.phase,
+            report_generation=report.generation,
+            report_error=report.error,
+            last_report_epoch=report.boot_epoch,
+            last_report_seq=report.seq,
+            last_seen=now,
+        )
+    )
+
+
+def decide(t: Tracking, message: DeviceMessage, *, now: datetime) -> Decision:
+    """Pure: dispatch ``message`` to its rule."""
+    if isinstance(message, Birth):
+        return on_birth(t, message, now=now)
+    if isinstance(message, Status):
+        return on_status(t, message, now=now)
+    return on_reported(t, message, now=now)

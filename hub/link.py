@@ -1,0 +1,428 @@
+"""The hub's MQTT link: one :class:`BrokerLink` per broker connection (aiomqtt, MQTT 5).
+
+Rules:
+- The link never dies: every connection failure ends in a jittered exponential
+  backoff and another attempt; only cancellation (app shutdown) stops it.
+- Persistent session (``clean_start=False`` plus a Session Expiry Interval), so
+  QoS 1 messages from devices queue at the broker while the hub restarts.
+- At-least-once into the database: the hub acknowledges (PUBACK) a message only
+  after the transaction that applied it committed. A crash in between makes the
+  broker redeliver it, and the ingest rules make redelivery harmless. With MQTT 5's
+  Receive Maximum this also bounds how many messages sit in the hub's memory.
+- Subscriptions, renewed on every connect, all QoS 1:
+  ``$share/hub/.../+/birth`` and ``$share/hub/.../+/reported`` are *shared*, so
+  several hub replicas split that load. ``driftless/v1/devices/+/status`` is *not*
+  shared: status is retained, and retained messages are never delivered to shared
+  subscriptions (MQTT 5 section 4.8.2), so a hub that (re)subscribes would never
+  learn which devices are offline. Every replica therefore gets every status; that
+  is harmless because status updates are guarded by the device session (a stale
+  one changes nothing) and idempotent.
+- Desired state is read from the database at publish time (ARCHITECTURE invariant
+  1); the link keeps only a *set* of device ids to publish, so changes made in
+  quick succession coalesce and the newest generation always wins (invariant 2).
+  Documents go out QoS 1 and retained. After every (re)connect the link sweeps:
+  it republishes every out-of-sync device, which covers a hub killed between the
+  DB commit and the publish and changes made while the broker was unreachable.
+  A birth announcing an older generation than the desired one triggers a
+  republish too (invariant 3: the broker may have lost its retained store).
+- A device id queued for publishing that has no desired document any more
+  (deleted device) gets an empty retained payload: the broker drops its copy.
+- Nothing a device sends can stop the loop: bad messages are rejected, counted
+  and logged; an unexpected error in a batch is logged with its traceback and the
+  batch is retried one message at a time so one poisoned message cannot block others.
+- aiomqtt's ``publish()`` does not surface PUBACK reason codes (FIELD-NOTES), so a
+  publish the broker refused (e.g. by ACL) looks like success here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from sqlalchemy import Engine
+
+import protocols
+from hub import store
+from hub.backoff import Backoff
+from hub.db import new_session
+from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
+from hub.settings import BrokerAddress, HubSettings
+from hub.stats import LinkStats
+from protocols import Channel
+from protocols.topics import TOPIC_ROOT, shared_subscription, subscription
+
+log = logging.getLogger(__name__)
+
+_STALE_KEYS = {s.value for s in Stale}
+
+
+class LinkClosed(aiomqtt.MqttError):
+    """A task of the connection ended although it should run until disconnect."""
+
+
+def _enable_manual_ack(client: aiomqtt.Client) -> Callable[[int, int], Any]:
+    """Switch the client to manual acknowledgements and return its ``ack(mid, qos)``.
+
+    aiomqtt 2.x has no public API for this; paho (underneath) has. This is the only
+    place the hub reaches past aiomqtt, and it must run before connecting, because a
+    persistent session is delivered right after CONNACK.
+    """
+    paho_client = client._client
+    paho_client.manual_ack_set(True)
+    return paho_client.ack  # type: ignore[no-any-return]
+
+
+def _channel_label(topic_name: str) -> str:
+    """Pure: the channel part of a topic for the ``received`` counters (``other`` if none)."""
+    tail = topic_name.rsplit("/", 1)[-1]
+    known = {c.value for c in Channel}
+    return tail if topic_name.startswith(TOPIC_ROOT + "/") and tail in known else "other"
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return b"" if payload is None else str(payload).encode()
+
+
+class BrokerLink:
+    """The connection to one broker: ingest of device messages and delivery of desired state.
+
+    Public methods are safe to call from any thread except :meth:`start` and
+    :meth:`stop`, which belong to the event loop that runs the link.
+    """
+
+    def __init__(self, *, broker: BrokerAddress, engine: Engine, settings: HubSettings) -> None:
+        self.broker = broker
+        self.stats = LinkStats(broker=broker.url)
+        self._engine = engine
+        self._settings = settings
+        self._pending: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.stats.mqtt_connected
+
+    def start(self) -> None:
+        """Start the connect loop on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError("link already started")
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = self._loop.create_task(self._run(), name=f"mqtt-link {self.broker.url}")
+
+    async def stop(self) -> None:
+        """Disconnect (gracefully if possible) and stop reconnecting."""
+        task, self._task = self._task, None
+        self._loop = None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def desired_changed(self, device_ids: Iterable[str]) -> None:
+        """Thread-safe: these devices' desired state changed (or they were deleted).
+
+        Only a hint: the database already holds the truth. If the link is down the
+        ids wait in the pending set, and the on-connect sweep finds them anyway.
+        """
+        ids = tuple(device_ids)
+        loop = self._loop
+        if not ids or loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            loop.call_soon_threadsafe(self._mark_pending, ids)
+
+    def _mark_pending(self, device_ids: Iterable[str]) -> None:
+        self._pending.update(device_ids)
+        self.stats.pending_desired = len(self._pending)
+        if self._wake is not None and self._pending:
+            self._wake.set()
+
+    # -- connect loop --------------------------------------------------------------------
+
+    def _new_client(self) -> aiomqtt.Client:
+        s = self._settings
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = s.mqtt_session_expiry_s
+        properties.ReceiveMaximum = s.mqtt_receive_max_messages
+        return aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=s.mqtt_client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+            keepalive=s.mqtt_keepalive_s,
+            timeout=s.mqtt_timeout_s,
+            max_inflight_messages=s.mqtt_max_inflight_publishes,
+        )
+
+    async def _run(self) -> None:
+        s = self._settings
+        backoff = Backoff(
+            min_s=s.mqtt_reconnect_min_s, max_s=s.mqtt_reconnect_max_s, rng=random.Random()
+        )
+        loop = asyncio.get_running_loop()
+        extra = {"broker": self.broker.url}
+        while True:
+            connected_at: float | None = None
+            client = self._new_client()
+            ack = _enable_manual_ack(client)
+            try:
+                async with client:
+                    connected_at = loop.time()
+                    if self.stats.connects:
+                        self.stats.reconnects += 1
+                    self.stats.connects += 1
+                    self.stats.mqtt_connected = True
+                    log.info("mqtt connected", extra=extra)
+                    await self._serve_connection(client, ack)
+            except aiomqtt.MqttError as exc:
+                if connected_at is None:
+                    self.stats.connect_failures += 1
+                    log.warning("mqtt connect failed", extra={**extra, "error": str(exc)})
+                else:
+                    log.warning("mqtt connection lost", extra={**extra, "error": str(exc)})
+            except Exception:
+                log.exception("mqtt link failed; reconnecting", extra=extra)
+                self.stats.errors["internal_error"] += 1
+            finally:
+                self.stats.mqtt_connected = False
+            if connected_at is not None and loop.time() - connected_at >= s.mqtt_stable_after_s:
+                backoff.reset()
+            delay_s = backoff.next_delay_s()
+            log.info("mqtt reconnect scheduled", extra={**extra, "delay_s": round(delay_s, 3)})
+            await asyncio.sleep(delay_s)
+
+    async def _serve_connection(
+        self, client: aiomqtt.Client, ack: Callable[[int, int], Any]
+    ) -> None:
+        """Subscribe, sweep, then run reader, writer and publisher until one fails."""
+        await self._subscribe(client)
+        ids = await asyncio.to_thread(self._out_of_sync_ids)
+        self.stats.sweeps += 1
+        log.info("sweep: republishing out-of-sync devices", extra={"devices": len(ids)})
+        self._mark_pending(ids)
+        queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._read(client, queue), name="mqtt-read"),
+            asyncio.create_task(self._write(queue, ack), name="mqtt-ingest"),
+            asyncio.create_task(self._publish_loop(client), name="mqtt-publish"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # re-raise the failure that ended the connection
+        raise LinkClosed("a link task ended")
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        group = self._settings.mqtt_shared_group
+        qos1 = SubscribeOptions(qos=1)  # type: ignore[no-untyped-call]
+        filters = [
+            shared_subscription(group, Channel.BIRTH),
+            shared_subscription(group, Channel.REPORTED),
+            # Not shared: retained status never reaches shared subscriptions (MQTT 5
+            # §4.8.2); status is session-guarded, so every replica applying it is harmless.
+            subscription(Channel.STATUS),
+        ]
+        codes = await client.subscribe([(f, qos1) for f in filters])
+        for topic_filter, code in zip(filters, codes, strict=True):
+            if getattr(code, "is_failure", False) or (isinstance(code, int) and code >= 0x80):
+                raise aiomqtt.MqttError(f"broker refused subscription {topic_filter}: {code}")
+        log.info("mqtt subscribed", extra={"filters": filters})
+
+    # -- ingest --------------------------------------------------------------------------
+
+    async def _read(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
+        async for message in client.messages:
+            queue.put_nowait(message)
+        raise LinkClosed("message stream ended")
+
+    async def _write(
+        self, queue: asyncio.Queue[aiomqtt.Message], ack: Callable[[int, int], Any]
+    ) -> None:
+        limit = self._settings.ingest_batch_max
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < limit and not queue.empty():
+                batch.append(queue.get_nowait())
+            await self._ingest(batch)
+            for message in batch:  # only after the commit: at-least-once into the DB
+                if message.qos > 0:
+                    ack(message.mid, message.qos)
+
+    async def _ingest(self, batch: Sequence[aiomqtt.Message]) -> None:
+        now = datetime.now(UTC)
+        decoded: list[tuple[str, DeviceMessage]] = []
+        for raw in batch:
+            topic_name = raw.topic.value
+            self.stats.received["total"] += 1
+            self.stats.received[_channel_label(topic_name)] += 1
+            try:
+                decoded.append((topic_name, classify(topic_name, _payload_bytes(raw.payload))))
+            except Rejected as exc:
+                self._reject(topic_name, exc.device_id, exc.reason, exc.detail)
+        if not decoded:
+            return
+        self.stats.ingest_batches += 1
+        self.stats.ingest_batch_max_seen = max(self.stats.ingest_batch_max_seen, len(decoded))
+        outcomes, republish = await self._apply(decoded, now)
+        for (topic_name, message), outcome in zip(decoded, outcomes, strict=True):
+            if outcome == store.APPLIED:
+                self.stats.applied += 1
+                log.debug(
+                    "device message applied",
+                    extra={"device": message.device_id, "topic": topic_name},
+                )
+            elif outcome in _STALE_KEYS:
+                self.stats.stale[outcome] += 1
+                log.info(
+                    "stale device message ignored",
+                    extra={"device": message.device_id, "topic": topic_name, "reason": outcome},
+                )
+            elif outcome == Reject.UNKNOWN_DEVICE:
+                self._reject(topic_name, message.device_id, outcome, "device is not registered")
+        if republish:
+            log.info("republishing desired after birth", extra={"devices": republish})
+            self._mark_pending(republish)
+
+    async def _apply(
+        self, decoded: Sequence[tuple[str, DeviceMessage]], now: datetime
+    ) -> tuple[list[str | None], list[str]]:
+        """Apply in one transaction; on an unexpected error, retry one message at a time."""
+        messages = [message for _, message in decoded]
+        try:
+            result = await asyncio.to_thread(self._apply_sync, messages, now)
+        except Exception:
+            log.exception(
+                "ingest batch failed; retrying message by message",
+                extra={"messages": len(messages)},
+            )
+        else:
+            return list(result.outcomes), result.republish
+        outcomes: list[str | None] = []
+        republish: list[str] = []
+        for topic_name, message in decoded:
+            try:
+                one = await asyncio.to_thread(self._apply_sync, [message], now)
+            except Exception:
+                self.stats.errors["internal_error"] += 1
+                log.exception(
+                    "ingest failed for a message; dropped",
+                    extra={"device": message.device_id, "topic": topic_name},
+                )
+                outcomes.append(None)
+            else:
+                outcomes.append(one.outcomes[0])
+                republish.extend(one.republish)
+        return outcomes, republish
+
+    def _apply_sync(self, messages: Sequence[DeviceMessage], now: datetime) -> store.ApplyResult:
+        with new_session(self._engine) as session:
+            return store.apply_messages(session, messages, now=now)
+
+    def _out_of_sync_ids(self) -> list[str]:
+        with new_session(self._engine) as session:
+            return store.out_of_sync_ids(session)
+
+    def _reject(self, topic_name: str, device_id: str | None, reason: str, detail: str) -> None:
+        self.stats.rejected[reason] += 1
+        log.warning(
+            "device message rejected",
+            extra={
+                "topic": topic_name[:200],
+                "device": device_id,
+                "reason": reason,
+                "detail": detail[:300],
+            },
+        )
+
+    # -- desired delivery ----------------------------------------------------------------
+
+    async def _publish_loop(self, client: aiomqtt.Client) -> None:
+        assert self._wake is not None
+        limit = self._settings.publish_batch_max
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            ids = [self._pending.pop() for _ in range(min(limit, len(self._pending)))]
+            self.stats.pending_desired = len(self._pending)
+            try:
+                documents = await asyncio.to_thread(self._documents, ids)
+            except Exception:
+                self.stats.errors["internal_error"] += 1
+                log.exception("reading desired documents failed; will retry")
+                self._mark_pending(ids)
+                await asyncio.sleep(self._settings.mqtt_reconnect_max_s)
+                continue
+            await self._publish_documents(client, documents)
+
+    def _documents(self, device_ids: Sequence[str]) -> dict[str, protocols.Desired | None]:
+        with new_session(self._engine) as session:
+            return store.desired_documents(session, device_ids=device_ids)
+
+    async def _publish_documents(
+        self, client: aiomqtt.Client, documents: dict[str, protocols.Desired | None]
+    ) -> None:
+        slots = asyncio.Semaphore(self._settings.mqtt_max_inflight_publishes)
+
+        async def publish_one(device_id: str, document: protocols.Desired | None) -> None:
+            payload = b"" if document is None else protocols.encode(document)
+            async with slots:
+                await client.publish(
+                    protocols.topic(device_id, Channel.DESIRED), payload, qos=1, retain=True
+                )
+            if document is None:
+                self.stats.desired_cleared += 1
+                log.info("retained desired cleared", extra={"device": device_id})
+            else:
+                self.stats.desired_published += 1
+                log.info(
+                    "desired published",
+                    extra={"device": device_id, "generation": document.generation},
+                )
+
+        items = list(documents.items())
+        results = await asyncio.gather(
+            *(publish_one(device_id, document) for device_id, document in items),
+            return_exceptions=True,
+        )
+        lost: list[str] = []
+        first_mqtt_error: aiomqtt.MqttError | None = None
+        for (device_id, _), result in zip(items, results, strict=True):
+            if isinstance(result, aiomqtt.MqttError):
+                lost.append(device_id)
+                first_mqtt_error = first_mqtt_error or result
+            elif isinstance(result, BaseException):
+                self.stats.errors["internal_error"] += 1
+                log.error(
+                    "desired not published",
+                    exc_info=result,
+                    extra={"device": device_id},
+                )
+        if lost:
+            self.stats.publish_failures += len(lost)
+            self._mark_pending(lost)  # retried after the reconnect (the sweep would too)
+            raise first_mqtt_error or LinkClosed("publish failed")

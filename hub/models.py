@@ -1,0 +1,231 @@
+"""Database table and API models for devices (SQLModel model family).
+
+Rules:
+- ``Device`` is the one table; its desired fields change only through
+  :mod:`hub.store`, which bumps ``desired_generation`` in the same transaction
+  (ARCHITECTURE invariant 1).
+- Device ids follow the wire contract (:func:`protocols.is_valid_device_id`), so an
+  id accepted by the API is always a legal topic segment.
+- Label keys and values are short, restricted strings: they end up in selectors and
+  JSON-path queries, so they may not contain quotes, wildcards or spaces.
+- Timestamps are stored as UTC and always come back timezone-aware.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, StringConstraints, field_validator
+from pydantic import Field as PydanticField
+from sqlalchemy import JSON, BigInteger, Column, DateTime, String
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+import protocols
+
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9_.-]{0,63}$"
+MAX_LABELS = 32
+
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN)]
+Labels = Annotated[dict[LabelKey, LabelValue], PydanticField(max_length=MAX_LABELS)]
+
+ReportPhase = Literal["applied", "applying", "failed"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Store naive UTC (portable), hand back aware UTC; refuse naive input."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _big(default: int) -> Any:
+    return Field(default=default, sa_type=BigInteger, nullable=False)
+
+
+class Device(SQLModel, table=True):
+    """One registered device: its labels, desired document and last known state."""
+
+    id: str = Field(sa_column=Column(String(64), primary_key=True))
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+    # desired state (hub -> device); written only by hub.store
+    desired_generation: int = _big(0)
+    desired_config: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False)
+    )
+    desired_updated_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+
+    # reported state (device -> hub); written only by hub.ingest's rules
+    reported_generation: int = _big(0)
+    failed_generation: int = _big(0)
+    report_phase: str | None = Field(default=None, max_length=16)
+    report_error: str | None = Field(default=None, max_length=2048)
+    report_generation: int = _big(0)
+    last_report_epoch: int = _big(-1)
+    last_report_seq: int = _big(-1)
+
+    # liveness
+    session: int = _big(-1)
+    online: bool = False
+    last_seen: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    agent_version: str | None = Field(default=None, max_length=64)
+
+
+class DeviceCreate(SQLModel):
+    """Body of ``POST /devices``."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    id: str
+    labels: Labels = PydanticField(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _legal_id(cls, value: str) -> str:
+        if not protocols.is_valid_device_id(value):
+            raise ValueError(
+                f"device id must match {protocols.DEVICE_ID_PATTERN} "
+                "(1-64 characters; letters, digits, '_', '.', '-'; no '/', '+' or '#')"
+            )
+        return value
+
+
+class ReportStatus(SQLModel):
+    """The device's last report: what it was doing, for which generation, and why it failed."""
+
+    phase: ReportPhase | None
+    generation: int
+    error: str | None
+
+
+class DevicePublic(SQLModel):
+    """A device as the API shows it."""
+
+    id: str
+    labels: dict[str, str]
+    created_at: datetime
+    desired_generation: int
+    desired_config: dict[str, Any]
+    desired_updated_at: datetime | None
+    reported_generation: int
+    failed_generation: int
+    report_phase: ReportPhase | None
+    report_error: str | None
+    report_generation: int
+    last_report_epoch: int
+    last_report_seq: int
+    session: int
+    online: bool
+    last_seen: datetime | None
+    agent_version: str | None
+    in_sync: bool
+    status: ReportStatus
+
+    @classmethod
+    def from_row(cls, row: Device) -> DevicePublic:
+        """Pure: the public view of a row (``in_sync`` and ``status`` are derived)."""
+        phase = row.report_phase if row.report_phase in ("applied", "applying", "failed") else None
+        return cls(
+            id=row.id,
+            labels=row.labels,
+            created_at=row.created_at,
+            desired_generation=row.desired_generation,
+            desired_config=row.desired_config,
+            desired_updated_at=row.desired_updated_at,
+            reported_generation=row.reported_generation,
+            failed_generation=row.failed_generation,
+            report_phase=phase,  # type: ignore[arg-type]
+            report_error=row.report_error,
+            report_generation=row.report_generation,
+            last_report_epoch=row.last_report_epoch,
+            last_report_seq=row.last_report_seq,
+            session=row.session,
+            online=row.online,
+            last_seen=row.last_seen,
+            agent_version=row.agent_version,
+            in_sync=row.reported_generation == row.desired_generation,
+            status=ReportStatus(
+                phase=phase,  # type: ignore[arg-type]
+                generation=row.report_generation,
+                error=row.report_error,
+            ),
+        )
+
+
+class DevicePage(SQLModel):
+    """One page of ``GET /devices``."""
+
+    items: list[DevicePublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class DesiredUpdate(SQLModel):
+    """Body of ``PUT /devices/{id}/desired``: the whole document, never a delta."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    config: dict[str, Any]
+
+
+class Selector(SQLModel):
+    """Which devices a bulk change targets: all whose labels include every pair given.
+
+    An empty ``labels`` mapping matches every device.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    labels: Labels = PydanticField(default_factory=dict)
+
+
+class FleetDesiredUpdate(SQLModel):
+    """Body of ``PUT /fleet/desired``; no selector means every device."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    selector: Selector | None = None
+    config: dict[str, Any]
+
+
+class DeviceGeneration(SQLModel):
+    id: str
+    generation: int
+
+
+class FleetDesiredResult(SQLModel):
+    updated: int
+    devices: list[DeviceGeneration]
+
+
+class FleetSummary(SQLModel):
+    total: int
+    online: int
+    in_sync: int
+    out_of_sync: int
+    failed: int
+    by_generation: dict[int, int]
+
+
+class Health(SQLModel):
+    status: Literal["ok"]
+    mqtt_connected: bool

@@ -1,0 +1,63 @@
+"""Run the hub (API + MQTT link) in this process until SIGTERM or SIGINT.
+
+Rules:
+- Returns 0 after a signal-initiated, clean shutdown; 1 if the server could not
+  start (port taken, start-up failure).
+- Logging is whatever the caller configured on the root logger (JSON in
+  ``driftless``); uvicorn's loggers propagate to it (``log_config=None``).
+- A broker that is down at start is not an error: the API comes up and the link retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from hub.app import create_app
+from hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def serve(settings: HubSettings) -> int:
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_config=None,
+            access_log=settings.api_access_log,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    received: list[int] = []
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        # uvicorn installs its own handlers while serving and re-raises the signal
+        # once it has shut down; this handler absorbs that so we can return 0.
+        received.append(signum)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
+    api_url = f"http://{settings.api_host}:{settings.api_port}"
+    log.info("hub starting", extra={"api": api_url, "broker": settings.broker_url})
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        log.error("hub failed to start", extra={"code": exc.code})
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        log.error("hub failed to start")
+        return 1
+    log.info("hub stopped", extra={"signal": received[0] if received else None})
+    return 0

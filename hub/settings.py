@@ -1,0 +1,131 @@
+"""Hub configuration: one frozen object, every limit in it with its unit in the name.
+
+Rules:
+- No module-level settings instance: whoever starts the hub builds one and passes it down.
+- Construction validates: a bad broker URL or a non-positive limit raises ValueError
+  at start-up, not at the first connect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from protocols import MAX_PAYLOAD_BYTES
+
+DEFAULT_MQTT_PORT = 1883
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where one MQTT broker listens."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Pure: parse ``mqtt://HOST[:PORT]``; raises ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt":
+        if parts.scheme == "mqtts":
+            raise ValueError(f"broker URL {url!r}: TLS (mqtts://) is not supported yet")
+        raise ValueError(
+            f"broker URL {url!r} must start with mqtt:// (got scheme {parts.scheme!r})"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host (expected mqtt://HOST:PORT)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL {url!r} must be only mqtt://HOST:PORT")
+    if parts.username or parts.password:
+        raise ValueError(f"broker URL {url!r}: credentials in the URL are not supported")
+    return BrokerAddress(host=parts.hostname, port=port or DEFAULT_MQTT_PORT)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Everything the hub process needs; limits carry their unit in the name."""
+
+    broker_url: str
+    db_url: str
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    mqtt_client_id: str = "driftless-hub"
+
+    # MQTT link
+    mqtt_keepalive_s: int = 15
+    mqtt_timeout_s: float = 10.0
+    mqtt_reconnect_min_s: float = 0.2
+    mqtt_reconnect_max_s: float = 10.0
+    # A connection that stayed up this long resets the backoff to its minimum.
+    mqtt_stable_after_s: float = 5.0
+    mqtt_session_expiry_s: int = 86_400
+    # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may have in
+    # flight to the hub. The hub acknowledges only after the DB commit, so this also
+    # bounds the messages held in memory.
+    mqtt_receive_max_messages: int = 1000
+    mqtt_max_inflight_publishes: int = 100
+    mqtt_shared_group: str = "hub"
+
+    # ingest and publish
+    ingest_batch_max: int = 500
+    publish_batch_max: int = 500
+
+    # API limits
+    max_config_bytes: int = 200 * 1024
+    # Whole HTTP request bodies; larger ones get 413 before they are parsed.
+    max_request_body_bytes: int = 1024 * 1024
+    page_size_default: int = 100
+    page_size_max: int = 1000
+    api_access_log: bool = False
+
+    # database
+    db_busy_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        self.broker()
+        if not self.db_url:
+            raise ValueError("db_url must not be empty (e.g. sqlite:///driftless-hub.db)")
+        for name in (
+            "mqtt_keepalive_s",
+            "mqtt_timeout_s",
+            "mqtt_reconnect_min_s",
+            "mqtt_reconnect_max_s",
+            "mqtt_session_expiry_s",
+            "mqtt_receive_max_messages",
+            "mqtt_max_inflight_publishes",
+            "ingest_batch_max",
+            "publish_batch_max",
+            "max_config_bytes",
+            "max_request_body_bytes",
+            "page_size_default",
+            "page_size_max",
+            "db_busy_timeout_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
+            raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
+        if self.page_size_default > self.page_size_max:
+            raise ValueError("page_size_default must be <= page_size_max")
+        if self.max_config_bytes >= MAX_PAYLOAD_BYTES:
+            raise ValueError(
+                f"max_config_bytes must stay below protocols.MAX_PAYLOAD_BYTES "
+                f"({MAX_PAYLOAD_BYTES}) so the whole desired document fits in one message"
+            )
+        if self.max_request_body_bytes <= self.max_config_bytes:
+            raise ValueError("max_request_body_bytes must exceed max_config_bytes")
+        if self.mqtt_receive_max_messages > 65_535:
+            raise ValueError("mqtt_receive_max_messages is an MQTT 5 Receive Maximum: <= 65535")
+
+    def broker(self) -> BrokerAddress:
+        """The parsed broker address; raises ValueError on a bad URL."""
+        return parse_broker_url(self.broker_url)

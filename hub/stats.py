@@ -1,0 +1,56 @@
+"""In-memory counters of one broker link, served at ``GET /api/v1/hub/stats``.
+
+Rules:
+- Counters are touched only on the event loop thread (the link's tasks and async
+  route handlers), so they need no lock.
+- Keys are stable strings: channels, ``protocols.Reason`` values, ``hub.ingest`` reasons.
+- These are observations, not state: losing them on restart loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LinkStats:
+    broker: str
+    mqtt_connected: bool = False
+    connects: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    received: Counter[str] = field(default_factory=Counter)  # per channel, plus "total"
+    rejected: Counter[str] = field(default_factory=Counter)  # per reason
+    stale: Counter[str] = field(default_factory=Counter)  # stale_birth/_status/_report
+    errors: Counter[str] = field(default_factory=Counter)  # local faults: internal_error ...
+    applied: int = 0
+    ingest_batches: int = 0
+    ingest_batch_max_seen: int = 0
+    desired_published: int = 0
+    desired_cleared: int = 0
+    publish_failures: int = 0
+    sweeps: int = 0
+    pending_desired: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "broker": self.broker,
+            "mqtt_connected": self.mqtt_connected,
+            "connects": self.connects,
+            "reconnects": self.reconnects,
+            "connect_failures": self.connect_failures,
+            "received": dict(self.received),
+            "rejected": dict(self.rejected),
+            "stale": dict(self.stale),
+            "errors": dict(self.errors),
+            "applied": self.applied,
+            "ingest_batches": self.ingest_batches,
+            "ingest_batch_max_seen": self.ingest_batch_max_seen,
+            "desired_published": self.desired_published,
+            "desired_cleared": self.desired_cleared,
+            "publish_failures": self.publish_failures,
+            "sweeps": self.sweeps,
+            "pending_desired": self.pending_desired,
+        }

@@ -1,0 +1,294 @@
+"""Data-access layer: every read and write of the device table goes through here.
+
+Rules:
+- Functions take the session first and everything else by keyword; time (``now``)
+  is a parameter.
+- They raise the domain errors of :mod:`hub.errors`, never HTTP errors.
+- Each write function is one transaction and commits it. A change of desired state
+  bumps ``desired_generation`` by exactly 1 in the same transaction as the config
+  (ARCHITECTURE invariant 1); write transactions take the write lock up front
+  (:func:`hub.db.begin_write`, plus ``FOR UPDATE`` where the database has it), so
+  concurrent changes never hand out the same generation twice.
+- The per-message rules live in :mod:`hub.ingest` (pure); :func:`apply_messages`
+  only loads rows, runs the rules and writes the result back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import ColumnElement, and_, case, func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+import protocols
+from hub.db import begin_write
+from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
+from hub.ingest import DeviceMessage, Reject, Tracking, decide
+from hub.models import Device
+
+_TRACKING_FIELDS = tuple(f.name for f in dataclasses.fields(Tracking))
+_json = msgspec.json.Encoder()
+
+
+# -- devices -----------------------------------------------------------------------------
+
+
+def register_device(
+    session: Session, *, device_id: str, labels: Mapping[str, str], now: datetime
+) -> Device:
+    """Insert a new device; raises DeviceExists."""
+    begin_write(session)
+    if session.get(Device, device_id) is not None:
+        raise DeviceExists(device_id)
+    row = Device(id=device_id, labels=dict(labels), created_at=now)
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise DeviceExists(device_id) from None
+    return row
+
+
+def get_device(session: Session, *, device_id: str) -> Device:
+    """Raises DeviceNotFound."""
+    row = session.get(Device, device_id)
+    if row is None:
+        raise DeviceNotFound(device_id)
+    return row
+
+
+def _label_filter(labels: Mapping[str, str] | None) -> list[ColumnElement[bool]]:
+    return [Device.labels[key].as_string() == value for key, value in (labels or {}).items()]  # type: ignore[index]
+
+
+def list_devices(
+    session: Session, *, limit: int, offset: int, labels: Mapping[str, str] | None = None
+) -> tuple[list[Device], int]:
+    """One page of devices ordered by id, and the total matching ``labels`` (all given pairs)."""
+    where = _label_filter(labels)
+    total = session.exec(select(func.count()).select_from(Device).where(*where)).one()
+    rows = session.exec(
+        select(Device).where(*where).order_by(col(Device.id)).limit(limit).offset(offset)
+    ).all()
+    return list(rows), int(total)
+
+
+def delete_device(session: Session, *, device_id: str) -> None:
+    """Raises DeviceNotFound."""
+    begin_write(session)
+    row = session.get(Device, device_id)
+    if row is None:
+        raise DeviceNotFound(device_id)
+    session.delete(row)
+    session.commit()
+
+
+# -- desired state -----------------------------------------------------------------------
+
+
+def config_size_bytes(config: Mapping[str, Any]) -> int:
+    """Pure: the size of ``config`` encoded as on the wire."""
+    return len(_json.encode(config))
+
+
+def _check_config(config: Mapping[str, Any], max_config_bytes: int) -> dict[str, Any]:
+    size = config_size_bytes(config)
+    if size > max_config_bytes:
+        raise ConfigTooLarge(size, max_config_bytes)
+    return dict(config)
+
+
+def _bump(row: Device, config: dict[str, Any], now: datetime) -> None:
+    row.desired_generation += 1
+    row.desired_config = dict(config)
+    row.desired_updated_at = now
+
+
+def set_desired(
+    session: Session,
+    *,
+    device_id: str,
+    config: Mapping[str, Any],
+    now: datetime,
+    max_config_bytes: int,
+) -> Device:
+    """Replace a device's desired config; its ``desired_generation`` grows by exactly 1.
+
+    Returns the row (``row.desired_generation`` is the new generation).
+    Raises ConfigTooLarge or DeviceNotFound; nothing is written then.
+    """
+    document = _check_config(config, max_config_bytes)
+    begin_write(session)
+    row = session.exec(select(Device).where(Device.id == device_id).with_for_update()).first()
+    if row is None:
+        raise DeviceNotFound(device_id)
+    _bump(row, document, now)
+    session.commit()
+    return row
+
+
+def set_desired_for_selector(
+    session: Session,
+    *,
+    labels: Mapping[str, str] | None,
+    config: Mapping[str, Any],
+    now: datetime,
+    max_config_bytes: int,
+) -> list[tuple[str, int]]:
+    """Set the same desired config on every device whose labels include ``labels``
+    (every device when ``labels`` is None or empty), in one transaction.
+
+    Returns ``(device_id, new_generation)`` for each device, ordered by id.
+    Raises ConfigTooLarge.
+    """
+    document = _check_config(config, max_config_bytes)
+    begin_write(session)
+    rows = session.exec(
+        select(Device).where(*_label_filter(labels)).order_by(col(Device.id)).with_for_update()
+    ).all()
+    for row in rows:
+        _bump(row, document, now)
+    session.commit()
+    return [(row.id, row.desired_generation) for row in rows]
+
+
+def _out_of_sync() -> ColumnElement[bool]:
+    return and_(
+        col(Device.desired_generation) > 0,
+        col(Device.desired_generation) > col(Device.reported_generation),
+    )
+
+
+def out_of_sync_ids(session: Session) -> list[str]:
+    """Devices whose desired generation is newer than what they report having applied."""
+    return list(session.exec(select(Device.id).where(_out_of_sync()).order_by(col(Device.id))))
+
+
+def desired_documents(
+    session: Session, *, device_ids: Iterable[str]
+) -> dict[str, protocols.Desired | None]:
+    """The current desired document of each device, read now so the newest generation wins.
+
+    ``None`` means "nothing to deliver: clear the retained copy" (the device was
+    deleted, or was re-registered and has no desired state yet).
+    """
+    wanted = sorted(set(device_ids))
+    rows = {row.id: row for row in session.exec(select(Device).where(col(Device.id).in_(wanted)))}
+    out: dict[str, protocols.Desired | None] = {}
+    for device_id in wanted:
+        row = rows.get(device_id)
+        if row is None or row.desired_generation <= 0 or row.desired_updated_at is None:
+            out[device_id] = None
+        else:
+            out[device_id] = protocols.Desired(
+                device_id=row.id,
+                generation=row.desired_generation,
+                config=row.desired_config,
+                issued_at=row.desired_updated_at.timestamp(),
+            )
+    return out
+
+
+# -- fleet -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    total: int
+    online: int
+    in_sync: int
+    out_of_sync: int
+    failed: int
+    by_generation: dict[int, int]
+
+
+def fleet_summary(session: Session) -> Summary:
+    """Counts over the whole fleet; ``by_generation`` counts devices per desired generation."""
+
+    def _count(condition: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    total, online, in_sync, out_of_sync, failed = session.exec(
+        select(
+            func.count(),
+            _count(col(Device.online).is_(True)),
+            _count(col(Device.desired_generation) == col(Device.reported_generation)),
+            _count(_out_of_sync()),
+            _count(col(Device.report_phase) == "failed"),
+        ).select_from(Device)
+    ).one()
+    by_generation = session.exec(
+        select(Device.desired_generation, func.count()).group_by(col(Device.desired_generation))
+    ).all()
+    return Summary(
+        total=int(total),
+        online=int(online),
+        in_sync=int(in_sync),
+        out_of_sync=int(out_of_sync),
+        failed=int(failed),
+        by_generation={int(g): int(n) for g, n in by_generation},
+    )
+
+
+# -- ingest ------------------------------------------------------------------------------
+
+APPLIED = "applied"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """``outcomes[i]`` says what happened to ``batch[i]``: ``applied``, a ``Stale`` value,
+    or ``unknown_device``. ``republish`` lists devices whose desired document must be
+    published again, in first-seen order."""
+
+    outcomes: list[str]
+    republish: list[str]
+
+
+def apply_messages(
+    session: Session, batch: Sequence[DeviceMessage], *, now: datetime
+) -> ApplyResult:
+    """Apply decoded device messages in order, in ONE transaction, and commit it."""
+    begin_write(session)
+    ids = sorted({message.device_id for message in batch})
+    rows = {
+        row.id: row
+        for row in session.exec(select(Device).where(col(Device.id).in_(ids)).with_for_update())
+    }
+    outcomes: list[str] = []
+    republish: dict[str, None] = {}
+    for message in batch:
+        row = rows.get(message.device_id)
+        if row is None:
+            outcomes.append(Reject.UNKNOWN_DEVICE.value)
+            continue
+        decision = decide(_tracking_of(row), message, now=now)
+        if decision.stale is not None:
+            outcomes.append(decision.stale.value)
+        else:
+            _write_tracking(row, decision.tracking)
+            outcomes.append(APPLIED)
+        if decision.republish:
+            republish[row.id] = None
+    session.commit()
+    return ApplyResult(outcomes=outcomes, republish=list(republish))
+
+
+def _tracking_of(row: Device) -> Tracking:
+    return Tracking(**{name: getattr(row, name) for name in _TRACKING_FIELDS})
+
+
+def _write_tracking(row: Device, tracking: Tracking) -> None:
+    for name in _TRACKING_FIELDS:
+        if name == "desired_generation":
+            continue  # the rules never write desired state
+        value = getattr(tracking, name)
+        if getattr(row, name) != value:
+            setattr(row, name, value)

@@ -1,0 +1,413 @@
+"""Table-driven tests of the hub's pure ingest rules (hub.ingest): no MQTT, no DB."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from hub.ingest import (
+    Decision,
+    Rejected,
+    Stale,
+    Tracking,
+    classify,
+    decide,
+)
+from protocols import Birth, Desired, Reported, Status, encode
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NOW = datetime(2026, 1, 2, tzinfo=UTC)
+
+
+def birth(**kw: object) -> Birth:
+    fields: dict[str, object] = dict(
+        device_id="d1",
+        session=5,
+        boot_epoch=3,
+        seq=0,
+        applied_generation=2,
+        failed_generation=0,
+        agent_version="1.0",
+        ts=1.0,
+    )
+    fields.update(kw)
+    return Birth(**fields)  # type: ignore[arg-type]
+
+
+def status(**kw: object) -> Status:
+    fields: dict[str, object] = dict(device_id="d1", online=True, session=5, ts=1.0)
+    fields.update(kw)
+    return Status(**fields)  # type: ignore[arg-type]
+
+
+def report(**kw: object) -> Reported:
+    fields: dict[str, object] = dict(
+        device_id="d1",
+        boot_epoch=3,
+        seq=10,
+        phase="applied",
+        generation=4,
+        applied_generation=4,
+        failed_generation=0,
+        error=None,
+        ts=1.0,
+    )
+    fields.update(kw)
+    return Reported(**fields)  # type: ignore[arg-type]
+
+
+# A device that has been seen: session 5, newest report (3, 7), generation 2 applied.
+SEEN = Tracking(
+    desired_generation=4,
+    session=5,
+    online=True,
+    last_seen=T0,
+    agent_version="0.9",
+    reported_generation=2,
+    failed_generation=0,
+    report_phase="applied",
+    report_error=None,
+    report_generation=2,
+    last_report_epoch=3,
+    last_report_seq=7,
+)
+NEW = Tracking()  # registered, never heard from
+
+
+def same(t: Tracking) -> Tracking:
+    return t
+
+
+CASES = [
+    # -- birth -------------------------------------------------------------------------
+    pytest.param(
+        SEEN,
+        birth(session=4, seq=99, applied_generation=1),
+        Decision(SEEN, stale=Stale.BIRTH),
+        id="birth-older-session-is-ignored-entirely",
+    ),
+    pytest.param(
+        NEW,
+        birth(session=0, boot_epoch=0, seq=0, applied_generation=0),
+        Decision(
+            Tracking(
+                session=0,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                report_phase="applied",
+                last_report_epoch=0,
+                last_report_seq=0,
+            )
+        ),
+        id="birth-first-ever-session-0-no-desired-no-republish",
+    ),
+    pytest.param(
+        SEEN,
+        birth(session=6, boot_epoch=4, seq=0, applied_generation=4),
+        Decision(
+            Tracking(
+                desired_generation=4,
+                session=6,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                reported_generation=4,
+                report_phase="applied",
+                report_generation=4,
+                last_report_epoch=4,
+                last_report_seq=0,
+            )
+        ),
+        id="birth-newer-boot-counts-as-report-in-sync-no-republish",
+    ),
+    pytest.param(
+        SEEN,
+        birth(session=6, boot_epoch=4, seq=0, applied_generation=2),
+        Decision(
+            Tracking(
+                desired_generation=4,
+                session=6,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                reported_generation=2,
+                report_phase="applied",
+                report_generation=2,
+                last_report_epoch=4,
+                last_report_seq=0,
+            ),
+            republish=True,
+        ),
+        id="birth-behind-desired-republishes",
+    ),
+    pytest.param(
+        SEEN,
+        birth(session=5, boot_epoch=3, seq=7, applied_generation=2),
+        Decision(
+            Tracking(
+                desired_generation=4,
+                session=5,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                reported_generation=2,
+                report_phase="applied",
+                report_generation=2,
+                last_report_epoch=3,
+                last_report_seq=7,
+            ),
+            republish=True,
+        ),
+        id="birth-same-session-old-report-key-keeps-report-still-republishes",
+    ),
+    pytest.param(
+        SEEN,
+        birth(session=6, boot_epoch=3, seq=2, applied_generation=9),
+        Decision(
+            Tracking(
+                desired_generation=4,
+                session=6,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                reported_generation=2,
+                report_phase="applied",
+                report_generation=2,
+                last_report_epoch=3,
+                last_report_seq=7,
+            )
+        ),
+        id="birth-out-of-order-report-key-does-not-overwrite-report",
+    ),
+    pytest.param(
+        SEEN,
+        birth(session=6, boot_epoch=4, seq=0, applied_generation=3, failed_generation=4),
+        Decision(
+            Tracking(
+                desired_generation=4,
+                session=6,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                reported_generation=3,
+                failed_generation=4,
+                report_phase="failed",
+                report_generation=4,
+                last_report_epoch=4,
+                last_report_seq=0,
+            ),
+            republish=True,
+        ),
+        id="birth-with-failed-generation-reports-failed",
+    ),
+    pytest.param(
+        Tracking(desired_generation=0, session=1, last_report_epoch=1, last_report_seq=1),
+        birth(session=2, boot_epoch=2, applied_generation=0),
+        Decision(
+            Tracking(
+                session=2,
+                online=True,
+                last_seen=NOW,
+                agent_version="1.0",
+                report_phase="applied",
+                last_report_epoch=2,
+                last_report_seq=0,
+            )
+        ),
+        id="birth-nothing-desired-never-republishes",
+    ),
+    # -- status / will -----------------------------------------------------------------
+    pytest.param(
+        SEEN,
+        status(online=False, session=4),
+        Decision(SEEN, stale=Stale.STATUS),
+        id="will-from-older-session-after-newer-birth-is-stale",
+    ),
+    pytest.param(
+        SEEN,
+        status(online=False, session=5),
+        Decision(Tracking(**{**SEEN.__dict__, "online": False, "last_seen": NOW})),
+        id="will-of-current-session-marks-offline",
+    ),
+    pytest.param(
+        Tracking(**{**SEEN.__dict__, "online": False}),
+        status(online=True, session=6),
+        Decision(Tracking(**{**SEEN.__dict__, "session": 6, "online": True, "last_seen": NOW})),
+        id="status-newer-session-online",
+    ),
+    # -- reported ----------------------------------------------------------------------
+    pytest.param(
+        SEEN,
+        report(boot_epoch=3, seq=7),
+        Decision(SEEN, stale=Stale.REPORT),
+        id="report-duplicate-key-is-stale",
+    ),
+    pytest.param(
+        SEEN,
+        report(boot_epoch=3, seq=6, applied_generation=9),
+        Decision(SEEN, stale=Stale.REPORT),
+        id="report-older-seq-same-boot-is-stale",
+    ),
+    pytest.param(
+        SEEN,
+        report(boot_epoch=2, seq=1000),
+        Decision(SEEN, stale=Stale.REPORT),
+        id="report-older-boot-high-seq-is-stale",
+    ),
+    pytest.param(
+        SEEN,
+        report(boot_epoch=3, seq=8, phase="applying", generation=4, applied_generation=2),
+        Decision(
+            Tracking(
+                **{
+                    **SEEN.__dict__,
+                    "report_phase": "applying",
+                    "report_generation": 4,
+                    "last_report_seq": 8,
+                    "last_seen": NOW,
+                }
+            )
+        ),
+        id="report-newer-seq-applying",
+    ),
+    pytest.param(
+        SEEN,
+        report(
+            boot_epoch=4,
+            seq=0,
+            phase="failed",
+            generation=4,
+            applied_generation=2,
+            failed_generation=4,
+            error="boom",
+        ),
+        Decision(
+            Tracking(
+                **{
+                    **SEEN.__dict__,
+                    "failed_generation": 4,
+                    "report_phase": "failed",
+                    "report_generation": 4,
+                    "report_error": "boom",
+                    "last_report_epoch": 4,
+                    "last_report_seq": 0,
+                    "last_seen": NOW,
+                }
+            )
+        ),
+        id="report-newer-boot-seq-reset-failed-with-error",
+    ),
+    pytest.param(
+        SEEN,
+        report(boot_epoch=3, seq=8, applied_generation=4),
+        Decision(
+            Tracking(
+                **{
+                    **SEEN.__dict__,
+                    "reported_generation": 4,
+                    "report_generation": 4,
+                    "last_report_seq": 8,
+                    "last_seen": NOW,
+                }
+            )
+        ),
+        id="report-newer-applied-never-republishes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("tracking", "message", "expected"), CASES)
+def test_rules(tracking: Tracking, message: Birth | Status | Reported, expected: Decision) -> None:
+    assert decide(tracking, message, now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param([report(seq=8), report(seq=9), report(seq=8)], id="report-duplicate"),
+        pytest.param([report(seq=9), report(seq=8)], id="report-out-of-order"),
+        pytest.param([birth(session=6), status(online=False, session=5)], id="will-after-birth"),
+    ],
+)
+def test_replaying_a_delivery_changes_nothing(messages: list[Birth | Status | Reported]) -> None:
+    t = SEEN
+    for m in messages:
+        t = decide(t, m, now=NOW).tracking
+    replayed = t
+    for m in messages:
+        replayed = decide(replayed, m, now=NOW).tracking
+    assert replayed == t
+
+
+# -- classification of raw topic + payload ---------------------------------------------
+
+GOOD_REPORT = encode(report())
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        pytest.param(
+            "driftless/v1/devices/d1/nope", GOOD_REPORT, "bad_topic", id="unknown-channel"
+        ),
+        pytest.param(
+            "driftless/v1/devices/d1/reported/extra", GOOD_REPORT, "bad_topic", id="extra-level"
+        ),
+        pytest.param("other/d1/reported", GOOD_REPORT, "bad_topic", id="outside-root"),
+        pytest.param(
+            "driftless/v1/devices/-bad/reported", GOOD_REPORT, "bad_device_id", id="bad-id"
+        ),
+        pytest.param("driftless/v1/devices/d1/reported", b"{not json", "malformed", id="malformed"),
+        pytest.param(
+            "driftless/v1/devices/d1/reported",
+            GOOD_REPORT.replace(b'"v":1', b'"v":2'),
+            "unsupported_version",
+            id="version",
+        ),
+        pytest.param(
+            "driftless/v1/devices/d1/reported",
+            b" " * (256 * 1024 + 1),
+            "oversized",
+            id="oversized",
+        ),
+        pytest.param(
+            "driftless/v1/devices/d1/reported",
+            encode(birth()),
+            "wrong_kind",
+            id="birth-on-reported",
+        ),
+        pytest.param(
+            "driftless/v1/devices/d1/reported",
+            GOOD_REPORT.replace(b'"seq":10', b'"seq":-1'),
+            "invalid_fields",
+            id="negative-seq",
+        ),
+        pytest.param(
+            "driftless/v1/devices/d2/reported", GOOD_REPORT, "device_mismatch", id="mismatch"
+        ),
+        pytest.param(
+            "driftless/v1/devices/d1/desired",
+            encode(Desired(device_id="d1", generation=1, config={}, issued_at=1.0)),
+            "unexpected_channel",
+            id="desired-from-device",
+        ),
+    ],
+)
+def test_classify_rejects(topic: str, payload: bytes, reason: str) -> None:
+    with pytest.raises(Rejected) as info:
+        classify(topic, payload)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("topic", "message"),
+    [
+        pytest.param("driftless/v1/devices/d1/birth", birth(), id="birth"),
+        pytest.param("driftless/v1/devices/d1/status", status(), id="status"),
+        pytest.param("driftless/v1/devices/d1/reported", report(), id="reported"),
+    ],
+)
+def test_classify_accepts(topic: str, message: Birth | Status | Reported) -> None:
+    assert classify(topic, encode(message)) == message

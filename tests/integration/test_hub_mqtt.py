@@ -468,3 +468,30 @@ def test_on_connect_sweep_delivers_what_a_restarted_hub_never_published(
         assert device.wait_for_desired("d1", generation).config == {"v": "swept"}
     finally:
         device.close()
+
+
+def test_backlog_larger_than_receive_maximum_is_applied_after_restart(
+    hub: HubProcess, peer: Peer
+) -> None:
+    """2,500 reports queue at the broker while the hub is down. The hub acknowledges only
+    after its DB commit, with at most 1,000 unacknowledged (Receive Maximum): a missing
+    acknowledgement would stall delivery at 1,000."""
+    ids = [f"q{i:02d}" for i in range(25)]
+    for device_id in ids:
+        register(hub, device_id)
+    assert hub.terminate() == 0
+    infos = [
+        peer.client.publish(
+            topic(device_id, Channel.REPORTED),
+            encode(report(device_id, seq=seq, generation=0, applied_generation=0)),
+            qos=1,
+        )
+        for seq in range(1, 101)
+        for device_id in ids
+    ]
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+    hub.start()
+    wait_until(lambda: hub.stats()["applied"] == 2500, timeout_s=30, what="backlog applied")
+    assert {hub.device(i)["last_report_seq"] for i in ids} == {100}
+    assert hub.stats()["ingest_batch_max_seen"] > 1  # batched, not one transaction per message

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -35,10 +36,10 @@ from protocols import Birth, Channel, ProtocolError, Reported, Status, decode, p
 
 DeviceMessage = Birth | Status | Reported
 
-_KIND_OF_CHANNEL: dict[Channel, type[Birth] | type[Status] | type[Reported]] = {
-    Channel.BIRTH: Birth,
-    Channel.STATUS: Status,
-    Channel.REPORTED: Reported,
+_DECODERS: dict[Channel, Callable[[bytes], DeviceMessage]] = {
+    Channel.BIRTH: lambda payload: decode(payload, Birth),
+    Channel.STATUS: lambda payload: decode(payload, Status),
+    Channel.REPORTED: lambda payload: decode(payload, Reported),
 }
 
 
@@ -107,15 +108,15 @@ def classify(topic_name: str, payload: bytes) -> DeviceMessage:
         device_id, channel = parse_topic(topic_name)
     except ProtocolError as exc:
         raise Rejected(exc.reason.value, exc.detail) from None
-    kind = _KIND_OF_CHANNEL.get(channel)
-    if kind is None:
+    decoder = _DECODERS.get(channel)
+    if decoder is None:
         raise Rejected(
             Reject.UNEXPECTED_CHANNEL,
             f"devices do not publish on the {channel.value!r} channel",
             device_id=device_id,
         )
     try:
-        message = decode(payload, kind)
+        message = decoder(payload)
     except ProtocolError as exc:
         raise Rejected(exc.reason.value, exc.detail, device_id=device_id) from None
     if message.device_id != device_id:

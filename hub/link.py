@@ -78,7 +78,7 @@ def _enable_manual_ack(client: aiomqtt.Client) -> Callable[[int, int], Any]:
     """
     paho_client = client._client
     paho_client.manual_ack_set(True)
-    return paho_client.ack  # type: ignore[no-any-return]
+    return paho_client.ack
 
 
 def _channel_label(topic_name: str) -> str:
@@ -124,6 +124,15 @@ class BrokerLink:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = self._loop.create_task(self._run(), name=f"mqtt-link {self.broker.url}")
+        self._task.add_done_callback(self._on_task_done)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "mqtt link stopped unexpectedly",
+                exc_info=task.exception(),
+                extra={"broker": self.broker.url},
+            )
 
     async def stop(self) -> None:
         """Disconnect (gracefully if possible) and stop reconnecting."""
@@ -161,7 +170,7 @@ class BrokerLink:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = s.mqtt_session_expiry_s
         properties.ReceiveMaximum = s.mqtt_receive_max_messages
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
             identifier=s.mqtt_client_id,
@@ -172,6 +181,9 @@ class BrokerLink:
             timeout=s.mqtt_timeout_s,
             max_inflight_messages=s.mqtt_max_inflight_publishes,
         )
+        # aiomqtt warns past this many outstanding calls; we allow that many on purpose.
+        client.pending_calls_threshold = s.mqtt_max_inflight_publishes + 10
+        return client
 
     async def _run(self) -> None:
         s = self._settings
@@ -182,9 +194,9 @@ class BrokerLink:
         extra = {"broker": self.broker.url}
         while True:
             connected_at: float | None = None
-            client = self._new_client()
-            ack = _enable_manual_ack(client)
             try:
+                client = self._new_client()
+                ack = _enable_manual_ack(client)
                 async with client:
                     connected_at = loop.time()
                     if self.stats.connects:
@@ -237,7 +249,7 @@ class BrokerLink:
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         group = self._settings.mqtt_shared_group
-        qos1 = SubscribeOptions(qos=1)  # type: ignore[no-untyped-call]
+        qos1 = SubscribeOptions(qos=1)
         filters = [
             shared_subscription(group, Channel.BIRTH),
             shared_subscription(group, Channel.REPORTED),

@@ -92,6 +92,8 @@ class HubSettings:
 
     def __post_init__(self) -> None:
         self.broker()
+        if not self.mqtt_client_id:
+            raise ValueError("mqtt_client_id must not be empty (the session is keyed by it)")
         if not self.db_url:
             raise ValueError("db_url must not be empty (e.g. sqlite:///driftless-hub.db)")
         for name in (

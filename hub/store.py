@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import ColumnElement, and_, case, func
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -65,7 +66,8 @@ def get_device(session: Session, *, device_id: str) -> Device:
 
 
 def _label_filter(labels: Mapping[str, str] | None) -> list[ColumnElement[bool]]:
-    return [Device.labels[key].as_string() == value for key, value in (labels or {}).items()]  # type: ignore[index]
+    labels_column = col(Device.labels)
+    return [labels_column[key].as_string() == value for key, value in (labels or {}).items()]
 
 
 def list_devices(
@@ -215,8 +217,8 @@ def fleet_summary(session: Session) -> Summary:
     def _count(condition: ColumnElement[bool]) -> Any:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
-    total, online, in_sync, out_of_sync, failed = session.exec(
-        select(
+    total, online, in_sync, out_of_sync, failed = session.execute(
+        sa_select(
             func.count(),
             _count(col(Device.online).is_(True)),
             _count(col(Device.desired_generation) == col(Device.reported_generation)),

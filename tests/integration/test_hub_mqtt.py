@@ -5,6 +5,7 @@ Every wait has a deadline (tests.support.wait_until or a condition variable); no
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -495,3 +496,28 @@ def test_backlog_larger_than_receive_maximum_is_applied_after_restart(
     wait_until(lambda: hub.stats()["applied"] == 2500, timeout_s=30, what="backlog applied")
     assert {hub.device(i)["last_report_seq"] for i in ids} == {100}
     assert hub.stats()["ingest_batch_max_seen"] > 1  # batched, not one transaction per message
+
+
+def test_a_poisoned_message_is_counted_and_does_not_block_the_others(
+    hub: HubProcess, peer: Peer
+) -> None:
+    """A database fault on one device's row (a trigger here): that message is logged with
+    its traceback and counted as internal_error; the rest of its batch is applied."""
+    register(hub, "poison")
+    register(hub, "d1")
+    assert hub.terminate() == 0
+    with sqlite3.connect(hub.db_path) as db:
+        db.execute(
+            "CREATE TRIGGER poison BEFORE UPDATE ON device WHEN NEW.id = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
+        )
+    peer.send(report("d1", seq=1))
+    peer.send(report("poison", seq=1))
+    peer.send(report("d1", seq=2))
+    hub.start()  # the three arrive together from the persistent session
+    wait_until(lambda: hub.device("d1")["last_report_seq"] == 2, what="d1 applied")
+    wait_until(lambda: hub.stats()["errors"].get("internal_error") == 1, what="poison counted")
+    assert "poisoned row" in hub.log() and "Traceback" in hub.log()
+    peer.send(report("d1", seq=3))
+    wait_until(lambda: hub.device("d1")["last_report_seq"] == 3, what="still serving")
+    assert hub.device("poison")["last_report_seq"] == -1

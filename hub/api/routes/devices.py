@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
@@ -34,8 +35,6 @@ DeviceIdPath = Annotated[str, Path(description="device id", max_length=64)]
 
 def parse_label_filters(values: list[str]) -> dict[str, str]:
     """Pure: ``["site=lab", "role=gw"]`` -> ``{"site": "lab", "role": "gw"}``; raises ValueError."""
-    import re
-
     out: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")

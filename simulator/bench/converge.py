@@ -1,0 +1,621 @@
+"""Convergence benchmark: one fleet-wide desired change, against a bare MQTT round trip.
+
+``python -m simulator.bench.converge --devices 1000`` starts its own Mosquitto
+and hub on loopback, registers N devices through the API, runs N simulated
+devices (the real agent core) and then, R times each, on the same broker:
+
+- BASELINE: a bare aiomqtt publisher sends N QoS 1 messages the size of a
+  desired document to per-device topics; a bare echo client (wildcard
+  subscription) republishes each to an echo topic; the time is from the first
+  publish until the publisher has all N echoes.
+- OURS: one ``PUT /api/v1/fleet/desired``; the time is from sending it until
+  ``GET /api/v1/fleet/summary`` (polled every ``poll_interval_s``) shows
+  ``in_sync == total``. Beside it: when the PUT returned, and when the fleet saw
+  the broker acknowledge every device's report (so hub ingest is the rest).
+
+Rules:
+- Loopback only. Every wait has a deadline (``deadline_s``); every count is N.
+- The broker and the hub are stopped at exit, on error and on SIGINT/SIGTERM.
+- The baseline's echo client runs in the same process as the fleet, as the
+  devices do, so both sides pay the same process layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiomqtt
+import httpx
+
+from driftless import logs
+from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
+from protocols import Desired, encode
+from simulator.fleet import Fleet, FleetConfig, FleetError, FleetTimeout, device_ids
+
+T = TypeVar("T")
+
+LABELS = {"bench": "converge"}
+BASELINE_ROOT = "bench/baseline"
+DOCUMENT_BYTES = 256  # target size of the desired document and of the baseline payload
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run to the end (a part failed or a deadline passed)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    devices: int
+    repeats: int = 3
+    deadline_s: float = 120.0
+    poll_interval_s: float = 0.02
+    register_concurrency: int = 32
+    baseline_inflight: int = 100
+    max_concurrent_connects: int = 64
+    apply_time_s: float = 0.0
+    seed: int = 0
+    hub_log_level: str = "info"
+    workdir: Path | None = None  # None: a temporary directory, removed afterwards
+
+    def __post_init__(self) -> None:
+        if self.devices < 1 or self.repeats < 1:
+            raise ValueError("devices and repeats must be at least 1")
+        if self.deadline_s <= 0 or self.poll_interval_s <= 0:
+            raise ValueError("deadline_s and poll_interval_s must be positive")
+
+
+@dataclass(frozen=True)
+class Round:
+    index: int
+    baseline_s: float
+    ours_s: float
+    ours_put_s: float  # the PUT's response arrived
+    ours_delivered_s: float  # every device had received its new document
+    ours_reported_s: float  # the broker had acknowledged every device's report
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    payload_bytes: int
+    setup_s: dict[str, float] = field(default_factory=dict)
+    rounds: list[Round] = field(default_factory=list)
+    fleet_counters: dict[str, Any] = field(default_factory=dict)
+    hub_stats: dict[str, Any] = field(default_factory=dict)
+
+    def medians(self) -> dict[str, float]:
+        """Pure: the median of each timing over the rounds."""
+        names = ("baseline_s", "ours_s", "ours_put_s", "ours_delivered_s", "ours_reported_s")
+        return {n: statistics.median(getattr(r, n) for r in self.rounds) for n in names}
+
+    def ratio(self) -> float:
+        """Pure: median ours / median baseline."""
+        m = self.medians()
+        return m["ours_s"] / m["baseline_s"] if m["baseline_s"] > 0 else float("inf")
+
+    def as_json(self, command: str) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["workdir"] = str(config["workdir"]) if config["workdir"] else None
+        return {
+            "benchmark": "converge",
+            "command": command,
+            "devices": self.config.devices,
+            "repeats": self.config.repeats,
+            "payload_bytes": self.payload_bytes,
+            "config": config,
+            "host": {
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+            },
+            "setup_s": {k: round(v, 4) for k, v in self.setup_s.items()},
+            "rounds": [asdict(r) for r in self.rounds],
+            "median": {k: round(v, 4) for k, v in self.medians().items()},
+            "ratio_ours_over_baseline": round(self.ratio(), 3),
+            "fleet_counters": self.fleet_counters,
+            "hub_stats": self.hub_stats,
+        }
+
+
+def format_table(result: BenchResult) -> str:
+    """Pure: the human-readable table printed at the end of a run."""
+    cfg = result.config
+    rows = [
+        ("baseline: bare MQTT echo", "baseline_s"),
+        ("ours: PUT returned", "ours_put_s"),
+        ("ours: documents delivered", "ours_delivered_s"),
+        ("ours: devices reported", "ours_reported_s"),
+        ("ours: summary in sync", "ours_s"),
+    ]
+    head = f"{'(seconds)':<28}" + "".join(f"{'run ' + str(r.index):>9}" for r in result.rounds)
+    lines = [
+        f"converge: {cfg.devices} devices, {cfg.repeats} repeats, "
+        f"{result.payload_bytes}-byte documents, loopback",
+        head + f"{'median':>9}",
+    ]
+    medians = result.medians()
+    for label, name in rows:
+        cells = "".join(f"{getattr(r, name):>9.3f}" for r in result.rounds)
+        lines.append(f"{label:<28}{cells}{medians[name]:>9.3f}")
+    lines.append(f"ratio ours/baseline (median): {result.ratio():.2f}x")
+    return "\n".join(lines)
+
+
+def bench_config(
+    round_no: int, device_id: str, target_bytes: int = DOCUMENT_BYTES
+) -> dict[str, Any]:
+    """Pure: the desired config for a round, padded so the whole document is ~target_bytes."""
+    config: dict[str, Any] = {"bench": "converge", "round": round_no, "pad": ""}
+    size = len(_document(device_id, config))
+    config["pad"] = "x" * max(0, target_bytes - size)
+    return config
+
+
+def _document(device_id: str, config: dict[str, Any]) -> bytes:
+    return encode(
+        Desired(device_id=device_id, generation=1_000, config=config, issued_at=time.time())
+    )
+
+
+# ---------------------------------------------------------------- waiting
+
+
+async def poll(
+    fetch: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    timeout_s: float,
+    interval_s: float,
+    what: str,
+) -> T:
+    """Call ``fetch`` every ``interval_s`` until ``done(value)``; raises BenchError at deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last: object = None
+    while True:
+        try:
+            value = await fetch()
+        except httpx.HTTPError as exc:
+            last = exc
+        else:
+            if done(value):
+                return value
+            last = value
+        if loop.time() >= deadline:
+            raise BenchError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}")
+        await asyncio.sleep(interval_s)
+
+
+# ---------------------------------------------------------------- the hub process
+
+
+class HubChild:
+    """``driftless hub serve`` as a child process on a free loopback port."""
+
+    def __init__(self, workdir: Path, broker_url: str, log_level: str) -> None:
+        self.port = free_port()
+        self.log_path = workdir / "hub.log"
+        self.base_url = f"http://127.0.0.1:{self.port}/api/v1"
+        self.argv = [
+            sys.executable,
+            "-m",
+            "driftless.cli",
+            "--log-level",
+            log_level,
+            "hub",
+            "serve",
+            "--broker",
+            broker_url,
+            "--db",
+            f"sqlite:///{workdir / 'hub.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def exited(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    async def wait_ready(self, api: httpx.AsyncClient, *, timeout_s: float) -> None:
+        """Wait until the API answers and the hub's MQTT link is up; raises BenchError."""
+        start = time.monotonic()
+        try:
+            await asyncio.to_thread(wait_for_port, "127.0.0.1", self.port, timeout_s=timeout_s)
+        except TimeoutError:
+            raise BenchError(f"hub API did not listen: {self.log_tail()}") from None
+
+        async def health() -> dict[str, Any]:
+            if self.exited() is not None:
+                raise BenchError(f"hub exited with {self.exited()}: {self.log_tail()}")
+            response = await api.get("/health")
+            response.raise_for_status()
+            return response.json()  # type: ignore[no-any-return]
+
+        remaining = max(0.1, timeout_s - (time.monotonic() - start))
+        await poll(
+            health,
+            lambda h: bool(h.get("mqtt_connected")),
+            timeout_s=remaining,
+            interval_s=0.05,
+            what="the hub's MQTT link",
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-chars:]
+
+
+async def register_devices(api: httpx.AsyncClient, ids: Sequence[str], *, concurrency: int) -> None:
+    """POST every device, at most ``concurrency`` at once; raises BenchError on a refusal."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(device_id: str) -> None:
+        async with gate:
+            response = await api.post("/devices", json={"id": device_id, "labels": LABELS})
+        if response.status_code != 201:
+            raise BenchError(
+                f"registering {device_id}: HTTP {response.status_code} {response.text[:200]}"
+            )
+
+    await asyncio.gather(*(one(i) for i in ids))
+
+
+async def fleet_summary(api: httpx.AsyncClient) -> dict[str, Any]:
+    response = await api.get("/fleet/summary")
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- baseline
+
+
+class Baseline:
+    """publisher -> broker -> echo client -> broker -> publisher, N messages, bare aiomqtt."""
+
+    def __init__(
+        self, host: str, port: int, ids: Sequence[str], *, payload_bytes: int, inflight: int
+    ) -> None:
+        self.host, self.port = host, port
+        self.in_topics = [f"{BASELINE_ROOT}/{i}/in" for i in ids]
+        self.payload_bytes = payload_bytes
+        self.inflight = inflight
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tag = b""
+        self._received = 0
+        self._all_back = asyncio.Event()
+        self._pub: aiomqtt.Client | None = None
+
+    def _client(self, identifier: str) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            max_inflight_messages=self.inflight,
+        )
+        client.pending_calls_threshold = 10 * len(self.in_topics)  # no warning per burst
+        return client
+
+    async def __aenter__(self) -> Baseline:
+        echo = await self._stack.enter_async_context(self._client("bench-baseline-echo"))
+        pub = await self._stack.enter_async_context(self._client("bench-baseline-pub"))
+        self._stack.push_async_callback(self._cancel_tasks)
+        await echo.subscribe(f"{BASELINE_ROOT}/+/in", qos=1)
+        await pub.subscribe(f"{BASELINE_ROOT}/+/echo", qos=1)
+        self._spawn(self._echo(echo))
+        self._spawn(self._collect(pub))
+        self._pub = pub
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _echo(self, echo: aiomqtt.Client) -> None:
+        async for message in echo.messages:
+            out = message.topic.value[: -len("/in")] + "/echo"
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            self._spawn(echo.publish(out, payload, qos=1))
+
+    async def _collect(self, pub: aiomqtt.Client) -> None:
+        async for message in pub.messages:
+            payload = message.payload
+            if isinstance(payload, bytes) and payload.startswith(self._tag):
+                self._received += 1
+                if self._received == len(self.in_topics):
+                    self._all_back.set()
+
+    async def measure(self, round_no: int, *, timeout_s: float) -> float:
+        """Seconds from the first publish until all N echoes are back; raises BenchError."""
+        assert self._pub is not None, "use 'async with Baseline(...)'"
+        pub = self._pub
+        self._tag = f"round-{round_no}:".encode()
+        payload = self._tag + b"x" * max(0, self.payload_bytes - len(self._tag))
+        self._received = 0
+        self._all_back.clear()
+        gate = asyncio.Semaphore(self.inflight)
+
+        async def send(name: str) -> None:
+            async with gate:
+                await pub.publish(name, payload, qos=1)
+
+        start = time.perf_counter()
+        sends = asyncio.gather(*(send(name) for name in self.in_topics))
+        try:
+            await asyncio.wait_for(self._all_back.wait(), timeout_s)
+        except TimeoutError:
+            sends.cancel()
+            raise BenchError(
+                f"baseline: {self._received}/{len(self.in_topics)} echoes after {timeout_s}s"
+            ) from None
+        elapsed = time.perf_counter() - start
+        await asyncio.wait_for(sends, timeout_s)
+        return elapsed
+
+
+# ---------------------------------------------------------------- ours
+
+
+async def measure_ours(
+    api: httpx.AsyncClient,
+    fleet: Fleet,
+    round_no: int,
+    *,
+    cfg: BenchConfig,
+    document: dict[str, Any],
+) -> Round:
+    """One fleet-wide PUT, timed to the summary showing every device in sync.
+
+    Milestones on the way (same clock, from before the PUT): the PUT's response,
+    every device has received its new document (hub publish + broker), and the
+    broker has acknowledged every device's report (the rest is hub ingest).
+    """
+    total = len(fleet)
+    before = fleet.counters.snapshot()
+    start = time.perf_counter()
+
+    async def milestone(name: str, counter: str) -> float:
+        await fleet.wait_until(
+            lambda c: getattr(c, counter) >= before[counter] + total,
+            timeout_s=cfg.deadline_s,
+            what=f"round {round_no}: {total} {name}",
+        )
+        return time.perf_counter() - start
+
+    delivered = asyncio.create_task(milestone("documents received", "desired_received"))
+    reported = asyncio.create_task(milestone("reports acknowledged", "reports_sent"))
+    try:
+        response = await api.put(
+            "/fleet/desired", json={"selector": {"labels": LABELS}, "config": document}
+        )
+        put_s = time.perf_counter() - start
+        if response.status_code != 200 or response.json().get("updated") != total:
+            raise BenchError(
+                f"PUT /fleet/desired: HTTP {response.status_code} {response.text[:300]}"
+            )
+        summary = await poll(
+            lambda: fleet_summary(api),
+            lambda s: s["total"] == total and s["in_sync"] == total,
+            timeout_s=cfg.deadline_s,
+            interval_s=cfg.poll_interval_s,
+            what=f"round {round_no}: in_sync == {total}",
+        )
+        in_sync_s = time.perf_counter() - start
+        delivered_s, reported_s = await delivered, await reported
+    finally:
+        delivered.cancel()
+        reported.cancel()
+    if summary["failed"]:
+        raise BenchError(f"round {round_no}: {summary['failed']} devices failed: {summary}")
+    return Round(
+        index=round_no,
+        baseline_s=float("nan"),
+        ours_s=in_sync_s,
+        ours_put_s=put_s,
+        ours_delivered_s=delivered_s,
+        ours_reported_s=reported_s,
+    )
+
+
+# ---------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def _workdir(configured: Path | None) -> Iterator[Path]:
+    if configured is not None:
+        configured.mkdir(parents=True, exist_ok=True)
+        yield configured.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="driftless-bench-") as tmp:
+        yield Path(tmp)
+
+
+async def run_bench(cfg: BenchConfig) -> BenchResult:
+    """The whole benchmark; raises BenchError (or FleetError/FleetTimeout/BrokerError)."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    ids = device_ids(cfg.devices)
+    payload_bytes = len(_document(ids[0], bench_config(1, ids[0])))
+    result = BenchResult(config=cfg, payload_bytes=payload_bytes)
+    clock = time.perf_counter
+    try:
+        with _workdir(cfg.workdir) as workdir:
+            async with contextlib.AsyncExitStack() as stack:
+                t = clock()
+                broker = MosquittoBroker(workdir / "broker")
+                stack.callback(broker.stop)
+                broker.start()
+                result.setup_s["broker_start"] = clock() - t
+
+                t = clock()
+                hub = HubChild(workdir, broker.url, cfg.hub_log_level)
+                stack.callback(hub.stop)
+                hub.start()
+                api = await stack.enter_async_context(
+                    httpx.AsyncClient(base_url=hub.base_url, timeout=30.0)
+                )
+                await hub.wait_ready(api, timeout_s=cfg.deadline_s)
+                result.setup_s["hub_ready"] = clock() - t
+
+                t = clock()
+                await asyncio.wait_for(
+                    register_devices(api, ids, concurrency=cfg.register_concurrency),
+                    cfg.deadline_s,
+                )
+                result.setup_s["register"] = clock() - t
+
+                t = clock()
+                fleet = Fleet(
+                    FleetConfig(
+                        broker_url=broker.url,
+                        device_ids=ids,
+                        seed=cfg.seed,
+                        apply_time_s=cfg.apply_time_s,
+                        max_concurrent_connects=cfg.max_concurrent_connects,
+                    )
+                )
+                await stack.enter_async_context(fleet)
+                await fleet.wait_connected(timeout_s=cfg.deadline_s)
+                result.setup_s["fleet_connected"] = clock() - t
+                await poll(
+                    lambda: fleet_summary(api),
+                    lambda s: s["online"] == cfg.devices and s["in_sync"] == cfg.devices,
+                    timeout_s=cfg.deadline_s,
+                    interval_s=cfg.poll_interval_s,
+                    what=f"hub shows {cfg.devices} devices online and in sync",
+                )
+                result.setup_s["hub_online"] = clock() - t
+
+                baseline = await stack.enter_async_context(
+                    Baseline(
+                        broker.host,
+                        broker.port,
+                        ids,
+                        payload_bytes=payload_bytes,
+                        inflight=cfg.baseline_inflight,
+                    )
+                )
+                for index in range(1, cfg.repeats + 1):
+                    baseline_s = await baseline.measure(index, timeout_s=cfg.deadline_s)
+                    ours = await measure_ours(
+                        api, fleet, index, cfg=cfg, document=bench_config(index, ids[0])
+                    )
+                    result.rounds.append(replace(ours, baseline_s=baseline_s))
+                result.fleet_counters = fleet.counters.snapshot()
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    result.hub_stats = (await api.get("/hub/stats")).json()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator.bench.converge", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="default bench-results/converge-N.json"
+    )
+    parser.add_argument("--deadline-s", type=float, default=120.0, help="limit on every wait")
+    parser.add_argument("--poll-interval-s", type=float, default=0.02)
+    parser.add_argument("--apply-time-s", type=float, default=0.0)
+    parser.add_argument("--max-concurrent-connects", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hub-log-level", default="info")
+    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
+    parser.add_argument("--log-level", default="warning")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.configure(args.log_level, fmt="console")
+    try:
+        cfg = BenchConfig(
+            devices=args.devices,
+            repeats=args.repeats,
+            deadline_s=args.deadline_s,
+            poll_interval_s=args.poll_interval_s,
+            max_concurrent_connects=args.max_concurrent_connects,
+            apply_time_s=args.apply_time_s,
+            seed=args.seed,
+            hub_log_level=args.hub_log_level,
+            workdir=args.workdir,
+        )
+    except ValueError as exc:
+        print(f"converge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(run_bench(cfg))
+    except (BenchError, FleetError, FleetTimeout, BrokerError) as exc:
+        print(f"converge: failed: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("converge: interrupted; broker and hub stopped", file=sys.stderr)
+        return 130
+    print(format_table(result))
+    path = args.json or Path("bench-results") / f"converge-{cfg.devices}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(
+        ["python", "-m", "simulator.bench.converge", *(sys.argv[1:] if argv is None else argv)]
+    )
+    path.write_text(json.dumps(result.as_json(command), indent=2) + "\n")
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

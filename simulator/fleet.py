@@ -1,0 +1,561 @@
+"""Many virtual devices in one asyncio process, each running the real agent core.
+
+Rules:
+- Every device runs ``edge_agent.core.AgentCore`` unchanged. This module only
+  turns MQTT happenings into core events and carries out the core's actions in
+  order, under one lock per device, as ``edge_agent.driver`` does.
+- Events per connection attempt: ``Connecting`` (the core picks the session
+  and its Will) -> CONNECT with that Will, ``clean_start=False`` -> on CONNACK,
+  resend the newest unsent report, then ``Connected`` (status online + birth) ->
+  SUBSCRIBE to the desired topic at QoS 1 -> messages that arrived before the
+  SUBACK are fed as ``DesiredPayload`` first, so the core coalesces them ->
+  ``Subscribed`` -> each later desired message is a ``DesiredPayload``. A lost
+  connection feeds ``Disconnected``; ``Apply`` runs the simulated applier in its
+  own task and feeds ``ApplyDone``; an orderly stop feeds ``Stopping`` (status
+  offline) and disconnects cleanly, so the broker drops the Will.
+- State lives in memory only: ``PersistState`` replaces the device's saved state.
+- Reports are state, so only the newest unsent one is kept for the next
+  connection (ARCHITECTURE invariant 5); births and status are per session and
+  are rebuilt by the core on every connect.
+- Reconnects wait a jittered backoff (``edge_agent.backoff``). At most
+  ``max_concurrent_connects`` connection attempts are in flight at once, so a
+  large fleet ramps up instead of stampeding the broker.
+- Randomness is seeded per device (``seed`` + device id + purpose), so a run is
+  repeatable whatever order the event loop schedules devices in.
+- Nothing here imports aiomqtt or paho; ``simulator.link`` does the MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import driftless
+from edge_agent.backoff import Backoff
+from edge_agent.core import (
+    Action,
+    AgentCore,
+    AgentState,
+    Apply,
+    ApplyDone,
+    Booted,
+    Connected,
+    Connecting,
+    DesiredPayload,
+    Disconnected,
+    Event,
+    Ignored,
+    PersistState,
+    Publish,
+    Rejected,
+    SetWill,
+    Stopping,
+    Subscribed,
+)
+from edge_agent.runtime import ApplyError
+from protocols import Channel, Desired, topic, validate_device_id
+from simulator.link import DeviceLink, Incoming, LinkError, LinkSettings
+
+log = logging.getLogger("driftless.sim")
+
+FD_HEADROOM = 64  # descriptors beyond one per device: logs, the loop, stdio, a bench's clients
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot run as configured here (bad settings, too few file descriptors)."""
+
+
+class FleetTimeout(TimeoutError):
+    """A wait on the fleet's counters passed its deadline."""
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def device_ids(count: int, prefix: str = "sim") -> tuple[str, ...]:
+    """Pure: ``count`` ids ``{prefix}-00000``, ``{prefix}-00001``, ... in sorting order."""
+    if count < 0:
+        raise ValueError("count must not be negative")
+    width = max(5, len(str(max(count - 1, 0))))
+    return tuple(validate_device_id(f"{prefix}-{i:0{width}d}") for i in range(count))
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Everything a fleet run depends on; limits carry their unit in the name."""
+
+    broker_url: str
+    device_ids: tuple[str, ...]
+    seed: int = 0
+    apply_time_s: float = 0.0
+    apply_jitter_s: float = 0.0
+    failure_rate: float = 0.0
+    max_concurrent_connects: int = 64
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 30.0
+    keepalive_s: int = 60
+    session_expiry_s: int = 3600
+    op_timeout_s: float = 10.0
+    stop_timeout_s: float = 15.0
+    agent_version: str = f"sim-{driftless.__version__}"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.failure_rate <= 1.0:
+            raise ValueError(f"failure_rate {self.failure_rate} is not within [0, 1]")
+        if self.apply_time_s < 0 or self.apply_jitter_s < 0:
+            raise ValueError("apply_time_s and apply_jitter_s must not be negative")
+        if self.max_concurrent_connects < 1:
+            raise ValueError("max_concurrent_connects must be at least 1")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+        if len(set(self.device_ids)) != len(self.device_ids):
+            raise ValueError("device ids must be unique (each one is an MQTT client id)")
+        for device_id in self.device_ids:
+            validate_device_id(device_id)
+
+    def link_settings(self) -> LinkSettings:
+        return LinkSettings.from_url(
+            self.broker_url,
+            keepalive_s=self.keepalive_s,
+            session_expiry_s=self.session_expiry_s,
+            op_timeout_s=self.op_timeout_s,
+        )
+
+
+def device_rng(seed: int, device_id: str, purpose: str) -> random.Random:
+    """Pure: an rng that depends only on the run's seed, the device and what it is for."""
+    return random.Random(f"{seed}/{device_id}/{purpose}")
+
+
+def device_backoff(config: FleetConfig, device_id: str) -> Backoff:
+    """Pure: the device's reconnect backoff, jittered by its own seeded rng."""
+    return Backoff(
+        min_s=config.reconnect_min_s,
+        max_s=config.reconnect_max_s,
+        rng=device_rng(config.seed, device_id, "backoff"),
+    )
+
+
+def raise_nofile_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force.
+
+    Raises FleetError if even the hard limit is below ``needed``: without this a
+    process fails at ~1,016 connections (FIELD-NOTES).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, needed) if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        raise FleetError(
+            f"{needed} file descriptors needed but the hard RLIMIT_NOFILE is {hard}; "
+            "raise it (ulimit -Hn) or split the fleet over processes"
+        )
+    return soft
+
+
+# ---------------------------------------------------------------- simulated applier
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    duration_s: float
+    error: str | None
+
+
+class SimApplier:
+    """The simulated runtime: an apply takes a while and sometimes fails.
+
+    Rule: outcomes come only from the injected rng, so a seed replays a run.
+    """
+
+    def __init__(
+        self,
+        *,
+        apply_time_s: float,
+        jitter_s: float = 0.0,
+        failure_rate: float = 0.0,
+        rng: random.Random,
+    ) -> None:
+        self.apply_time_s = apply_time_s
+        self.jitter_s = jitter_s
+        self.failure_rate = failure_rate
+        self.rng = rng
+
+    def plan(self, desired: Desired) -> ApplyOutcome:
+        """Draw the next apply's duration and verdict (consumes randomness, no I/O)."""
+        duration = self.apply_time_s
+        if self.jitter_s > 0:
+            duration += self.rng.uniform(0.0, self.jitter_s)
+        failed = self.failure_rate > 0 and self.rng.random() < self.failure_rate
+        error = f"simulated failure applying generation {desired.generation}" if failed else None
+        return ApplyOutcome(duration, error)
+
+    async def apply(self, desired: Desired) -> None:
+        """Take the planned time, then succeed or raise ApplyError."""
+        outcome = self.plan(desired)
+        if outcome.duration_s > 0:
+            await asyncio.sleep(outcome.duration_s)  # the simulated work itself
+        if outcome.error is not None:
+            raise ApplyError(outcome.error)
+
+
+# ---------------------------------------------------------------- counters
+
+
+def _bump(table: dict[Any, int], key: Any) -> None:
+    table[key] = table.get(key, 0) + 1
+
+
+@dataclass
+class FleetCounters:
+    """What the whole fleet did; mutated only by its devices, read by anyone."""
+
+    connected: int = 0  # devices with an open session right now
+    connects: int = 0  # CONNACKs received, all time
+    connect_failures: int = 0  # attempts that got no CONNACK
+    connections_lost: int = 0  # sessions that ended other than by stop()
+    desired_received: int = 0  # messages received on devices' desired topics
+    reports_sent: int = 0  # reported messages the broker acknowledged
+    reports_deferred: int = 0  # reports that had to wait for a later connection
+    ignored: int = 0  # valid desired documents that changed nothing
+    applied: dict[int, int] = field(default_factory=dict)  # generation -> devices
+    failed: dict[int, int] = field(default_factory=dict)  # generation -> devices
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> messages
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy (generation keys become strings)."""
+        return {
+            "connected": self.connected,
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+            "connections_lost": self.connections_lost,
+            "desired_received": self.desired_received,
+            "reports_sent": self.reports_sent,
+            "reports_deferred": self.reports_deferred,
+            "ignored": self.ignored,
+            "applied": {str(k): v for k, v in sorted(self.applied.items())},
+            "failed": {str(k): v for k, v in sorted(self.failed.items())},
+            "rejected": dict(sorted(self.rejected.items())),
+        }
+
+
+# ---------------------------------------------------------------- one device
+
+
+class VirtualDevice:
+    """One device: the real core, an in-memory "disk", a simulated applier, one MQTT session."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        config: FleetConfig,
+        settings: LinkSettings,
+        counters: FleetCounters,
+        connect_gate: asyncio.Semaphore,
+        changed: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.device_id = device_id
+        self.core = AgentCore(device_id, AgentState(), config.agent_version)
+        self.saved_state = self.core.state  # what a disk would hold after the last PersistState
+        self.applier = SimApplier(
+            apply_time_s=config.apply_time_s,
+            jitter_s=config.apply_jitter_s,
+            failure_rate=config.failure_rate,
+            rng=device_rng(config.seed, device_id, "apply"),
+        )
+        self.backoff = device_backoff(config, device_id)
+        self.session_present: bool | None = None  # the last CONNACK's flag
+        self.desired_topic = topic(device_id, Channel.DESIRED)
+        self.reported_topic = topic(device_id, Channel.REPORTED)
+        self._settings = settings
+        self._counters = counters
+        self._gate = connect_gate
+        self._changed = changed
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._link: DeviceLink | None = None
+        self._will: tuple[str, bytes] | None = None
+        self._unsent_report: Publish | None = None
+        self._apply_task: asyncio.Task[None] | None = None
+
+    # -- the core
+
+    async def feed(self, event: Event) -> None:
+        """Hand one event to the core and run its actions in order, one event at a time."""
+        async with self._lock:
+            for action in self.core.handle(event):
+                await self._execute(action)
+
+    async def _execute(self, action: Action) -> None:
+        match action:
+            case PersistState(state=state):
+                self.saved_state = state
+            case SetWill(topic=name, payload=payload):
+                self._will = (name, payload)
+            case Publish():
+                await self._publish(action)
+            case Apply(desired=desired):
+                self._apply_task = asyncio.create_task(
+                    self._apply(desired), name=f"apply:{self.device_id}"
+                )
+            case Rejected(reason=reason, detail=detail):
+                _bump(self._counters.rejected, reason)
+                self._changed()
+                log.warning(
+                    "rejected message",
+                    extra={"device": self.device_id, "reason": reason, "detail": detail},
+                )
+            case Ignored():
+                self._counters.ignored += 1
+                self._changed()
+            case _:
+                raise TypeError(f"no executor for {action!r}")
+
+    async def _publish(self, action: Publish) -> None:
+        is_report = action.topic == self.reported_topic
+        link = self._link
+        try:
+            if link is None:
+                raise LinkError("offline")
+            await link.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
+        except LinkError:
+            if is_report:  # state: the newest report supersedes any older unsent one
+                self._unsent_report = action
+                self._counters.reports_deferred += 1
+                self._changed()
+            return
+        if is_report:
+            self._counters.reports_sent += 1
+            self._changed()
+
+    async def _apply(self, desired: Desired) -> None:
+        ok, error = True, None
+        try:
+            await self.applier.apply(desired)
+        except ApplyError as exc:
+            ok, error = False, str(exc)
+        await self.feed(ApplyDone(desired.generation, ok, error, self._clock()))
+        _bump(self._counters.applied if ok else self._counters.failed, desired.generation)
+        self._changed()
+
+    # -- the connection
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect after a jittered backoff until :meth:`stop`."""
+        await self.feed(Booted(self._clock()))
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+            except LinkError as exc:
+                log.debug("link down", extra={"device": self.device_id, "error": str(exc)})
+            if self._stopping.is_set():
+                return
+            delay = self.backoff.next_delay()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _session(self) -> None:
+        await self.feed(Connecting(self._clock()))
+        assert self._will is not None, "the core sets a Will on Connecting"
+        will_topic, will_payload = self._will
+        link = DeviceLink(
+            self.device_id, self._settings, will_topic=will_topic, will_payload=will_payload
+        )
+        async with self._gate:
+            if self._stopping.is_set():
+                return
+            try:
+                present = await link.open()
+            except LinkError:
+                self._counters.connect_failures += 1
+                self._changed()
+                raise
+        if self._stopping.is_set():  # stop() came while we were connecting
+            await self._goodbye(link)
+            return
+        self._link = link
+        self.session_present = present
+        self._counters.connected += 1
+        self._counters.connects += 1
+        self._changed()
+        try:
+            await self._serve(link, present)
+        finally:
+            self._link = None
+            self._counters.connected -= 1
+            if not self._stopping.is_set():
+                self._counters.connections_lost += 1
+            self._changed()
+            await self.feed(Disconnected(self._clock()))
+            await link.close()
+
+    async def _serve(self, link: DeviceLink, session_present: bool) -> None:
+        async with self._lock:  # an older report goes out before the birth that outdates it
+            report, self._unsent_report = self._unsent_report, None
+            if report is not None:
+                await self._publish(report)
+        await self.feed(Connected(self._clock(), session_present))
+        if not await link.subscribe(self.desired_topic, qos=1):
+            raise LinkError(f"{self.device_id}: subscription to {self.desired_topic} refused")
+        # Everything already received arrived before the SUBACK: the core coalesces it.
+        for _ in range(link.pending()):
+            await self._on_message(await link.receive())
+        await self.feed(Subscribed(self._clock()))
+        self.backoff.reset()
+        while True:
+            await self._on_message(await link.receive())
+
+    async def _on_message(self, message: Incoming) -> None:
+        if message.topic == self.desired_topic:
+            self._counters.desired_received += 1
+            self._changed()
+            await self.feed(DesiredPayload(message.payload, self._clock()))
+
+    async def _goodbye(self, link: DeviceLink) -> None:
+        if link.is_open:
+            await self.feed(Stopping(self._clock()))  # offline for this session, retained
+            await link.close()
+
+    # -- control
+
+    async def stop(self) -> None:
+        """Orderly shutdown: no apply in flight, status offline, clean DISCONNECT."""
+        self._stopping.set()
+        if self._apply_task is not None and not self._apply_task.done():
+            self._apply_task.cancel()
+        link = self._link
+        if link is not None:
+            await self._goodbye(link)
+
+    def sever(self) -> bool:
+        """Fault: drop the connection without DISCONNECT (the broker sends the Will).
+
+        Returns False when there was no connection to drop. The device reconnects
+        after its backoff with a new session.
+        """
+        link = self._link
+        if link is None or not link.is_open:
+            return False
+        link.sever()
+        return True
+
+
+# ---------------------------------------------------------------- the fleet
+
+
+class Fleet:
+    """Runs a :class:`VirtualDevice` task per device id; ``async with Fleet(cfg) as fleet``."""
+
+    def __init__(self, config: FleetConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.counters = FleetCounters()
+        self.devices: dict[str, VirtualDevice] = {}
+        self._clock = clock
+        self._settings = config.link_settings()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __len__(self) -> int:
+        return len(self.config.device_ids)
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def start(self) -> None:
+        """Start every device; returns at once (use :meth:`wait_connected`). Raises FleetError."""
+        if self._tasks:
+            raise FleetError("fleet already started")
+        limit = raise_nofile_limit(len(self) + FD_HEADROOM)
+        gate = asyncio.Semaphore(self.config.max_concurrent_connects)
+        for device_id in self.config.device_ids:
+            device = VirtualDevice(
+                device_id,
+                config=self.config,
+                settings=self._settings,
+                counters=self.counters,
+                connect_gate=gate,
+                changed=self._notify,
+                clock=self._clock,
+            )
+            self.devices[device_id] = device
+            self._tasks.append(asyncio.create_task(device.run(), name=f"device:{device_id}"))
+        log.info(
+            "fleet starting",
+            extra={
+                "devices": len(self),
+                "broker": self.config.broker_url,
+                "max_concurrent_connects": self.config.max_concurrent_connects,
+                "nofile": limit,
+            },
+        )
+
+    async def wait_until(
+        self, predicate: Callable[[FleetCounters], bool], *, timeout_s: float, what: str
+    ) -> None:
+        """Wait, woken by counter changes, until ``predicate(counters)``; raises FleetTimeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate(self.counters):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise FleetTimeout(
+                    f"timed out after {timeout_s}s waiting for {what}; "
+                    f"counters={self.counters.snapshot()}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def wait_connected(self, *, timeout_s: float) -> None:
+        """Wait until every device has an open session; raises FleetTimeout."""
+        total = len(self)
+        await self.wait_until(
+            lambda c: c.connected >= total, timeout_s=timeout_s, what=f"{total} devices connected"
+        )
+
+    async def stop(self) -> None:
+        """Every device says offline and disconnects; stragglers are cancelled at the deadline."""
+        if not self._tasks:
+            return
+        goodbyes = asyncio.gather(
+            *(device.stop() for device in self.devices.values()), return_exceptions=True
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(goodbyes, self.config.stop_timeout_s)
+        _done, pending = await asyncio.wait(self._tasks, timeout=self.config.op_timeout_s)
+        for task in pending:
+            task.cancel()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for device_id, result in zip(self.config.device_ids, results, strict=True):
+            if isinstance(result, Exception):
+                log.error(
+                    "device task failed",
+                    extra={"device": device_id, "error": repr(result)},
+                )
+        self._tasks.clear()
+        log.info("fleet stopped", extra={"counters": self.counters.snapshot()})
+
+    async def __aenter__(self) -> Fleet:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,179 @@
+"""One virtual device's MQTT 5 session over aiomqtt: the only simulator module that imports it.
+
+Rules:
+- One :class:`DeviceLink` is one connection attempt. The Last Will is fixed in
+  CONNECT and the agent core sets a fresh Will for every session, so a
+  reconnect builds a new link rather than reusing an old one.
+- Sessions are persistent: ``clean_start=False`` with a SessionExpiryInterval,
+  so the broker keeps the subscription and queues QoS 1 deliveries while the
+  device is away, as on a real device (``edge_agent.transport``).
+- Every transport failure surfaces as :class:`LinkError` (retry later); no
+  aiomqtt or paho type crosses this module's boundary.
+- Nothing here touches protocol state: it moves bytes and reports CONNACK's
+  session-present flag, SUBACK's verdict and incoming messages in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.transport import parse_broker_url
+
+
+class LinkError(Exception):
+    """The broker could not be reached, refused us, or the connection dropped; retry later."""
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Where to connect and how long anything may take (units in the names)."""
+
+    host: str
+    port: int
+    keepalive_s: int = 60
+    session_expiry_s: int = 3600
+    op_timeout_s: float = 10.0
+
+    @classmethod
+    def from_url(cls, broker_url: str, **limits: Any) -> LinkSettings:
+        """``mqtt://host:port`` -> settings; raises ValueError for TLS or a malformed URL."""
+        host, port, tls = parse_broker_url(broker_url)
+        if tls:
+            raise ValueError("the simulator speaks plain MQTT on loopback only; got mqtts://")
+        return cls(host=host, port=port, **limits)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt drops CONNACK's session-present flag; keep it (aiomqtt 2.x callback signature)."""
+
+    session_present: bool = False
+
+    def _on_connect(
+        self,
+        client: Any,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
+        properties: Any = None,
+    ) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def sever(self) -> None:
+        """Drop the TCP connection without DISCONNECT, as a pulled cable would."""
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class DeviceLink:
+    """A single MQTT 5 connection for one device id, with its Will fixed at construction."""
+
+    def __init__(
+        self, client_id: str, settings: LinkSettings, *, will_topic: str, will_payload: bytes
+    ) -> None:
+        self.client_id = client_id
+        self.settings = settings
+        self._will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
+        self._client: _Client | None = None
+        self._messages: AsyncIterator[aiomqtt.Message] | None = None
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    async def open(self) -> bool:
+        """Connect and wait for CONNACK; return session-present. Raises LinkError."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        client = _Client(
+            self.settings.host,
+            self.settings.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=self._will,
+            clean_start=False,
+            properties=props,
+            keepalive=self.settings.keepalive_s,
+            timeout=self.settings.op_timeout_s,
+        )
+        self._client = client
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            client.sever()  # a CONNACK that never came must not leave the socket open
+            raise LinkError(f"{self.client_id}: connect failed: {exc}") from exc
+        self._open = True
+        self._messages = client.messages
+        return client.session_present
+
+    def _require(self) -> _Client:
+        if self._client is None or not self._open:
+            raise LinkError(f"{self.client_id}: not connected")
+        return self._client
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        """Publish and, for QoS 1, wait for the PUBACK. Raises LinkError."""
+        client = self._require()
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"{self.client_id}: publish to {topic} failed: {exc}") from exc
+
+    async def subscribe(self, topic: str, *, qos: int = 1) -> bool:
+        """Subscribe and wait for the SUBACK; True when granted. Raises LinkError."""
+        client = self._require()
+        try:
+            codes = await client.subscribe(topic, qos=qos)
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"{self.client_id}: subscribe to {topic} failed: {exc}") from exc
+        return all(not getattr(code, "is_failure", False) for code in codes)
+
+    def pending(self) -> int:
+        """How many received messages wait to be read (all of them arrived before now)."""
+        return len(self._require().messages)
+
+    async def receive(self) -> Incoming:
+        """The next message in arrival order; raises LinkError once the connection is gone."""
+        self._require()
+        assert self._messages is not None
+        try:
+            message = await anext(self._messages)
+        except aiomqtt.MqttError as exc:
+            self._open = False
+            raise LinkError(f"{self.client_id}: connection lost: {exc}") from exc
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        return Incoming(message.topic.value, data, bool(message.retain))
+
+    def sever(self) -> None:
+        """Fault injection: break the TCP connection so the broker publishes the Will."""
+        if self._client is not None and self._open:
+            self._client.sever()
+
+    async def close(self) -> None:
+        """Orderly DISCONNECT (the broker discards the Will); idempotent, never raises."""
+        client, self._client = self._client, None
+        was_open, self._open = self._open, False
+        if client is None or not was_open:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(client.__aexit__(None, None, None), self.settings.op_timeout_s)

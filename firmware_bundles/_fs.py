@@ -1,0 +1,51 @@
+"""Atomic, durable file replacement: the only way this package writes a file.
+
+Rules:
+- Data goes to a temporary file in the target's directory (same filesystem),
+  is flushed and fsynced, then ``os.replace``-d over the target, and the
+  directory is fsynced: a crash leaves the old file or the new, never a mix.
+- On any error the temporary file is removed and the target is untouched.
+- Temporary names start with ``.`` and end with ``.tmp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A temporary file beside ``target`` that replaces it only if the block succeeds."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``target`` with ``data`` atomically and durably; raises OSError."""
+    with atomic_output(target, mode) as handle:
+        handle.write(data)

@@ -8,6 +8,8 @@ Rules:
   backlog of queued deliveries into one apply after an offline period.
 - A generation is recorded as applied only after the applier said it succeeded;
   the state is persisted (``PersistState``) before it is reported.
+- A document *older* than the newest finished generation is answered with a
+  report of the current state, so a hub whose count was reset can catch up.
 - Every birth and report carries ``(boot_epoch, seq)``; ``boot_epoch`` grows on
   every start and ``seq`` within a boot, so the hub can drop stale reports.
 - The session number grows before every connect; the Last Will set for that
@@ -214,8 +216,8 @@ class AgentCore:
             case Disconnected():
                 self._ready = False
                 return []
-            case DesiredPayload(payload=payload):
-                return self._desired(payload)
+            case DesiredPayload(payload=payload, now=now):
+                return self._desired(payload, now)
             case ApplyDone():
                 return self._apply_done(event)
             case Stopping(now=now):
@@ -241,7 +243,7 @@ class AgentCore:
 
     # -- desired state
 
-    def _desired(self, payload: bytes) -> list[Action]:
+    def _desired(self, payload: bytes, now: float) -> list[Action]:
         if not payload:
             return [Ignored(0, "desired document cleared by the hub")]
         try:
@@ -262,7 +264,16 @@ class AgentCore:
             self.waiting or 0,
         )
         if desired.generation <= newest_known:
-            return [Ignored(desired.generation, f"not newer than generation {newest_known}")]
+            ignored: list[Action] = [
+                Ignored(desired.generation, f"not newer than generation {newest_known}")
+            ]
+            if desired.generation < max(
+                self.state.applied_generation, self.state.failed_generation
+            ):
+                # Older than what we finished: the hub's count was reset (device registered
+                # again, DB restored). Tell it where we are so it can re-issue past it.
+                ignored.append(self._state_report(now))
+            return ignored
         superseded = self.waiting
         self._candidate = desired
         actions: list[Action] = []
@@ -326,6 +337,14 @@ class AgentCore:
             ts=now,
         )
         return Publish(self._topic(Channel.BIRTH), encode(birth))
+
+    def _state_report(self, now: float) -> Publish:
+        failed = self.state.failed_generation > self.state.applied_generation
+        return self._report(
+            phase="failed" if failed else "applied",
+            generation=max(self.state.applied_generation, self.state.failed_generation),
+            now=now,
+        )
 
     def _report(self, *, phase: str, generation: int, now: float) -> Publish:
         report = Reported(

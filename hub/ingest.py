@@ -13,6 +13,10 @@ Rules (the contract; ARCHITECTURE invariants 3 and 5):
   else ``applied``. Regardless of ordering, when ``desired_generation > 0`` and
   ``desired_generation > birth.applied_generation`` the desired document is
   republished (the broker may have lost the retained copy).
+- **Rekey.** A birth or report whose applied or failed generation is past the
+  hub's desired generation means the hub's count was reset (device deleted and
+  registered again, DB restored). The hub's desired config is re-issued under a
+  generation past the device's, because the device ignores anything not newer.
 - **Status** (retained; the Last Will is a Status with ``online=False``).
   ``status.session < tracking.session``: stale (a Will from an older session arriving
   after the next birth must not mark the device offline). Otherwise ``session``,
@@ -94,6 +98,16 @@ class Decision:
     tracking: Tracking
     republish: bool = False
     stale: Stale | None = None
+    # The device reports a generation past the hub's desired one: the hub's count was
+    # reset (device deleted and registered again, DB restored from a backup). The
+    # store re-issues the hub's desired config under a generation past the device's.
+    rekey: bool = False
+
+
+def _device_is_ahead(old: Tracking, new: Tracking) -> bool:
+    return old.desired_generation > 0 and (
+        max(new.reported_generation, new.failed_generation) > old.desired_generation
+    )
 
 
 def classify(topic_name: str, payload: bytes) -> DeviceMessage:
@@ -150,8 +164,9 @@ def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
             last_report_epoch=birth.boot_epoch,
             last_report_seq=birth.seq,
         )
+    rekey = _device_is_ahead(t, new)
     republish = t.desired_generation > 0 and t.desired_generation > birth.applied_generation
-    return Decision(new, republish=republish)
+    return Decision(new, republish=republish or rekey, rekey=rekey)
 
 
 def on_status(t: Tracking, status: Status, *, now: datetime) -> Decision:
@@ -167,19 +182,19 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
     """Pure: apply a report (see the module rules)."""
     if (report.boot_epoch, report.seq) <= (t.last_report_epoch, t.last_report_seq):
         return Decision(t, stale=Stale.REPORT)
-    return Decision(
-        dataclasses.replace(
-            t,
-            reported_generation=report.applied_generation,
-            failed_generation=report.failed_generation,
-            report_phase=report.phase,
-            report_generation=report.generation,
-            report_error=report.error,
-            last_report_epoch=report.boot_epoch,
-            last_report_seq=report.seq,
-            last_seen=now,
-        )
+    new = dataclasses.replace(
+        t,
+        reported_generation=report.applied_generation,
+        failed_generation=report.failed_generation,
+        report_phase=report.phase,
+        report_generation=report.generation,
+        report_error=report.error,
+        last_report_epoch=report.boot_epoch,
+        last_report_seq=report.seq,
+        last_seen=now,
     )
+    rekey = _device_is_ahead(t, new)
+    return Decision(new, republish=rekey, rekey=rekey)
 
 
 def decide(t: Tracking, message: DeviceMessage, *, now: datetime) -> Decision:

@@ -108,7 +108,12 @@ def _check_config(config: Mapping[str, Any], max_config_bytes: int) -> dict[str,
 
 
 def _bump(row: Device, config: dict[str, Any], now: datetime) -> None:
-    row.desired_generation += 1
+    # The device ignores any generation not newer than one it applied or failed
+    # (invariant 4). A device deleted and registered again still remembers its old
+    # generations, so the new one must pass them, or it would be ignored forever.
+    row.desired_generation = (
+        max(row.desired_generation, row.reported_generation, row.failed_generation) + 1
+    )
     row.desired_config = dict(config)
     row.desired_updated_at = now
 
@@ -121,7 +126,8 @@ def set_desired(
     now: datetime,
     max_config_bytes: int,
 ) -> Device:
-    """Replace a device's desired config; its ``desired_generation`` grows by exactly 1.
+    """Replace a device's desired config; its ``desired_generation`` grows by exactly 1
+    (or jumps past the generations the device reports, after a re-registration).
 
     Returns the row (``row.desired_generation`` is the new generation).
     Raises ConfigTooLarge or DeviceNotFound; nothing is written then.
@@ -277,6 +283,8 @@ def apply_messages(
         else:
             _write_tracking(row, decision.tracking)
             outcomes.append(APPLIED)
+        if decision.rekey:
+            _bump(row, row.desired_config, now)
         if decision.republish:
             republish[row.id] = None
     session.commit()

@@ -195,3 +195,22 @@ def test_late_will_from_older_session_does_not_mark_device_offline(
         assert hub.stats()["stale"].get("stale_status", 0) >= 1
     finally:
         peer.close()
+
+
+def test_device_registered_again_still_converges(fleet: Fleet) -> None:
+    """The hub's count restarts at 1; the agent remembers more. The hub must re-issue past it."""
+    for rate in (1, 2, 3):
+        gen = fleet.set_all(rate=rate)
+    fleet.converged(gen)
+    agent = fleet.agents[0]
+    assert fleet.hub.api.delete(f"/devices/{agent.device_id}").status_code == 204
+    fleet.hub.api.post("/devices", json={"id": agent.device_id}).raise_for_status()
+    response = fleet.hub.api.put(f"/devices/{agent.device_id}/desired", json={"config": {"r": 9}})
+    assert response.json()["desired_generation"] == 1  # what a fresh row knows
+
+    def applied_new_config() -> bool:
+        doc = agent.data_dir.joinpath("config.json").read_text()
+        device = fleet.hub.device(agent.device_id)
+        return '"r": 9' in doc and device["in_sync"] and device["desired_generation"] > gen
+
+    wait_until(applied_new_config, what="re-registered device applies the new config")

@@ -223,3 +223,11 @@ def test_stopping_publishes_offline_for_current_session() -> None:
     (offline,) = core.handle(Stopping(9.0))
     status = decode(offline.payload, Status)  # type: ignore[union-attr]
     assert status.online is False and status.session == core.state.session
+
+
+def test_older_document_is_answered_with_current_state_duplicate_is_not() -> None:
+    core = online_core(AgentState(applied_generation=5))
+    assert publishes(core.handle(desired(5)), "/reported") == []
+    (report,) = publishes(core.handle(desired(2)), "/reported")
+    body = decode(report.payload, Reported)
+    assert (body.phase, body.generation, body.applied_generation) == ("applied", 5, 5)

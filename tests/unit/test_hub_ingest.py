@@ -411,3 +411,32 @@ def test_classify_rejects(topic: str, payload: bytes, reason: str) -> None:
 )
 def test_classify_accepts(topic: str, message: Birth | Status | Reported) -> None:
     assert classify(topic, encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    "desired_generation, applied, failed, rekey",
+    [
+        pytest.param(0, 7, 0, False, id="no-desired-state-no-rekey"),
+        pytest.param(7, 7, 0, False, id="in-sync"),
+        pytest.param(8, 7, 0, False, id="behind"),
+        pytest.param(2, 7, 0, True, id="device-ahead-after-reregistration"),
+        pytest.param(2, 1, 5, True, id="failed-ahead"),
+    ],
+)
+def test_rekey_when_device_reports_past_desired(
+    desired_generation: int, applied: int, failed: int, rekey: bool
+) -> None:
+    t = Tracking(desired_generation=desired_generation, session=1)
+    report = Reported(
+        device_id="d1",
+        boot_epoch=1,
+        seq=1,
+        phase="applied",
+        generation=applied,
+        applied_generation=applied,
+        failed_generation=failed,
+        ts=1.0,
+    )
+    decision = decide(t, report, now=NOW)
+    assert decision.rekey is rekey
+    assert decision.republish is rekey

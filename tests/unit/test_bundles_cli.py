@@ -1,0 +1,207 @@
+"""The operator's commands, run in-process through ``main(argv)`` on real files and keys."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from firmware_bundles import archive
+from firmware_bundles.cli import main
+from firmware_bundles.keydir import ROOT_FILE, versioned_root_file
+from firmware_bundles.trust import TrustedRoot
+
+PASS_ENV = "TEST_BUNDLES_PASSPHRASE"
+
+
+class Operator:
+    """A key directory, a release key and an app source tree in one tmp_path."""
+
+    def __init__(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.fleet = root / "fleet"
+        self.release_key = root / "release.pem"
+        self.src = root / "src"
+        self.bundle = root / "thermostat.bundle"
+        self.capsys = capsys
+        (self.src / "bin").mkdir(parents=True)
+        (self.src / "bin" / "thermostat").write_text("#!/bin/sh\nexec sleep 1000\n")
+
+    def run(self, *argv: str | Path) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        status = main([str(arg) for arg in argv])
+        out, err = self.capsys.readouterr()
+        return status, out, err
+
+    def ok(self, *argv: str | Path) -> str:
+        status, out, err = self.run(*argv)
+        assert (status, err) == (0, ""), err
+        return out
+
+    def setup(self) -> None:
+        self.ok("keys", "init-root", "--dir", self.fleet)
+        self.ok("keys", "add", "--dir", self.fleet, "--role", "release", "--out", self.release_key)
+        self.ok(
+            "bundle", "build", self.src, "--name", "thermostat", "--version", "1.4.2",
+            "--command", "bin/thermostat --port 8081", "--out", self.bundle,
+        )  # fmt: skip
+        self.ok("bundle", "sign", self.bundle, "--key", self.release_key)
+
+
+@pytest.fixture
+def op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Operator:
+    return Operator(tmp_path, capsys)
+
+
+def assert_one_line_failure(result: tuple[int, str, str], status: int, kind: str) -> str:
+    code, out, err = result
+    assert code == status
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"error: {kind}: "), err
+    return err
+
+
+def test_init_add_build_sign_verify_succeeds(op: Operator) -> None:
+    op.setup()
+    out = op.ok("bundle", "verify", op.bundle, "--root", op.fleet / ROOT_FILE)
+    assert out.startswith("ok: thermostat 1.4.2 (app, security version 0")
+
+
+def test_verify_of_a_tampered_bundle_fails_with_one_line(op: Operator) -> None:
+    op.setup()
+    data = bytearray(op.bundle.read_bytes())
+    data[-50] ^= 0xFF
+    op.bundle.write_bytes(bytes(data))
+    result = op.run("bundle", "verify", op.bundle, "--root", op.fleet / ROOT_FILE)
+    assert_one_line_failure(result, 1, "HashMismatchError")
+
+
+def test_verify_against_another_fleets_root_fails(op: Operator, tmp_path: Path) -> None:
+    op.setup()
+    op.ok("keys", "init-root", "--dir", tmp_path / "other")
+    result = op.run("bundle", "verify", op.bundle, "--root", tmp_path / "other" / ROOT_FILE)
+    assert_one_line_failure(result, 1, "ThresholdNotMetError")
+
+
+def test_verify_with_a_missing_root_file_is_a_local_error(op: Operator) -> None:
+    op.setup()
+    result = op.run("bundle", "verify", op.bundle, "--root", op.fleet / "absent.json")
+    assert_one_line_failure(result, 3, "LocalError")
+
+
+def test_key_files_written_by_the_cli_are_mode_0600(op: Operator) -> None:
+    op.setup()
+    key_files = [op.release_key, *(op.fleet / "keys").glob("*.pem")]
+    assert len(key_files) == 2
+    for path in key_files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE((op.fleet / "keys").stat().st_mode) == 0o700
+
+
+def test_sign_with_the_wrong_passphrase_fails_with_one_line(
+    op: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASS_ENV, "correct horse")
+    op.ok("keys", "init-root", "--dir", op.fleet)
+    op.ok(
+        "keys", "add", "--dir", op.fleet, "--role", "release", "--out", op.release_key,
+        "--passphrase-env", PASS_ENV,
+    )  # fmt: skip
+    op.ok("bundle", "build", op.src, "--name", "t", "--version", "1", "--command", "x",
+          "--out", op.bundle)  # fmt: skip
+    before = op.bundle.read_bytes()
+    monkeypatch.setenv(PASS_ENV, "battery staple")
+    result = op.run("bundle", "sign", op.bundle, "--key", op.release_key, "--passphrase-env",
+                    PASS_ENV)  # fmt: skip
+    assert_one_line_failure(result, 3, "PassphraseError")
+    assert op.bundle.read_bytes() == before
+    monkeypatch.setenv(PASS_ENV, "correct horse")
+    op.ok("bundle", "sign", op.bundle, "--key", op.release_key, "--passphrase-env", PASS_ENV)
+
+
+def test_unset_passphrase_variable_is_a_local_error(op: Operator) -> None:
+    result = op.run("keys", "init-root", "--dir", op.fleet, "--passphrase-env", "NO_SUCH_VAR_X")
+    assert_one_line_failure(result, 3, "LocalError")
+    assert not (op.fleet / ROOT_FILE).exists()
+
+
+def test_inspect_prints_unverified_json(op: Operator) -> None:
+    op.setup()
+    document = json.loads(op.ok("bundle", "inspect", op.bundle))
+    assert document["verified"] is False
+    assert document["manifest"]["name"] == "thermostat"
+    assert document["manifest"]["run"]["command"] == ["bin/thermostat", "--port", "8081"]
+    assert len(document["signatures"]) == 1
+    assert document["payload_offset"] + document["payload_bytes"] == op.bundle.stat().st_size
+
+
+def test_init_root_refuses_to_replace_an_existing_root(op: Operator) -> None:
+    op.ok("keys", "init-root", "--dir", op.fleet)
+    before = (op.fleet / ROOT_FILE).read_bytes()
+    result = op.run("keys", "init-root", "--dir", op.fleet)
+    assert_one_line_failure(result, 3, "LocalError")
+    assert (op.fleet / ROOT_FILE).read_bytes() == before
+
+
+def test_threshold_above_key_count_is_refused(op: Operator) -> None:
+    result = op.run("keys", "init-root", "--dir", op.fleet, "--threshold", "3", "--keys", "2")
+    assert_one_line_failure(result, 3, "InvalidArgument")
+
+
+def test_app_bundle_without_a_command_is_refused(op: Operator) -> None:
+    result = op.run("bundle", "build", op.src, "--name", "t", "--version", "1", "--out", op.bundle)
+    assert_one_line_failure(result, 3, "InvalidArgument")
+    assert not op.bundle.exists()
+
+
+def test_firmware_bundle_without_an_architecture_is_refused(op: Operator) -> None:
+    result = op.run("bundle", "build", op.src, "--name", "fw", "--version", "1", "--kind",
+                    "firmware", "--out", op.bundle)  # fmt: skip
+    assert_one_line_failure(result, 3, "InvalidArgument")
+
+
+def test_bad_usage_exits_2(op: Operator) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bundle", "verify", str(op.bundle)])  # --root is required
+    assert exited.value.code == 2
+
+
+def test_rotate_root_keeps_bundles_valid_and_chains_from_version_1(
+    op: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASS_ENV, "root secret")
+    op.ok("keys", "init-root", "--dir", op.fleet, "--threshold", "2", "--keys", "3",
+          "--passphrase-env", PASS_ENV)  # fmt: skip
+    op.ok("keys", "add", "--dir", op.fleet, "--role", "release", "--out", op.release_key,
+          "--root-passphrase-env", PASS_ENV)  # fmt: skip
+    op.ok("bundle", "build", op.src, "--name", "t", "--version", "1", "--command", "x",
+          "--out", op.bundle)  # fmt: skip
+    op.ok("bundle", "sign", op.bundle, "--key", op.release_key)
+    op.ok("keys", "rotate-root", "--dir", op.fleet, "--root-passphrase-env", PASS_ENV)
+    op.ok("keys", "add", "--dir", op.fleet, "--role", "hub", "--out", op.fleet.parent / "hub.pem",
+          "--root-passphrase-env", PASS_ENV)  # fmt: skip
+
+    # A device provisioned with version 1 walks every published version to the newest.
+    device = TrustedRoot.from_bytes((op.fleet / versioned_root_file(1)).read_bytes())
+    chain = [(op.fleet / versioned_root_file(v)).read_bytes() for v in (2, 3, 4)]
+    device.update_chain(chain, time.time())
+    assert device.envelope == (op.fleet / ROOT_FILE).read_bytes()
+    assert set(device.root.roles) == {"root", "release", "hub"}
+    assert archive.verify(op.bundle, device, time.time()).name == "t"
+    out = op.ok("bundle", "verify", op.bundle, "--root", op.fleet / ROOT_FILE)
+    assert "root version 4" in out
+
+
+def test_keys_add_without_enough_root_keys_fails_and_leaves_no_key(
+    op: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    op.ok("keys", "init-root", "--dir", op.fleet, "--threshold", "2", "--keys", "2")
+    next(iter((op.fleet / "keys").glob("*.pem"))).unlink()  # one root key went offline
+    result = op.run("keys", "add", "--dir", op.fleet, "--role", "release", "--out",
+                    op.release_key)  # fmt: skip
+    assert_one_line_failure(result, 3, "KeyFileError")
+    assert not op.release_key.exists()
+    assert not (op.fleet / versioned_root_file(2)).exists()

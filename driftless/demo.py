@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from edge_agent.store import StateStore
 from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
 
 
@@ -160,6 +162,10 @@ class Demo:
     def stop_agent(self, device_id: str) -> None:
         _stop(self.agents.pop(device_id, None))
 
+    def applied_history(self, device_id: str) -> list[int]:
+        state = StateStore(self.data_dir / "agents" / device_id).load()
+        return [entry.generation for entry in state.history if entry.ok]
+
     def summary(self) -> dict[str, Any]:
         return self.api.get("/fleet/summary").json()  # type: ignore[no-any-return]
 
@@ -209,10 +215,28 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
     )
     for rate in (20, 30, 40):
         demo.set_fleet_config({"sample_rate_hz": rate, "message": f"rate {rate}"})
+    _wait(
+        lambda: demo.summary()["in_sync"] == len(demo.device_ids) - 1,
+        timeout_s=30,
+        what="the online devices in sync",
+    )
     demo.table()
     say(f"          {away} comes back and applies only the newest generation")
     demo.start_agent(away)
     say(f"          converged in {demo.converge():.2f}s")
+    demo.table()
+    say(f"          generations {away} applied, from its own disk: {demo.applied_history(away)}")
+
+    say("scene 3   the broker crashes (SIGKILL) and comes back with nothing retained")
+    demo.broker.kill()
+    demo.broker.wipe_persistence()
+    demo.set_fleet_config({"sample_rate_hz": 50, "message": "after the crash"})
+    say("          a change made while the broker is down is accepted: the hub's DB is the truth")
+    demo.broker.start()
+    say(
+        f"          broker back; births and the hub's sweep republish: converged in "
+        f"{demo.converge():.2f}s"
+    )
     demo.table()
 
     n = 0
@@ -232,6 +256,7 @@ def run_demo(*, devices: int, api_port: int, data_dir: Path, once: bool) -> int:
         if probe.connect_ex(("127.0.0.1", port)) == 0:
             port = free_port()
             say(f"port {api_port} is taken; using {port}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     demo = Demo(devices=devices, api_port=port, data_dir=data_dir)
     try:
         with demo.running():

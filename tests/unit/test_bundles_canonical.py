@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware_bundles import canonical
 from firmware_bundles.errors import FormatError
-from firmware_bundles.model import Manifest, RootMetadata, decode_signed
+from firmware_bundles.keys import SigningKey
+from firmware_bundles.model import (
+    Manifest,
+    PayloadInfo,
+    RootMetadata,
+    RunSpec,
+    Targets,
+    decode_signed,
+)
 from tests.unit.test_bundles_support import Fleet, make_manifest
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "bundles.md"
 
 
 def test_documented_example_encodes_to_the_documented_bytes() -> None:
@@ -135,3 +148,38 @@ def test_manifest_field_rules(field: str, value: object) -> None:
     tree[field] = value
     with pytest.raises(FormatError):
         decode_signed(canonical.encode(tree), Manifest)
+
+
+def test_documented_signature_vector() -> None:
+    # docs/bundles.md, "Test vector": a third party checks an implementation against these.
+    key = SigningKey(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    manifest = Manifest(
+        name="hello",
+        version="1.0.0",
+        security_version=1,
+        kind="app",
+        targets=Targets(architectures=["any"], min_agent_version="0"),
+        run=RunSpec(command=["bin/hello"]),
+        payload=PayloadInfo(sha256=hashlib.sha256(b"").hexdigest(), size=0),
+        created=1767225600,
+        expires=1798761600,
+    )
+    signed = canonical.encode(manifest)
+    assert key.public_hex == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
+    assert key.keyid == "56475aa75463474c0285df5dbf2bcab73da651358839e9b77481b2eab107708c"
+    assert len(signed) == 442
+    assert signed.startswith(b'{"_type":"manifest","created":1767225600,"expires":1798761600,')
+    assert key.sign(signed).sig == (
+        "cfa1bf05fc05dcab87f02fc6ded9ca6ba790c255fdb0eaa577dcc2c98055d096"
+        "c97c63f76d20a5cd739e6d9479795ed74b85cfec647d59998187477fc6a46907"
+    )
+    documented = DOCS.read_text()
+    assert signed.decode() in documented
+    assert key.sign(signed).sig in documented
+
+
+def test_documented_canonical_example_is_in_the_docs() -> None:
+    assert (
+        r"""b'{"A":{},"a":"\xc3\xa9\\n\\"\\\\\\u0001\x7f","b":[3,-1,true,null],"\xc3\xa9":0}'"""
+        in DOCS.read_text()
+    )

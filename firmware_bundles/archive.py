@@ -287,6 +287,8 @@ def build(
     out = Path(out)
     if not src_dir.is_dir():
         raise SourceError(f"source {src_dir} is not a directory")
+    if out.parent.resolve().is_relative_to(src_dir.resolve()):
+        raise ValueError(f"output {out} must not be inside the source directory {src_dir}")
     draft = Manifest(
         name=name,
         version=version,

@@ -33,6 +33,7 @@ from firmware_bundles import canonical
 from firmware_bundles.errors import (
     BadVersionNumberError,
     ExpiredMetadataError,
+    FormatError,
     RollbackError,
     ThresholdNotMetError,
 )
@@ -224,7 +225,8 @@ def verify_manifest(
     """Pure: the manifest in ``signed_manifest`` if a release threshold signed it and it is fresh.
 
     Order: trusted root unexpired, signatures over the raw bytes, canonical
-    parse, manifest expiry (with the bounded clock-skew allowance). Raises
+    parse, declared payload size within ``limits.max_payload_bytes``, manifest
+    expiry (with the bounded clock-skew allowance). Raises
     ExpiredMetadataError, FormatError or ThresholdNotMetError.
     """
     skew = limits.default_clock_skew_s if clock_skew_s is None else clock_skew_s
@@ -233,6 +235,11 @@ def verify_manifest(
     signed = bytes(envelope.signed)
     verify_role(signed, envelope.signatures, trusted_root.root, "release")
     manifest = decode_signed(signed, Manifest)
+    if manifest.payload.size > limits.max_payload_bytes:
+        raise FormatError(
+            f"manifest declares a payload of {manifest.payload.size} bytes, over the "
+            f"{limits.max_payload_bytes}-byte limit"
+        )
     check_expiry(
         f"manifest {manifest.name} {manifest.version}", manifest.expires, now, skew, limits
     )

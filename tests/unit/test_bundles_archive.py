@@ -342,6 +342,13 @@ def test_invalid_manifest_fields_are_refused_before_packing(
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
 
+def test_output_inside_the_source_tree_is_refused(source: Path) -> None:
+    # The bundle (and its temporary payload) would otherwise pack itself while growing.
+    with pytest.raises(ValueError, match="inside the source directory"):
+        build(source, source / "share" / "self.bundle")
+    assert sorted(p.name for p in (source / "share").iterdir()) == ["model.bin"]
+
+
 def test_payload_over_the_size_limit_is_refused(tmp_path: Path, source: Path) -> None:
     from firmware_bundles.limits import Limits
 

@@ -16,7 +16,7 @@ from firmware_bundles.errors import (
 )
 from firmware_bundles.keys import SigningKey, add_signatures, sign_document
 from firmware_bundles.limits import Limits
-from firmware_bundles.model import Signature, encode_envelope
+from firmware_bundles.model import PayloadInfo, Signature, encode_envelope
 from firmware_bundles.trust import (
     TrustedRoot,
     check_rollback,
@@ -171,6 +171,18 @@ def test_envelope_with_too_many_signatures_is_refused() -> None:
     )
     with pytest.raises(FormatError, match="33 signatures"):
         verify_manifest(envelope, fleet.trusted(), NOW)
+
+
+def test_manifest_declaring_a_payload_over_the_device_limit_is_refused() -> None:
+    fleet = Fleet()
+    huge = make_manifest(payload=PayloadInfo(sha256="ab" * 32, size=5 * 2**30))
+    with pytest.raises(FormatError, match="over the 1048576-byte limit"):
+        verify_manifest(
+            fleet.signed_manifest(huge),
+            fleet.trusted(),
+            NOW,
+            limits=Limits(max_payload_bytes=2**20),
+        )
 
 
 @pytest.mark.parametrize(

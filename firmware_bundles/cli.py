@@ -13,6 +13,9 @@ Rules:
 - Passphrases come from environment variables named on the command line,
   never from arguments (which other users can read in the process list).
 - The clock is read here and passed down; nothing below reads it.
+- Importing this module costs only argparse and the errors module: handlers
+  import the library when they run, so the main CLI can build its parser
+  without loading cryptography for unrelated subcommands.
 """
 
 from __future__ import annotations
@@ -27,13 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from firmware_bundles import archive, keydir
 from firmware_bundles.errors import BundleError, LocalError
-from firmware_bundles.keys import load_private_key
-from firmware_bundles.model import HealthCheck, RunSpec
-from firmware_bundles.trust import TrustedRoot
 
 DAY_S = 24 * 3600
 EXIT_OK = 0
@@ -61,6 +58,8 @@ def _out(text: str) -> None:
 
 
 def _keys_init_root(args: argparse.Namespace) -> int:
+    from firmware_bundles import keydir
+
     now = _now()
     root = keydir.init_root(
         args.dir,
@@ -78,6 +77,8 @@ def _keys_init_root(args: argparse.Namespace) -> int:
 
 
 def _keys_add(args: argparse.Namespace) -> int:
+    from firmware_bundles import keydir
+
     now = _now()
     key, root = keydir.add_key(
         args.dir,
@@ -94,6 +95,8 @@ def _keys_add(args: argparse.Namespace) -> int:
 
 
 def _keys_rotate_root(args: argparse.Namespace) -> int:
+    from firmware_bundles import keydir
+
     now = _now()
     root_passphrase = _passphrase(args.root_passphrase_env)
     new_passphrase = (
@@ -123,9 +126,12 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def _bundle_build(args: argparse.Namespace) -> int:
+    from firmware_bundles import archive
+    from firmware_bundles.model import HealthCheck, RunSpec
+
     if args.kind == "firmware" and not args.arch:
         raise ValueError("a firmware bundle needs --arch")
-    run: RunSpec | None = None
+    run = None
     if args.command:
         health = (
             HealthCheck(command=shlex.split(args.health_command)) if args.health_command else None
@@ -161,6 +167,9 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _bundle_sign(args: argparse.Namespace) -> int:
+    from firmware_bundles import archive
+    from firmware_bundles.keys import load_private_key
+
     key = load_private_key(args.key, _passphrase(args.passphrase_env))
     manifest = archive.sign(args.file, key)
     _out(f"signed {args.file} ({manifest.name} {manifest.version}) with key {key.keyid}")
@@ -168,6 +177,9 @@ def _bundle_sign(args: argparse.Namespace) -> int:
 
 
 def _bundle_verify(args: argparse.Namespace) -> int:
+    from firmware_bundles import archive
+    from firmware_bundles.trust import TrustedRoot
+
     try:
         root_bytes = args.root.read_bytes()
     except OSError as exc:
@@ -183,6 +195,10 @@ def _bundle_verify(args: argparse.Namespace) -> int:
 
 
 def _bundle_inspect(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from firmware_bundles import archive
+
     info = archive.inspect(args.file)
     document: dict[str, Any] = {
         "verified": False,

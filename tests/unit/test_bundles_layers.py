@@ -50,3 +50,18 @@ def test_agent_side_imports_stay_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_cli_module_builds_its_parser_without_loading_the_library() -> None:
+    # The main CLI imports this to build its parser for every subcommand, `agent run` included.
+    code = (
+        "import argparse, sys\n"
+        "from firmware_bundles.cli import add_subcommands\n"
+        "add_subcommands(argparse.ArgumentParser().add_subparsers())\n"
+        "loaded = {'cryptography', 'msgspec', 'tarfile', 'firmware_bundles.archive'}\n"
+        "print(sorted(loaded & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""``driftless``: one console script, subcommands for the hub, agent, broker and demo.
+"""``driftless``: one console script for the hub, agent, broker, keys, bundles and the demo.
 
 Rule: this module imports nothing heavy at import time; each subcommand imports
 its own package when it runs, so ``driftless agent run`` never loads the hub's
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     brun.add_argument("--data-dir", type=Path, default=Path(".driftless/broker"))
     brun.add_argument("--port", type=int, default=0, help="0 picks a free port")
 
+    from firmware_bundles.cli import add_subcommands as add_bundle_subcommands
+
+    add_bundle_subcommands(top)  # ``keys …`` and ``bundle …``; imports only argparse
+
     demo = top.add_parser("demo", help="broker + hub + agents on loopback, converging live")
     demo.add_argument("--devices", type=int, default=3)
     demo.add_argument("--api-port", type=int, default=8080)
@@ -63,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "bundles_handler", None) is not None:
+        from firmware_bundles.cli import dispatch
+
+        return dispatch(args)
     from driftless import logs
 
     logs.configure(args.log_level, fmt=args.log_format)

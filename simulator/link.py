@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +92,6 @@ class DeviceLink:
         self.settings = settings
         self._will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
         self._client: _Client | None = None
-        self._messages: AsyncIterator[aiomqtt.Message] | None = None
         self._open = False
 
     @property
@@ -122,7 +120,6 @@ class DeviceLink:
             client.sever()  # a CONNACK that never came must not leave the socket open
             raise LinkError(f"{self.client_id}: connect failed: {exc}") from exc
         self._open = True
-        self._messages = client.messages
         return client.session_present
 
     def _require(self) -> _Client:
@@ -153,10 +150,9 @@ class DeviceLink:
 
     async def receive(self) -> Incoming:
         """The next message in arrival order; raises LinkError once the connection is gone."""
-        self._require()
-        assert self._messages is not None
+        messages = self._require().messages
         try:
-            message = await anext(self._messages)
+            message = await anext(messages)
         except aiomqtt.MqttError as exc:
             self._open = False
             raise LinkError(f"{self.client_id}: connection lost: {exc}") from exc

@@ -10,8 +10,9 @@ devices (the real agent core) and then, R times each, on the same broker:
   publish until the publisher has all N echoes.
 - OURS: one ``PUT /api/v1/fleet/desired``; the time is from sending it until
   ``GET /api/v1/fleet/summary`` (polled every ``poll_interval_s``) shows
-  ``in_sync == total``. Beside it: when the PUT returned, and when the fleet saw
-  the broker acknowledge every device's report (so hub ingest is the rest).
+  ``in_sync == total``. Milestones beside it, on the same clock: the PUT
+  returned; every device had received its document (hub publish + broker); the
+  broker had acknowledged every device's report (what follows is hub ingest).
 
 Rules:
 - Loopback only. Every wait has a deadline (``deadline_s``); every count is N.

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from driftless.procs import AgentChild, HubChild
 from edge_agent.store import StateStore
 from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
 
@@ -49,28 +49,6 @@ def run_broker(*, data_dir: Path, port: int | None) -> int:
     return 0
 
 
-def _child(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "driftless.cli", *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 def _wait(predicate: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -88,8 +66,10 @@ class Demo:
         self.device_ids = [f"demo-{i:02d}" for i in range(1, devices + 1)]
         self.broker = MosquittoBroker(self.data_dir / "broker")
         self.api_port = api_port
-        self.hub: subprocess.Popen[bytes] | None = None
-        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.hub = HubChild(self.data_dir, self.broker.url, api_port=api_port)
+        self.agents = {
+            d: AgentChild(self.data_dir / "agents", d, self.broker.url) for d in self.device_ids
+        }
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
 
     @contextlib.contextmanager
@@ -98,9 +78,9 @@ class Demo:
             self._start()
             yield self
         finally:
-            for proc in self.agents.values():
-                _stop(proc)
-            _stop(self.hub)
+            for agent in self.agents.values():
+                agent.terminate()
+            self.hub.terminate()
             self.broker.stop()
             self.api.close()
 
@@ -108,21 +88,7 @@ class Demo:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.broker.start()
         say(f"broker    Mosquitto on {self.broker.url} (data in {self.broker.data_dir})")
-        self.hub = _child(
-            [
-                "hub",
-                "serve",
-                "--broker",
-                self.broker.url,
-                "--db",
-                f"sqlite:///{self.data_dir / 'hub.db'}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.api_port),
-            ],
-            self.data_dir / "hub.log",
-        )
+        self.hub.start()
         wait_for_port("127.0.0.1", self.api_port, timeout_s=30)
         _wait(
             lambda: self.api.get("/health").json()["mqtt_connected"],
@@ -145,25 +111,13 @@ class Demo:
         say(f"agents    {len(self.device_ids)} devices online")
 
     def start_agent(self, device_id: str) -> None:
-        self.agents[device_id] = _child(
-            [
-                "agent",
-                "run",
-                "--device-id",
-                device_id,
-                "--broker",
-                self.broker.url,
-                "--data-dir",
-                str(self.data_dir / "agents" / device_id),
-            ],
-            self.data_dir / f"agent-{device_id}.log",
-        )
+        self.agents[device_id].start()
 
     def stop_agent(self, device_id: str) -> None:
-        _stop(self.agents.pop(device_id, None))
+        self.agents[device_id].terminate()
 
     def applied_history(self, device_id: str) -> list[int]:
-        state = StateStore(self.data_dir / "agents" / device_id).load()
+        state = StateStore(self.agents[device_id].data_dir).load()
         return [entry.generation for entry in state.history if entry.ok]
 
     def summary(self) -> dict[str, Any]:

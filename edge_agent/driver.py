@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 import driftless
-from edge_agent.backoff import Backoff
+from driftless.net import Backoff
 from edge_agent.core import (
     AgentCore,
     Apply,
@@ -191,7 +191,7 @@ class AgentDriver:
             try:
                 self.transport.connect()
             except TransportError as exc:
-                delay = backoff.next_delay()
+                delay = backoff.next_delay_s()
                 log.warning(
                     "broker unreachable",
                     extra={
@@ -207,7 +207,7 @@ class AgentDriver:
                     backoff.reset()
             if self._stop.is_set():
                 return
-            self._stop.wait(backoff.next_delay())
+            self._stop.wait(backoff.next_delay_s())
 
     def run(self) -> int:
         self.feed(Booted(self.clock()))

@@ -10,11 +10,14 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from driftless.net import parse_broker_url
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
 KEEPALIVE_S = 30
@@ -54,15 +57,6 @@ class TDisconnected:
 TransportEvent = TConnected | TConnectRefused | TSubscribed | TMessage | TDisconnected
 
 
-def parse_broker_url(url: str) -> tuple[str, int, bool]:
-    """``mqtt://host:port`` or ``mqtts://host:port`` -> (host, port, tls); raises ValueError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"broker URL {url!r} must look like mqtt://HOST:PORT")
-    tls = parts.scheme == "mqtts"
-    return parts.hostname, parts.port or (8883 if tls else 1883), tls
-
-
 class MqttTransport:
     """One persistent MQTT 5 session for one device."""
 
@@ -73,10 +67,11 @@ class MqttTransport:
         on_event: Callable[[TransportEvent], None],
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.host, self.port, tls = parse_broker_url(broker_url)
+        address = parse_broker_url(broker_url)
+        self.host, self.port, tls = address.host, address.port, address.tls
         self._on_event = on_event
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
         self._client.max_queued_messages_set(MAX_QUEUED_OUTGOING)
         if tls:
@@ -90,7 +85,7 @@ class MqttTransport:
         self._client.will_set(topic, payload, qos=1, retain=True)
 
     def connect(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         try:
             self._client.connect(
@@ -133,7 +128,7 @@ class MqttTransport:
             self._on_event(TConnected(bool(getattr(flags, "session_present", False))))
 
     def _subscribed(
-        self, _c: object, _u: object, _mid: int, codes: list[object], _p: object
+        self, _c: object, _u: object, _mid: int, codes: list[ReasonCode], _p: object
     ) -> None:
         self._on_event(TSubscribed(all(not getattr(c, "is_failure", False) for c in codes)))
 

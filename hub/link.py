@@ -51,11 +51,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import Engine
 
 import protocols
+from driftless.net import Backoff, BrokerAddress
 from hub import store
-from hub.backoff import Backoff
 from hub.db import new_session
 from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
-from hub.settings import BrokerAddress, HubSettings
+from hub.settings import HubSettings
 from hub.stats import LinkStats
 from protocols import Channel
 from protocols.topics import TOPIC_ROOT, shared_subscription, subscription

@@ -9,45 +9,18 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from driftless import net
+from driftless.net import BrokerAddress
 from protocols import MAX_PAYLOAD_BYTES
-
-DEFAULT_MQTT_PORT = 1883
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where one MQTT broker listens."""
-
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """Pure: parse ``mqtt://HOST[:PORT]``; raises ValueError saying what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme != "mqtt":
-        if parts.scheme == "mqtts":
-            raise ValueError(f"broker URL {url!r}: TLS (mqtts://) is not supported yet")
-        raise ValueError(
-            f"broker URL {url!r} must start with mqtt:// (got scheme {parts.scheme!r})"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"broker URL {url!r} has an invalid port") from None
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host (expected mqtt://HOST:PORT)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker URL {url!r} must be only mqtt://HOST:PORT")
-    if parts.username or parts.password:
-        raise ValueError(f"broker URL {url!r}: credentials in the URL are not supported")
-    return BrokerAddress(host=parts.hostname, port=port or DEFAULT_MQTT_PORT)
+    """Pure: the hub's broker URL; raises ValueError (TLS to the broker comes later)."""
+    address = net.parse_broker_url(url)
+    if address.tls:
+        raise ValueError(f"broker URL {url!r}: TLS (mqtts://) is not supported by the hub yet")
+    return address
 
 
 @dataclass(frozen=True)

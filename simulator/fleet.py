@@ -17,7 +17,7 @@ Rules:
 - Reports are state, so only the newest unsent one is kept for the next
   connection (ARCHITECTURE invariant 5); births and status are per session and
   are rebuilt by the core on every connect.
-- Reconnects wait a jittered backoff (``edge_agent.backoff``). At most
+- Reconnects wait a jittered backoff (``driftless.net``). At most
   ``max_concurrent_connects`` connection attempts are in flight at once, so a
   large fleet ramps up instead of stampeding the broker.
 - Randomness is seeded per device (``seed`` + device id + purpose), so a run is
@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any
 
 import driftless
-from edge_agent.backoff import Backoff
+from driftless.net import Backoff
 from edge_agent.core import (
     Action,
     AgentCore,
@@ -363,7 +363,7 @@ class VirtualDevice:
                 log.debug("link down", extra={"device": self.device_id, "error": str(exc)})
             if self._stopping.is_set():
                 return
-            delay = self.backoff.next_delay()
+            delay = self.backoff.next_delay_s()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 

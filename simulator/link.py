@@ -25,7 +25,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.transport import parse_broker_url
+from driftless.net import parse_broker_url
 
 
 class LinkError(Exception):
@@ -45,7 +45,8 @@ class LinkSettings:
     @classmethod
     def from_url(cls, broker_url: str, **limits: Any) -> LinkSettings:
         """``mqtt://host:port`` -> settings; raises ValueError for TLS or a malformed URL."""
-        host, port, tls = parse_broker_url(broker_url)
+        address = parse_broker_url(broker_url)
+        host, port, tls = address.host, address.port, address.tls
         if tls:
             raise ValueError("the simulator speaks plain MQTT on loopback only; got mqtts://")
         return cls(host=host, port=port, **limits)

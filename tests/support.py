@@ -1,4 +1,4 @@
-"""Test plumbing: real child processes (hub, agent), deadlines instead of sleeps.
+"""Test plumbing: the real hub and agent processes (driftless.procs), deadlines instead of sleeps.
 
 Rule: every helper here waits for an observable event with a deadline and says
 what it was waiting for when the deadline passes.
@@ -6,10 +6,6 @@ what it was waiting for when the deadline passes.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +13,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from hub.devbroker import free_port, wait_for_port
+from driftless.procs import AgentChild, HubChild
+from hub.devbroker import wait_for_port
 
 T = TypeVar("T")
 
@@ -45,80 +42,12 @@ def wait_until(
         time.sleep(interval_s)
 
 
-class ChildProcess:
-    """A real child process with its output in a log file; killed at teardown."""
+class HubProcess(HubChild):
+    """The hub as a real child process, with an httpx client for its API."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(self.env or {})},
-            start_new_session=True,
-        )
-        log.close()
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash or power cut would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def terminate(self, timeout_s: float = 10.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout_s)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def driftless_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "driftless.cli", "--log-level", "debug", *args]
-
-
-class HubProcess(ChildProcess):
-    """``driftless hub serve`` on a free port, with an httpx client for its API."""
-
-    def __init__(self, workdir: Path, broker_url: str, token: str | None = None) -> None:
+    def __init__(self, workdir: Path, broker_url: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.api_port = free_port()
-        self.db_path = workdir / "hub.db"
-        self.base_url = f"http://127.0.0.1:{self.api_port}"
-        super().__init__(
-            driftless_argv(
-                "hub",
-                "serve",
-                "--broker",
-                broker_url,
-                "--db",
-                f"sqlite:///{self.db_path}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.api_port),
-            ),
-            workdir / "hub.log",
-        )
+        super().__init__(workdir, broker_url, log_level="debug")
         self.api = httpx.Client(base_url=self.base_url + "/api/v1", timeout=10.0)
 
     def start(self, *, wait_mqtt: bool = True) -> None:
@@ -147,23 +76,8 @@ class HubProcess(ChildProcess):
         self.api.close()
 
 
-class AgentProcess(ChildProcess):
+class AgentProcess(AgentChild):
     """``driftless agent run`` for one device with its own data directory."""
 
     def __init__(self, workdir: Path, device_id: str, broker_url: str) -> None:
-        self.device_id = device_id
-        self.data_dir = workdir / f"agent-{device_id}"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(
-            driftless_argv(
-                "agent",
-                "run",
-                "--device-id",
-                device_id,
-                "--broker",
-                broker_url,
-                "--data-dir",
-                str(self.data_dir),
-            ),
-            workdir / f"agent-{device_id}.log",
-        )
+        super().__init__(workdir, device_id, broker_url, log_level="debug")

@@ -32,7 +32,6 @@ import platform
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +43,8 @@ from typing import Any, TypeVar
 import aiomqtt
 import httpx
 
-from driftless import logs
-from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
+from driftless import logs, procs
+from hub.devbroker import BrokerError, MosquittoBroker, wait_for_port
 from protocols import Desired, encode
 from simulator.fleet import Fleet, FleetConfig, FleetError, FleetTimeout, device_ids
 
@@ -206,50 +205,14 @@ async def poll(
 # ---------------------------------------------------------------- the hub process
 
 
-class HubChild:
-    """``driftless hub serve`` as a child process on a free loopback port."""
-
-    def __init__(self, workdir: Path, broker_url: str, log_level: str) -> None:
-        self.port = free_port()
-        self.log_path = workdir / "hub.log"
-        self.base_url = f"http://127.0.0.1:{self.port}/api/v1"
-        self.argv = [
-            sys.executable,
-            "-m",
-            "driftless.cli",
-            "--log-level",
-            log_level,
-            "hub",
-            "serve",
-            "--broker",
-            broker_url,
-            "--db",
-            f"sqlite:///{workdir / 'hub.db'}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def exited(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
+class HubChild(procs.HubChild):
+    """``driftless hub serve`` as a child process, with an async readiness wait."""
 
     async def wait_ready(self, api: httpx.AsyncClient, *, timeout_s: float) -> None:
         """Wait until the API answers and the hub's MQTT link is up; raises BenchError."""
         start = time.monotonic()
         try:
-            await asyncio.to_thread(wait_for_port, "127.0.0.1", self.port, timeout_s=timeout_s)
+            await asyncio.to_thread(wait_for_port, "127.0.0.1", self.api_port, timeout_s=timeout_s)
         except TimeoutError:
             raise BenchError(f"hub API did not listen: {self.log_tail()}") from None
 
@@ -270,19 +233,10 @@ class HubChild:
         )
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout_s)
+        self.terminate(timeout_s)
 
     def log_tail(self, chars: int = 2000) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text[-chars:]
+        return self.log()[-chars:]
 
 
 async def register_devices(api: httpx.AsyncClient, ids: Sequence[str], *, concurrency: int) -> None:
@@ -500,11 +454,11 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
                 result.setup_s["broker_start"] = clock() - t
 
                 t = clock()
-                hub = HubChild(workdir, broker.url, cfg.hub_log_level)
+                hub = HubChild(workdir, broker.url, log_level=cfg.hub_log_level)
                 stack.callback(hub.stop)
                 hub.start()
                 api = await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=hub.base_url, timeout=30.0)
+                    httpx.AsyncClient(base_url=hub.base_url + "/api/v1", timeout=30.0)
                 )
                 await hub.wait_ready(api, timeout_s=cfg.deadline_s)
                 result.setup_s["hub_ready"] = clock() - t

@@ -143,16 +143,16 @@ def test_device_backoff_uses_the_config_and_grows_to_the_cap() -> None:
         broker_url=BROKER, device_ids=("a",), reconnect_min_s=1.0, reconnect_max_s=4.0
     )
     backoff = device_backoff(config, "a")
-    delays = [backoff.next_delay() for _ in range(5)]
+    delays = [backoff.next_delay_s() for _ in range(5)]
     for delay, ceiling in zip(delays, [1, 2, 4, 4, 4], strict=True):
         assert ceiling / 2 <= delay <= ceiling
     again = device_backoff(config, "a")
-    assert [again.next_delay() for _ in range(5)] == delays
+    assert [again.next_delay_s() for _ in range(5)] == delays
 
 
 def test_device_backoff_spreads_a_fleet_that_lost_its_broker_together() -> None:
     config = FleetConfig(broker_url=BROKER, device_ids=device_ids(50))
-    first = {device_backoff(config, d).next_delay() for d in config.device_ids}
+    first = {device_backoff(config, d).next_delay_s() for d in config.device_ids}
     assert len(first) == 50
 
 

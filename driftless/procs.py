@@ -1,0 +1,123 @@
+"""Driftless processes as real children: the hub and agents for the demo, benchmarks and tests.
+
+Rules:
+- A child runs ``python -m driftless.cli …`` in its own session, its output in a log file.
+- ``terminate`` is SIGTERM then, after a deadline, SIGKILL; ``kill`` is SIGKILL, as a crash.
+- Nothing here waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hub.devbroker import free_port
+
+
+class DriftlessChild:
+    """One ``driftless`` subcommand as a child process."""
+
+    def __init__(self, args: list[str], log_path: Path, *, log_level: str = "info") -> None:
+        self.argv = [sys.executable, "-m", "driftless.cli", "--log-level", log_level, *args]
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.running():
+            raise RuntimeError(f"{self.argv} is already running")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exited(self) -> int | None:
+        """The exit status, or None while running (or never started)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power cut would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL past ``timeout_s``; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout_s)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class HubChild(DriftlessChild):
+    """``driftless hub serve`` on a loopback port (a free one unless given)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        broker_url: str,
+        *,
+        api_port: int | None = None,
+        log_level: str = "info",
+    ) -> None:
+        self.api_port = api_port or free_port()
+        self.db_path = workdir / "hub.db"
+        self.base_url = f"http://127.0.0.1:{self.api_port}"
+        super().__init__(
+            [
+                "hub",
+                "serve",
+                "--broker",
+                broker_url,
+                "--db",
+                f"sqlite:///{self.db_path}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+            ],
+            workdir / "hub.log",
+            log_level=log_level,
+        )
+
+
+class AgentChild(DriftlessChild):
+    """``driftless agent run`` for one device, data in ``workdir/agent-<id>``."""
+
+    def __init__(
+        self, workdir: Path, device_id: str, broker_url: str, *, log_level: str = "info"
+    ) -> None:
+        self.device_id = device_id
+        self.data_dir = workdir / f"agent-{device_id}"
+        super().__init__(
+            [
+                "agent",
+                "run",
+                "--device-id",
+                device_id,
+                "--broker",
+                broker_url,
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            workdir / f"agent-{device_id}.log",
+            log_level=log_level,
+        )

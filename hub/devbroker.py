@@ -132,6 +132,8 @@ class MosquittoBroker:
                     "max_queued_bytes 0",
                     f"max_inflight_messages {lim.max_inflight_messages}",
                     f"max_packet_size {lim.max_packet_bytes}",
+                    # Small QoS 1 messages and their PUBACKs otherwise wait on Nagle's algorithm.
+                    "set_tcp_nodelay true",
                     "persistent_client_expiration 1d",
                     f"log_dest file {self.log_path}",
                     "log_type error",

@@ -411,7 +411,7 @@ class BrokerLink:
                 log.info("retained desired cleared", extra={"device": device_id})
             else:
                 self.stats.desired_published += 1
-                log.info(
+                log.debug(  # per device: a fleet-wide change would flood info logs
                     "desired published",
                     extra={"device": device_id, "generation": document.generation},
                 )
@@ -434,6 +434,8 @@ class BrokerLink:
                     exc_info=result,
                     extra={"device": device_id},
                 )
+        if len(items) > len(lost):
+            log.info("desired batch published", extra={"devices": len(items) - len(lost)})
         if lost:
             self.stats.publish_failures += len(lost)
             self._mark_pending(lost)  # retried after the reconnect (the sweep would too)

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -201,6 +202,10 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
         say(f"tick {n:<5}  new configuration, converged in {demo.converge():.2f}s; Ctrl-C stops")
 
 
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(*, devices: int, api_port: int, data_dir: Path, once: bool) -> int:
     """Entry point for ``driftless demo``."""
     if os.environ.get("DRIFTLESS_DEMO_FRESH", "1") == "1" and data_dir.exists():
@@ -211,6 +216,10 @@ def run_demo(*, devices: int, api_port: int, data_dir: Path, once: bool) -> int:
             port = free_port()
             say(f"port {api_port} is taken; using {port}")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Ctrl-C and SIGTERM both end the demo through the same clean-up path, even when
+    # started in the background (where a shell leaves SIGINT ignored).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     demo = Demo(devices=devices, api_port=port, data_dir=data_dir)
     try:
         with demo.running():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hub.devbroker import free_port
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +55,34 @@ def processes_mentioning(text: str) -> list[str]:
         if text in argv:
             found.append(argv)
     return found
+
+
+def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "driftless.cli",
+                "--log-format",
+                "console",
+                "demo",
+                "--devices",
+                "1",
+                "--api-port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path / "d"),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "scene 3" in out.read_text(), timeout_s=60, what="the demo running")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    assert "stopped" in out.read_text()
+    assert processes_mentioning(str(tmp_path)) == [], "Ctrl-C left processes running"

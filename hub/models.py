@@ -108,6 +108,24 @@ class DeviceCreate(SQLModel):
         return value
 
 
+MAX_BATCH_DEVICES = 10_000
+
+
+class DeviceBatchCreate(SQLModel):
+    """Body of ``POST /devices/batch``: up to 10,000 devices in one transaction."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    devices: list[DeviceCreate] = PydanticField(min_length=1, max_length=MAX_BATCH_DEVICES)
+
+
+class DeviceBatchResult(SQLModel):
+    """What ``POST /devices/batch`` did: new ids, and ids that were already registered."""
+
+    created: list[str]
+    existing: list[str]
+
+
 class ReportStatus(SQLModel):
     """The device's last report: what it was doing, for which generation, and why it failed."""
 

@@ -57,6 +57,26 @@ def register_device(
     return row
 
 
+def register_devices(
+    session: Session, *, devices: Sequence[tuple[str, Mapping[str, str]]], now: datetime
+) -> tuple[list[str], list[str]]:
+    """Insert the devices that do not exist yet, in one transaction; idempotent.
+
+    Returns ``(created, existing)`` ids; existing devices keep their labels.
+    """
+    begin_write(session)
+    ids = [device_id for device_id, _ in devices]
+    existing = set(session.exec(select(Device.id).where(col(Device.id).in_(ids))).all())
+    created: list[str] = []
+    for device_id, labels in devices:
+        if device_id in existing or device_id in created:
+            continue
+        session.add(Device(id=device_id, labels=dict(labels), created_at=now))
+        created.append(device_id)
+    session.commit()
+    return created, sorted(existing)
+
+
 def get_device(session: Session, *, device_id: str) -> Device:
     """Raises DeviceNotFound."""
     row = session.get(Device, device_id)

@@ -325,3 +325,28 @@ def test_bad_broker_url_is_rejected_at_start(url: str, message: str) -> None:
 def test_broker_url_default_port() -> None:
     assert parse_broker_url("mqtt://broker.example").port == 1883
     assert parse_broker_url("mqtt://127.0.0.1:1884").url == "mqtt://127.0.0.1:1884"
+
+
+def test_batch_registration_is_idempotent(client: TestClient) -> None:
+    register(client, "d-0", site="old")
+    body = {"devices": [{"id": f"d-{i}", "labels": {"site": "new"}} for i in range(3)]}
+    first = client.post("devices/batch", json=body)
+    assert first.status_code == 200
+    assert first.json() == {"created": ["d-1", "d-2"], "existing": ["d-0"]}
+    assert client.post("devices/batch", json=body).json()["created"] == []
+    assert client.get("devices/d-0").json()["labels"] == {"site": "old"}
+    assert client.get("devices").json()["total"] == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"devices": []}, id="empty"),
+        pytest.param({"devices": [{"id": "a/b"}]}, id="bad-id"),
+        pytest.param({"devices": [{"id": "ok"}], "extra": 1}, id="unknown-field"),
+    ],
+)
+def test_batch_registration_rejects_bad_bodies(client: TestClient, body: dict[str, Any]) -> None:
+    response = client.post("devices/batch", json=body)
+    assert response.status_code == 422
+    assert client.get("devices").json()["total"] == 0

@@ -23,6 +23,8 @@ from hub.models import (
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
     DesiredUpdate,
+    DeviceBatchCreate,
+    DeviceBatchResult,
     DeviceCreate,
     DevicePage,
     DevicePublic,
@@ -53,6 +55,17 @@ def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> Dev
     except DeviceExists as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return DevicePublic.from_row(row)
+
+
+@router.post("/batch", response_model=DeviceBatchResult)
+def register_devices(
+    body: DeviceBatchCreate, session: SessionDep, now: NowDep
+) -> DeviceBatchResult:
+    """Register many devices at once (fleet provisioning, the simulator); idempotent."""
+    created, existing = store.register_devices(
+        session, devices=[(d.id, d.labels) for d in body.devices], now=now
+    )
+    return DeviceBatchResult(created=created, existing=existing)
 
 
 @router.get("", response_model=DevicePage)

@@ -1,0 +1,118 @@
+"""Enrollment tokens: who may enroll, in which name, how often, until when."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlmodel import Session, select
+
+from edge_agent.identity import make_csr
+from hub.db import init_db, make_engine, new_session
+from hub.enrollment.models import DeviceCertificate, EnrollmentToken
+from hub.enrollment.store import (
+    EnrollmentRefused,
+    create_token,
+    redeem,
+    revoke_device_certificates,
+    revoked,
+    token_hash,
+)
+from hub.identity import CertificateAuthority
+from hub.models import Device
+
+NOW = dt.datetime(2026, 11, 29, 12, tzinfo=dt.UTC)
+LATER = NOW + dt.timedelta(hours=1)
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}", busy_timeout_ms=1000)
+    init_db(engine)
+    with new_session(engine) as s:
+        yield s
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp_path / "ca", now=NOW)
+
+
+def csr(device_id: str) -> bytes:
+    return make_csr(ec.generate_private_key(ec.SECP256R1()), device_id)
+
+
+def test_token_is_stored_hashed_only(session: Session) -> None:
+    secret, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    rows = session.exec(select(EnrollmentToken)).all()
+    assert [r.token_hash for r in rows] == [token_hash(secret)]
+    assert all(secret not in str(r.model_dump()) for r in rows)
+
+
+def test_single_use_token_enrolls_once_and_registers(
+    session: Session, ca: CertificateAuthority
+) -> None:
+    secret, _ = create_token(
+        session, device_id="d1", uses=5, expires_at=LATER, labels={"site": "lab"}, now=NOW
+    )
+    enrolled = redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    assert enrolled.created_device
+    assert session.get(Device, "d1").labels == {"site": "lab"}  # type: ignore[union-attr]
+    with pytest.raises(EnrollmentRefused, match="used up"):
+        redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+
+
+def test_claim_token_counts_down(session: Session, ca: CertificateAuthority) -> None:
+    secret, _ = create_token(session, device_id=None, uses=2, expires_at=LATER, labels={}, now=NOW)
+    for device in ("m1", "m2"):
+        redeem(session, secret=secret, device_id=device, csr_pem=csr(device), ca=ca, now=NOW)
+    with pytest.raises(EnrollmentRefused, match="used up"):
+        redeem(session, secret=secret, device_id="m3", csr_pem=csr("m3"), ca=ca, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "secret_of, device_id, csr_for, now, reason",
+    [
+        pytest.param(lambda s: "nope", "d1", "d1", NOW, "unknown", id="unknown-token"),
+        pytest.param(lambda s: s, "d1", "d1", LATER, "expired", id="expired-token"),
+        pytest.param(lambda s: s, "d2", "d2", NOW, "another device", id="token-for-other-device"),
+        pytest.param(lambda s: s, "d1", "d9", NOW, "does not match", id="csr-name-mismatch"),
+        pytest.param(lambda s: s, "a/b", "d1", NOW, "not valid", id="bad-device-id"),
+    ],
+)
+def test_refusals_consume_nothing(
+    session: Session,
+    ca: CertificateAuthority,
+    secret_of: object,
+    device_id: str,
+    csr_for: str,
+    now: dt.datetime,
+    reason: str,
+) -> None:
+    secret, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    with pytest.raises(EnrollmentRefused, match=reason):
+        redeem(
+            session,
+            secret=secret_of(secret),
+            device_id=device_id,  # type: ignore[operator]
+            csr_pem=csr(csr_for),
+            ca=ca,
+            now=now,
+        )
+    assert session.get(EnrollmentToken, token_hash(secret)).uses_left == 1  # type: ignore[union-attr]
+    assert session.exec(select(DeviceCertificate)).all() == []
+    redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+
+
+def test_revocation_lists_serials(session: Session, ca: CertificateAuthority) -> None:
+    secret, _ = create_token(session, device_id=None, uses=3, expires_at=LATER, labels={}, now=NOW)
+    first = redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    redeem(session, secret=secret, device_id="d2", csr_pem=csr("d2"), ca=ca, now=NOW)
+    assert revoke_device_certificates(session, device_id="d1", now=LATER) == [
+        first.certificate.serial
+    ]
+    assert revoked(session) == [(first.certificate.serial, LATER)]
+    assert revoke_device_certificates(session, device_id="d1", now=LATER) == []

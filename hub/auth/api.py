@@ -1,0 +1,108 @@
+"""FastAPI side of authentication: bearer-token dependency, role checks, audit middleware."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy import Engine
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hub.api.deps import SessionDep
+from hub.auth import store
+from hub.auth.models import AuditEntry, Role
+from hub.db import new_session
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: the token's name and role."""
+
+    name: str
+    role: Role
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def authenticated(request: Request, session: SessionDep) -> Principal:
+    """Resolve ``Authorization: Bearer <token>``; 401 when missing, unknown or revoked."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    row = store.authenticate(session, secret=secret.strip())
+    if row is None:
+        raise _unauthorized("unknown or revoked token")
+    principal = Principal(row.name, Role[row.role])
+    request.state.principal = principal  # read by the audit middleware
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticated)]
+
+
+def require(role: Role) -> Callable[[Principal], Principal]:
+    """A dependency that lets through ``role`` and above; 403 otherwise."""
+
+    def check(principal: PrincipalDep) -> Principal:
+        if principal.role < role:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"{role.name} role required; token {principal.name!r} is {principal.role.name}",
+            )
+        return principal
+
+    return check
+
+
+class AuditMiddleware:
+    """Pure ASGI (bodies stream through untouched): log every mutating API request."""
+
+    def __init__(self, app: ASGIApp, *, engine: Engine, prefix: str) -> None:
+        self.app = app
+        self.engine = engine
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in MUTATING
+            or not scope["path"].startswith(self.prefix)
+        ):
+            await self.app(scope, receive, send)
+            return
+        outcome = {"status": 500}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                outcome["status"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            principal: Any = scope.get("state", {}).get("principal")
+            client = scope.get("client")
+            entry = AuditEntry(
+                at=datetime.now(UTC),
+                actor=principal.name if principal else "anonymous",
+                role=principal.role.name if principal else None,
+                method=scope["method"],
+                path=scope["path"][:512],
+                status=outcome["status"],
+                client=f"{client[0]}:{client[1]}" if client else None,
+            )
+            await anyio.to_thread.run_sync(self._write, entry)
+
+    def _write(self, entry: AuditEntry) -> None:
+        with new_session(self.engine) as session:
+            store.record(session, entry=entry)

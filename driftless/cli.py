@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("DRIFTLESS_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(_env("DRIFTLESS_PORT", "8080")))
     serve.add_argument("--client-id", default=_env("DRIFTLESS_HUB_CLIENT_ID", "driftless-hub"))
+    serve.add_argument(
+        "--bundles-dir",
+        type=Path,
+        default=_env("DRIFTLESS_BUNDLES_DIR", "") or None,
+        help="bundle files (default: 'bundles' beside the SQLite file)",
+    )
+    serve.add_argument(
+        "--trust-root",
+        type=Path,
+        default=_env("DRIFTLESS_TRUST_ROOT", "") or None,
+        help="the fleet's root.json; without it bundle uploads are refused (503)",
+    )
 
     agent = top.add_parser("agent", help="the edge agent").add_subparsers(
         dest="agent_cmd", required=True
@@ -85,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 api_host=args.host,
                 api_port=args.port,
                 mqtt_client_id=args.client_id,
+                bundles_dir=args.bundles_dir,
+                trust_root_path=args.trust_root,
             )
         )
     if args.command == "agent":

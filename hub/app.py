@@ -2,18 +2,26 @@
 
 Rules:
 - :func:`create_app` is the only place these are created; importing creates nothing.
+- The bundle table is registered before tables are created; the bundle
+  directory is created (and crash leftovers swept) and a configured fleet root
+  is checked here, so a bad one stops the start.
 - The link starts and stops with the app's lifespan; the API works while the
   broker is unreachable (the link keeps retrying in the background).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from hub.api.main import build_api_router
+from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
+from hub.bundles.errors import NoFleetRoot
+from hub.bundles.files import BundleFiles
+from hub.bundles.root import FleetRoot
 from hub.db import init_db, make_engine
 from hub.link import BrokerLink
 from hub.settings import HubSettings
@@ -23,6 +31,14 @@ def create_app(settings: HubSettings) -> FastAPI:
     engine = make_engine(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms)
     init_db(engine)
     link = BrokerLink(broker=settings.broker(), engine=engine, settings=settings)
+    bundle_files = BundleFiles(settings.bundle_directory())
+    bundle_files.prepare(now=time.time(), stale_after_s=settings.bundle_upload_stale_s)
+    fleet_root = FleetRoot(settings.trust_root_path)
+    if settings.trust_root_path is not None:
+        try:
+            fleet_root.load()  # a configured root that cannot be read stops the start
+        except NoFleetRoot as exc:
+            raise ValueError(str(exc)) from None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -43,5 +59,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.link = link
+    app.state.bundle_files = bundle_files
+    app.state.fleet_root = fleet_root
     app.include_router(build_api_router())
     return app

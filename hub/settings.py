@@ -9,9 +9,15 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from driftless import net
 from driftless.net import BrokerAddress
+from firmware_bundles.limits import DEFAULT_LIMITS as BUNDLE_LIMITS
+from hub.bundles.files import MAX_BUNDLE_FILE_BYTES
 from protocols import MAX_PAYLOAD_BYTES
 
 
@@ -63,6 +69,19 @@ class HubSettings:
     # database
     db_busy_timeout_ms: int = 5000
 
+    # bundle store
+    # Where bundle files live; None: "bundles" beside the SQLite file (required otherwise).
+    bundles_dir: Path | None = None
+    # The fleet's root.json (``driftless keys init-root``); None: uploads answer 503.
+    trust_root_path: Path | None = None
+    max_bundle_bytes: int = 1024 * 1024 * 1024
+    # Uploads are written to disk in pieces of this size (memory per upload).
+    bundle_io_chunk_bytes: int = 1024 * 1024
+    # Allowance for the hub's clock when checking expiry; the hub's clock is trusted.
+    bundle_clock_skew_s: int = 0
+    # Temporary upload files older than this are removed at start-up (crash leftovers).
+    bundle_upload_stale_s: int = 3600
+
     def __post_init__(self) -> None:
         self.broker()
         if not self.mqtt_client_id:
@@ -84,6 +103,9 @@ class HubSettings:
             "page_size_default",
             "page_size_max",
             "db_busy_timeout_ms",
+            "max_bundle_bytes",
+            "bundle_io_chunk_bytes",
+            "bundle_upload_stale_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -100,7 +122,41 @@ class HubSettings:
             raise ValueError("max_request_body_bytes must exceed max_config_bytes")
         if self.mqtt_receive_max_messages > 65_535:
             raise ValueError("mqtt_receive_max_messages is an MQTT 5 Receive Maximum: <= 65535")
+        if self.max_bundle_bytes > MAX_BUNDLE_FILE_BYTES:
+            raise ValueError(
+                f"max_bundle_bytes must not exceed {MAX_BUNDLE_FILE_BYTES}, "
+                "the largest bundle file the format allows"
+            )
+        if not 0 <= self.bundle_clock_skew_s <= BUNDLE_LIMITS.max_clock_skew_s:
+            raise ValueError(
+                f"bundle_clock_skew_s must be within 0..{BUNDLE_LIMITS.max_clock_skew_s}"
+            )
+        self.bundle_directory()
 
     def broker(self) -> BrokerAddress:
         """The parsed broker address; raises ValueError on a bad URL."""
         return parse_broker_url(self.broker_url)
+
+    def bundle_directory(self) -> Path:
+        """Where bundle files live: ``bundles_dir``, else ``bundles`` beside the SQLite file.
+
+        Raises ValueError when neither applies (another database, or SQLite in memory).
+        """
+        if self.bundles_dir is not None:
+            return Path(self.bundles_dir)
+        try:
+            url = make_url(self.db_url)
+        except ArgumentError as exc:
+            raise ValueError(f"db_url {self.db_url!r}: {exc}") from None
+        database = url.database or ""
+        if (
+            url.get_backend_name() == "sqlite"
+            and database
+            and database != ":memory:"
+            and not database.startswith("file:")
+        ):
+            return Path(database).expanduser().resolve().parent / "bundles"
+        raise ValueError(
+            "bundles_dir must be set when the database is not a SQLite file "
+            f"(db_url {self.db_url!r})"
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from hub.api.routes import devices, fleet, hub
+from hub.api.routes import bundles, devices, fleet, hub
 
 API_PREFIX = "/api/v1"
 
@@ -18,4 +18,5 @@ def build_api_router() -> APIRouter:
     api_router.include_router(devices.router)
     api_router.include_router(fleet.router)
     api_router.include_router(hub.router)
+    api_router.include_router(bundles.router)
     return api_router

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,14 @@ SHA = "ab" * 32
 def test_bundle_references(config: dict[str, Any], expected: set[str]) -> None:
     assert bundle_references(config) == expected
     assert references(config, SHA) == (SHA in expected)
+
+
+def test_openapi_schema_builds_without_warnings(env: tuple[BundleHub, TestClient]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a duplicate operation id for GET and HEAD
+        paths = env[0].app.openapi()["paths"]
+    assert set(paths["/api/v1/bundles/{sha256}/file"]) == {"get", "head"}
+    assert "requestBody" in paths["/api/v1/bundles"]["post"]
 
 
 # --- list and read ------------------------------------------------------------------------

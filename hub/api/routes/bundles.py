@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -74,6 +75,7 @@ Sha256Path = Annotated[
 ]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such bundle stored"}}
 _UPLOAD_BODY = {
     "required": True,
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -163,7 +165,8 @@ async def upload_bundle(
                 )
             )
         finally:
-            await run_in_threadpool(upload.discard)
+            with anyio.CancelScope(shield=True):  # a cancelled request still cleans up
+                await run_in_threadpool(upload.discard)
     except BundleTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except BundleRejected as exc:
@@ -202,7 +205,7 @@ def list_bundles(
     )
 
 
-@router.get("/{sha256}", response_model=BundlePublic)
+@router.get("/{sha256}", response_model=BundlePublic, responses=_NOT_FOUND)
 def get_bundle(sha256: Sha256Path, session: SessionDep) -> BundlePublic:
     try:
         return BundlePublic.from_row(store.get_bundle(session, sha256=sha256))
@@ -213,7 +216,7 @@ def get_bundle(sha256: Sha256Path, session: SessionDep) -> BundlePublic:
 @router.delete(
     "/{sha256}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={409: {"description": "a device's desired state references the bundle"}},
+    responses={409: {"description": "a device's desired state references it"}, **_NOT_FOUND},
 )
 def delete_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep) -> Response:
     try:
@@ -225,15 +228,21 @@ def delete_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.api_route(
+_FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "the bundle file"},
+    206: {"description": "the requested byte range, with Content-Range"},
+    416: {"description": "range not satisfiable; Content-Range: bytes */SIZE"},
+    500: {"description": "the bundle is recorded but its file is missing"},
+    **_NOT_FOUND,
+}
+
+
+@router.get("/{sha256}/file", response_class=FileResponse, responses=_FILE_RESPONSES)
+@router.head(
     "/{sha256}/file",
-    methods=["GET", "HEAD"],
     response_class=FileResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the bundle file"},
-        206: {"description": "the requested byte range, with Content-Range"},
-        416: {"description": "range not satisfiable; Content-Range: bytes */SIZE"},
-    },
+    responses=_FILE_RESPONSES,
+    operation_id="head_bundle_file",
 )
 def download_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep) -> Response:
     """The bundle file, whole or one byte range (``Range: bytes=a-b``); resumable with If-Range."""

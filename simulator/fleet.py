@@ -22,6 +22,15 @@ Rules:
   large fleet ramps up instead of stampeding the broker.
 - Randomness is seeded per device (``seed`` + device id + purpose), so a run is
   repeatable whatever order the event loop schedules devices in.
+- Faults come from the profile (``simulator.profiles``): one :class:`FaultScheduler`
+  task per fleet walks every device's offline windows in time order. At a window's
+  start the device's network goes down: its connection is severed without
+  DISCONNECT (the broker sends the Will) and it makes no attempt until the network
+  is back; then it connects as soon as its backoff allows. Windows may overlap
+  (flaky + storm): the network is up only when every window has ended.
+- A device's "disk" is its last ``PersistState``; a fleet can be given the states
+  to start from and a ``persist`` callback (``simulator.journal``), so a worker
+  process that is killed and restarted keeps its devices' sessions and generations.
 - Nothing here imports aiomqtt or paho; ``simulator.link`` does the MQTT.
 """
 
@@ -29,11 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -63,6 +74,30 @@ from edge_agent.core import (
 from edge_agent.runtime import ApplyError
 from protocols import Channel, Desired, topic, validate_device_id
 from simulator.link import DeviceLink, Incoming, LinkError, LinkSettings
+from simulator.profiles import (
+    ApplySpec,
+    FlakySpec,
+    Profile,
+    SlowSpec,
+    StormSpec,
+    Window,
+    device_rng,
+    offline_windows,
+)
+
+__all__ = [
+    "Fleet",
+    "FleetConfig",
+    "FleetCounters",
+    "FleetError",
+    "FleetTimeout",
+    "SimApplier",
+    "VirtualDevice",
+    "device_backoff",
+    "device_ids",
+    "device_rng",
+    "raise_nofile_limit",
+]
 
 log = logging.getLogger("driftless.sim")
 
@@ -106,6 +141,42 @@ class FleetConfig:
     op_timeout_s: float = 10.0
     stop_timeout_s: float = 15.0
     agent_version: str = f"sim-{driftless.__version__}"
+    flaky: FlakySpec | None = None
+    storm: StormSpec | None = None
+    slow: SlowSpec | None = None
+    profile_name: str = "custom"
+
+    @classmethod
+    def from_profile(
+        cls, profile: Profile, *, broker_url: str, device_ids: tuple[str, ...], **limits: Any
+    ) -> FleetConfig:
+        """The fleet a profile describes; ``limits`` sets the other fields (seed, timeouts)."""
+        return cls(
+            broker_url=broker_url,
+            device_ids=device_ids,
+            apply_time_s=profile.apply.time_s,
+            apply_jitter_s=profile.apply.jitter_s,
+            failure_rate=profile.apply.failure_rate,
+            flaky=profile.flaky,
+            storm=profile.storm,
+            slow=profile.slow,
+            profile_name=profile.name,
+            **limits,
+        )
+
+    def profile(self) -> Profile:
+        """The fault part of this config as a profile (for schedules and reports)."""
+        return Profile(
+            name=self.profile_name,
+            apply=ApplySpec(
+                time_s=self.apply_time_s,
+                jitter_s=self.apply_jitter_s,
+                failure_rate=self.failure_rate,
+            ),
+            flaky=self.flaky,
+            storm=self.storm,
+            slow=self.slow,
+        )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.failure_rate <= 1.0:
@@ -127,12 +198,8 @@ class FleetConfig:
             keepalive_s=self.keepalive_s,
             session_expiry_s=self.session_expiry_s,
             op_timeout_s=self.op_timeout_s,
+            slow=self.slow,
         )
-
-
-def device_rng(seed: int, device_id: str, purpose: str) -> random.Random:
-    """Pure: an rng that depends only on the run's seed, the device and what it is for."""
-    return random.Random(f"{seed}/{device_id}/{purpose}")
 
 
 def device_backoff(config: FleetConfig, device_id: str) -> Backoff:
@@ -231,11 +298,19 @@ class FleetCounters:
     applied: dict[int, int] = field(default_factory=dict)  # generation -> devices
     failed: dict[int, int] = field(default_factory=dict)  # generation -> devices
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> messages
+    messages_in: int = 0  # messages received, any topic
+    messages_out: int = 0  # publishes the broker acknowledged (QoS 1) or took (QoS 0)
+    bytes_in: int = 0  # payload bytes of messages_in
+    bytes_out: int = 0  # payload bytes of messages_out
+    network_drops: int = 0  # offline windows begun (a device's network went down)
+    severed: int = 0  # connections cut by a fault (no DISCONNECT: the broker sends the Will)
+    offline_now: int = 0  # devices whose network is down right now
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy (generation keys become strings)."""
         return {
             "connected": self.connected,
+            "offline_now": self.offline_now,
             "connects": self.connects,
             "connect_failures": self.connect_failures,
             "connections_lost": self.connections_lost,
@@ -246,6 +321,12 @@ class FleetCounters:
             "applied": {str(k): v for k, v in sorted(self.applied.items())},
             "failed": {str(k): v for k, v in sorted(self.failed.items())},
             "rejected": dict(sorted(self.rejected.items())),
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "network_drops": self.network_drops,
+            "severed": self.severed,
         }
 
 
@@ -265,10 +346,13 @@ class VirtualDevice:
         connect_gate: asyncio.Semaphore,
         changed: Callable[[], None],
         clock: Callable[[], float],
+        state: AgentState | None = None,
+        persist: Callable[[str, AgentState], None] | None = None,
     ) -> None:
         self.device_id = device_id
-        self.core = AgentCore(device_id, AgentState(), config.agent_version)
+        self.core = AgentCore(device_id, state or AgentState(), config.agent_version)
         self.saved_state = self.core.state  # what a disk would hold after the last PersistState
+        self._persist = persist
         self.applier = SimApplier(
             apply_time_s=config.apply_time_s,
             jitter_s=config.apply_jitter_s,
@@ -290,6 +374,8 @@ class VirtualDevice:
         self._will: tuple[str, bytes] | None = None
         self._unsent_report: Publish | None = None
         self._apply_task: asyncio.Task[None] | None = None
+        self._offline_depth = 0  # offline windows in force; the network is up at 0
+        self._wake = asyncio.Event()  # set when the network returns or stop() is called
 
     # -- the core
 
@@ -303,6 +389,8 @@ class VirtualDevice:
         match action:
             case PersistState(state=state):
                 self.saved_state = state
+                if self._persist is not None:
+                    self._persist(self.device_id, state)
             case SetWill(topic=name, payload=payload):
                 self._will = (name, payload)
             case Publish():
@@ -337,6 +425,8 @@ class VirtualDevice:
                 self._counters.reports_deferred += 1
                 self._changed()
             return
+        self._counters.messages_out += 1
+        self._counters.bytes_out += len(action.payload)
         if is_report:
             self._counters.reports_sent += 1
             self._changed()
@@ -347,9 +437,10 @@ class VirtualDevice:
             await self.applier.apply(desired)
         except ApplyError as exc:
             ok, error = False, str(exc)
-        await self.feed(ApplyDone(desired.generation, ok, error, self._clock()))
+        # Counted before the report goes out, so whoever sees the report sees the count.
         _bump(self._counters.applied if ok else self._counters.failed, desired.generation)
         self._changed()
+        await self.feed(ApplyDone(desired.generation, ok, error, self._clock()))
 
     # -- the connection
 
@@ -357,6 +448,11 @@ class VirtualDevice:
         """Connect, serve, and reconnect after a jittered backoff until :meth:`stop`."""
         await self.feed(Booted(self._clock()))
         while not self._stopping.is_set():
+            while self._offline_depth > 0 and not self._stopping.is_set():
+                self._wake.clear()
+                await self._wake.wait()
+            if self._stopping.is_set():
+                return
             try:
                 await self._session()
             except LinkError as exc:
@@ -391,6 +487,9 @@ class VirtualDevice:
         self._counters.connected += 1
         self._counters.connects += 1
         self._changed()
+        if self._offline_depth > 0:  # the network went while the CONNACK was on its way
+            link.sever()
+            self._counters.severed += 1
         try:
             await self._serve(link, present)
         finally:
@@ -419,6 +518,8 @@ class VirtualDevice:
             await self._on_message(await link.receive())
 
     async def _on_message(self, message: Incoming) -> None:
+        self._counters.messages_in += 1
+        self._counters.bytes_in += len(message.payload)
         if message.topic == self.desired_topic:
             self._counters.desired_received += 1
             self._changed()
@@ -434,6 +535,7 @@ class VirtualDevice:
     async def stop(self) -> None:
         """Orderly shutdown: no apply in flight, status offline, clean DISCONNECT."""
         self._stopping.set()
+        self._wake.set()
         if self._apply_task is not None and not self._apply_task.done():
             self._apply_task.cancel()
         link = self._link
@@ -452,21 +554,134 @@ class VirtualDevice:
         link.sever()
         return True
 
+    @property
+    def network_up(self) -> bool:
+        return self._offline_depth == 0
+
+    def network_down(self) -> None:
+        """An offline window begins: sever the connection; no attempt until it ends."""
+        self._offline_depth += 1
+        if self._offline_depth == 1:
+            self._counters.network_drops += 1
+            self._counters.offline_now += 1
+            if self.sever():
+                self._counters.severed += 1
+            self._changed()
+
+    def network_restored(self, *, all_windows: bool = False) -> None:
+        """An offline window ends (``all_windows``: every one does); reconnect when none is left."""
+        if self._offline_depth == 0:
+            return
+        self._offline_depth = 0 if all_windows else self._offline_depth - 1
+        if self._offline_depth == 0:
+            self._counters.offline_now -= 1
+            self._wake.set()
+            self._changed()
+
+
+# ---------------------------------------------------------------- faults
+
+MAX_SKIPPED_WINDOWS = 1_000_000  # per device, when a (re)started fleet catches up with its epoch
+
+
+class FaultScheduler:
+    """Drives every device's offline windows from one heap, in time order.
+
+    ``windows(device_id)`` gives the device's windows in start order, in seconds
+    since ``epoch`` (a ``clock()`` value). Windows that ended before the
+    scheduler started are skipped, so a restarted worker rejoins the run's
+    schedule; a window in progress takes effect at once.
+    """
+
+    DOWN, UP = 0, 1
+
+    def __init__(
+        self,
+        devices: Mapping[str, VirtualDevice],
+        windows: Callable[[str], Iterator[Window]],
+        *,
+        epoch: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._devices = devices
+        self._windows = windows
+        self._epoch = epoch
+        self._clock = clock
+        self._seq = itertools.count()
+        self._heap: list[tuple[float, int, int, str]] = []
+        self._streams: dict[str, Iterator[Window]] = {}
+        self.events = 0  # windows begun + ended, for tests and reports
+
+    def _now_s(self) -> float:
+        return self._clock() - self._epoch
+
+    def _push_next_window(self, device_id: str, not_before_s: float) -> None:
+        stream = self._streams[device_id]
+        for _ in range(MAX_SKIPPED_WINDOWS):
+            window = next(stream, None)
+            if window is None:
+                return
+            if window.end_s > not_before_s:
+                heapq.heappush(self._heap, (window.start_s, next(self._seq), self.DOWN, device_id))
+                heapq.heappush(self._heap, (window.end_s, next(self._seq), self.UP, device_id))
+                return
+        raise FleetError(f"{device_id}: more than {MAX_SKIPPED_WINDOWS} offline windows skipped")
+
+    async def run(self) -> None:
+        """Until cancelled (or every schedule ran out)."""
+        now = self._now_s()
+        for device_id in self._devices:
+            self._streams[device_id] = self._windows(device_id)
+            self._push_next_window(device_id, now)
+        while self._heap:
+            due_s, _, kind, device_id = self._heap[0]
+            delay = due_s - self._now_s()
+            if delay > 0:
+                await asyncio.sleep(min(delay, 1.0))  # re-read the clock at least every second
+                continue
+            heapq.heappop(self._heap)
+            self.events += 1
+            device = self._devices[device_id]
+            if kind == self.DOWN:
+                device.network_down()
+                self._push_next_window(device_id, due_s)
+            else:
+                device.network_restored()
+
 
 # ---------------------------------------------------------------- the fleet
 
 
 class Fleet:
-    """Runs a :class:`VirtualDevice` task per device id; ``async with Fleet(cfg) as fleet``."""
+    """Runs a :class:`VirtualDevice` task per device id; ``async with Fleet(cfg) as fleet``.
 
-    def __init__(self, config: FleetConfig, *, clock: Callable[[], float] = time.time) -> None:
+    ``epoch`` (a ``clock()`` value, default: when :meth:`start` runs) is t = 0 of
+    the profile's fault schedule; worker processes of one run share it.
+    ``states`` are the devices' saved states to start from; ``persist`` is called
+    with every state a device saves.
+    """
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        epoch: float | None = None,
+        states: Mapping[str, AgentState] | None = None,
+        persist: Callable[[str, AgentState], None] | None = None,
+    ) -> None:
         self.config = config
         self.counters = FleetCounters()
         self.devices: dict[str, VirtualDevice] = {}
+        self.epoch = epoch
+        self.faults: FaultScheduler | None = None
         self._clock = clock
+        self._states = dict(states or {})
+        self._persist = persist
         self._settings = config.link_settings()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._fault_task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self.config.device_ids)
@@ -489,9 +704,23 @@ class Fleet:
                 connect_gate=gate,
                 changed=self._notify,
                 clock=self._clock,
+                state=self._states.pop(device_id, None),
+                persist=self._persist,
             )
             self.devices[device_id] = device
             self._tasks.append(asyncio.create_task(device.run(), name=f"device:{device_id}"))
+        if self.epoch is None:
+            self.epoch = self._clock()
+        profile = self.config.profile()
+        if profile.has_offline_windows:
+            seed = self.config.seed
+            self.faults = FaultScheduler(
+                self.devices,
+                lambda device_id: offline_windows(profile, seed, device_id),
+                epoch=self.epoch,
+                clock=self._clock,
+            )
+            self._fault_task = asyncio.create_task(self.faults.run(), name="faults")
         log.info(
             "fleet starting",
             extra={
@@ -526,8 +755,34 @@ class Fleet:
             lambda c: c.connected >= total, timeout_s=timeout_s, what=f"{total} devices connected"
         )
 
+    def applied_generations(self) -> dict[int, int]:
+        """Pure read: how many devices have each generation applied right now."""
+        out: dict[int, int] = {}
+        for device in self.devices.values():
+            _bump(out, device.core.state.applied_generation)
+        return out
+
+    async def _stop_faults(self) -> None:
+        task, self._fault_task = self._fault_task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # a schedule that could not run is logged, never fatal here
+            log.error("fault schedule failed", extra={"error": repr(exc)})
+
+    async def heal(self) -> None:
+        """End every fault for good: no more offline windows, every network back up."""
+        await self._stop_faults()
+        for device in self.devices.values():
+            device.network_restored(all_windows=True)
+
     async def stop(self) -> None:
         """Every device says offline and disconnects; stragglers are cancelled at the deadline."""
+        await self._stop_faults()
         if not self._tasks:
             return
         goodbyes = asyncio.gather(

@@ -11,21 +11,36 @@ Rules:
   aiomqtt or paho type crosses this module's boundary.
 - Nothing here touches protocol state: it moves bytes and reports CONNACK's
   session-present flag, SUBACK's verdict and incoming messages in order.
+- A ``slow`` link (``LinkSettings.slow``) is modelled here, in user space, with a
+  :class:`simulator.profiles.Shaper` per direction: an outgoing message is handed
+  to aiomqtt only when it would have reached the broker, and its PUBACK, a
+  SUBACK or CONNACK, counts as an incoming message; an incoming message is
+  stamped when aiomqtt queues it and handed to the device when it would have
+  arrived. The socket itself is not throttled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from driftless.net import parse_broker_url
+from simulator.profiles import (
+    ACK_WIRE_BYTES,
+    CONNECT_WIRE_BYTES,
+    Shaper,
+    SlowSpec,
+    publish_wire_bytes,
+)
 
 
 class LinkError(Exception):
@@ -41,6 +56,7 @@ class LinkSettings:
     keepalive_s: int = 60
     session_expiry_s: int = 3600
     op_timeout_s: float = 10.0
+    slow: SlowSpec | None = None  # None: the link runs at loopback speed
 
     @classmethod
     def from_url(cls, broker_url: str, **limits: Any) -> LinkSettings:
@@ -57,6 +73,33 @@ class Incoming:
     topic: str
     payload: bytes
     retain: bool
+
+
+class _StampedQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, remembering when each message arrived (monotonic clock)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._stamps: collections.deque[float] = collections.deque()
+        self.last_arrival = 0.0  # of the message most recently taken out
+
+    def _put(self, item: aiomqtt.Message) -> None:
+        self._stamps.append(time.monotonic())
+        super()._put(item)
+
+    def _get(self) -> aiomqtt.Message:
+        self.last_arrival = self._stamps.popleft()
+        return super()._get()
+
+
+async def _pass(shaper: Shaper | None, size: int, *, sent_at: float | None = None) -> None:
+    """Wait until a message of ``size`` bytes handed to ``shaper`` would have arrived."""
+    if shaper is None:
+        return
+    now = time.monotonic()
+    delay = shaper.deliver_at(now if sent_at is None else sent_at, size) - now
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 class _Client(aiomqtt.Client):
@@ -94,15 +137,26 @@ class DeviceLink:
         self._will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
         self._client: _Client | None = None
         self._open = False
+        slow = settings.slow
+        self._up = Shaper(slow) if slow is not None else None  # device -> broker
+        self._down = Shaper(slow) if slow is not None else None  # broker -> device
+        self._queue: _StampedQueue | None = None
 
     @property
     def is_open(self) -> bool:
         return self._open
 
+    def _stamped_queue(self, maxsize: int = 0) -> _StampedQueue:
+        """aiomqtt's ``queue_type`` hook: build its incoming queue and keep a handle on it."""
+        self._queue = _StampedQueue(maxsize)
+        return self._queue
+
     async def open(self) -> bool:
         """Connect and wait for CONNACK; return session-present. Raises LinkError."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s
+        queue_type = self._stamped_queue if self._down is not None else None
+        await _pass(self._up, CONNECT_WIRE_BYTES)
         client = _Client(
             self.settings.host,
             self.settings.port,
@@ -113,6 +167,7 @@ class DeviceLink:
             properties=props,
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.op_timeout_s,
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]] | None", queue_type),
         )
         self._client = client
         try:
@@ -121,6 +176,7 @@ class DeviceLink:
             client.sever()  # a CONNACK that never came must not leave the socket open
             raise LinkError(f"{self.client_id}: connect failed: {exc}") from exc
         self._open = True
+        await _pass(self._down, ACK_WIRE_BYTES)
         return client.session_present
 
     def _require(self) -> _Client:
@@ -130,19 +186,24 @@ class DeviceLink:
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         """Publish and, for QoS 1, wait for the PUBACK. Raises LinkError."""
+        await _pass(self._up, publish_wire_bytes(topic, len(payload), qos))
         client = self._require()
         try:
             await client.publish(topic, payload, qos=qos, retain=retain)
         except aiomqtt.MqttError as exc:
             raise LinkError(f"{self.client_id}: publish to {topic} failed: {exc}") from exc
+        if qos:
+            await _pass(self._down, ACK_WIRE_BYTES)
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> bool:
         """Subscribe and wait for the SUBACK; True when granted. Raises LinkError."""
+        await _pass(self._up, publish_wire_bytes(topic, 1, 0))  # SUBSCRIBE: about that size
         client = self._require()
         try:
             codes = await client.subscribe(topic, qos=qos)
         except aiomqtt.MqttError as exc:
             raise LinkError(f"{self.client_id}: subscribe to {topic} failed: {exc}") from exc
+        await _pass(self._down, ACK_WIRE_BYTES)
         return all(not getattr(code, "is_failure", False) for code in codes)
 
     def pending(self) -> int:
@@ -159,6 +220,9 @@ class DeviceLink:
             raise LinkError(f"{self.client_id}: connection lost: {exc}") from exc
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        if self._queue is not None:
+            size = publish_wire_bytes(message.topic.value, len(data), message.qos)
+            await _pass(self._down, size, sent_at=self._queue.last_arrival)
         return Incoming(message.topic.value, data, bool(message.retain))
 
     def sever(self) -> None:

@@ -1,0 +1,178 @@
+"""Profiles against a real Mosquitto: slow links, storms and flaky devices, seen from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from hub.devbroker import MosquittoBroker
+from protocols import Birth, Channel, Status, decode
+from simulator.fleet import Fleet, FleetConfig, device_ids
+from simulator.link import DeviceLink, LinkSettings
+from simulator.profiles import FlakySpec, Profile, SlowSpec, StormSpec
+from tests.integration.test_sim_fleet import Peer, applied, peer_on
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 15.0
+SLACK_S = 0.5  # scheduling on a busy 2-core machine
+
+
+async def watch(peer: Peer, stamps: list[tuple[float, str, bytes]]) -> None:
+    """Stamp everything the peer sees with the (monotonic) time it saw it."""
+    seen = 0
+    while True:  # ends when the test cancels it
+        await peer.wait_for(lambda s, n=seen: len(s) > n, "anything", timeout_s=3600)
+        now = time.monotonic()
+        for s in peer.seen[seen:]:
+            stamps.append((now, s.topic, s.payload))
+        seen = len(peer.seen)
+
+
+# ---------------------------------------------------------------- slow
+
+
+async def test_a_slow_link_delays_each_direction_by_latency_plus_bytes_over_bandwidth(
+    broker: MosquittoBroker,
+) -> None:
+    spec = SlowSpec(latency_s=0.3, bandwidth_bytes_per_s=1000)
+    settings = LinkSettings(host=broker.host, port=broker.port, slow=spec)
+    link = DeviceLink("slow-1", settings, will_topic="t/slow-1/will", will_payload=b"gone")
+    async with peer_on(broker) as peer:
+        await peer.client.subscribe("t/#", qos=1)
+
+        t = time.monotonic()
+        await link.open()  # CONNECT up (64 B) + CONNACK down: two one-way latencies at least
+        assert 0.6 + 0.064 <= time.monotonic() - t <= 0.6 + 0.1 + SLACK_S
+        try:
+            assert await link.subscribe("t/slow-1/in", qos=1)
+
+            # Device -> broker: a 500-byte payload (~515 on the wire) takes 0.515 s + 0.3 s.
+            t = time.monotonic()
+            publishing = asyncio.create_task(
+                link.publish("t/slow-1/out", b"x" * 500, qos=1, retain=False)
+            )
+            await peer.wait_for(
+                lambda seen: any(s.topic == "t/slow-1/out" for s in seen), "the slow publish"
+            )
+            arrived = time.monotonic() - t
+            assert 0.8 <= arrived <= 0.8 + SLACK_S
+            await publishing  # ... and its PUBACK comes back over the slow link too
+            assert time.monotonic() - t >= arrived + 0.3 - 0.05
+
+            # Broker -> device: two 500-byte messages at once queue behind each other.
+            t = time.monotonic()
+            for n in (1, 2):
+                await peer.client.publish("t/slow-1/in", bytes([n]) * 500, qos=1)
+            first = await asyncio.wait_for(link.receive(), DEADLINE_S)
+            first_s = time.monotonic() - t
+            second = await asyncio.wait_for(link.receive(), DEADLINE_S)
+            second_s = time.monotonic() - t
+            assert (first.payload[0], second.payload[0]) == (1, 2)
+            assert 0.8 <= first_s <= 0.8 + SLACK_S
+            assert 1.3 <= second_s <= 1.3 + SLACK_S  # waited for the first to cross
+        finally:
+            await link.close()
+
+
+async def test_a_slow_fleet_still_converges(broker: MosquittoBroker) -> None:
+    ids = device_ids(5, prefix="slowf")
+    profile = Profile(name="slowish", slow=SlowSpec(latency_s=0.1, bandwidth_bytes_per_s=5000))
+    config = FleetConfig.from_profile(profile, broker_url=broker.url, device_ids=ids)
+    async with peer_on(broker) as peer, Fleet(config) as fleet:
+        await fleet.wait_connected(timeout_s=DEADLINE_S)
+        t = time.monotonic()
+        for device in ids:
+            await peer.desired(device, 1)
+        await peer.wait_for(applied(1, ids), "the slow devices to apply")
+        # desired down (0.1 s + bytes) + apply (0.05-0.1 s) + report up (0.1 s + bytes)
+        assert time.monotonic() - t >= 0.25
+
+
+# ---------------------------------------------------------------- storm
+
+
+async def test_a_storm_drops_every_device_at_once_and_they_return_within_the_window(
+    broker: MosquittoBroker,
+) -> None:
+    ids = device_ids(20, prefix="storm")
+    storm = StormSpec(at_s=(1.5,), every_s=0, offline_s=1.0, reconnect_window_s=1.0)
+    profile = Profile(name="one-storm", storm=storm)
+    config = FleetConfig.from_profile(
+        profile, broker_url=broker.url, device_ids=ids, seed=5, reconnect_min_s=0.05
+    )
+    stamps: list[tuple[float, str, bytes]] = []
+    async with peer_on(broker) as peer:
+        watcher = asyncio.create_task(watch(peer, stamps))
+        epoch_wall = time.time()
+        epoch = time.monotonic()
+        try:
+            async with Fleet(config, epoch=epoch_wall) as fleet:
+                await fleet.wait_connected(timeout_s=DEADLINE_S)
+                assert time.monotonic() - epoch < 1.5, "the fleet must be up before the storm"
+                await peer.wait_for(
+                    lambda _: all(len(peer.births(d)) == 2 for d in ids), "every second birth"
+                )
+                await fleet.wait_connected(timeout_s=DEADLINE_S)
+                counters = fleet.counters
+                assert counters.network_drops == 20 and counters.severed == 20
+                assert counters.connections_lost == 20 and counters.offline_now == 0
+        finally:
+            watcher.cancel()
+
+    wills = [
+        (at - epoch, decode(payload, Status))
+        for at, name, payload in stamps
+        if name.endswith("/status") and not decode(payload, Status).online
+    ]
+    # Every Will (no DISCONNECT was sent) came right after the storm, for the first session.
+    assert len({w.device_id for _, w in wills if w.session == 1}) == 20
+    assert all(1.5 <= at <= 1.5 + SLACK_S for at, w in wills if w.session == 1)
+    rebirths = [
+        (at - epoch, decode(payload, Birth))
+        for at, name, payload in stamps
+        if name.endswith("/birth") and decode(payload, Birth).session == 2
+    ]
+    back = sorted(at for at, _ in rebirths)
+    assert len(back) == 20
+    assert back[0] >= 1.5 + 1.0  # nobody before the network returned
+    assert back[-1] <= 1.5 + 1.0 + 1.0 + SLACK_S  # everybody within the window
+    assert back[-1] - back[0] >= 0.3  # spread over it, not at one instant
+
+
+# ---------------------------------------------------------------- flaky
+
+
+async def test_flaky_devices_drop_on_their_own_and_all_converge_once_healed(
+    broker: MosquittoBroker,
+) -> None:
+    ids = device_ids(12, prefix="flaky")
+    profile = Profile(
+        name="very-flaky",
+        flaky=FlakySpec(mean_online_s=0.6, mean_offline_s=0.3, max_offline_s=1.0),
+    )
+    config = FleetConfig.from_profile(
+        profile, broker_url=broker.url, device_ids=ids, seed=9, reconnect_min_s=0.05
+    )
+    async with peer_on(broker) as peer, Fleet(config) as fleet:
+        await fleet.wait_until(
+            lambda c: c.network_drops >= 24, timeout_s=DEADLINE_S, what="two drops per device"
+        )
+        for device in ids:  # published while devices come and go
+            await peer.desired(device, 1)
+        await fleet.heal()
+        await fleet.wait_connected(timeout_s=DEADLINE_S)
+        await peer.wait_for(applied(1, ids), "every device to apply generation 1")
+        c = fleet.counters
+        assert c.offline_now == 0 and c.connects > len(ids) and c.connections_lost >= c.severed
+        assert c.applied == {1: 12}
+        for device in ids:  # a Will per severed session, and births only grow
+            sessions = [b.session for b in peer.births(device)]
+            assert sessions == sorted(sessions)
+        drops_after_heal = c.network_drops
+        await asyncio.sleep(0.5)  # healed: no window may start any more
+        assert fleet.counters.network_drops == drops_after_heal
+    wills = [s for s in peer.of(Channel.STATUS) if not decode(s.payload, Status).online]
+    assert len(wills) >= 12

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bundle_subcommands(top)  # ``keys …`` and ``bundle …``; imports only argparse
 
+    from simulator.cli import add_subcommands as add_sim_subcommands
+
+    add_sim_subcommands(top)  # ``sim run`` and ``sim profile``; imports only argparse
+
     demo = top.add_parser("demo", help="broker + hub + agents on loopback, converging live")
     demo.add_argument("--devices", type=int, default=3)
     demo.add_argument("--api-port", type=int, default=8080)
@@ -112,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from driftless.demo import run_broker
 
         return run_broker(data_dir=args.data_dir, port=args.port or None)
+    if args.command == "sim":
+        from simulator.cli import dispatch as sim_dispatch
+
+        return sim_dispatch(args)
     if args.command == "demo":
         from driftless.demo import run_demo
 

@@ -82,11 +82,20 @@ def processes_in_group(pgid: int) -> list[str]:
     return found
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def assert_nothing_left(proc: subprocess.Popen[bytes], summary: dict[str, Any]) -> None:
     assert processes_in_group(proc.pid) == []
     for worker in summary["workers"]["each"]:
         for pid in worker["pids"]:
-            assert not Path(f"/proc/{pid}").exists(), f"worker pid {pid} still exists"
+            assert not running(pid), f"worker pid {pid} still runs"
 
 
 def test_fifty_flaky_devices_in_two_workers_converge_and_exit_cleanly(
@@ -206,3 +215,52 @@ def test_a_killed_worker_is_restarted_and_its_devices_carry_on(
     for device_id in first_slice[::5]:
         row = hub.device(device_id)
         assert row["session"] >= 2 and row["in_sync"], row
+
+
+def test_sigterm_stops_a_run_without_a_duration_in_order(
+    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess
+) -> None:
+    proc, path = sim_run(
+        tmp_path, broker, hub, *("--devices", "10", "--workers", "2", "--profile", "storm")
+    )
+    try:
+        wait_until(
+            lambda: (s := read(path)) and s["connected"] == 10,
+            timeout_s=20,
+            what="every device connected",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = finish(proc, tmp_path, timeout_s=30)
+    summary = read(path)
+    assert status == 0 and summary is not None
+    assert (summary["state"], summary["stopped_by"]) == ("finished", "SIGTERM")
+    assert summary["connected"] == 0 and summary["disconnects"] == 0  # orderly goodbyes
+    assert_nothing_left(proc, summary)
+    # Every device said offline itself before its DISCONNECT (not through a Will).
+    assert all(not hub.device(d)["online"] for d in device_ids(10))
+
+
+def test_workers_do_not_outlive_a_killed_parent(
+    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess
+) -> None:
+    proc, path = sim_run(
+        tmp_path, broker, hub, *("--devices", "10", "--workers", "2", "--profile", "stable")
+    )
+    try:
+        running = wait_until(
+            lambda: (s := read(path)) and s["connected"] == 10 and s,
+            timeout_s=20,
+            what="every device connected",
+        )
+    finally:
+        proc.kill()  # the parent alone, as the OOM killer would
+        proc.wait(timeout=10)
+    pids = running["workers"]["pids"]
+    assert len(pids) == 2
+    wait_until(
+        lambda: not any(running(pid) for pid in pids),
+        timeout_s=20,
+        what=f"workers {pids} to notice their parent died and stop",
+    )
+    assert processes_in_group(proc.pid) == []

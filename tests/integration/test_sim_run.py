@@ -82,7 +82,7 @@ def processes_in_group(pgid: int) -> list[str]:
     return found
 
 
-def running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """The process exists and is not a zombie (an orphan's zombie waits for init to reap it)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -95,7 +95,7 @@ def assert_nothing_left(proc: subprocess.Popen[bytes], summary: dict[str, Any]) 
     assert processes_in_group(proc.pid) == []
     for worker in summary["workers"]["each"]:
         for pid in worker["pids"]:
-            assert not running(pid), f"worker pid {pid} still runs"
+            assert not is_running(pid), f"worker pid {pid} still runs"
 
 
 def test_fifty_flaky_devices_in_two_workers_converge_and_exit_cleanly(
@@ -259,7 +259,7 @@ def test_workers_do_not_outlive_a_killed_parent(
     pids = running["workers"]["pids"]
     assert len(pids) == 2
     wait_until(
-        lambda: not any(running(pid) for pid in pids),
+        lambda: not any(is_running(pid) for pid in pids),
         timeout_s=20,
         what=f"workers {pids} to notice their parent died and stop",
     )

@@ -141,7 +141,10 @@ class Change:
     put_s: float = 0.0  # how long the PUT took
     updated: int = 0
     generation: int = 0  # the newest generation it assigned
-    in_sync_s: float | None = None  # PUT sent -> hub summary all in sync (tick resolution)
+    min_generation: int = 0  # the oldest (devices re-keyed by the hub may differ)
+    converged_s: float | None = None  # PUT sent -> every device in sync or failed it
+    failed: int = 0  # devices that failed it, when it converged
+    superseded: bool = False  # the next change came before this one converged
     error: str | None = None
 
 
@@ -217,11 +220,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("connected_s") is not None:
         lines.append(f"{'all connected after':30}{summary['connected_s']:>13.1f}s")
     for change in summary["changes"]:
-        took = change["in_sync_s"]
-        lines.append(
-            f"{'change ' + str(change['index']) + ' in sync after':30}"
-            + (f"{took:>13.1f}s" if took is not None else f"{'-':>14}")
-        )
+        took = change["converged_s"]
+        label = f"change {change['index']} converged after"
+        if took is not None:
+            failed = f"  ({change['failed']} failed it)" if change["failed"] else ""
+            lines.append(f"{label:30}{took:>13.1f}s{failed}")
+        else:
+            why = "superseded" if change.get("superseded") else "-"
+            lines.append(f"{label:30}{why:>14}")
     if final:
         lines.append(
             f"{'final in sync':30}{final['in_sync']:>14}"
@@ -508,6 +514,9 @@ async def _push_changes(run: Run, api: httpx.AsyncClient, stop: asyncio.Event) -
         due = run.started + index * cfg.change_every_s
         if await _sleep_or(stop, due - time.monotonic()):
             return
+        for earlier in run.changes:
+            if earlier.converged_s is None and earlier.error is None:
+                earlier.superseded = True
         change = Change(index=index, at_s=run.elapsed())
         body = {
             "selector": {"labels": cfg.labels},
@@ -522,7 +531,9 @@ async def _push_changes(run: Run, api: httpx.AsyncClient, stop: asyncio.Event) -
             else:
                 result = response.json()
                 change.updated = int(result["updated"])
-                change.generation = max((d["generation"] for d in result["devices"]), default=0)
+                generations = [int(d["generation"]) for d in result["devices"]]
+                change.generation = max(generations, default=0)
+                change.min_generation = min(generations, default=0)
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             change.error = repr(exc)
         run.changes.append(change)
@@ -546,12 +557,7 @@ async def _tick(run: Run, api: httpx.AsyncClient) -> None:
     if run.connected_s is None and tick.connected >= run.cfg.devices:
         run.connected_s = round(tick.elapsed_s, 3)
         run.view.event(f"all {run.cfg.devices} devices connected after {run.connected_s:.1f}s")
-    hub = run.hub
-    if hub is not None and hub.get("total") == run.cfg.devices:
-        all_in_sync = hub.get("in_sync") == run.cfg.devices
-        for change in run.changes:
-            if change.in_sync_s is None and change.error is None and all_in_sync:
-                change.in_sync_s = round(tick.elapsed_s - change.at_s, 3)
+    await _measure_change(run, api)
     deaths = [(w, d) for w in run.pool.workers for d in w.deaths]
     for worker, death in deaths[run.deaths_seen :]:
         run.view.event(
@@ -564,6 +570,45 @@ async def _tick(run: Run, api: httpx.AsyncClient) -> None:
         run.view.event(f"worker {index} restarted as pid {worker.pid}")
     run.view.progress(format_tick(tick))
     run.publish("running")
+
+
+async def _measure_change(run: Run, api: httpx.AsyncClient) -> None:
+    """Note when the newest change has converged: every device in sync or failed it.
+
+    Cheap necessary conditions first (the hub's counts, the workers' generations);
+    the exact check lists this run's devices, so it runs only near the end.
+    """
+    assert run.pool is not None
+    pending = [c for c in run.changes if c.converged_s is None and c.error is None]
+    if not pending or pending[-1].superseded:
+        return
+    change, n, hub = pending[-1], run.cfg.devices, run.hub or {}
+    if int(hub.get("in_sync", 0)) + int(hub.get("failed", 0)) < n:
+        return
+    failed = 0
+    if not (hub.get("total") == n and hub.get("in_sync") == n):
+        reached = sum(c for g, c in run.pool.generations().items() if g >= change.min_generation)
+        failures = run.pool.counters().get("failed", {})
+        reached += sum(c for g, c in failures.items() if int(g) >= change.min_generation)
+        if reached < n:
+            return
+        try:
+            counts = await our_devices(api, run.cfg)
+        except (httpx.HTTPError, ValueError, KeyError):
+            return
+        if counts["settled"] < n:
+            return
+        failed = counts["failed_newest"]
+    _converged(run, change, failed)
+
+
+def _converged(run: Run, change: Change, failed: int) -> None:
+    change.converged_s = round(run.elapsed() - change.at_s, 3)
+    change.failed = failed
+    run.view.event(
+        f"change {change.index} converged after {change.converged_s:.1f}s"
+        + (f" ({failed} devices failed it)" if failed else "")
+    )
 
 
 async def _settle(run: Run, api: httpx.AsyncClient, stop: asyncio.Event) -> None:
@@ -583,6 +628,9 @@ async def _settle(run: Run, api: httpx.AsyncClient, stop: asyncio.Event) -> None
                 run.final = await our_devices(api, cfg)
                 if run.final["settled"] >= cfg.devices:
                     run.settled_s = round(time.monotonic() - start, 3)
+                    newest = run.changes[-1] if run.changes else None
+                    if newest is not None and newest.converged_s is None and not newest.error:
+                        _converged(run, newest, run.final["failed_newest"])
                     run.view.event(f"settled after {run.settled_s:.1f}s")
                     return
         await _sleep_or(stop, cfg.interval_s)

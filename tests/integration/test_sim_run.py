@@ -122,6 +122,8 @@ def test_fifty_flaky_devices_in_two_workers_converge_and_exit_cleanly(
     changes = summary["changes"]
     assert [c["index"] for c in changes] == [1, 2] and all(c["error"] is None for c in changes)
     assert all(c["updated"] == 50 for c in changes)
+    assert changes[-1]["converged_s"] is not None and not changes[-1]["superseded"]
+    assert changes[-1]["failed"] == summary["final"]["failed_newest"]
     final = summary["final"]
     assert final["total"] == 50 and final["settled"] == 50
     assert final["in_sync"] + final["failed_newest"] == 50
@@ -209,6 +211,8 @@ def test_a_killed_worker_is_restarted_and_its_devices_carry_on(
     assert w0["restarts"] == 1 and w0["pids"] == [victim["pid"], new_pid]
     assert w0["deaths"][0]["returncode"] == -signal.SIGKILL
     assert summary["final"]["in_sync"] == devices and summary["settled_s"] is not None
+    assert all(c["converged_s"] is not None for c in summary["changes"] if not c["superseded"])
+    assert any(c["converged_s"] is not None for c in summary["changes"])
     # The restarted devices kept their "disks": their sessions went on growing, so the hub
     # accepted their births (a session number that went back would be ignored).
     first_slice = device_ids(devices)[split(devices, 2)[0].start : split(devices, 2)[0].stop]

@@ -280,7 +280,11 @@ def summary() -> dict[str, Any]:
         "rejected": 0,
         "messages": {"in": 320, "out": 900},
         "connected_s": 2.1,
-        "changes": [{"index": 1, "in_sync_s": 3.2}, {"index": 2, "in_sync_s": None}],
+        "changes": [
+            {"index": 1, "converged_s": 3.2, "failed": 2},
+            {"index": 2, "converged_s": None, "failed": 0, "superseded": True},
+            {"index": 3, "converged_s": None, "failed": 0, "superseded": False},
+        ],
         "final": {"in_sync": 99, "failed_newest": 1},
         "settled_s": 1.5,
         "memory": {
@@ -309,8 +313,8 @@ def test_summary_table_shows_the_figures_a_reader_needs() -> None:
     for expected in (
         "connects",
         "1.3",  # connects per device
-        "change 1 in sync after",
-        "3.2s",
+        "change 1 converged after",
+        "3.2s  (2 failed it)",
         "final in sync",
         "99",
         "1 failed newest",
@@ -320,4 +324,6 @@ def test_summary_table_shows_the_figures_a_reader_needs() -> None:
     ):
         assert expected in table, expected
     change_2 = next(line for line in table.splitlines() if line.startswith("change 2"))
-    assert change_2.rstrip().endswith("-")
+    assert change_2.rstrip().endswith("superseded")
+    change_3 = next(line for line in table.splitlines() if line.startswith("change 3"))
+    assert change_3.rstrip().endswith("-")

@@ -6,10 +6,11 @@ Rules:
   its client id (``use_username_as_clientid``), so no device can take over
   another's session by reusing its client id.
 - The ACL confines each device to its own tree, and within it to what the
-  protocol lets a device do: read ``desired``; write ``birth``, ``status``
-  (its Last Will included) and ``reported``. The hub identities get the whole
-  device tree. Mosquitto never refuses a SUBSCRIBE over an ACL: it grants it and
-  delivers nothing (FIELD-NOTES), and refuses a forbidden PUBLISH with 0x87.
+  protocol lets a device do: read ``desired`` and ``bundle_data``; write
+  ``birth``, ``status`` (its Last Will included), ``reported`` and
+  ``bundle_req``. The hub identities get the whole device tree. Mosquitto
+  never refuses a SUBSCRIBE over an ACL: it grants it and delivers nothing
+  (FIELD-NOTES), and refuses a forbidden PUBLISH with 0x87.
 - A CRL lists revoked device certificates; the hub rewrites it and reloads the
   broker (SIGHUP) when a device is decommissioned.
 - Paths are absolute: Mosquitto resolves relative ones against its own cwd.
@@ -29,6 +30,8 @@ DEVICE_RIGHTS: tuple[tuple[str, Channel], ...] = (
     ("write", Channel.BIRTH),
     ("write", Channel.STATUS),
     ("write", Channel.REPORTED),
+    ("write", Channel.BUNDLE_REQ),
+    ("read", Channel.BUNDLE_DATA),
 )
 
 

@@ -6,6 +6,19 @@ Rules:
 - Every decode failure raises :class:`ProtocolError` with a machine-readable reason.
 """
 
+from protocols.bundles import (
+    MAX_CHUNK_BYTES,
+    BundleRequest,
+    ChunkData,
+    ChunkError,
+    ChunkErrorCode,
+    Frame,
+    bundle_references,
+    decode_frame,
+    encode_chunk,
+    encode_chunk_error,
+    is_sha256,
+)
 from protocols.codec import MAX_PAYLOAD_BYTES, decode, encode
 from protocols.errors import ProtocolError, Reason
 from protocols.messages import (
@@ -27,18 +40,29 @@ from protocols.topics import (
 
 __all__ = [
     "DEVICE_ID_PATTERN",
+    "MAX_CHUNK_BYTES",
     "MAX_PAYLOAD_BYTES",
     "PROTOCOL_VERSION",
     "Birth",
+    "BundleRequest",
     "Channel",
+    "ChunkData",
+    "ChunkError",
+    "ChunkErrorCode",
     "Desired",
+    "Frame",
     "Message",
     "ProtocolError",
     "Reason",
     "Reported",
     "Status",
+    "bundle_references",
     "decode",
+    "decode_frame",
     "encode",
+    "encode_chunk",
+    "encode_chunk_error",
+    "is_sha256",
     "is_valid_device_id",
     "parse_topic",
     "topic",

@@ -12,16 +12,17 @@ from typing import TypeVar
 
 import msgspec
 
+from protocols.bundles import BundleRequest
 from protocols.errors import ProtocolError, Reason
 from protocols.messages import PROTOCOL_VERSION, Birth, Desired, Message, Reported, Status
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 
-M = TypeVar("M", Desired, Birth, Status, Reported)
+M = TypeVar("M", Desired, Birth, Status, Reported, BundleRequest)
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[object]] = {
-    cls: msgspec.json.Decoder(cls) for cls in (Desired, Birth, Status, Reported)
+    cls: msgspec.json.Decoder(cls) for cls in (Desired, Birth, Status, Reported, BundleRequest)
 }
 
 
@@ -33,7 +34,7 @@ class _Header(msgspec.Struct):
 _header_decoder = msgspec.json.Decoder(_Header)
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message | BundleRequest) -> bytes:
     """Pure: serialise a message; raises ProtocolError(OVERSIZED) past the limit."""
     data = _encoder.encode(message)
     if len(data) > MAX_PAYLOAD_BYTES:

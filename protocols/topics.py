@@ -25,6 +25,8 @@ class Channel(enum.StrEnum):
     BIRTH = "birth"  # device -> hub on every connect, QoS 1
     STATUS = "status"  # device -> hub, QoS 1, retained; the Last Will sets it offline
     REPORTED = "reported"  # device -> hub, QoS 1
+    BUNDLE_REQ = "bundle_req"  # device -> hub, QoS 1: JSON BundleRequest
+    BUNDLE_DATA = "bundle_data"  # hub -> device, QoS 1: binary chunk frames
 
 
 def is_valid_device_id(device_id: str) -> bool:

@@ -13,37 +13,31 @@ Rules:
 - Anything not shaped that way (no ``workloads``, not a list, an entry that is
   not an object, a ``bundle`` that is not a string) references nothing: the
   config is otherwise free-form JSON.
+- The rule itself lives in :mod:`protocols.bundles`, because the agent decides
+  what to fetch (and what its cache may evict) by the very same rule.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
-WORKLOADS_KEY: Final = "workloads"
-BUNDLE_KEY: Final = "bundle"
-SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
-_SHA256 = re.compile(SHA256_PATTERN)
+from protocols.bundles import (
+    BUNDLE_KEY,
+    SHA256_PATTERN,
+    WORKLOADS_KEY,
+    bundle_references,
+    is_sha256,
+)
 
-
-def is_sha256(value: str) -> bool:
-    """Pure: whether ``value`` is 64 lowercase hex digits."""
-    return _SHA256.fullmatch(value) is not None
-
-
-def bundle_references(config: Mapping[str, Any]) -> frozenset[str]:
-    """Pure: the bundle SHA-256s (lowercased) that ``config`` references."""
-    workloads = config.get(WORKLOADS_KEY)
-    if not isinstance(workloads, list):
-        return frozenset()
-    found: set[str] = set()
-    for workload in workloads:
-        if isinstance(workload, dict):
-            bundle = workload.get(BUNDLE_KEY)
-            if isinstance(bundle, str):
-                found.add(bundle.lower())
-    return frozenset(found)
+__all__ = [
+    "BUNDLE_KEY",
+    "SHA256_PATTERN",
+    "WORKLOADS_KEY",
+    "bundle_references",
+    "is_sha256",
+    "references",
+]
 
 
 def references(config: Mapping[str, Any], sha256: str) -> bool:

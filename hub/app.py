@@ -5,8 +5,9 @@ Rules:
 - The bundle table is registered before tables are created; the bundle
   directory is created (and crash leftovers swept) and a configured fleet root
   is checked here, so a bad one stops the start.
-- The link starts and stops with the app's lifespan; the API works while the
-  broker is unreachable (the link keeps retrying in the background).
+- The link and the bundle chunk server (its own MQTT connection) start and stop
+  with the app's lifespan; the API works while the broker is unreachable (both
+  keep retrying in the background).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 
 from hub.api.main import build_api_router
 from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
+from hub.bundles.chunks import ChunkServer
 from hub.bundles.errors import NoFleetRoot
 from hub.bundles.files import BundleFiles
 from hub.bundles.root import FleetRoot
@@ -33,6 +35,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     link = BrokerLink(broker=settings.broker(), engine=engine, settings=settings)
     bundle_files = BundleFiles(settings.bundle_directory())
     bundle_files.prepare(now=time.time(), stale_after_s=settings.bundle_upload_stale_s)
+    chunk_server = ChunkServer(broker=settings.broker(), settings=settings, files=bundle_files)
     fleet_root = FleetRoot(settings.trust_root_path)
     if settings.trust_root_path is not None:
         try:
@@ -43,9 +46,11 @@ def create_app(settings: HubSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         link.start()
+        chunk_server.start()
         try:
             yield
         finally:
+            await chunk_server.stop()
             await link.stop()
             engine.dispose()
 
@@ -60,6 +65,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.engine = engine
     app.state.link = link
     app.state.bundle_files = bundle_files
+    app.state.chunk_server = chunk_server
     app.state.fleet_root = fleet_root
     app.include_router(build_api_router())
     return app

@@ -18,7 +18,7 @@ from driftless import net
 from driftless.net import BrokerAddress
 from firmware_bundles.limits import DEFAULT_LIMITS as BUNDLE_LIMITS
 from hub.bundles.files import MAX_BUNDLE_FILE_BYTES
-from protocols import MAX_PAYLOAD_BYTES
+from protocols import MAX_CHUNK_BYTES, MAX_PAYLOAD_BYTES
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -82,6 +82,17 @@ class HubSettings:
     # Temporary upload files older than this are removed at start-up (crash leftovers).
     bundle_upload_stale_s: int = 3600
 
+    # bundle transfer over MQTT (hub/bundles/chunks.py: its own connection, client id
+    # "<mqtt_client_id>-bundles")
+    # Largest chunk one request may ask for; a longer request gets a ``too_long`` frame.
+    bundle_chunk_max_bytes: int = MAX_CHUNK_BYTES
+    # Chunks read and published at once across devices (each holds one chunk in memory).
+    bundle_serve_concurrency: int = 16
+    # Requests waiting to be served, all devices together; more are dropped and counted.
+    bundle_serve_queue_max: int = 10_000
+    # Requests waiting per device (a device's window is far smaller); more are dropped.
+    bundle_serve_device_queue_max: int = 64
+
     def __post_init__(self) -> None:
         self.broker()
         if not self.mqtt_client_id:
@@ -106,6 +117,10 @@ class HubSettings:
             "max_bundle_bytes",
             "bundle_io_chunk_bytes",
             "bundle_upload_stale_s",
+            "bundle_chunk_max_bytes",
+            "bundle_serve_concurrency",
+            "bundle_serve_queue_max",
+            "bundle_serve_device_queue_max",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -126,6 +141,11 @@ class HubSettings:
             raise ValueError(
                 f"max_bundle_bytes must not exceed {MAX_BUNDLE_FILE_BYTES}, "
                 "the largest bundle file the format allows"
+            )
+        if self.bundle_chunk_max_bytes > MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"bundle_chunk_max_bytes must not exceed {MAX_CHUNK_BYTES} "
+                "(protocols.MAX_CHUNK_BYTES: a frame must fit the broker's max_packet_size)"
             )
         if not 0 <= self.bundle_clock_skew_s <= BUNDLE_LIMITS.max_clock_skew_s:
             raise ValueError(

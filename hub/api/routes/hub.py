@@ -1,16 +1,17 @@
 """``/health`` and ``/hub/stats``: the hub process itself.
 
 Rule: these handlers are ``async`` on purpose: they run on the event loop thread,
-the only thread that touches the link's counters.
+the only thread that touches the link's and the chunk server's counters.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from hub.api.deps import LinkDep
+from hub.bundles.chunks import ChunkServer
 from hub.models import Health
 
 router = APIRouter(tags=["hub"])
@@ -22,7 +23,9 @@ async def health(link: LinkDep) -> Health:
 
 
 @router.get("/hub/stats")
-async def hub_stats(link: LinkDep) -> dict[str, Any]:
+async def hub_stats(link: LinkDep, request: Request) -> dict[str, Any]:
     """Counters of the MQTT link: received per channel, rejected per reason, stale per kind,
-    desired published, connection state and reconnects."""
-    return link.stats.as_dict()
+    desired published, connection state and reconnects; under ``bundles``, those of the
+    bundle chunk server (requests, chunks and bytes served, errors sent, rejected, dropped)."""
+    chunk_server: ChunkServer = request.app.state.chunk_server
+    return {**link.stats.as_dict(), "bundles": chunk_server.stats.as_dict()}

@@ -1,0 +1,414 @@
+"""The hub's chunk server: answers devices' bundle requests over MQTT from the bundle files.
+
+Rules:
+- Its own aiomqtt connection, client id ``<mqtt_client_id>-bundles``, a clean
+  session (nothing to keep: a device whose request went unanswered asks
+  again), subscribed QoS 1 to ``$share/<group>/driftless/v1/devices/+/bundle_req``
+  so hub replicas split the requests. It never touches the database: bundle
+  files are content-addressed (``BundleFiles.path``), written once after
+  verification, and retired by rename before a deletion commits, so "the file
+  exists" is the store's own answer to "is this bundle stored".
+- Every request gets exactly one frame on the device's ``bundle_data``
+  channel (QoS 1): the bytes ``[offset, offset + min(length, size - offset))``
+  or an error frame (``unknown_bundle``, ``bad_range``, ``too_long``,
+  ``unavailable``). A message that breaks the contract (bad topic, bad JSON,
+  a body naming another device than its topic) gets no answer: it is
+  rejected, counted by reason and logged, like every other channel.
+- One device's requests are answered in the order they arrived (one queue and
+  one task per device with work; publishes started in that order), because
+  the device accepts only the chunk at the offset it expects next. Devices are
+  served concurrently, at most ``bundle_serve_concurrency`` chunks read or
+  awaiting their PUBACK at once.
+- Constant memory: a chunk is read with ``os.pread`` of at most
+  ``bundle_chunk_max_bytes``; queues are bounded (``bundle_serve_queue_max``
+  in all, ``bundle_serve_device_queue_max`` per device) and a request past a
+  bound is dropped and counted (the device times out and asks again).
+- Nothing a device sends stops the server; a lost connection ends in a
+  jittered backoff and another attempt, queued requests are dropped with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from driftless.net import Backoff, BrokerAddress
+from hub.bundles.files import BundleFiles
+from hub.settings import HubSettings
+from protocols import (
+    BundleRequest,
+    Channel,
+    ChunkErrorCode,
+    ProtocolError,
+    Reason,
+    decode,
+    encode_chunk,
+    encode_chunk_error,
+    parse_topic,
+    topic,
+)
+from protocols.topics import shared_subscription
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID_SUFFIX = "-bundles"
+OVERLOADED = "overloaded"
+
+
+@dataclass
+class ChunkServerStats:
+    """Counters of the chunk server, served under ``bundles`` at ``GET /api/v1/hub/stats``.
+
+    Touched only on the event loop thread.
+    """
+
+    mqtt_connected: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    requests: int = 0
+    chunks_served: int = 0
+    bytes_served: int = 0
+    errors_sent: Counter[str] = field(default_factory=Counter)  # per ChunkErrorCode label
+    rejected: Counter[str] = field(default_factory=Counter)  # per protocols.Reason value
+    dropped: Counter[str] = field(default_factory=Counter)  # overloaded, disconnected, unsent
+    internal_errors: int = 0
+    queued: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mqtt_connected": self.mqtt_connected,
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+            "requests": self.requests,
+            "chunks_served": self.chunks_served,
+            "bytes_served": self.bytes_served,
+            "errors_sent": dict(self.errors_sent),
+            "rejected": dict(self.rejected),
+            "dropped": dict(self.dropped),
+            "internal_errors": self.internal_errors,
+            "queued": self.queued,
+        }
+
+
+class RequestRejected(Exception):
+    """A request message that breaks the contract; ``reason`` is a ``protocols.Reason`` value."""
+
+    def __init__(self, reason: Reason, detail: str, device_id: str | None = None) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.device_id = device_id
+
+
+def parse_request(topic_name: str, payload: bytes) -> BundleRequest:
+    """Pure: the request in a ``bundle_req`` message; raises RequestRejected.
+
+    The topic must be a device's ``bundle_req`` channel and the body must name
+    that same device.
+    """
+    try:
+        device_id, channel = parse_topic(topic_name)
+    except ProtocolError as exc:
+        raise RequestRejected(exc.reason, exc.detail) from None
+    if channel is not Channel.BUNDLE_REQ:
+        raise RequestRejected(
+            Reason.BAD_TOPIC, f"{channel.value!r} is not the bundle_req channel", device_id
+        )
+    try:
+        request = decode(payload, BundleRequest)
+    except ProtocolError as exc:
+        raise RequestRejected(exc.reason, exc.detail, device_id) from None
+    if request.device_id != device_id:
+        raise RequestRejected(
+            Reason.DEVICE_MISMATCH,
+            f"body names device {request.device_id!r} on the topic of {device_id!r}",
+            device_id,
+        )
+    return request
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The frame for one request, and what it was (for the counters)."""
+
+    frame: bytes
+    data_bytes: int
+    error: ChunkErrorCode | None = None
+
+
+def answer(files: BundleFiles, request: BundleRequest, *, max_chunk_bytes: int) -> Answer:
+    """Blocking: read the requested range and frame it; never raises for a bad request.
+
+    Reads at most ``max_chunk_bytes`` (one ``pread``); the file's size is taken
+    from the open file, so a file retired in between is either read whole or
+    reported unknown.
+    """
+
+    def refuse(code: ChunkErrorCode, detail: str) -> Answer:
+        frame = encode_chunk_error(request.bundle, request.offset, request.length, code, detail)
+        return Answer(frame, 0, code)
+
+    if request.length > max_chunk_bytes:
+        return refuse(
+            ChunkErrorCode.TOO_LONG,
+            f"length {request.length} exceeds this hub's {max_chunk_bytes}-byte chunk limit",
+        )
+    try:
+        fd = os.open(files.path(request.bundle), os.O_RDONLY)
+    except FileNotFoundError:
+        return refuse(ChunkErrorCode.UNKNOWN_BUNDLE, f"bundle {request.bundle} is not stored")
+    except OSError as exc:
+        return refuse(ChunkErrorCode.UNAVAILABLE, f"cannot open the bundle: {exc.strerror}")
+    try:
+        size = os.fstat(fd).st_size
+        if request.offset >= size:
+            return refuse(
+                ChunkErrorCode.BAD_RANGE,
+                f"offset {request.offset} is not before the end of the {size}-byte file",
+            )
+        data = os.pread(fd, min(request.length, size - request.offset), request.offset)
+    except OSError as exc:
+        return refuse(ChunkErrorCode.UNAVAILABLE, f"cannot read the bundle: {exc.strerror}")
+    finally:
+        os.close(fd)
+    return Answer(encode_chunk(request.bundle, request.offset, data), len(data))
+
+
+class ChunkServer:
+    """Serves bundle chunks to devices over one broker connection.
+
+    :meth:`start` and :meth:`stop` belong to the event loop that runs it.
+    """
+
+    def __init__(self, *, broker: BrokerAddress, settings: HubSettings, files: BundleFiles) -> None:
+        self.broker = broker
+        self.client_id = settings.mqtt_client_id + CLIENT_ID_SUFFIX
+        self.stats = ChunkServerStats()
+        self._settings = settings
+        self._files = files
+        self._queues: dict[str, deque[BundleRequest]] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.stats.mqtt_connected
+
+    def start(self) -> None:
+        """Start the connect loop on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError("chunk server already started")
+        self._slots = asyncio.Semaphore(self._settings.bundle_serve_concurrency)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"bundle-chunks {self.broker.url}"
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # -- connection
+
+    def _new_client(self) -> aiomqtt.Client:
+        s = self._settings
+        client = aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,
+            keepalive=s.mqtt_keepalive_s,
+            timeout=s.mqtt_timeout_s,
+            max_inflight_messages=s.mqtt_max_inflight_publishes,
+        )
+        client.pending_calls_threshold = s.bundle_serve_concurrency + s.mqtt_max_inflight_publishes
+        return client
+
+    async def _run(self) -> None:
+        s = self._settings
+        backoff = Backoff(
+            min_s=s.mqtt_reconnect_min_s, max_s=s.mqtt_reconnect_max_s, rng=random.Random()
+        )
+        loop = asyncio.get_running_loop()
+        extra = {"broker": self.broker.url, "client_id": self.client_id}
+        while True:
+            connected_at: float | None = None
+            try:
+                async with self._new_client() as client:
+                    connected_at = loop.time()
+                    self.stats.connects += 1
+                    self.stats.mqtt_connected = True
+                    log.info("bundle chunk server connected", extra=extra)
+                    await self._serve(client)
+            except aiomqtt.MqttError as exc:
+                if connected_at is None:
+                    self.stats.connect_failures += 1
+                log.warning(
+                    "bundle chunk server connection lost"
+                    if connected_at is not None
+                    else "bundle chunk server cannot connect",
+                    extra={**extra, "error": str(exc)},
+                )
+            except Exception:
+                self.stats.internal_errors += 1
+                log.exception("bundle chunk server failed; reconnecting", extra=extra)
+            finally:
+                self.stats.mqtt_connected = False
+                await self._drop_all()
+            if connected_at is not None and loop.time() - connected_at >= s.mqtt_stable_after_s:
+                backoff.reset()
+            await asyncio.sleep(backoff.next_delay_s())
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        group = self._settings.mqtt_shared_group
+        request_filter = shared_subscription(group, Channel.BUNDLE_REQ)
+        codes = await client.subscribe(request_filter, options=SubscribeOptions(qos=1))
+        for code in codes if isinstance(codes, list | tuple) else [codes]:
+            if getattr(code, "is_failure", False) or (isinstance(code, int) and code >= 0x80):
+                raise aiomqtt.MqttError(f"broker refused subscription {request_filter}: {code}")
+        log.info("bundle chunk server subscribed", extra={"filter": request_filter})
+        async for message in client.messages:
+            payload = message.payload
+            data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+            self._accept(client, message.topic.value, data)
+        raise aiomqtt.MqttError("message stream ended")
+
+    async def _drop_all(self) -> None:
+        dropped = sum(len(q) for q in self._queues.values())
+        if dropped:
+            self.stats.dropped["disconnected"] += dropped
+        self._queues.clear()
+        self.stats.queued = 0
+        workers, self._workers = self._workers, set()
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    # -- requests
+
+    def _accept(self, client: aiomqtt.Client, topic_name: str, payload: bytes) -> None:
+        self.stats.requests += 1
+        try:
+            request = parse_request(topic_name, payload)
+        except RequestRejected as exc:
+            self.stats.rejected[exc.reason.value] += 1
+            log.warning(
+                "bundle request rejected",
+                extra={
+                    "topic": topic_name[:200],
+                    "device": exc.device_id,
+                    "reason": exc.reason.value,
+                    "detail": exc.detail[:300],
+                },
+            )
+            return
+        s = self._settings
+        queue = self._queues.get(request.device_id)
+        if self.stats.queued >= s.bundle_serve_queue_max or (
+            queue is not None and len(queue) >= s.bundle_serve_device_queue_max
+        ):
+            self.stats.dropped[OVERLOADED] += 1
+            log.warning(
+                "bundle request dropped: queue full",
+                extra={"device": request.device_id, "queued": self.stats.queued},
+            )
+            return
+        self.stats.queued += 1
+        if queue is not None:
+            queue.append(request)
+            return
+        self._queues[request.device_id] = deque([request])
+        worker = asyncio.get_running_loop().create_task(
+            self._device_worker(client, request.device_id),
+            name=f"bundle-chunks:{request.device_id}",
+        )
+        self._workers.add(worker)
+        worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats.internal_errors += 1
+            log.error("bundle chunk worker failed", exc_info=task.exception())
+
+    async def _device_worker(self, client: aiomqtt.Client, device_id: str) -> None:
+        """Answer one device's requests in arrival order until its queue is empty.
+
+        A chunk is read while the previous one is still being published: the
+        publish runs as its own task, started in order (paho queues the PUBLISH
+        synchronously when the task first runs, and tasks first run in the order
+        they were made), and holds its concurrency slot until the PUBACK.
+        """
+        assert self._slots is not None
+        slots = self._slots
+        queue = self._queues[device_id]
+        try:
+            while queue:
+                request = queue.popleft()
+                self.stats.queued -= 1
+                await slots.acquire()
+                try:
+                    result = await asyncio.to_thread(
+                        answer,
+                        self._files,
+                        request,
+                        max_chunk_bytes=self._settings.bundle_chunk_max_bytes,
+                    )
+                except BaseException:
+                    slots.release()
+                    raise
+                self._count(request, result)  # before the PUBACK: the device may be faster
+                publish = asyncio.get_running_loop().create_task(
+                    self._publish(client, device_id, result.frame)
+                )
+                self._workers.add(publish)
+                publish.add_done_callback(self._worker_done)
+        finally:
+            # Normally empty; after a failure the rest is dropped (the device asks again),
+            # so no request is ever left in a queue without a worker.
+            if self._queues.get(device_id) is queue:
+                del self._queues[device_id]
+                if queue:
+                    self.stats.dropped["unsent"] += len(queue)
+                    self.stats.queued -= len(queue)
+
+    async def _publish(self, client: aiomqtt.Client, device_id: str, frame: bytes) -> None:
+        assert self._slots is not None
+        try:
+            await client.publish(topic(device_id, Channel.BUNDLE_DATA), frame, qos=1)
+        except aiomqtt.MqttError as exc:
+            self.stats.dropped["unsent"] += 1
+            log.info("bundle chunk not published", extra={"device": device_id, "error": str(exc)})
+        finally:
+            self._slots.release()
+
+    def _count(self, request: BundleRequest, result: Answer) -> None:
+        if result.error is None:
+            self.stats.chunks_served += 1
+            self.stats.bytes_served += result.data_bytes
+            return
+        self.stats.errors_sent[result.error.label] += 1
+        log.warning(
+            "bundle request refused",
+            extra={
+                "device": request.device_id,
+                "bundle": request.bundle,
+                "offset": request.offset,
+                "length": request.length,
+                "error": result.error.label,
+            },
+        )

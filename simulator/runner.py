@@ -235,6 +235,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if summary.get("settled_s") is not None:
         lines.append(f"{'settled after':30}{summary['settled_s']:>13.1f}s")
+    if summary.get("stop_s") is not None:
+        lines.append(f"{'workers stopped in':30}{summary['stop_s']:>13.1f}s")
     per = mem["per_device_bytes"] / 1024
     marginal = mem["per_device_marginal_bytes"] / 1024
     lines.append(
@@ -380,6 +382,7 @@ class Run:
     changes: list[Change] = field(default_factory=list)
     connected_s: float | None = None
     settled_s: float | None = None
+    stop_s: float | None = None  # how long the orderly stop of the workers took
     final: dict[str, int] | None = None
     stopped_by: str = "duration"
     hub: dict[str, Any] | None = None
@@ -456,6 +459,7 @@ class Run:
             "hub_misses": self.hub_misses,
             "final": self.final,
             "settled_s": self.settled_s,
+            "stop_s": self.stop_s,
             "generations": {str(g): n for g, n in sorted(self.pool.generations().items())}
             if self.pool
             else {},
@@ -736,7 +740,9 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
                 changer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await changer
+            stopping_at = time.monotonic()
             await _stop_pool(pool, signals)
+            run.stop_s = round(time.monotonic() - stopping_at, 3)
     lost = [w.index for w in pool.workers if w.deaths and not w.finished]
     status = 0
     if cfg.settle_s > 0 and run.settled_s is None and not signals.stop.is_set():

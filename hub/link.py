@@ -42,7 +42,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -81,11 +81,31 @@ def _enable_manual_ack(client: aiomqtt.Client) -> Callable[[int, int], Any]:
     return paho_client.ack
 
 
+_KNOWN_CHANNELS = frozenset(c.value for c in Channel)
+_TOPIC_PREFIX = TOPIC_ROOT + "/"
+
+
 def _channel_label(topic_name: str) -> str:
     """Pure: the channel part of a topic for the ``received`` counters (``other`` if none)."""
     tail = topic_name.rsplit("/", 1)[-1]
-    known = {c.value for c in Channel}
-    return tail if topic_name.startswith(TOPIC_ROOT + "/") and tail in known else "other"
+    return tail if topic_name.startswith(_TOPIC_PREFIX) and tail in _KNOWN_CHANNELS else "other"
+
+
+def _given_queue(
+    queue: asyncio.Queue[aiomqtt.Message],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's public ``queue_type`` hook, handing it a queue the link holds.
+
+    aiomqtt builds its incoming queue by calling ``queue_type(maxsize=...)``; a
+    callable returning ``queue`` lets the ingest loop drain what is already
+    there in one go instead of paying ``messages.__anext__`` (a task and an
+    ``asyncio.wait``) per message.
+    """
+
+    def make(maxsize: int = 0) -> asyncio.Queue[aiomqtt.Message]:
+        return queue
+
+    return cast(type[asyncio.Queue[aiomqtt.Message]], make)
 
 
 def _payload_bytes(payload: object) -> bytes:
@@ -165,7 +185,7 @@ class BrokerLink:
 
     # -- connect loop --------------------------------------------------------------------
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self, queue: asyncio.Queue[aiomqtt.Message]) -> aiomqtt.Client:
         s = self._settings
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = s.mqtt_session_expiry_s
@@ -180,6 +200,7 @@ class BrokerLink:
             keepalive=s.mqtt_keepalive_s,
             timeout=s.mqtt_timeout_s,
             max_inflight_messages=s.mqtt_max_inflight_publishes,
+            queue_type=_given_queue(queue),
         )
         # aiomqtt warns past this many outstanding calls; we allow that many on purpose.
         client.pending_calls_threshold = s.mqtt_max_inflight_publishes + 10
@@ -195,7 +216,8 @@ class BrokerLink:
         while True:
             connected_at: float | None = None
             try:
-                client = self._new_client()
+                queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+                client = self._new_client(queue)
                 ack = _enable_manual_ack(client)
                 async with client:
                     connected_at = loop.time()
@@ -204,7 +226,7 @@ class BrokerLink:
                     self.stats.connects += 1
                     self.stats.mqtt_connected = True
                     log.info("mqtt connected", extra=extra)
-                    await self._serve_connection(client, ack)
+                    await self._serve_connection(client, queue, ack)
             except aiomqtt.MqttError as exc:
                 if connected_at is None:
                     self.stats.connect_failures += 1
@@ -223,18 +245,19 @@ class BrokerLink:
             await asyncio.sleep(delay_s)
 
     async def _serve_connection(
-        self, client: aiomqtt.Client, ack: Callable[[int, int], Any]
+        self,
+        client: aiomqtt.Client,
+        queue: asyncio.Queue[aiomqtt.Message],
+        ack: Callable[[int, int], Any],
     ) -> None:
-        """Subscribe, sweep, then run reader, writer and publisher until one fails."""
+        """Subscribe, sweep, then run ingest and publisher until one fails."""
         await self._subscribe(client)
         ids = await asyncio.to_thread(self._out_of_sync_ids)
         self.stats.sweeps += 1
         log.info("sweep: republishing out-of-sync devices", extra={"devices": len(ids)})
         self._mark_pending(ids)
-        queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
         tasks = [
-            asyncio.create_task(self._read(client, queue), name="mqtt-read"),
-            asyncio.create_task(self._write(queue, ack), name="mqtt-ingest"),
+            asyncio.create_task(self._ingest_loop(client, queue, ack), name="mqtt-ingest"),
             asyncio.create_task(self._publish_loop(client), name="mqtt-publish"),
         ]
         try:
@@ -265,17 +288,24 @@ class BrokerLink:
 
     # -- ingest --------------------------------------------------------------------------
 
-    async def _read(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
-        async for message in client.messages:
-            queue.put_nowait(message)
-        raise LinkClosed("message stream ended")
-
-    async def _write(
-        self, queue: asyncio.Queue[aiomqtt.Message], ack: Callable[[int, int], Any]
+    async def _ingest_loop(
+        self,
+        client: aiomqtt.Client,
+        queue: asyncio.Queue[aiomqtt.Message],
+        ack: Callable[[int, int], Any],
     ) -> None:
+        """Wait for a message, take every message already queued with it (up to
+        ``ingest_batch_max``), apply them in one transaction, then acknowledge them.
+
+        While a batch is in the database thread, paho keeps reading into ``queue``
+        (up to the Receive Maximum), so the next batch grows with the load.
+        ``anext`` raises MqttError when the connection drops; messages still
+        queued then are not acknowledged, and the broker redelivers them.
+        """
         limit = self._settings.ingest_batch_max
+        messages = client.messages
         while True:
-            batch = [await queue.get()]
+            batch = [await anext(messages)]
             while len(batch) < limit and not queue.empty():
                 batch.append(queue.get_nowait())
             await self._ingest(batch)
@@ -286,10 +316,11 @@ class BrokerLink:
     async def _ingest(self, batch: Sequence[aiomqtt.Message]) -> None:
         now = datetime.now(UTC)
         decoded: list[tuple[str, DeviceMessage]] = []
+        received = self.stats.received
+        received["total"] += len(batch)
         for raw in batch:
             topic_name = raw.topic.value
-            self.stats.received["total"] += 1
-            self.stats.received[_channel_label(topic_name)] += 1
+            received[_channel_label(topic_name)] += 1
             try:
                 decoded.append((topic_name, classify(topic_name, _payload_bytes(raw.payload))))
             except Rejected as exc:
@@ -299,13 +330,15 @@ class BrokerLink:
         self.stats.ingest_batches += 1
         self.stats.ingest_batch_max_seen = max(self.stats.ingest_batch_max_seen, len(decoded))
         outcomes, republish = await self._apply(decoded, now)
+        debug = log.isEnabledFor(logging.DEBUG)
         for (topic_name, message), outcome in zip(decoded, outcomes, strict=True):
             if outcome == store.APPLIED:
                 self.stats.applied += 1
-                log.debug(
-                    "device message applied",
-                    extra={"device": message.device_id, "topic": topic_name},
-                )
+                if debug:
+                    log.debug(
+                        "device message applied",
+                        extra={"device": message.device_id, "topic": topic_name},
+                    )
             elif outcome in _STALE_KEYS:
                 self.stats.stale[outcome] += 1
                 log.info(

@@ -14,6 +14,14 @@ Rules:
   every start and ``seq`` within a boot, so the hub can drop stale reports.
 - The session number grows before every connect; the Last Will set for that
   connect and the birth sent after it carry the same number.
+- A desired document whose config references bundles
+  (``config["workloads"][i]["bundle"]``, :func:`protocols.bundle_references`)
+  is preceded by a fetch step: :class:`Fetch` first, and :class:`Apply` only
+  after :class:`FetchDone` said every referenced bundle is present and
+  verified. A fetch that fails records the generation as failed, exactly like
+  a failed apply. A newer document supersedes a fetch in progress
+  (:class:`CancelFetch`, then its own step); it never interrupts an apply,
+  it waits for it.
 - Time is an input (``now`` on every event); nothing here reads a clock.
 
 The same core runs in the paho driver on devices and in the simulator.
@@ -31,6 +39,7 @@ from protocols import (
     Reason,
     Reported,
     Status,
+    bundle_references,
     decode,
     encode,
     topic,
@@ -110,6 +119,16 @@ class ApplyDone:
 
 
 @dataclass(frozen=True)
+class FetchDone:
+    """Every bundle of ``generation`` is present and verified (``ok``), or why not."""
+
+    generation: int
+    ok: bool
+    error: str | None
+    now: float
+
+
+@dataclass(frozen=True)
 class Stopping:
     """Orderly shutdown: say offline ourselves, since a clean DISCONNECT sends no Will."""
 
@@ -124,6 +143,7 @@ Event = (
     | Disconnected
     | DesiredPayload
     | ApplyDone
+    | FetchDone
     | Stopping
 )
 
@@ -156,6 +176,21 @@ class Apply:
 
 
 @dataclass(frozen=True)
+class Fetch:
+    """Make every bundle in ``bundles`` (file SHA-256s) present and verified, then say FetchDone."""
+
+    generation: int
+    bundles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CancelFetch:
+    """Stop fetching for ``generation`` (superseded); partial files stay for a later resume."""
+
+    generation: int
+
+
+@dataclass(frozen=True)
 class Rejected:
     """A message from the wire that broke the contract: the driver counts and logs it."""
 
@@ -171,7 +206,7 @@ class Ignored:
     why: str
 
 
-Action = PersistState | SetWill | Publish | Apply | Rejected | Ignored
+Action = PersistState | SetWill | Publish | Apply | Fetch | CancelFetch | Rejected | Ignored
 
 
 # ---------------------------------------------------------------- the core
@@ -187,6 +222,7 @@ class AgentCore:
     _seq: int = 0
     _ready: bool = False
     _applying: int | None = None
+    _fetching: Desired | None = None
     _candidate: Desired | None = None
 
     def __post_init__(self) -> None:
@@ -195,6 +231,10 @@ class AgentCore:
     @property
     def applying(self) -> int | None:
         return self._applying
+
+    @property
+    def fetching(self) -> int | None:
+        return self._fetching.generation if self._fetching else None
 
     @property
     def waiting(self) -> int | None:
@@ -220,6 +260,8 @@ class AgentCore:
                 return self._desired(payload, now)
             case ApplyDone():
                 return self._apply_done(event)
+            case FetchDone():
+                return self._fetch_done(event)
             case Stopping(now=now):
                 self._ready = False
                 return [self._status(False, now)]
@@ -261,6 +303,7 @@ class AgentCore:
             self.state.applied_generation,
             self.state.failed_generation,
             self._applying or 0,
+            self.fetching or 0,
             self.waiting or 0,
         )
         if desired.generation <= newest_known:
@@ -284,30 +327,53 @@ class AgentCore:
     def _maybe_start(self) -> list[Action]:
         if not self._ready or self._applying is not None or self._candidate is None:
             return []
+        actions: list[Action] = []
         desired, self._candidate = self._candidate, None
-        self._applying = desired.generation
-        return [Apply(desired)]
+        if self._fetching is not None:  # the candidate is newer by construction
+            superseded, self._fetching = self._fetching.generation, None
+            actions += [
+                CancelFetch(superseded),
+                Ignored(superseded, f"fetch superseded by generation {desired.generation}"),
+            ]
+        bundles = bundle_references(desired.config)
+        if bundles:
+            self._fetching = desired
+            actions.append(Fetch(desired.generation, tuple(sorted(bundles))))
+        else:
+            self._applying = desired.generation
+            actions.append(Apply(desired))
+        return actions
+
+    def _fetch_done(self, done: FetchDone) -> list[Action]:
+        if self._fetching is None or done.generation != self._fetching.generation:
+            return [Ignored(done.generation, "fetch result for a generation not in flight")]
+        desired, self._fetching = self._fetching, None
+        if done.ok:
+            self._applying = desired.generation
+            return [Apply(desired)]
+        return self._finished(done.generation, False, done.error or "fetch failed", done.now)
 
     def _apply_done(self, done: ApplyDone) -> list[Action]:
         if done.generation != self._applying:
             return [Ignored(done.generation, "apply result for a generation not in flight")]
         self._applying = None
-        entry = HistoryEntry(done.generation, done.ok, done.now)
+        return self._finished(done.generation, done.ok, done.error, done.now)
+
+    def _finished(self, generation: int, ok: bool, error: str | None, now: float) -> list[Action]:
+        entry = HistoryEntry(generation, ok, now)
         history = (*self.state.history, entry)[-HISTORY_LIMIT:]
-        if done.ok:
+        if ok:
             self.state = replace(
-                self.state, applied_generation=done.generation, last_error=None, history=history
+                self.state, applied_generation=generation, last_error=None, history=history
             )
         else:
             self.state = replace(
                 self.state,
-                failed_generation=done.generation,
-                last_error=(done.error or "apply failed")[:2048],
+                failed_generation=generation,
+                last_error=(error or "apply failed")[:2048],
                 history=history,
             )
-        report = self._report(
-            phase="applied" if done.ok else "failed", generation=done.generation, now=done.now
-        )
+        report = self._report(phase="applied" if ok else "failed", generation=generation, now=now)
         return [PersistState(self.state), report, *self._maybe_start()]
 
     # -- messages

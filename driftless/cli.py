@@ -55,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--data-dir", type=Path, default=Path(_env("DRIFTLESS_DATA_DIR", "agent-data"))
     )
+    run.add_argument(
+        "--root",
+        type=Path,
+        default=_env("DRIFTLESS_ROOT", "") or None,
+        help="the fleet's root.json; without it desired states that reference bundles fail",
+    )
+    run.add_argument(
+        "--hub-url",
+        default=_env("DRIFTLESS_HUB_URL", "") or None,
+        help="http://HOST:PORT of the hub: fetch bundles by HTTP range requests, not MQTT",
+    )
+    run.add_argument("--bundle-cache-max-bytes", type=int, default=2 * 1024**3)
+    run.add_argument("--fetch-window", type=int, default=8, help="MQTT chunk requests in flight")
+    run.add_argument("--fetch-chunk-bytes", type=int, default=64 * 1024, help="MQTT chunk size")
+    run.add_argument("--clock-skew-s", type=int, default=300, help="expiry allowance, seconds")
 
     broker = top.add_parser("broker", help="development broker").add_subparsers(
         dest="broker_cmd", required=True
@@ -110,8 +125,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("driftless agent run: --device-id is required", file=sys.stderr)
             return 2
         from edge_agent.driver import run_agent
+        from edge_agent.settings import BundleSettings, FetchConfig
 
-        return run_agent(device_id=args.device_id, broker_url=args.broker, data_dir=args.data_dir)
+        try:
+            bundles = BundleSettings(
+                root_path=args.root,
+                hub_url=args.hub_url,
+                cache_max_bytes=args.bundle_cache_max_bytes,
+                mqtt=FetchConfig(
+                    chunk_bytes=args.fetch_chunk_bytes, window_chunks=args.fetch_window
+                ),
+                clock_skew_s=args.clock_skew_s,
+            )
+        except ValueError as exc:
+            print(f"driftless agent run: {exc}", file=sys.stderr)
+            return 2
+        return run_agent(
+            device_id=args.device_id,
+            broker_url=args.broker,
+            data_dir=args.data_dir,
+            bundles=bundles,
+        )
     if args.command == "broker":
         from driftless.demo import run_broker
 

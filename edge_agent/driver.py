@@ -7,6 +7,15 @@ Rules:
 - Reconnects use jittered exponential backoff and a fresh session number, hence
   a fresh Last Will, on every attempt.
 - SIGTERM/SIGINT: publish "offline" for the current session, disconnect, exit 0.
+- One subscription request covers ``desired`` and ``bundle_data``; the core
+  hears ``Subscribed`` (and a bundle transfer hears "link up") only once both
+  are granted.
+- The fetch step (``Fetch``/``CancelFetch``) runs in its own thread
+  (``edge_agent.fetcher``), created the first time a desired document
+  references bundles, so an agent that never sees a bundle never loads the
+  verification stack. Its result comes back to the core as ``FetchDone``.
+- ``--root`` is read once at start; an unreadable or invalid root stops the
+  start (exit 2): a device must not run with a trust anchor it cannot check.
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+import msgspec
 
 import driftless
 from driftless.net import Backoff
@@ -27,11 +39,14 @@ from edge_agent.core import (
     Apply,
     ApplyDone,
     Booted,
+    CancelFetch,
     Connected,
     Connecting,
     DesiredPayload,
     Disconnected,
     Event,
+    Fetch,
+    FetchDone,
     Ignored,
     PersistState,
     Publish,
@@ -40,7 +55,8 @@ from edge_agent.core import (
     Stopping,
     Subscribed,
 )
-from edge_agent.runtime import Applier, ApplyError, ConfigFileApplier
+from edge_agent.runtime import Applier, ApplyError, WorkloadApplier
+from edge_agent.settings import BundleSettings
 from edge_agent.store import StateStore, remove_stale_temporaries
 from edge_agent.transport import (
     MqttTransport,
@@ -52,9 +68,34 @@ from edge_agent.transport import (
     TransportEvent,
     TSubscribed,
 )
-from protocols import Channel, Desired, topic
+from protocols import Channel, Desired, bundle_references, topic
+
+if TYPE_CHECKING:
+    from edge_agent.fetcher import Fetcher, FetchStats, MqttSource
+    from firmware_bundles.trust import TrustedRoot
 
 log = logging.getLogger("driftless.agent")
+
+
+class RootFileError(Exception):
+    """The ``--root`` file cannot be read or is not a valid, self-signed root."""
+
+
+def load_trusted_root(path: Path) -> TrustedRoot:
+    """Read the device's trust anchor; raises RootFileError with a one-line reason."""
+    from firmware_bundles.errors import BundleError
+    from firmware_bundles.limits import DEFAULT_LIMITS
+    from firmware_bundles.trust import TrustedRoot
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(DEFAULT_LIMITS.max_metadata_bytes + 1)
+    except OSError as exc:
+        raise RootFileError(f"cannot read root {path}: {exc.strerror or exc}") from None
+    try:
+        return TrustedRoot.from_bytes(data)
+    except BundleError as exc:
+        raise RootFileError(f"root {path} is invalid: {type(exc).__name__}: {exc}") from None
 
 
 class AgentDriver:
@@ -67,18 +108,35 @@ class AgentDriver:
         broker_url: str,
         data_dir: Path,
         applier: Applier | None = None,
+        bundles: BundleSettings | None = None,
+        trusted_root: TrustedRoot | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.device_id = device_id
+        self.data_dir = data_dir
         self.store = StateStore(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(data_dir)  # a crash mid-write leaves them; we own the dir
-        self.applier = applier or ConfigFileApplier(data_dir)
+        self.bundle_settings = bundles or BundleSettings()
+        self.trusted_root = trusted_root
         self.clock = clock
+        self.applier = applier or WorkloadApplier(
+            data_dir,
+            settings=self.bundle_settings,
+            trusted_root=trusted_root,
+            agent_version=driftless.__version__,
+            clock=clock,
+        )
         self.core = AgentCore(device_id, self.store.load(), driftless.__version__)
         self.transport = MqttTransport(device_id, broker_url, self._on_transport)
         self.desired_topic = topic(device_id, Channel.DESIRED)
+        self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
         self.rejected: dict[str, int] = {}
+        self.fetcher: Fetcher | None = None
+        self.fetch_stats: FetchStats | None = None
+        self._mqtt_source: MqttSource | None = None
+        self._fetch_thread: threading.Thread | None = None
+        self._subscribed = False
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._connected = False
@@ -88,6 +146,8 @@ class AgentDriver:
             SetWill: self._set_will,  # type: ignore[dict-item]
             Publish: self._publish,  # type: ignore[dict-item]
             Apply: self._apply,  # type: ignore[dict-item]
+            Fetch: self._fetch,  # type: ignore[dict-item]
+            CancelFetch: self._cancel_fetch,  # type: ignore[dict-item]
             Rejected: self._rejected,  # type: ignore[dict-item]
             Ignored: self._ignored,  # type: ignore[dict-item]
         }
@@ -113,24 +173,35 @@ class AgentDriver:
                     },
                 )
                 self.feed(Connected(now, present))
-                self.transport.subscribe(self.desired_topic)
+                self.transport.subscribe([self.desired_topic, self.bundle_data_topic])
             case TSubscribed(granted=granted):
                 if granted:
+                    self._subscribed = True
                     self.feed(Subscribed(now))
+                    if self._mqtt_source is not None:
+                        self._mqtt_source.link_up()
                 else:
                     log.error(
                         "subscription refused",
-                        extra={"device": self.device_id, "topic": self.desired_topic},
+                        extra={
+                            "device": self.device_id,
+                            "topics": [self.desired_topic, self.bundle_data_topic],
+                        },
                     )
             case TMessage(topic=name, payload=payload):
                 if name == self.desired_topic:
                     self.feed(DesiredPayload(payload, now))
+                elif name == self.bundle_data_topic and self._mqtt_source is not None:
+                    self._mqtt_source.on_frame(payload)
             case TConnectRefused(reason=reason):
                 log.error("connection refused", extra={"device": self.device_id, "reason": reason})
             case TDisconnected(reason=reason):
                 if self._connected and not self._stop.is_set():
                     log.warning("disconnected", extra={"device": self.device_id, "reason": reason})
                 self._connected = False
+                self._subscribed = False
+                if self._mqtt_source is not None:
+                    self._mqtt_source.link_down()
                 self.feed(Disconnected(now))
 
     # -- executors
@@ -149,6 +220,83 @@ class AgentDriver:
             "applying", extra={"device": self.device_id, "generation": action.desired.generation}
         )
         self._applies.put(action.desired)
+
+    def _fetch(self, action: Fetch) -> None:
+        log.info(
+            "fetching bundles",
+            extra={
+                "device": self.device_id,
+                "generation": action.generation,
+                "bundles": list(action.bundles),
+            },
+        )
+        self._ensure_fetcher().submit(action.generation, action.bundles)
+
+    def _cancel_fetch(self, action: CancelFetch) -> None:
+        log.info(
+            "fetch superseded", extra={"device": self.device_id, "generation": action.generation}
+        )
+        if self.fetcher is not None:
+            self.fetcher.cancel(action.generation)
+
+    def _ensure_fetcher(self) -> Fetcher:
+        """The fetcher and its thread, made on first use (imports the verification stack)."""
+        if self.fetcher is not None:
+            return self.fetcher
+        from edge_agent.bundles import BundleCache, SecurityVersions
+        from edge_agent.fetcher import (
+            ChunkSource,
+            Fetcher,
+            FetchStats,
+            HttpSource,
+            MqttSource,
+        )
+
+        settings = self.bundle_settings
+        stats = FetchStats()
+        stop = threading.Event()
+        source: ChunkSource
+        if settings.hub_url:
+            source = HttpSource(settings.hub_url, timeout_s=settings.http_timeout_s, stop=stop)
+        else:
+            mqtt_source = MqttSource(
+                self.device_id,
+                lambda name, payload: self.transport.publish(name, payload, qos=1, retain=False),
+                queue_max=settings.frame_queue_max,
+                stats=stats,
+            )
+            if self._subscribed:
+                mqtt_source.link_up()
+            source = self._mqtt_source = mqtt_source
+        fetcher = Fetcher(
+            cache=BundleCache(self.data_dir, max_bytes=settings.cache_max_bytes),
+            security=SecurityVersions(self.data_dir),
+            settings=settings,
+            trusted_root=self.trusted_root,
+            agent_version=driftless.__version__,
+            source=source,
+            on_done=self._fetch_done,
+            applied_references=self._applied_references,
+            stats=stats,
+            stop_event=stop,
+            clock=self.clock,
+        )
+        self.fetcher, self.fetch_stats = fetcher, stats
+        self._fetch_thread = threading.Thread(target=fetcher.run, name="fetch", daemon=True)
+        self._fetch_thread.start()
+        return fetcher
+
+    def _fetch_done(self, generation: int, ok: bool, error: str | None) -> None:
+        self.feed(FetchDone(generation, ok, error, self.clock()))
+
+    def _applied_references(self) -> frozenset[str]:
+        """Bundles the applied configuration references (``config.json``); never evicted."""
+        try:
+            document = msgspec.json.decode((self.data_dir / "config.json").read_bytes())
+        except (OSError, msgspec.DecodeError):
+            return frozenset()
+        config = document.get("config") if isinstance(document, dict) else None
+        return bundle_references(config) if isinstance(config, dict) else frozenset()
 
     def _rejected(self, action: Rejected) -> None:
         self.rejected[action.reason] = self.rejected.get(action.reason, 0) + 1
@@ -224,9 +372,13 @@ class AgentDriver:
         worker.start()
         network.start()
         self._stop.wait()
+        if self.fetcher is not None:
+            self.fetcher.stop()
         network.join(timeout=5)
         self._applies.put(None)
         worker.join(timeout=30)
+        if self._fetch_thread is not None:
+            self._fetch_thread.join(timeout=10)
         self._say_goodbye()
         return 0
 
@@ -245,9 +397,25 @@ class AgentDriver:
         log.info("agent stopped", extra={"device": self.device_id})
 
 
-def run_agent(*, device_id: str, broker_url: str, data_dir: Path) -> int:
-    """Entry point for ``driftless agent run``."""
-    driver = AgentDriver(device_id=device_id, broker_url=broker_url, data_dir=data_dir)
+def run_agent(
+    *, device_id: str, broker_url: str, data_dir: Path, bundles: BundleSettings | None = None
+) -> int:
+    """Entry point for ``driftless agent run``; 2 when the ``--root`` file is unusable."""
+    settings = bundles or BundleSettings()
+    trusted_root = None
+    if settings.root_path is not None:
+        try:
+            trusted_root = load_trusted_root(settings.root_path)
+        except RootFileError as exc:
+            log.error("agent cannot start", extra={"device": device_id, "error": str(exc)})
+            return 2
+    driver = AgentDriver(
+        device_id=device_id,
+        broker_url=broker_url,
+        data_dir=data_dir,
+        bundles=settings,
+        trusted_root=trusted_root,
+    )
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:
         driver.stop()

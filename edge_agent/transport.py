@@ -3,12 +3,17 @@
 Rules:
 - Callbacks run on the network thread and are turned into plain transport events.
 - ``connect`` raises TransportError (never a paho return code) so the caller can back off.
+- TCP_NODELAY on the connection: paho leaves Nagle's algorithm on, and small
+  messages (bundle chunk requests, PUBACKs) would otherwise wait for the
+  peer's delayed ACK, tens of milliseconds per round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -93,6 +98,10 @@ class MqttTransport:
             )
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot reach {self.host}:{self.port}: {exc}") from exc
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # paho leaves Nagle on; chunk requests would wait
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def loop(self, timeout_s: float) -> bool:
         """Run network I/O for up to ``timeout_s``; False once the connection is gone."""
@@ -112,8 +121,9 @@ class MqttTransport:
                 return False
         return info.is_published()
 
-    def subscribe(self, topic: str) -> None:
-        self._client.subscribe(topic, qos=1)
+    def subscribe(self, topics: Sequence[str]) -> None:
+        """One SUBSCRIBE for all ``topics`` (QoS 1); TSubscribed says whether all were granted."""
+        self._client.subscribe([(name, 1) for name in topics])
 
     def disconnect(self) -> None:
         self._client.disconnect()

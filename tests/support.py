@@ -7,7 +7,7 @@ what it was waiting for when the deadline passes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,7 +77,25 @@ class HubProcess(HubChild):
 
 
 class AgentProcess(AgentChild):
-    """``driftless agent run`` for one device with its own data directory."""
+    """``driftless agent run`` for one device with its own data directory.
 
-    def __init__(self, workdir: Path, device_id: str, broker_url: str) -> None:
+    ``root`` and ``hub_url`` become ``--root`` and ``--hub-url``; ``extra`` is
+    appended as it is (e.g. ``["--fetch-window", "2"]``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        device_id: str,
+        broker_url: str,
+        *,
+        root: Path | None = None,
+        hub_url: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
         super().__init__(workdir, device_id, broker_url, log_level="debug")
+        if root is not None:
+            self.argv += ["--root", str(root)]
+        if hub_url is not None:
+            self.argv += ["--hub-url", hub_url]
+        self.argv += list(extra)

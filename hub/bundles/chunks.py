@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,6 +235,8 @@ class ChunkServer:
             keepalive=s.mqtt_keepalive_s,
             timeout=s.mqtt_timeout_s,
             max_inflight_messages=s.mqtt_max_inflight_publishes,
+            # Nagle's algorithm would hold small frames for the peer's delayed ACK.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         client.pending_calls_threshold = s.bundle_serve_concurrency + s.mqtt_max_inflight_publishes
         return client

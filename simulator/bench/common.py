@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,17 +20,86 @@ import shlex
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from simulator.bench.converge import BenchError, HubChild
+from driftless import procs
+from hub.devbroker import wait_for_port
+
+T = TypeVar("T")
+H = TypeVar("H", bound="HubChild")
 
 RESULTS_DIR = Path("bench-results")
 BATCH_REGISTER_MAX = 10_000  # hub.models.MAX_BATCH_DEVICES
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run to the end (a part failed or a deadline passed)."""
+
+
+async def poll(
+    fetch: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    timeout_s: float,
+    interval_s: float,
+    what: str,
+) -> T:
+    """Call ``fetch`` every ``interval_s`` until ``done(value)``; raises BenchError at deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last: object = None
+    while True:
+        try:
+            value = await fetch()
+        except httpx.HTTPError as exc:
+            last = exc
+        else:
+            if done(value):
+                return value
+            last = value
+        if loop.time() >= deadline:
+            raise BenchError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}")
+        await asyncio.sleep(interval_s)
+
+
+class HubChild(procs.HubChild):
+    """``driftless hub serve`` as a child process, with an async readiness wait."""
+
+    async def wait_ready(self, api: httpx.AsyncClient, *, timeout_s: float) -> None:
+        """Wait until the API answers and the hub's MQTT link is up; raises BenchError."""
+        start = time.monotonic()
+        try:
+            await asyncio.to_thread(wait_for_port, "127.0.0.1", self.api_port, timeout_s=timeout_s)
+        except TimeoutError:
+            raise BenchError(f"hub API did not listen: {self.log_tail()}") from None
+
+        async def health() -> dict[str, Any]:
+            if self.exited() is not None:
+                raise BenchError(f"hub exited with {self.exited()}: {self.log_tail()}")
+            response = await api.get("/health")
+            response.raise_for_status()
+            return response.json()  # type: ignore[no-any-return]
+
+        remaining = max(0.1, timeout_s - (time.monotonic() - start))
+        await poll(
+            health,
+            lambda h: bool(h.get("mqtt_connected")),
+            timeout_s=remaining,
+            interval_s=0.05,
+            what="the hub's MQTT link",
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.terminate(timeout_s)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log()[-chars:]
 
 
 class HubWorker(HubChild):
@@ -58,6 +128,37 @@ class HubWorker(HubChild):
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+
+async def start_hub(
+    stack: contextlib.AsyncExitStack,
+    make: Callable[[], H],
+    *,
+    timeout_s: float,
+    attempts: int = 3,
+) -> tuple[H, httpx.AsyncClient]:
+    """Start a hub from ``make()`` and wait until it is ready; stopped when ``stack`` closes.
+
+    A free port can be taken by another process between ``free_port`` and the
+    hub's bind (other runs share the machine): a hub that failed to bind is
+    started again on a new port, up to ``attempts`` times. Raises BenchError.
+    """
+    for attempt in range(1, attempts + 1):
+        hub = make()
+        stack.callback(hub.stop)
+        hub.start()
+        api = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=hub.base_url + "/api/v1", timeout=30.0)
+        )
+        try:
+            await hub.wait_ready(api, timeout_s=timeout_s)
+        except BenchError:
+            if attempt == attempts or "address already in use" not in hub.log():
+                raise
+            hub.stop()
+            continue
+        return hub, api
+    raise AssertionError("unreachable")
 
 
 def cpu_seconds(pid: int | None) -> float:

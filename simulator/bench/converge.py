@@ -35,28 +35,25 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiomqtt
 import httpx
 
-from driftless import logs, procs
-from hub.devbroker import BrokerError, MosquittoBroker, wait_for_port
+from driftless import logs
+from hub.devbroker import BrokerError, MosquittoBroker
 from protocols import Desired, encode
+from simulator.bench.common import BenchError, HubChild, poll, register_batch, start_hub
 from simulator.fleet import Fleet, FleetConfig, FleetError, FleetTimeout, device_ids
 
-T = TypeVar("T")
+__all__ = ["BenchError", "HubChild", "poll"]  # imported from here by older callers and tests
 
 LABELS = {"bench": "converge"}
 BASELINE_ROOT = "bench/baseline"
 DOCUMENT_BYTES = 256  # target size of the desired document and of the baseline payload
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run to the end (a part failed or a deadline passed)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,6 @@ class BenchConfig:
     repeats: int = 3
     deadline_s: float = 120.0
     poll_interval_s: float = 0.02
-    register_concurrency: int = 32
     baseline_inflight: int = 100
     max_concurrent_connects: int = 64
     apply_time_s: float = 0.0
@@ -174,84 +170,6 @@ def _document(device_id: str, config: dict[str, Any]) -> bytes:
 
 
 # ---------------------------------------------------------------- waiting
-
-
-async def poll(
-    fetch: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    *,
-    timeout_s: float,
-    interval_s: float,
-    what: str,
-) -> T:
-    """Call ``fetch`` every ``interval_s`` until ``done(value)``; raises BenchError at deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    last: object = None
-    while True:
-        try:
-            value = await fetch()
-        except httpx.HTTPError as exc:
-            last = exc
-        else:
-            if done(value):
-                return value
-            last = value
-        if loop.time() >= deadline:
-            raise BenchError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}")
-        await asyncio.sleep(interval_s)
-
-
-# ---------------------------------------------------------------- the hub process
-
-
-class HubChild(procs.HubChild):
-    """``driftless hub serve`` as a child process, with an async readiness wait."""
-
-    async def wait_ready(self, api: httpx.AsyncClient, *, timeout_s: float) -> None:
-        """Wait until the API answers and the hub's MQTT link is up; raises BenchError."""
-        start = time.monotonic()
-        try:
-            await asyncio.to_thread(wait_for_port, "127.0.0.1", self.api_port, timeout_s=timeout_s)
-        except TimeoutError:
-            raise BenchError(f"hub API did not listen: {self.log_tail()}") from None
-
-        async def health() -> dict[str, Any]:
-            if self.exited() is not None:
-                raise BenchError(f"hub exited with {self.exited()}: {self.log_tail()}")
-            response = await api.get("/health")
-            response.raise_for_status()
-            return response.json()  # type: ignore[no-any-return]
-
-        remaining = max(0.1, timeout_s - (time.monotonic() - start))
-        await poll(
-            health,
-            lambda h: bool(h.get("mqtt_connected")),
-            timeout_s=remaining,
-            interval_s=0.05,
-            what="the hub's MQTT link",
-        )
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self.terminate(timeout_s)
-
-    def log_tail(self, chars: int = 2000) -> str:
-        return self.log()[-chars:]
-
-
-async def register_devices(api: httpx.AsyncClient, ids: Sequence[str], *, concurrency: int) -> None:
-    """POST every device, at most ``concurrency`` at once; raises BenchError on a refusal."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(device_id: str) -> None:
-        async with gate:
-            response = await api.post("/devices", json={"id": device_id, "labels": LABELS})
-        if response.status_code != 201:
-            raise BenchError(
-                f"registering {device_id}: HTTP {response.status_code} {response.text[:200]}"
-            )
-
-    await asyncio.gather(*(one(i) for i in ids))
 
 
 async def fleet_summary(api: httpx.AsyncClient) -> dict[str, Any]:
@@ -454,20 +372,15 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
                 result.setup_s["broker_start"] = clock() - t
 
                 t = clock()
-                hub = HubChild(workdir, broker.url, log_level=cfg.hub_log_level)
-                stack.callback(hub.stop)
-                hub.start()
-                api = await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=hub.base_url + "/api/v1", timeout=30.0)
+                _hub, api = await start_hub(
+                    stack,
+                    lambda: HubChild(workdir, broker.url, log_level=cfg.hub_log_level),
+                    timeout_s=cfg.deadline_s,
                 )
-                await hub.wait_ready(api, timeout_s=cfg.deadline_s)
                 result.setup_s["hub_ready"] = clock() - t
 
                 t = clock()
-                await asyncio.wait_for(
-                    register_devices(api, ids, concurrency=cfg.register_concurrency),
-                    cfg.deadline_s,
-                )
+                await asyncio.wait_for(register_batch(api, ids, LABELS), cfg.deadline_s)
                 result.setup_s["register"] = clock() - t
 
                 t = clock()

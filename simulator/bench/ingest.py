@@ -57,19 +57,21 @@ import httpx
 from driftless import logs
 from hub.devbroker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
+    BenchError,
     HubWorker,
     command_line,
     cpu_seconds,
     host_info,
     hub_stats,
     median,
+    poll,
     processed_reports,
     ratio,
     register_batch,
+    start_hub,
     workdir,
     write_results,
 )
-from simulator.bench.converge import BenchError, poll
 from simulator.bench.mqttload import BASELINE_ROOT, REPORT_ROOT, LoadChild, LoadError, last_seq
 from simulator.fleet import device_ids
 
@@ -87,7 +89,7 @@ class IngestConfig:
     mode: Mode = "live"
     two_workers: bool = True
     deadline_s: float = 180.0
-    poll_interval_s: float = 0.02
+    poll_interval_s: float = 0.05  # each poll costs the hub an HTTP request
     publisher_inflight: int = 100
     hub_log_level: str = "info"
     workdir: Path | None = None
@@ -321,20 +323,17 @@ class Bench:
         return list(pids)
 
     async def start_hub(self, stack: contextlib.AsyncExitStack, workdir_: Path, name: str) -> None:
-        hub = HubWorker(
-            workdir_,
-            self.broker.url,
-            name=name,
-            db_path=workdir_ / "hub.db",
-            log_level=self.cfg.hub_log_level,
-        )
-        stack.callback(hub.stop)
+        def make() -> HubWorker:
+            return HubWorker(
+                workdir_,
+                self.broker.url,
+                name=name,
+                db_path=workdir_ / "hub.db",
+                log_level=self.cfg.hub_log_level,
+            )
+
+        hub, api = await start_hub(stack, make, timeout_s=self.cfg.deadline_s)
         stack.callback(self._resume, hub)  # never leave a paused hub behind
-        hub.start()
-        api = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=hub.base_url + "/api/v1", timeout=30.0)
-        )
-        await hub.wait_ready(api, timeout_s=self.cfg.deadline_s)
         self.hubs.append((hub, api))
 
     @staticmethod
@@ -472,7 +471,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--json", type=Path, default=None, help="default bench-results/ingest-MODE.json"
     )
     parser.add_argument("--deadline-s", type=float, default=180.0, help="limit on every wait")
-    parser.add_argument("--poll-interval-s", type=float, default=0.02)
+    parser.add_argument("--poll-interval-s", type=float, default=0.05)
     parser.add_argument("--hub-log-level", default="info")
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
     parser.add_argument("--log-level", default="warning")

@@ -86,6 +86,18 @@ def write_states(path: Path, states: Mapping[str, AgentState]) -> None:
     os.replace(tmp, path)
 
 
+def read_all(state_dir: Path) -> dict[str, AgentState]:
+    """Every device's newest state across all journals in ``state_dir``."""
+    merged: dict[str, AgentState] = {}
+    for path in [*sorted(state_dir.glob(JOURNAL_GLOB)), state_dir / "others.jsonl"]:
+        states, _bad = read_journal(path)
+        for device_id, state in states.items():
+            known = merged.get(device_id)
+            if known is None or _newer(state, known):
+                merged[device_id] = state
+    return merged
+
+
 def redistribute(state_dir: Path, slices: Sequence[Iterable[str]]) -> list[Path]:
     """Merge every journal in ``state_dir`` and write one per slice of device ids.
 
@@ -95,14 +107,7 @@ def redistribute(state_dir: Path, slices: Sequence[Iterable[str]]) -> list[Path]
     another prefix or fewer devices loses nothing.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    merged: dict[str, AgentState] = {}
-    old_files = [*sorted(state_dir.glob(JOURNAL_GLOB)), state_dir / "others.jsonl"]
-    for path in old_files:
-        states, _bad = read_journal(path)
-        for device_id, state in states.items():
-            known = merged.get(device_id)
-            if known is None or _newer(state, known):
-                merged[device_id] = state
+    merged = read_all(state_dir)
     paths: list[Path] = []
     for index, ids in enumerate(slices):
         part = {d: merged.pop(d) for d in ids if d in merged}

@@ -177,9 +177,9 @@ class AgentDriver:
             case TSubscribed(granted=granted):
                 if granted:
                     self._subscribed = True
-                    self.feed(Subscribed(now))
                     if self._mqtt_source is not None:
                         self._mqtt_source.link_up()
+                    self.feed(Subscribed(now))
                 else:
                     log.error(
                         "subscription refused",

@@ -378,6 +378,8 @@ class Fetcher:
     def run(self) -> None:
         while (job := self._jobs.get()) is not None:
             generation, bundles = job
+            with self._lock:  # jobs come in generation order: older marks are spent
+                self._cancelled = {g for g in self._cancelled if g >= generation}
             if self._is_cancelled(generation):
                 continue
             ok, error = True, None

@@ -155,14 +155,21 @@ def _check_range(bundle: str, offset: int, length: int) -> bytes:
     return bytes.fromhex(bundle)
 
 
+def encode_chunk_header(bundle: str, offset: int, length: int) -> bytes:
+    """Pure: the 50-byte header of a data frame whose ``length`` bytes follow it.
+
+    For writers that read the bytes straight into the frame's buffer. Raises
+    ValueError past :data:`MAX_CHUNK_BYTES` or for a bad field.
+    """
+    if length > MAX_CHUNK_BYTES:
+        raise ValueError(f"{length} bytes exceed the {MAX_CHUNK_BYTES}-byte chunk limit")
+    raw = _check_range(bundle, offset, length)
+    return FRAME_HEADER.pack(FRAME_MAGIC, FRAME_VERSION, FrameKind.DATA, raw, offset, length)
+
+
 def encode_chunk(bundle: str, offset: int, data: bytes) -> bytes:
     """Pure: a data frame; raises ValueError past :data:`MAX_CHUNK_BYTES` or for a bad field."""
-    if len(data) > MAX_CHUNK_BYTES:
-        raise ValueError(f"{len(data)} bytes exceed the {MAX_CHUNK_BYTES}-byte chunk limit")
-    raw = _check_range(bundle, offset, len(data))
-    return FRAME_HEADER.pack(FRAME_MAGIC, FRAME_VERSION, FrameKind.DATA, raw, offset, len(data)) + (
-        data
-    )
+    return encode_chunk_header(bundle, offset, len(data)) + data
 
 
 def encode_chunk_error(

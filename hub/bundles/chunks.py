@@ -19,10 +19,13 @@ Rules:
   the device accepts only the chunk at the offset it expects next. Devices are
   served concurrently, at most ``bundle_serve_concurrency`` chunks read or
   awaiting their PUBACK at once.
-- Constant memory: a chunk is read with ``os.pread`` of at most
-  ``bundle_chunk_max_bytes``; queues are bounded (``bundle_serve_queue_max``
-  in all, ``bundle_serve_device_queue_max`` per device) and a request past a
-  bound is dropped and counted (the device times out and asks again).
+- Constant memory: a chunk is read with one ``preadv`` of at most
+  ``bundle_chunk_max_bytes`` straight into its frame. The read is tried on the
+  event loop with ``RWF_NOWAIT`` (page cache only, never waits for the disk)
+  and done in a worker thread otherwise. Queues are bounded
+  (``bundle_serve_queue_max`` in all, ``bundle_serve_device_queue_max`` per
+  device) and a request past a bound is dropped and counted (the device times
+  out and asks again).
 - Nothing a device sends stops the server; a lost connection ends in a
   jittered backoff and another attempt, queued requests are dropped with it.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -57,6 +61,7 @@ from protocols import (
     parse_topic,
     topic,
 )
+from protocols.bundles import FRAME_HEADER_BYTES, encode_chunk_header
 from protocols.topics import shared_subscription
 
 log = logging.getLogger(__name__)
@@ -141,17 +146,25 @@ def parse_request(topic_name: str, payload: bytes) -> BundleRequest:
 class Answer:
     """The frame for one request, and what it was (for the counters)."""
 
-    frame: bytes
+    frame: bytes | bytearray
     data_bytes: int
     error: ChunkErrorCode | None = None
 
 
-def answer(files: BundleFiles, request: BundleRequest, *, max_chunk_bytes: int) -> Answer:
-    """Blocking: read the requested range and frame it; never raises for a bad request.
+_NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
-    Reads at most ``max_chunk_bytes`` (one ``pread``); the file's size is taken
-    from the open file, so a file retired in between is either read whole or
-    reported unknown.
+
+def answer(
+    files: BundleFiles, request: BundleRequest, *, max_chunk_bytes: int, nowait: bool = False
+) -> Answer | None:
+    """Read the requested range and frame it; never raises for a bad request.
+
+    Reads at most ``max_chunk_bytes`` straight into the frame's buffer (one
+    ``preadv``); the file's size is taken from the open file, so a file retired
+    in between is either read whole or reported unknown. With ``nowait`` the
+    read uses ``RWF_NOWAIT``: it only takes bytes already in the page cache and
+    returns None instead of waiting for the disk (the caller then reads in a
+    worker thread), so the event loop never blocks on storage.
     """
 
     def refuse(code: ChunkErrorCode, detail: str) -> Answer:
@@ -176,12 +189,26 @@ def answer(files: BundleFiles, request: BundleRequest, *, max_chunk_bytes: int) 
                 ChunkErrorCode.BAD_RANGE,
                 f"offset {request.offset} is not before the end of the {size}-byte file",
             )
-        data = os.pread(fd, min(request.length, size - request.offset), request.offset)
+        want = min(request.length, size - request.offset)
+        frame = bytearray(FRAME_HEADER_BYTES + want)
+        frame[:FRAME_HEADER_BYTES] = encode_chunk_header(request.bundle, request.offset, want)
+        body = memoryview(frame)[FRAME_HEADER_BYTES:]
+        if nowait:
+            try:
+                got = os.preadv(fd, [body], request.offset, os.RWF_NOWAIT)
+            except OSError as exc:
+                if isinstance(exc, BlockingIOError) or exc.errno in _NOWAIT_UNSUPPORTED:
+                    return None
+                raise
+            return Answer(frame, want) if got == want else None
+        got = os.preadv(fd, [body], request.offset)
+        if got != want:  # the file shrank under us
+            return Answer(encode_chunk(request.bundle, request.offset, bytes(body[:got])), got)
     except OSError as exc:
         return refuse(ChunkErrorCode.UNAVAILABLE, f"cannot read the bundle: {exc.strerror}")
     finally:
         os.close(fd)
-    return Answer(encode_chunk(request.bundle, request.offset, data), len(data))
+    return Answer(frame, want)
 
 
 class ChunkServer:
@@ -365,12 +392,7 @@ class ChunkServer:
                 self.stats.queued -= 1
                 await slots.acquire()
                 try:
-                    result = await asyncio.to_thread(
-                        answer,
-                        self._files,
-                        request,
-                        max_chunk_bytes=self._settings.bundle_chunk_max_bytes,
-                    )
+                    result = await self._answer(request)
                 except BaseException:
                     slots.release()
                     raise
@@ -389,7 +411,21 @@ class ChunkServer:
                     self.stats.dropped["unsent"] += len(queue)
                     self.stats.queued -= len(queue)
 
-    async def _publish(self, client: aiomqtt.Client, device_id: str, frame: bytes) -> None:
+    async def _answer(self, request: BundleRequest) -> Answer:
+        """Bytes in the page cache are read on the loop; anything else in a worker thread."""
+        max_chunk_bytes = self._settings.bundle_chunk_max_bytes
+        cached = answer(self._files, request, max_chunk_bytes=max_chunk_bytes, nowait=True)
+        if cached is not None:
+            return cached
+        result = await asyncio.to_thread(
+            answer, self._files, request, max_chunk_bytes=max_chunk_bytes
+        )
+        assert result is not None
+        return result
+
+    async def _publish(
+        self, client: aiomqtt.Client, device_id: str, frame: bytes | bytearray
+    ) -> None:
         assert self._slots is not None
         try:
             await client.publish(topic(device_id, Channel.BUNDLE_DATA), frame, qos=1)

@@ -113,3 +113,21 @@ def test_hub_stats_carry_the_chunk_servers_counters(tmp_path: Path) -> None:
         assert stats["bundles"]["requests"] == 0
         assert stats["bundles"]["mqtt_connected"] is False
         assert hub.app.state.chunk_server.client_id == "driftless-hub-bundles"
+
+
+def test_nowait_reads_only_from_the_page_cache(stored: tuple[BundleFiles, str, bytes]) -> None:
+    files, sha, data = stored
+    wanted = request(bundle=sha, offset=4096, length=8192)
+    cached = answer(files, wanted, max_chunk_bytes=65536, nowait=True)
+    assert cached is not None and decode_frame(cached.frame) == ChunkData(
+        bundle=sha, offset=4096, data=data[4096:12288]
+    )
+    fd = os.open(files.path(sha), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+    finally:
+        os.close(fd)
+    assert answer(files, wanted, max_chunk_bytes=65536, nowait=True) is None  # would wait
+    blocking = answer(files, wanted, max_chunk_bytes=65536)  # what the worker thread does
+    assert blocking is not None and decode_frame(blocking.frame) == decode_frame(cached.frame)

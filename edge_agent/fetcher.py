@@ -29,6 +29,7 @@ Rules:
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import queue
@@ -267,7 +268,7 @@ class HttpSource:
         request = self._pending[0]
         try:
             event = self._get(request)
-        except (urllib.error.URLError, OSError, _Transient) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _Transient) as exc:
             delay = self._backoff.next_delay_s()
             self._retry_at = self._monotonic() + delay
             log.warning(
@@ -390,6 +391,9 @@ class Fetcher:
                 continue
             except FetchFailure as exc:
                 ok, error = False, str(exc)
+            except OSError as exc:  # the device's own storage (full disk, permissions)
+                log.exception("fetch failed on local storage", extra={"generation": generation})
+                ok, error = False, f"cannot store bundles: {exc.strerror or exc}"
             except Exception as exc:  # a bug here must not kill the agent
                 log.exception("fetch crashed", extra={"generation": generation})
                 ok, error = False, f"internal error while fetching bundles: {exc!r}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,30 @@ def test_without_a_root_bundles_cannot_be_applied(tmp_path: Path) -> None:
 def test_a_version_named_like_the_pointer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InstallError, match="collides"):
         Workloads(tmp_path).version_dir("thermo", "current")
+
+
+def _loaded(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.strip()
+
+
+def test_an_agent_that_sees_no_bundle_loads_no_verification_stack() -> None:
+    # FIELD-NOTES: cryptography costs a device ~8 MB; only the fetch step needs it.
+    code = (
+        "import sys, edge_agent.driver\n"
+        "lazy = ('cryptography', 'tarfile', 'firmware_bundles.trust', 'edge_agent.fetcher')\n"
+        "print(sorted(m for m in lazy if m in sys.modules))\n"
+    )
+    assert _loaded(code) == "[]"
+
+
+def test_the_fetch_path_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, edge_agent.fetcher, edge_agent.runtime\n"
+        "heavy = {'pydantic', 'sqlmodel', 'fastapi', 'sqlalchemy', 'aiomqtt', 'httpx',"
+        " 'starlette'}\n"
+        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
+    )
+    assert _loaded(code) == "[]"

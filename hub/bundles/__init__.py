@@ -9,6 +9,8 @@ Layers, each importing only those above it:
 - ``files``: content-addressed files on disk and uploads in progress.
 - ``intake``: verification of an uploaded file against the fleet root.
 - ``store``: data access; the only code that changes a row or a stored file.
+- ``chunks``: the chunk server that answers devices' MQTT requests from the
+  stored files (read only; its own broker connection, no database).
 
 Rules:
 - A bundle is identified by the SHA-256 of the whole bundle file (header,

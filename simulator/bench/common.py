@@ -95,6 +95,10 @@ class HubChild(procs.HubChild):
             what="the hub's MQTT link",
         )
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self.terminate(timeout_s)
 
@@ -124,10 +128,6 @@ class HubWorker(HubChild):
         self.argv[self.argv.index("--db") + 1] = f"sqlite:///{db_path}"
         self.argv += ["--client-id", f"driftless-hub-{name}"]
         self.log_path = workdir / f"hub-{name}.log"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
 
 
 async def start_hub(
@@ -254,5 +254,7 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
 
 
 def write_results(path: Path, document: Mapping[str, Any]) -> None:
+    """Write a result file, stamped with the local date and time it was recorded."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    stamped = {**document, "recorded_at": time.strftime("%Y-%m-%d %H:%M")}
+    path.write_text(json.dumps(stamped, indent=2) + "\n")

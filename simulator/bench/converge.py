@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -46,7 +44,15 @@ import httpx
 from driftless import logs
 from hub.devbroker import BrokerError, MosquittoBroker
 from protocols import Desired, encode
-from simulator.bench.common import BenchError, HubChild, poll, register_batch, start_hub
+from simulator.bench.common import (
+    BenchError,
+    HubChild,
+    command_line,
+    poll,
+    register_batch,
+    start_hub,
+    write_results,
+)
 from simulator.fleet import Fleet, FleetConfig, FleetError, FleetTimeout, device_ids
 
 __all__ = ["BenchError", "HubChild", "poll"]  # imported from here by older callers and tests
@@ -476,11 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(format_table(result))
     path = args.json or Path("bench-results") / f"converge-{cfg.devices}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(
-        ["python", "-m", "simulator.bench.converge", *(sys.argv[1:] if argv is None else argv)]
-    )
-    path.write_text(json.dumps(result.as_json(command), indent=2) + "\n")
+    write_results(path, result.as_json(command_line("simulator.bench.converge", argv)))
     print(f"results written to {path}")
     return 0
 

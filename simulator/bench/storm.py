@@ -1,0 +1,519 @@
+"""Reconnect-storm benchmark: every device drops at once, desired state changes, all return.
+
+``python -m simulator.bench.storm --devices 5000`` starts its own Mosquitto and
+hub (``driftless hub serve``, SQLite) on loopback, registers N devices, and runs
+them as real agent cores in W worker processes (``simulator.workers``, the
+simulator's own ``storm`` fault schedule). Once every device is connected and in
+sync, R times, at a scheduled instant:
+
+1. every device's TCP connection is cut without DISCONNECT (the broker sends the
+   Wills) and its network stays away ``offline_s``;
+2. once the hub shows every device offline, one ``PUT /api/v1/fleet/desired``
+   changes the desired state of all of them (it must return before the networks
+   come back, or the round does not count);
+3. every device's network returns within ``reconnect_window_s`` (1 s) and it
+   reconnects (persistent session, birth, the newest document, apply, report).
+
+**Storm time** is from the first network return until ``GET /fleet/summary``
+shows every device online and in sync (polled every ``poll_interval_s``);
+milestones on the same clock: every device connected (the workers' counters,
+which arrive every 0.2 s, so this one can trail the others by that much), every
+device online on the hub. The **baseline**, measured in the same run on
+the same broker before each storm, is :class:`simulator.bench.converge.Baseline`:
+N QoS 1 messages the size of a desired document published to per-device topics
+and echoed back by one bare aiomqtt client, until all N echoes are back. Also
+recorded per storm: the hub's CPU seconds (``/proc/<pid>/stat``) from the cut to
+"in sync", and messages per device on the hub (``/hub/stats``: received and
+published) and on the devices (the workers' counters: in and out).
+
+Rules:
+- Loopback only; every wait has a deadline; every storm is scheduled up front
+  (a pure schedule shared by all workers, ``simulator.profiles``).
+- Broker, hub and workers are stopped at exit, on error and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from driftless import logs
+from hub.devbroker import BrokerError, MosquittoBroker
+from simulator.bench.common import (
+    BenchError,
+    HubChild,
+    command_line,
+    cpu_seconds,
+    host_info,
+    hub_stats,
+    median,
+    poll,
+    ratio,
+    register_batch,
+    start_hub,
+    workdir,
+    write_results,
+)
+from simulator.bench.converge import DOCUMENT_BYTES, Baseline, bench_config, fleet_summary
+from simulator.fleet import device_ids
+from simulator.profiles import ApplySpec, Profile, StormSpec
+from simulator.workers import WorkerPool, WorkerSpec, split
+
+PREFIX = "storm"
+LABELS = {"bench": "storm"}
+
+
+@dataclass(frozen=True)
+class StormConfig:
+    devices: int = 5000
+    workers: int = 2
+    repeats: int = 3
+    first_storm_s: float = 0.0  # 0: 30 s + 20 ms per device after the workers start
+    storm_every_s: float = 0.0  # 0: 30 s + 12 ms per device
+    offline_s: float = 6.0
+    reconnect_window_s: float = 1.0
+    deadline_s: float = 240.0
+    poll_interval_s: float = 0.1
+    baseline_inflight: int = 100
+    max_concurrent_connects: int = 64  # per worker
+    seed: int = 0
+    hub_log_level: str = "info"
+    workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.devices < 1 or self.workers < 1 or self.repeats < 1:
+            raise ValueError("devices, workers and repeats must be at least 1")
+        if self.offline_s <= 0 or self.reconnect_window_s < 0 or self.deadline_s <= 0:
+            raise ValueError("offline_s and deadline_s must be positive")
+
+    @property
+    def first_at_s(self) -> float:
+        return self.first_storm_s or 30.0 + 0.02 * self.devices
+
+    @property
+    def every_s(self) -> float:
+        return self.storm_every_s or 30.0 + 0.012 * self.devices
+
+    def storm_times(self) -> tuple[float, ...]:
+        """Pure: seconds after the epoch at which each storm cuts every connection."""
+        return tuple(self.first_at_s + k * self.every_s for k in range(self.repeats))
+
+    def profile(self) -> Profile:
+        """Pure: the built-in ``storm`` profile's applies, with this run's schedule."""
+        return Profile(
+            name="bench-storm",
+            description="simulator.bench.storm: scheduled storms, quick applies",
+            apply=ApplySpec(time_s=0.05, jitter_s=0.05, failure_rate=0.0),
+            storm=StormSpec(
+                at_s=self.storm_times(),
+                offline_s=self.offline_s,
+                reconnect_window_s=self.reconnect_window_s,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Storm:
+    index: int
+    baseline_s: float
+    storm_s: float  # first network return -> every device online and in sync on the hub
+    connected_s: float  # first network return -> every device connected (workers)
+    online_s: float  # first network return -> the hub shows every device online
+    all_offline_after_cut_s: float  # the cut -> the hub shows every device offline
+    put_before_return_s: float  # how long before the first return the PUT had returned
+    hub_cpu_s: float
+    hub_received_per_device: float
+    hub_published_per_device: float
+    device_in_per_device: float
+    device_out_per_device: float
+    connect_failures: int
+
+
+@dataclass
+class StormResult:
+    config: StormConfig
+    payload_bytes: int = 0
+    setup_s: dict[str, float] = field(default_factory=dict)
+    storms: list[Storm] = field(default_factory=list)
+    hub_stats: dict[str, Any] = field(default_factory=dict)
+    fleet_counters: dict[str, Any] = field(default_factory=dict)
+
+    def medians(self) -> dict[str, float]:
+        names = [n for n in Storm.__dataclass_fields__ if n != "index"]
+        return {n: median([float(getattr(s, n)) for s in self.storms]) for n in names}
+
+    def ratio(self) -> float:
+        m = self.medians()
+        return ratio(m["storm_s"], m["baseline_s"])
+
+    def as_json(self, command: str) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["workdir"] = str(config["workdir"]) if config["workdir"] else None
+        return {
+            "benchmark": "storm",
+            "command": command,
+            "devices": self.config.devices,
+            "workers": self.config.workers,
+            "repeats": self.config.repeats,
+            "payload_bytes": self.payload_bytes,
+            "config": config,
+            "storm_times_s": list(self.config.storm_times()),
+            "host": host_info(),
+            "setup_s": {k: round(v, 4) for k, v in self.setup_s.items()},
+            "storms": [asdict(s) for s in self.storms],
+            "median": {k: round(v, 4) for k, v in self.medians().items()},
+            "ratio_storm_over_baseline": round(self.ratio(), 3),
+            "hub_stats": self.hub_stats,
+            "fleet_counters": self.fleet_counters,
+        }
+
+
+ROWS = (
+    ("baseline: bare MQTT echo", "baseline_s", "{:.3f}"),
+    ("ours: all connected", "connected_s", "{:.3f}"),
+    ("ours: hub shows all online", "online_s", "{:.3f}"),
+    ("ours: hub shows all in sync", "storm_s", "{:.3f}"),
+    ("hub CPU seconds", "hub_cpu_s", "{:.2f}"),
+    ("hub msgs/device in", "hub_received_per_device", "{:.2f}"),
+    ("hub msgs/device out", "hub_published_per_device", "{:.2f}"),
+    ("device msgs in", "device_in_per_device", "{:.2f}"),
+    ("device msgs out", "device_out_per_device", "{:.2f}"),
+)
+
+
+def format_table(result: StormResult) -> str:
+    """Pure: the human-readable table printed at the end of a run."""
+    cfg = result.config
+    lines = [
+        f"storm: {cfg.devices} devices in {cfg.workers} workers, {cfg.repeats} storms, offline "
+        f"{cfg.offline_s:g} s, all back within {cfg.reconnect_window_s:g} s, loopback",
+        f"{'(seconds from the first return)':<32}"
+        + "".join(f"{'storm ' + str(s.index):>10}" for s in result.storms)
+        + f"{'median':>10}",
+    ]
+    medians = result.medians()
+    for label, name, fmt in ROWS:
+        cells = "".join(f"{fmt.format(getattr(s, name)):>10}" for s in result.storms)
+        lines.append(f"{label:<32}{cells}{fmt.format(medians[name]):>10}")
+    lines.append(f"ratio storm/baseline (median): {result.ratio():.2f}x")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+async def wait_wall(until: float, *, what: str, limit_s: float) -> None:
+    """Sleep until wall-clock ``until``; raises BenchError if that is more than limit_s away."""
+    delay = until - time.time()
+    if delay > limit_s:
+        raise BenchError(f"{what} is {delay:.0f}s away, past the deadline")
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def pool_until(
+    pool: WorkerPool,
+    predicate: Callable[[dict[str, Any]], bool],
+    *,
+    timeout_s: float,
+    what: str,
+) -> float:
+    """Wait (woken by worker snapshots) until ``predicate(counters)``; returns time.time().
+
+    Raises BenchError at the deadline or if a worker reports an error or dies.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not predicate(pool.counters()):
+        if pool.errors():
+            raise BenchError("; ".join(pool.errors()))
+        if pool.alive() < len(pool.workers):
+            raise BenchError(f"a worker died while waiting for {what}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BenchError(f"timed out after {timeout_s}s waiting for {what}")
+        await pool.wait_changed(min(remaining, 0.5))
+    return time.time()
+
+
+async def summary_until(
+    api: httpx.AsyncClient,
+    predicate: Callable[[dict[str, Any]], bool],
+    *,
+    cfg: StormConfig,
+    what: str,
+) -> float:
+    """Poll the fleet summary until ``predicate``; returns the wall-clock time it held."""
+    await poll(
+        lambda: fleet_summary(api),
+        predicate,
+        timeout_s=cfg.deadline_s,
+        interval_s=cfg.poll_interval_s,
+        what=what,
+    )
+    return time.time()
+
+
+async def put_desired(api: httpx.AsyncClient, n: int, round_no: int, ids: Sequence[str]) -> None:
+    """One fleet-wide change of every benchmark device; raises BenchError."""
+    response = await api.put(
+        "/fleet/desired",
+        json={"selector": {"labels": LABELS}, "config": bench_config(round_no, ids[0])},
+    )
+    if response.status_code != 200 or response.json().get("updated") != n:
+        raise BenchError(f"PUT /fleet/desired: HTTP {response.status_code} {response.text[:300]}")
+
+
+async def run_storm(
+    index: int,
+    *,
+    cfg: StormConfig,
+    epoch: float,
+    at_s: float,
+    api: httpx.AsyncClient,
+    hub: HubChild,
+    pool: WorkerPool,
+    baseline: Baseline,
+    ids: Sequence[str],
+) -> Storm:
+    n = cfg.devices
+    cut = epoch + at_s
+    back = cut + cfg.offline_s  # the first network may return now; the last within the window
+    baseline_s = await baseline.measure(index, timeout_s=cfg.deadline_s)
+    if time.time() > cut - 1.0:
+        raise BenchError(
+            f"storm {index}: the fleet was not settled before the storm; "
+            "raise --storm-every-s / --first-storm-s"
+        )
+    await wait_wall(cut - 0.5, what=f"storm {index}", limit_s=cfg.deadline_s + cfg.every_s)
+    stats0, cpu0, fleet0 = await hub_stats(api), cpu_seconds(hub.pid), pool.counters()
+    t_offline = await summary_until(
+        api, lambda s: s["online"] == 0, cfg=cfg, what=f"storm {index}: hub shows all offline"
+    )
+    await put_desired(api, n, 100 + index, ids)
+    put_done = time.time()
+    if put_done >= back:
+        raise BenchError(
+            f"storm {index}: the change returned {put_done - back:.2f}s after the networks "
+            "came back; raise --offline-s"
+        )
+
+    async def connected() -> float:
+        return await pool_until(
+            pool,
+            lambda c: c.get("connected", 0) >= n and c.get("connects", 0) >= fleet0["connects"] + n,
+            timeout_s=cfg.deadline_s,
+            what=f"storm {index}: {n} reconnected",
+        )
+
+    async def online() -> float:
+        return await summary_until(
+            api, lambda s: s["online"] == n, cfg=cfg, what=f"storm {index}: hub shows all online"
+        )
+
+    t_connected_task = asyncio.create_task(connected())
+    t_online_task = asyncio.create_task(online())
+    try:
+        t_sync = await summary_until(
+            api,
+            lambda s: s["online"] == n and s["in_sync"] == n,
+            cfg=cfg,
+            what=f"storm {index}: hub shows all online and in sync",
+        )
+        t_connected, t_online = await t_connected_task, await t_online_task
+    finally:
+        t_connected_task.cancel()
+        t_online_task.cancel()
+    cpu = cpu_seconds(hub.pid) - cpu0
+    stats1, fleet1 = await hub_stats(api), pool.counters()
+    received = stats1["received"].get("total", 0) - stats0["received"].get("total", 0)
+    published = stats1["desired_published"] - stats0["desired_published"]
+    return Storm(
+        index=index,
+        baseline_s=baseline_s,
+        storm_s=t_sync - back,
+        connected_s=t_connected - back,
+        online_s=t_online - back,
+        all_offline_after_cut_s=t_offline - cut,
+        put_before_return_s=back - put_done,
+        hub_cpu_s=cpu,
+        hub_received_per_device=received / n,
+        hub_published_per_device=published / n,
+        device_in_per_device=(fleet1["messages_in"] - fleet0["messages_in"]) / n,
+        device_out_per_device=(fleet1["messages_out"] - fleet0["messages_out"]) / n,
+        connect_failures=fleet1["connect_failures"] - fleet0["connect_failures"],
+    )
+
+
+async def run_bench(cfg: StormConfig) -> StormResult:
+    """The whole benchmark; raises BenchError or BrokerError."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    ids = device_ids(cfg.devices, PREFIX)
+    result = StormResult(config=cfg)
+    clock = time.perf_counter
+    try:
+        with workdir(cfg.workdir, "driftless-storm-") as work:
+            async with contextlib.AsyncExitStack() as stack:
+                t = clock()
+                broker = MosquittoBroker(work / "broker")
+                stack.callback(broker.stop)
+                broker.start()
+                hub, api = await start_hub(
+                    stack,
+                    lambda: HubChild(work, broker.url, log_level=cfg.hub_log_level),
+                    timeout_s=cfg.deadline_s,
+                )
+                result.setup_s["broker_and_hub"] = clock() - t
+                t = clock()
+                await register_batch(api, ids, LABELS)
+                result.setup_s["register"] = clock() - t
+
+                t = clock()
+                epoch = time.time()
+                specs = [
+                    WorkerSpec(
+                        index=i,
+                        prefix=PREFIX,
+                        count=cfg.devices,
+                        start=part.start,
+                        stop=part.stop,
+                        broker_url=broker.url,
+                        seed=cfg.seed,
+                        profile=cfg.profile(),
+                        epoch=epoch,
+                        parent_pid=os.getpid(),
+                        snapshot_interval_s=0.2,
+                        max_concurrent_connects=cfg.max_concurrent_connects,
+                        log_level="warning",
+                    )
+                    for i, part in enumerate(split(cfg.devices, cfg.workers))
+                ]
+                pool = WorkerPool(specs, log_dir=work / "workers", respawn=False)
+                stack.push_async_callback(pool.stop)
+                await pool.start()
+                first_cut = epoch + cfg.first_at_s
+                await pool_until(
+                    pool,
+                    lambda c: c.get("connected", 0) >= cfg.devices,
+                    timeout_s=min(cfg.deadline_s, max(1.0, first_cut - time.time())),
+                    what=f"{cfg.devices} devices connected before the first storm",
+                )
+                result.setup_s["fleet_connected"] = clock() - t
+                await put_desired(api, cfg.devices, 1, ids)
+                await summary_until(
+                    api,
+                    lambda s: s["online"] == cfg.devices and s["in_sync"] == cfg.devices,
+                    cfg=cfg,
+                    what="the fleet online and in sync before the first storm",
+                )
+                result.setup_s["fleet_in_sync"] = clock() - t
+
+                payload_bytes = DOCUMENT_BYTES  # the size of a desired document
+                result.payload_bytes = payload_bytes
+                baseline = await stack.enter_async_context(
+                    Baseline(
+                        broker.host,
+                        broker.port,
+                        ids,
+                        payload_bytes=payload_bytes,
+                        inflight=cfg.baseline_inflight,
+                    )
+                )
+                for index, at_s in enumerate(cfg.storm_times(), start=1):
+                    result.storms.append(
+                        await run_storm(
+                            index,
+                            cfg=cfg,
+                            epoch=epoch,
+                            at_s=at_s,
+                            api=api,
+                            hub=hub,
+                            pool=pool,
+                            baseline=baseline,
+                            ids=ids,
+                        )
+                    )
+                result.fleet_counters = pool.counters()
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    result.hub_stats = await hub_stats(api)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator.bench.storm", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--devices", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="storms")
+    parser.add_argument("--first-storm-s", type=float, default=0.0, help="0: 30 s + 20 ms/device")
+    parser.add_argument("--storm-every-s", type=float, default=0.0, help="0: 30 s + 12 ms/device")
+    parser.add_argument("--offline-s", type=float, default=6.0)
+    parser.add_argument("--reconnect-window-s", type=float, default=1.0)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="default bench-results/storm-N.json"
+    )
+    parser.add_argument("--deadline-s", type=float, default=240.0, help="limit on every wait")
+    parser.add_argument("--poll-interval-s", type=float, default=0.1)
+    parser.add_argument("--max-concurrent-connects", type=int, default=64, help="per worker")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hub-log-level", default="info")
+    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
+    parser.add_argument("--log-level", default="warning")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.configure(args.log_level, fmt="console")
+    try:
+        cfg = StormConfig(
+            devices=args.devices,
+            workers=args.workers,
+            repeats=args.repeats,
+            first_storm_s=args.first_storm_s,
+            storm_every_s=args.storm_every_s,
+            offline_s=args.offline_s,
+            reconnect_window_s=args.reconnect_window_s,
+            deadline_s=args.deadline_s,
+            poll_interval_s=args.poll_interval_s,
+            max_concurrent_connects=args.max_concurrent_connects,
+            seed=args.seed,
+            hub_log_level=args.hub_log_level,
+            workdir=args.workdir,
+        )
+    except ValueError as exc:
+        print(f"storm: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(run_bench(cfg))
+    except (BenchError, BrokerError) as exc:
+        print(f"storm: failed: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("storm: interrupted; broker, hub and workers stopped", file=sys.stderr)
+        return 130
+    print(format_table(result))
+    path = args.json or Path("bench-results") / f"storm-{cfg.devices}.json"
+    write_results(path, result.as_json(command_line("simulator.bench.storm", argv)))
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

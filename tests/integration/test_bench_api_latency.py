@@ -1,0 +1,47 @@
+"""The API latency benchmark end to end at a tiny size, so the script cannot silently rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_sim_bench import processes_naming
+
+pytestmark = pytest.mark.integration
+
+
+def test_api_latency_bench_measures_every_phase_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "api.json"
+    workdir = tmp_path / "work"
+    argv = [
+        *("--devices", "300", "--requests", "10", "--repeats", "1"),
+        *("--steady-rate", "200", "--saturating-messages", "6000"),
+        *("--deadline-s", "30", "--json", str(out), "--workdir", str(workdir)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "simulator.bench.api_latency", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "saturated" in done.stdout
+
+    result = json.loads(out.read_text())
+    assert [r["phase"] for r in result["runs"]] == ["idle", "steady", "saturated"]
+    for run in result["runs"]:
+        for endpoint in ("list", "get"):
+            latencies = run["endpoints"][endpoint]
+            assert latencies["n"] == 10
+            assert 0 < latencies["p50_ms"] <= latencies["p99_ms"] <= latencies["max_ms"]
+    idle, steady, saturated = result["runs"]
+    assert idle["reports_per_s"] == 0
+    assert steady["reports_per_s"] > 0 and saturated["reports_per_s"] > 0
+    assert result["hub_stats"]["rejected"] == {}
+    assert '"hub stopped"' in (workdir / "hub.log").read_text()
+    assert processes_naming(str(workdir)) == []

@@ -1,0 +1,97 @@
+"""The report script on results built by the benchmarks' own result types (so the schemas agree)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from simulator.bench import api_latency, converge, ingest, report, storm
+
+
+def write(path: Path, document: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**document, "recorded_at": "2026-11-29 12:00"}))
+
+
+def ingest_doc(mode: ingest.Mode, hub_rate: float) -> dict[str, object]:
+    result = ingest.IngestResult(
+        config=ingest.IngestConfig(mode=mode, repeats=2), payload_bytes=181
+    )
+    for index in (1, 2):
+        for kind, rate in (("broker", 8000), ("bare", 4000), ("hub", hub_rate),
+                           ("bare_x2", 6000), ("hub_x2", hub_rate * 1.5)):  # fmt: skip
+            seconds = 50_000 / rate
+            result.rounds.append(
+                ingest.Measurement(kind, index, 50_000, seconds, 9000.0, seconds / 2, 0.5)
+            )
+    return result.as_json(f"python -m simulator.bench.ingest --mode {mode}")
+
+
+def api_doc() -> dict[str, object]:
+    result = api_latency.ApiResult(config=api_latency.ApiConfig(repeats=1))
+    for phase, ms in (("idle", 4.0), ("steady", 9.0), ("saturated", 61.0)):
+        lat = api_latency.Latencies(n=500, p50_ms=ms / 2, p99_ms=ms, max_ms=ms * 2)
+        result.runs.append(
+            api_latency.PhaseRun(phase, 1, {"list": lat, "get": lat}, 5.0, 100.0, True, 1.0)
+        )
+    return result.as_json("python -m simulator.bench.api_latency")
+
+
+def storm_doc() -> dict[str, object]:
+    result = storm.StormResult(config=storm.StormConfig(repeats=1), payload_bytes=256)
+    result.storms.append(
+        storm.Storm(1, 1.5, 12.0, 9.0, 10.0, 0.4, 3.0, 20.0, 4.0, 2.0, 1.0, 3.0, 0)
+    )
+    return result.as_json("python -m simulator.bench.storm")
+
+
+def converge_doc(devices: int) -> dict[str, object]:
+    result = converge.BenchResult(
+        config=converge.BenchConfig(devices=devices, repeats=1), payload_bytes=257
+    )
+    result.rounds.append(converge.Round(1, 2.0, 2.6, 0.5, 1.5, 2.2))
+    return result.as_json(f"python -m simulator.bench.converge --devices {devices}")
+
+
+def test_report_fills_the_generated_part_and_keeps_the_rest(tmp_path: Path) -> None:
+    results = tmp_path / "bench-results"
+    write(results / "ingest-live.json", ingest_doc("live", 3000))
+    write(results / "ingest-drain.json", ingest_doc("drain", 3200))
+    write(results / "before" / "ingest-live.json", ingest_doc("live", 1500))
+    write(results / "api-10000.json", api_doc())
+    write(results / "storm-5000.json", storm_doc())
+    write(results / "converge-5000.json", converge_doc(5000))
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text("# Benchmarks\n\nHand-written text stays.\n")
+    argv = ["--results", str(results), "--doc", str(doc), "--img-dir", str(tmp_path / "docs/img")]
+
+    assert report.main(argv) == 0
+    first = doc.read_text()
+    assert first.startswith("# Benchmarks\n\nHand-written text stays.\n")
+    assert first.count(report.BEGIN) == 1 and first.count(report.END) == 1
+    assert ".venv/bin/python -m simulator.bench.ingest --mode live" in first
+    assert "| ingest ≥ 0.7x bare subscriber (live) | 0.75x | **met** |" in first
+    assert "| API p99 < 50 ms while busy | 61.0 ms (worst) | **not met** |" in first
+    assert "| reconnect storm within 2x of baseline | 8.00x | **not met** |" in first
+    assert "| convergence at 5,000 within 1.5x of baseline | 1.30x | **met** |" in first
+    assert "before: reports/s" in first and "2026-11-29 12:00" in first
+    for name in ("ingest", "api", "storm", "converge"):
+        png = tmp_path / "docs" / "img" / f"bench-{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](img/bench-{name}.png)" in first
+
+    doc.write_text(first + "\nA note after the generated part.\n")
+    assert report.main([*argv, "--no-plots"]) == 0
+    second = doc.read_text()
+    assert second.count(report.BEGIN) == 1
+    assert second.endswith("\nA note after the generated part.\n")
+    assert "Hand-written text stays." in second
+
+
+def test_a_benchmark_without_results_is_left_out(tmp_path: Path) -> None:
+    results = tmp_path / "bench-results"
+    write(results / "api-10000.json", api_doc())
+    text = report.render(report.load(results), images=[])
+    assert "API latency" in text
+    assert "Reconnect storm" not in text and "Hub ingest" not in text

@@ -66,6 +66,14 @@ def add_subcommands(top: Any) -> None:
     )
     run.add_argument("--max-respawns", type=int, default=5, help="per worker")
     run.add_argument("--max-concurrent-connects", type=int, default=64, help="per worker")
+    run.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        metavar="ROOT_JSON",
+        help="the fleet's root.json: devices fetch and verify bundles against it "
+        "(without it, a desired state that references bundles fails)",
+    )
 
     show = commands.add_parser("profile", help="print a built-in profile as JSON (a template)")
     show.add_argument("name", help="stable, flaky, storm, slow, or a profile file to check")
@@ -105,6 +113,7 @@ def dispatch(args: argparse.Namespace) -> int:
             max_respawns=args.max_respawns,
             max_concurrent_connects=args.max_concurrent_connects,
             log_level=args.log_level,
+            root=args.root,
         )
         from driftless.net import parse_broker_url
         from protocols import validate_device_id

@@ -7,12 +7,20 @@ Rules:
 - Events per connection attempt: ``Connecting`` (the core picks the session
   and its Will) -> CONNECT with that Will, ``clean_start=False`` -> on CONNACK,
   resend the newest unsent report, then ``Connected`` (status online + birth) ->
-  SUBSCRIBE to the desired topic at QoS 1 -> messages that arrived before the
-  SUBACK are fed as ``DesiredPayload`` first, so the core coalesces them ->
-  ``Subscribed`` -> each later desired message is a ``DesiredPayload``. A lost
-  connection feeds ``Disconnected``; ``Apply`` runs the simulated applier in its
-  own task and feeds ``ApplyDone``; an orderly stop feeds ``Stopping`` (status
+  one SUBSCRIBE to the desired and bundle_data topics at QoS 1 -> messages that
+  arrived before the SUBACK are fed first (desired documents as
+  ``DesiredPayload``, so the core coalesces them; bundle frames to the transfer)
+  -> the transfer hears "link up" -> ``Subscribed`` -> each later desired
+  message is a ``DesiredPayload``. A lost connection feeds ``Disconnected`` (and
+  "link down" to the transfer); ``Apply`` runs the simulated applier in its own
+  task and feeds ``ApplyDone``; an orderly stop feeds ``Stopping`` (status
   offline) and disconnects cleanly, so the broker drops the Will.
+- ``Fetch`` runs the real bundle fetch core (``edge_agent.fetch.BundleFetch``)
+  over the device's own link (``simulator.transfer``) and feeds ``FetchDone``;
+  ``CancelFetch`` stops it, keeping what arrived for a resume. Without a
+  trusted root (``FleetConfig.root_path``) a fetch fails at once with a reason,
+  as on a device started without ``--root``; the verification stack is loaded
+  only when the fleet has a root.
 - State lives in memory only: ``PersistState`` replaces the device's saved state.
 - Reports are state, so only the newest unsent one is kept for the next
   connection (ARCHITECTURE invariant 5); births and status are per session and
@@ -28,7 +36,8 @@ Rules:
   DISCONNECT (the broker sends the Will) and it makes no attempt until the network
   is back; then it connects as soon as its backoff allows. Windows may overlap
   (flaky + storm): the network is up only when every window has ended.
-- A device's "disk" is its last ``PersistState``; a fleet can be given the states
+- A device's "disk" is its last ``PersistState`` (plus, in memory only, its
+  bundle storage: ``simulator.transfer.SimDisk``); a fleet can be given the states
   to start from and a ``persist`` callback (``simulator.journal``), so a worker
   process that is killed and restarted keeps its devices' sessions and generations.
 - Nothing here imports aiomqtt or paho; ``simulator.link`` does the MQTT.
@@ -46,8 +55,9 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import driftless
 from driftless.net import Backoff
@@ -58,11 +68,14 @@ from edge_agent.core import (
     Apply,
     ApplyDone,
     Booted,
+    CancelFetch,
     Connected,
     Connecting,
     DesiredPayload,
     Disconnected,
     Event,
+    Fetch,
+    FetchDone,
     Ignored,
     PersistState,
     Publish,
@@ -72,7 +85,8 @@ from edge_agent.core import (
     Subscribed,
 )
 from edge_agent.runtime import ApplyError
-from protocols import Channel, Desired, topic, validate_device_id
+from edge_agent.settings import FetchConfig
+from protocols import Channel, Desired, bundle_references, topic, validate_device_id
 from simulator.link import DeviceLink, Incoming, LinkError, LinkSettings
 from simulator.profiles import (
     ApplySpec,
@@ -85,7 +99,11 @@ from simulator.profiles import (
     offline_windows,
 )
 
+if TYPE_CHECKING:
+    from simulator.transfer import DeviceTransfers, TransferSettings
+
 __all__ = [
+    "BundleCounters",
     "Fleet",
     "FleetConfig",
     "FleetCounters",
@@ -145,6 +163,16 @@ class FleetConfig:
     storm: StormSpec | None = None
     slow: SlowSpec | None = None
     profile_name: str = "custom"
+    root_path: Path | None = None
+    """The fleet's root.json: devices verify bundles against it; None: a fetch fails."""
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    """Chunk size, window and timeouts of every device's transfers (the agent's defaults)."""
+    bundle_disk_max_bytes: int = 256 * 1024 * 1024
+    """Each device's simulated bundle storage, accounted in bytes (none are kept)."""
+    frame_queue_max: int = 64
+    """Chunk frames waiting per device; more are dropped (and asked for again)."""
+    max_transfer_s: float = 3600.0
+    """A bundle not complete after this long fails its generation (the partial stays)."""
 
     @classmethod
     def from_profile(
@@ -191,6 +219,10 @@ class FleetConfig:
             raise ValueError("device ids must be unique (each one is an MQTT client id)")
         for device_id in self.device_ids:
             validate_device_id(device_id)
+        if self.bundle_disk_max_bytes <= 0 or self.max_transfer_s <= 0:
+            raise ValueError("bundle_disk_max_bytes and max_transfer_s must be positive")
+        if self.frame_queue_max < 2 * self.fetch.window_chunks:
+            raise ValueError("frame_queue_max must hold at least two windows of chunks")
 
     def link_settings(self) -> LinkSettings:
         return LinkSettings.from_url(
@@ -284,6 +316,39 @@ def _bump(table: dict[Any, int], key: Any) -> None:
 
 
 @dataclass
+class BundleCounters:
+    """What the fleet's bundle transfers did (``simulator.transfer``); all totals."""
+
+    jobs: int = 0  # Fetch actions run (a generation's bundles)
+    jobs_ok: int = 0
+    jobs_failed: int = 0
+    jobs_cancelled: int = 0  # superseded by a newer document (CancelFetch)
+    fetched: int = 0  # bundles that arrived whole and verified
+    already_held: int = 0  # bundles a job found verified on the device's disk
+    requests: int = 0  # bundle_req messages the broker acknowledged
+    requests_unsent: int = 0  # requests that met a link down (sent again on LinkUp)
+    frames: int = 0  # bundle_data frames received (data and error frames)
+    frame_bytes: int = 0  # data bytes in the data frames received
+    bytes_accepted: int = 0  # bytes the fetch cores accepted (each byte of a bundle once)
+    duplicate_bytes: int = 0  # data bytes in frames dropped as duplicates
+    link_drops: int = 0  # links lost while a transfer was in progress
+    resumes: int = 0  # transfers that continued with bytes already held
+    resumed_bytes: int = 0  # the bytes held at those moments (not asked for again)
+    fetched_after_resume: int = 0  # bundles completed that had resumed at least once
+    evicted: int = 0  # bundles evicted from simulated disks to make room
+    dropped: dict[str, int] = field(default_factory=dict)  # frames dropped, by why
+    frames_rejected: dict[str, int] = field(default_factory=dict)  # malformed frames, by reason
+    errors: dict[str, int] = field(default_factory=dict)  # bundles refused, by error type
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        out: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            out[name] = dict(sorted(value.items())) if isinstance(value, dict) else value
+        return out
+
+
+@dataclass
 class FleetCounters:
     """What the whole fleet did; mutated only by its devices, read by anyone."""
 
@@ -305,6 +370,8 @@ class FleetCounters:
     network_drops: int = 0  # offline windows begun (a device's network went down)
     severed: int = 0  # connections cut by a fault (no DISCONNECT: the broker sends the Will)
     offline_now: int = 0  # devices whose network is down right now
+    ever_connected: int = 0  # devices that have had a session at least once
+    bundles: BundleCounters = field(default_factory=BundleCounters)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy (generation keys become strings)."""
@@ -327,6 +394,8 @@ class FleetCounters:
             "bytes_out": self.bytes_out,
             "network_drops": self.network_drops,
             "severed": self.severed,
+            "ever_connected": self.ever_connected,
+            "bundles": self.bundles.snapshot(),
         }
 
 
@@ -348,6 +417,7 @@ class VirtualDevice:
         clock: Callable[[], float],
         state: AgentState | None = None,
         persist: Callable[[str, AgentState], None] | None = None,
+        transfer_settings: TransferSettings | None = None,
     ) -> None:
         self.device_id = device_id
         self.core = AgentCore(device_id, state or AgentState(), config.agent_version)
@@ -363,6 +433,9 @@ class VirtualDevice:
         self.session_present: bool | None = None  # the last CONNACK's flag
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.reported_topic = topic(device_id, Channel.REPORTED)
+        self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
+        self.transfers: DeviceTransfers | None = None  # made at the first Fetch
+        self._transfer_settings = transfer_settings
         self._settings = settings
         self._counters = counters
         self._gate = connect_gate
@@ -374,6 +447,9 @@ class VirtualDevice:
         self._will: tuple[str, bytes] | None = None
         self._unsent_report: Publish | None = None
         self._apply_task: asyncio.Task[None] | None = None
+        self._refusal_task: asyncio.Task[None] | None = None
+        self._link_ready = False  # subscribed on the current session (bundle frames flow)
+        self._ever_connected = False
         self._offline_depth = 0  # offline windows in force; the network is up at 0
         self._wake = asyncio.Event()  # set when the network returns or stop() is called
 
@@ -399,6 +475,11 @@ class VirtualDevice:
                 self._apply_task = asyncio.create_task(
                     self._apply(desired), name=f"apply:{self.device_id}"
                 )
+            case Fetch(generation=generation, bundles=bundles):
+                self._fetch(generation, bundles)
+            case CancelFetch(generation=generation):
+                if self.transfers is not None:
+                    self.transfers.cancel(generation)
             case Rejected(reason=reason, detail=detail):
                 _bump(self._counters.rejected, reason)
                 self._changed()
@@ -431,12 +512,60 @@ class VirtualDevice:
             self._counters.reports_sent += 1
             self._changed()
 
+    def _fetch(self, generation: int, bundles: tuple[str, ...]) -> None:
+        """Run the core's Fetch: the real fetch core over this link, or a refusal."""
+        if self._transfer_settings is None:
+            self._refusal_task = asyncio.create_task(
+                self._fetch_done(
+                    generation,
+                    False,
+                    "no trusted root: this simulated device cannot verify bundles; start the "
+                    "simulator with --root ROOT_JSON (the fleet's root.json)",
+                ),
+                name=f"fetch:{self.device_id}",
+            )
+            self._counters.bundles.jobs += 1
+            self._counters.bundles.jobs_failed += 1
+            _bump(self._counters.bundles.errors, "NoTrustedRoot")
+            return
+        if self.transfers is None:
+            from simulator.transfer import DeviceTransfers
+
+            self.transfers = DeviceTransfers(
+                self.device_id,
+                self._transfer_settings,
+                counters=self._counters.bundles,
+                changed=self._changed,
+                publish=self._publish_request,
+                finished=self._fetch_done,
+                link_up=self._link_ready,
+            )
+        self.transfers.start(generation, bundles)
+
+    async def _fetch_done(self, generation: int, ok: bool, error: str | None) -> None:
+        await self.feed(FetchDone(generation, ok, error, self._clock()))
+
+    async def _publish_request(self, name: str, payload: bytes) -> bool:
+        """A bundle request, QoS 1; False when there is no connection to take it."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            await link.publish(name, payload, qos=1, retain=False)
+        except LinkError:
+            return False
+        self._counters.messages_out += 1
+        self._counters.bytes_out += len(payload)
+        return True
+
     async def _apply(self, desired: Desired) -> None:
         ok, error = True, None
         try:
             await self.applier.apply(desired)
         except ApplyError as exc:
             ok, error = False, str(exc)
+        if ok and self.transfers is not None:  # the install: security versions, what to keep
+            self.transfers.applied(bundle_references(desired.config))
         # Counted before the report goes out, so whoever sees the report sees the count.
         _bump(self._counters.applied if ok else self._counters.failed, desired.generation)
         self._changed()
@@ -486,6 +615,9 @@ class VirtualDevice:
         self.session_present = present
         self._counters.connected += 1
         self._counters.connects += 1
+        if not self._ever_connected:
+            self._ever_connected = True
+            self._counters.ever_connected += 1
         self._changed()
         if self._offline_depth > 0:  # the network went while the CONNACK was on its way
             link.sever()
@@ -494,6 +626,9 @@ class VirtualDevice:
             await self._serve(link, present)
         finally:
             self._link = None
+            self._link_ready = False
+            if self.transfers is not None:
+                self.transfers.link_down()
             self._counters.connected -= 1
             if not self._stopping.is_set():
                 self._counters.connections_lost += 1
@@ -507,11 +642,17 @@ class VirtualDevice:
             if report is not None:
                 await self._publish(report)
         await self.feed(Connected(self._clock(), session_present))
-        if not await link.subscribe(self.desired_topic, qos=1):
+        # One SUBSCRIBE for both channels, as the agent does: a transfer hears "link up"
+        # only once bundle frames can flow.
+        if not await link.subscribe(self.desired_topic, self.bundle_data_topic, qos=1):
             raise LinkError(f"{self.device_id}: subscription to {self.desired_topic} refused")
-        # Everything already received arrived before the SUBACK: the core coalesces it.
+        # Everything already received arrived before the SUBACK: the core coalesces it,
+        # and a transfer handles the frames the broker kept before it hears "link up".
         for _ in range(link.pending()):
             await self._on_message(await link.receive())
+        self._link_ready = True
+        if self.transfers is not None:
+            self.transfers.link_up()
         await self.feed(Subscribed(self._clock()))
         self.backoff.reset()
         while True:
@@ -524,6 +665,11 @@ class VirtualDevice:
             self._counters.desired_received += 1
             self._changed()
             await self.feed(DesiredPayload(message.payload, self._clock()))
+        elif message.topic == self.bundle_data_topic:
+            if self.transfers is not None:
+                self.transfers.on_frame(message.payload)
+            else:
+                _bump(self._counters.bundles.dropped, "not_fetching")
 
     async def _goodbye(self, link: DeviceLink) -> None:
         if link.is_open:
@@ -536,8 +682,11 @@ class VirtualDevice:
         """Orderly shutdown: no apply in flight, status offline, clean DISCONNECT."""
         self._stopping.set()
         self._wake.set()
-        if self._apply_task is not None and not self._apply_task.done():
-            self._apply_task.cancel()
+        for task in (self._apply_task, self._refusal_task):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.transfers is not None:
+            await self.transfers.close()
         link = self._link
         if link is not None:
             await self._goodbye(link)
@@ -695,6 +844,7 @@ class Fleet:
             raise FleetError("fleet already started")
         limit = raise_nofile_limit(len(self) + FD_HEADROOM)
         gate = asyncio.Semaphore(self.config.max_concurrent_connects)
+        transfers = self._transfer_settings()
         for device_id in self.config.device_ids:
             device = VirtualDevice(
                 device_id,
@@ -706,6 +856,7 @@ class Fleet:
                 clock=self._clock,
                 state=self._states.pop(device_id, None),
                 persist=self._persist,
+                transfer_settings=transfers,
             )
             self.devices[device_id] = device
             self._tasks.append(asyncio.create_task(device.run(), name=f"device:{device_id}"))
@@ -729,6 +880,30 @@ class Fleet:
                 "max_concurrent_connects": self.config.max_concurrent_connects,
                 "nofile": limit,
             },
+        )
+
+    def _transfer_settings(self) -> TransferSettings | None:
+        """What every device shares for bundle transfers; None without a root.
+
+        Loads the verification stack only when there is a root. Raises FleetError
+        for a root that cannot be read or does not verify.
+        """
+        cfg = self.config
+        if cfg.root_path is None:
+            return None
+        from simulator.transfer import TransferSettings, load_trusted_root
+
+        try:
+            root = load_trusted_root(cfg.root_path)
+        except ValueError as exc:
+            raise FleetError(str(exc)) from None
+        return TransferSettings(
+            trusted_root=root,
+            fetch=cfg.fetch,
+            disk_max_bytes=cfg.bundle_disk_max_bytes,
+            frame_queue_max=cfg.frame_queue_max,
+            max_transfer_s=cfg.max_transfer_s,
+            wall_clock=self._clock,
         )
 
     async def wait_until(

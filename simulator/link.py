@@ -11,6 +11,11 @@ Rules:
   aiomqtt or paho type crosses this module's boundary.
 - Nothing here touches protocol state: it moves bytes and reports CONNACK's
   session-present flag, SUBACK's verdict and incoming messages in order.
+- A message the client received is delivered even if the connection dropped
+  right after: paho acknowledged it on receipt, so the broker will not send it
+  again, and a device's paho client would have handed it to the agent before
+  reporting the disconnect. :meth:`DeviceLink.receive` raises LinkError only
+  once nothing received is left.
 - A ``slow`` link (``LinkSettings.slow``) is modelled here, in user space, with a
   :class:`simulator.profiles.Shaper` per direction: an outgoing message is handed
   to aiomqtt only when it would have reached the broker, and its PUBACK, a
@@ -155,7 +160,6 @@ class DeviceLink:
         """Connect and wait for CONNACK; return session-present. Raises LinkError."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s
-        queue_type = self._stamped_queue if self._down is not None else None
         await _pass(self._up, CONNECT_WIRE_BYTES)
         client = _Client(
             self.settings.host,
@@ -167,7 +171,7 @@ class DeviceLink:
             properties=props,
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.op_timeout_s,
-            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]] | None", queue_type),
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", self._stamped_queue),
         )
         self._client = client
         try:
@@ -195,14 +199,21 @@ class DeviceLink:
         if qos:
             await _pass(self._down, ACK_WIRE_BYTES)
 
-    async def subscribe(self, topic: str, *, qos: int = 1) -> bool:
-        """Subscribe and wait for the SUBACK; True when granted. Raises LinkError."""
-        await _pass(self._up, publish_wire_bytes(topic, 1, 0))  # SUBSCRIBE: about that size
+    async def subscribe(self, *topics: str, qos: int = 1) -> bool:
+        """Subscribe to every topic in one SUBSCRIBE and wait for the SUBACK.
+
+        True when every topic was granted. Raises LinkError.
+        """
+        size = sum(publish_wire_bytes(t, 1, 0) for t in topics)  # SUBSCRIBE: about that size
+        await _pass(self._up, size)
         client = self._require()
+        wanted: str | list[tuple[str, int]] = (
+            topics[0] if len(topics) == 1 else [(t, qos) for t in topics]
+        )
         try:
-            codes = await client.subscribe(topic, qos=qos)
+            codes = await client.subscribe(wanted, qos=qos)
         except aiomqtt.MqttError as exc:
-            raise LinkError(f"{self.client_id}: subscribe to {topic} failed: {exc}") from exc
+            raise LinkError(f"{self.client_id}: subscribe to {topics} failed: {exc}") from exc
         await _pass(self._down, ACK_WIRE_BYTES)
         return all(not getattr(code, "is_failure", False) for code in codes)
 
@@ -211,18 +222,23 @@ class DeviceLink:
         return len(self._require().messages)
 
     async def receive(self) -> Incoming:
-        """The next message in arrival order; raises LinkError once the connection is gone."""
+        """The next message in arrival order; raises LinkError once the connection is gone
+        and every message received before that has been handed out."""
         messages = self._require().messages
-        try:
-            message = await anext(messages)
-        except aiomqtt.MqttError as exc:
-            self._open = False
-            raise LinkError(f"{self.client_id}: connection lost: {exc}") from exc
+        queue = self._queue
+        if queue is not None and not queue.empty():  # received, whether or not still connected
+            message = queue.get_nowait()
+        else:
+            try:
+                message = await anext(messages)
+            except aiomqtt.MqttError as exc:
+                self._open = False
+                raise LinkError(f"{self.client_id}: connection lost: {exc}") from exc
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload or "").encode()
-        if self._queue is not None:
+        if self._down is not None and queue is not None:
             size = publish_wire_bytes(message.topic.value, len(data), message.qos)
-            await _pass(self._down, size, sent_at=self._queue.last_arrival)
+            await _pass(self._down, size, sent_at=queue.last_arrival)
         return Incoming(message.topic.value, data, bool(message.retain))
 
     def sever(self) -> None:

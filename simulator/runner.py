@@ -16,6 +16,9 @@ Rules:
   are never touched. The summary's ``in_sync`` is hub-wide (the live line says
   ``sync`` against the hub's total); the final figures count only this run's
   devices (``GET /devices?label=sim=<prefix>``, paged).
+- ``--root`` is checked before anything starts (an unreadable or unverifiable
+  root is status 2) and handed to every worker, so devices fetch and verify
+  the bundles their desired state references.
 - Every loop is bounded: ticks by ``duration_s`` or a signal, settling by
   ``settle_s``, registration by ceil(N / chunk) requests, listings by
   ceil(N / 1000) + 1 pages, every HTTP call by a timeout. A hub that does not
@@ -88,6 +91,7 @@ class RunConfig:
     http_timeout_s: float = 60.0
     stop_timeout_s: float = 30.0
     log_level: str = "info"
+    root: Path | None = None  # the fleet's root.json, handed to every worker
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -217,6 +221,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{'messages out':30}{msgs['out']:>14}{_rate(msgs['out'], n):>14}",
         f"{'rejected':30}{summary['rejected']:>14}",
     ]
+    bundles = summary.get("bundles") or {}
+    if bundles.get("jobs"):
+        lines += [
+            f"{'bundle fetches ok / failed':30}"
+            f"{str(bundles['jobs_ok']) + ' / ' + str(bundles['jobs_failed']):>14}",
+            f"{'bundle bytes accepted':30}{bundles['bytes_accepted']:>14}",
+            f"{'bundle bytes received':30}{bundles['frame_bytes']:>14}",
+            f"{'transfer link drops / resumes':30}"
+            f"{str(bundles['link_drops']) + ' / ' + str(bundles['resumes']):>14}",
+        ]
     if summary.get("connected_s") is not None:
         lines.append(f"{'all connected after':30}{summary['connected_s']:>13.1f}s")
     for change in summary["changes"]:
@@ -454,6 +468,7 @@ class Run:
                 "sent": int(c.get("reports_sent", 0)),
                 "deferred": int(c.get("reports_deferred", 0)),
             },
+            "bundles": c.get("bundles", {}),
             "changes": [asdict(ch) for ch in self.changes],
             "hub_summary": self.hub,
             "hub_misses": self.hub_misses,
@@ -659,6 +674,13 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
     from simulator.fleet import device_ids
 
     cfg = run.cfg
+    if cfg.root is not None:  # refused here (status 2) rather than by every worker
+        from simulator.transfer import load_trusted_root
+
+        try:
+            load_trusted_root(cfg.root)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
     ids = device_ids(cfg.devices, cfg.prefix)
     ranges = split(cfg.devices, cfg.workers)
     async with httpx.AsyncClient(base_url=cfg.api_url, timeout=cfg.http_timeout_s) as api:
@@ -695,6 +717,7 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
                 snapshot_interval_s=cfg.interval_s,
                 max_concurrent_connects=cfg.max_concurrent_connects,
                 log_level=cfg.log_level,
+                root=str(cfg.root.resolve()) if cfg.root is not None else None,
             )
             for i, r in enumerate(ranges)
         ]

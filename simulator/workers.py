@@ -76,6 +76,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_concurrent_connects: int = 64
     stop_timeout_s: float = 15.0
     log_level: str = "info"
+    root: str | None = None  # the fleet's root.json, for bundle transfers (``--root``)
 
 
 def split(count: int, workers: int) -> list[range]:
@@ -193,6 +194,7 @@ async def _serve(out: _Out) -> int:
             seed=spec.seed,
             max_concurrent_connects=spec.max_concurrent_connects,
             stop_timeout_s=spec.stop_timeout_s,
+            root_path=Path(spec.root) if spec.root else None,
         )
         fleet = Fleet(
             config,

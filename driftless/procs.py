@@ -98,6 +98,20 @@ class HubChild(DriftlessChild):
             log_level=log_level,
         )
 
+    def lost_port_race(self) -> bool:
+        """True when the hub exited because its port was taken after we picked it."""
+        return self.exited() is not None and "address already in use" in self.log()
+
+    def move_to_free_port(self) -> None:
+        """Pick another free port (after :meth:`lost_port_race`); only while stopped."""
+        if self.running():
+            raise RuntimeError("stop the hub before moving it to another port")
+        port = free_port()
+        index = self.argv.index("--port") + 1
+        self.argv[index] = str(port)
+        self.api_port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+
 
 class AgentChild(DriftlessChild):
     """``driftless agent run`` for one device, data in ``workdir/agent-<id>``."""

@@ -6,6 +6,7 @@ what it was waiting for when the deadline passes.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,11 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 class HubProcess(HubChild):
     """The hub as a real child process, with an httpx client for its API."""
 
@@ -51,7 +57,18 @@ class HubProcess(HubChild):
         self.api = httpx.Client(base_url=self.base_url + "/api/v1", timeout=10.0)
 
     def start(self, *, wait_mqtt: bool = True) -> None:
-        super().start()
+        for _attempt in range(3):  # a free port can be taken before the hub binds it
+            super().start()
+            wait_until(
+                lambda: self.exited() is not None or port_open(self.api_port),
+                timeout_s=30,
+                what="hub listening or exited",
+            )
+            if not self.lost_port_race():
+                break
+            self.move_to_free_port()
+            self.api.close()
+            self.api = httpx.Client(base_url=self.base_url + "/api/v1", timeout=10.0)
         try:
             wait_for_port("127.0.0.1", self.api_port, timeout_s=30)
             if wait_mqtt:

@@ -78,7 +78,7 @@ class ApiConfig:
     requests: int = 500  # per endpoint and phase
     repeats: int = 3
     steady_rate: float = 1000.0  # reports per second in the steady phase
-    saturating_messages: int = 60_000  # the flat-out publisher's whole load
+    saturating_messages: int = 150_000  # the flat-out publisher's whole load: outlasts the window
     deadline_s: float = 180.0
     seed: int = 0
     hub_log_level: str = "info"
@@ -367,7 +367,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=500, help="per endpoint and phase")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steady-rate", type=float, default=1000.0, help="reports per second")
-    parser.add_argument("--saturating-messages", type=int, default=60_000)
+    parser.add_argument("--saturating-messages", type=int, default=150_000)
     parser.add_argument("--json", type=Path, default=None, help="default bench-results/api-N.json")
     parser.add_argument("--deadline-s", type=float, default=180.0, help="limit on every wait")
     parser.add_argument("--seed", type=int, default=0)

@@ -461,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     results = load(args.results)
+    if not (results.converge or results.ingest or results.api or results.storm):
+        print(f"report: no results in {args.results}; nothing written", file=sys.stderr)
+        return 1
     drawn = [] if args.no_plots else plot_all(results, args.img_dir)
     links = [os.path.relpath(p, args.doc.parent) for p in drawn]
     document = args.doc.read_text() if args.doc.exists() else "# Benchmarks\n"

@@ -95,3 +95,11 @@ def test_a_benchmark_without_results_is_left_out(tmp_path: Path) -> None:
     text = report.render(report.load(results), images=[])
     assert "API latency" in text
     assert "Reconnect storm" not in text and "Hub ingest" not in text
+
+
+def test_no_results_writes_nothing(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    argv = ["--results", str(tmp_path / "none"), "--doc", str(doc), "--no-plots"]
+    assert report.main(argv) == 1
+    assert doc.read_text() == "# Benchmarks\n"

@@ -543,6 +543,10 @@ class VirtualDevice:
         self.transfers.start(generation, bundles)
 
     async def _fetch_done(self, generation: int, ok: bool, error: str | None) -> None:
+        if not ok and self.core.fetching == generation:
+            # A failed fetch fails the generation (counted before the report, as an apply).
+            _bump(self._counters.failed, generation)
+            self._changed()
         await self.feed(FetchDone(generation, ok, error, self._clock()))
 
     async def _publish_request(self, name: str, payload: bytes) -> bool:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ def load(results_dir: Path) -> Results:
 
     def read(path: Path) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(path.read_text())
+        if "recorded_at" not in data:  # files written before the stamp existed: their mtime
+            stamp = time.localtime(path.stat().st_mtime)
+            data["recorded_at"] = time.strftime("%Y-%m-%d %H:%M", stamp)
         return data
 
     converge = sorted(
@@ -297,7 +301,10 @@ def goals_section(results: Results) -> str:
     if results.storm is not None:
         r = results.storm["ratio_storm_over_baseline"]
         rows.append(goal_row("reconnect storm within 2x of baseline", f"{r:.2f}x", r <= 2.0))
-    for mode, doc in results.ingest.items():
+    for mode in ("live", "drain"):
+        doc = results.ingest.get(mode)
+        if doc is None:
+            continue
         r = doc["ratios"]["hub_over_bare"]
         rows.append(goal_row(f"ingest ≥ 0.7x bare subscriber ({mode})", f"{r:.2f}x", r >= 0.7))
         if "hub_x2_over_hub" in doc["ratios"]:
@@ -375,12 +382,18 @@ def plot_all(results: Results, img_dir: Path) -> list[Path]:
 
 
 def _bars(
-    ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[float]], *, fmt: str = "%.0f"
+    ax: Any,
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    fmt: str = "%.0f",
+    colors: Sequence[str] = (),
 ) -> None:
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=label)
+        color = colors[i] if i < len(colors) else None
+        bars = ax.bar(xs, values, width, label=label, color=color)
         ax.bar_label(bars, fmt=fmt, fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.legend(fontsize=8)
@@ -395,13 +408,18 @@ def _ingest_plot(ax: Any, results: Results) -> None:
     labels = {"broker": "broker\n(paho)", "bare": "bare\naiomqtt", "hub": "hub\n1 worker",
               "bare_x2": "bare aiomqtt\nx2", "hub_x2": "hub\n2 workers"}  # fmt: skip
     series: dict[str, list[float]] = {}
-    for mode, doc in results.ingest.items():
-        series[f"{mode} (after)"] = [doc["median_msgs_per_s"].get(k, 0.0) for k in kinds]
-        before = results.ingest_before.get(mode)
+    colors: list[str] = []
+    for mode, light, dark in (("live", "#9ecae1", "#3182bd"), ("drain", "#fdae6b", "#e6550d")):
+        doc, before = results.ingest.get(mode), results.ingest_before.get(mode)
         if before is not None:
-            series[f"{mode} (before)"] = [before["median_msgs_per_s"].get(k, 0.0) for k in kinds]
-    ordered = dict(sorted(series.items()))
-    _bars(ax, [labels[k] for k in kinds], ordered)
+            series[f"{mode}, hub before the rework"] = [
+                before["median_msgs_per_s"].get(k, 0.0) for k in kinds
+            ]
+            colors.append(light)
+        if doc is not None:
+            series[f"{mode}"] = [doc["median_msgs_per_s"].get(k, 0.0) for k in kinds]
+            colors.append(dark)
+    _bars(ax, [labels[k] for k in kinds], series, colors=colors)
     ax.set_ylabel("reports per second (median)")
     ax.set_title("Hub ingest vs bare subscribers on the same broker")
 

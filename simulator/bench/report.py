@@ -185,7 +185,7 @@ def before_after_section(
                 continue
             rows.append(
                 [
-                    f"{mode}: {INGEST_LABELS[kind].replace('**', '')}",
+                    f"{mode}: " + INGEST_LABELS[kind].replace("**", "").replace("ours: ", ""),
                     f"{b['median_msgs_per_s'][kind]:,.0f}",
                     f"{a['median_msgs_per_s'][kind]:,.0f}",
                     f"{b['cpu_us_per_message'][kind]:,.0f} → {a['cpu_us_per_message'][kind]:,.0f}",

@@ -159,26 +159,6 @@ class _Client(aiomqtt.Client):
         if failure.done() and not failure.cancelled():
             failure.exception()
 
-    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        """As aiomqtt's, but the writer is added only if the socket is still this client's
-        when the loop gets to it: a severed link's socket may be closed by then, and
-        asyncio would log a bad file descriptor."""
-        fileno = sock.fileno()
-
-        def write() -> None:
-            try:
-                client.loop_write()
-            except Exception as exc:  # the connection broke: aiomqtt's own handling
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
-                self.forget_failure()
-
-        def register() -> None:
-            if fileno >= 0 and client.socket() is sock and sock.fileno() == fileno:
-                self._loop.add_writer(fileno, write)
-
-        self._loop.call_soon_threadsafe(register)
-
     def sever(self) -> None:
         """Drop the TCP connection without DISCONNECT, as a pulled cable would."""
         sock = self._client.socket()
@@ -202,7 +182,7 @@ class DeviceLink:
         self._up = Shaper(slow) if slow is not None else None  # device -> broker
         self._down = Shaper(slow) if slow is not None else None  # broker -> device
         self._queue: _StampedQueue | None = None
-        self._waiting: set[asyncio.Task[Any]] = set()  # publishes/subscribes awaiting an ack
+        self._waiting: set[asyncio.Task[Any]] = set()  # requests awaiting an acknowledgement
 
     @property
     def is_open(self) -> bool:
@@ -251,8 +231,10 @@ class DeviceLink:
     ) -> T:
         """Await ``call()`` (an aiomqtt request that waits for its ack) unless the link is lost.
 
-        Raises LinkError at once when the connection drops, instead of after aiomqtt's
-        timeout; a cancellation of the caller itself propagates as usual.
+        The request runs in a task of its own, which :meth:`_lost` cancels when the
+        connection drops: the caller gets LinkError at once instead of after aiomqtt's
+        timeout, and is never cancelled itself (a cancellation of the caller by anyone
+        else propagates as usual). A request that completed anyway returns normally.
         """
         if client.lost:
             raise LinkError(f"{self.client_id}: {what}: connection lost")

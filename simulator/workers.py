@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -77,6 +78,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop_timeout_s: float = 15.0
     log_level: str = "info"
     root: str | None = None  # the fleet's root.json, for bundle transfers (``--root``)
+    fetch_chunk_bytes: int | None = None  # None: the simulator's defaults (fleet.SIM_FETCH)
+    fetch_window_chunks: int | None = None
 
 
 def split(count: int, workers: int) -> list[range]:
@@ -166,7 +169,7 @@ async def _stdin_reader() -> asyncio.StreamReader:
 
 
 async def _serve(out: _Out) -> int:
-    from simulator.fleet import Fleet, FleetConfig, FleetError, device_ids
+    from simulator.fleet import SIM_FETCH, Fleet, FleetConfig, FleetError, device_ids
     from simulator.journal import Journal
 
     commands = await _stdin_reader()
@@ -187,6 +190,11 @@ async def _serve(out: _Out) -> int:
     rss_base = rss_bytes()
     journal = Journal(Path(spec.journal)) if spec.journal else None
     try:
+        fetch = dataclasses.replace(
+            SIM_FETCH,
+            chunk_bytes=spec.fetch_chunk_bytes or SIM_FETCH.chunk_bytes,
+            window_chunks=spec.fetch_window_chunks or SIM_FETCH.window_chunks,
+        )
         config = FleetConfig.from_profile(
             spec.profile,
             broker_url=spec.broker_url,
@@ -195,6 +203,7 @@ async def _serve(out: _Out) -> int:
             max_concurrent_connects=spec.max_concurrent_connects,
             stop_timeout_s=spec.stop_timeout_s,
             root_path=Path(spec.root) if spec.root else None,
+            fetch=fetch,
         )
         fleet = Fleet(
             config,

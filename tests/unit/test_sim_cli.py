@@ -69,3 +69,31 @@ def test_two_runs_cannot_share_a_state_directory(tmp_path: Path) -> None:
         pass
     with state_lock(tmp_path):  # released afterwards
         pass
+
+
+def test_root_is_a_path_and_off_by_default() -> None:
+    assert build_parser().parse_args(["sim", "run", "--devices", "5"]).root is None
+    args = build_parser().parse_args(["sim", "run", "--devices", "5", "--root", "fleet/root.json"])
+    assert args.root == Path("fleet/root.json")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        pytest.param(None, "cannot read the trusted root", id="missing"),
+        pytest.param(b"{not json", "is not a usable root", id="not-a-root"),
+    ],
+)
+def test_an_unusable_root_is_refused_with_status_2_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    root = tmp_path / "root.json"
+    if content is not None:
+        root.write_bytes(content)
+    argv = [
+        *("sim", "run", "--devices", "3", "--state-dir", str(tmp_path / "state")),
+        *("--hub", "http://127.0.0.1:1", "--root", str(root)),  # no hub: refused before it
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "POST /devices/batch" not in err

@@ -150,12 +150,6 @@ async def test_twenty_devices_announce_themselves_and_apply_retained_desired(
             assert fleet.counters.applied == {1: 20, 2: 1}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known flake (~1 in 5): after a sever and reconnect with session_present, the "
-    "simulated device sometimes does not apply the documents queued in its session; the "
-    "retained copy and the birth republish still converge it (chaos suite). To be fixed.",
-)
 async def test_will_fires_on_a_dropped_link_and_the_session_survives_it(
     broker: MosquittoBroker,
 ) -> None:

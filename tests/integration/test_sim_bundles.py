@@ -11,7 +11,10 @@ by every device, and none applies it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from tests.integration.bundle_support import (
     hub_with_root,
     upload,
 )
+from tests.integration.test_sim_bench import processes_naming
 from tests.support import HubProcess
 
 pytestmark = pytest.mark.integration
@@ -179,3 +183,39 @@ async def test_a_bundle_tampered_with_on_the_hubs_disk_is_refused_by_every_devic
             hub, lambda s: s["failed"] == DEVICES, "the hub to see every device fail"
         )
         assert summary["in_sync"] == 0
+
+
+def test_the_bundle_fleet_bench_runs_both_phases_and_cleans_up(tmp_path: Path) -> None:
+    """The benchmark end to end at a tiny size (worker processes, --root), so it cannot rot."""
+    profile = tmp_path / "quick-flaky.toml"
+    profile.write_text(
+        'name = "quick-flaky"\nbase = "flaky"\n'
+        "[flaky]\nmean_online_s = 1.0\nmean_offline_s = 0.3\nmax_offline_s = 1.0\n"
+    )
+    out, work = tmp_path / "bundle-fleet.json", tmp_path / "work"
+    argv = [
+        *("--devices", str(DEVICES), "--workers", "2", "--repeats", "1"),
+        *("--payload-kib", "192", "--fetch-chunk-kib", "16", "--flaky-profile", str(profile)),
+        *("--deadline-s", "30", "--json", str(out), "--workdir", str(work)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "simulator.bench.bundle_fleet", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "ratio flaky/stable time" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python -m simulator.bench.bundle_fleet")
+    stable, flaky = result["phases"]
+    assert (stable["profile"], flaky["profile"]) == ("stable", "flaky")
+    for phase in (stable, flaky):
+        assert phase["devices"]["fetched"] == DEVICES and phase["devices"]["errors"] == {}
+        assert phase["bundle_bytes"] > 192 * 1024 and phase["applied_s"] > 0
+        assert phase["requests"] == phase["chunks_served"]  # every request answered with bytes
+    assert stable["served_per_device_ratio"] == 1.0 and stable["devices"]["link_drops"] == 0
+    assert 1.0 <= flaky["served_per_device_ratio"] <= 1 + SLACK
+    assert flaky["network_drops"] > 0
+    assert processes_naming(str(work)) == []

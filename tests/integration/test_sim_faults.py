@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from hub.devbroker import MosquittoBroker
 from protocols import Birth, Channel, Status, decode
 from simulator.fleet import Fleet, FleetConfig, device_ids
-from simulator.link import DeviceLink, LinkSettings
+from simulator.link import DeviceLink, LinkError, LinkSettings
 from simulator.profiles import FlakySpec, Profile, SlowSpec, StormSpec
 from tests.integration.test_sim_fleet import Peer, applied, peer_on
 
@@ -179,3 +181,31 @@ async def test_flaky_devices_drop_on_their_own_and_all_converge_once_healed(
         assert fleet.counters.network_drops == drops_after_heal
     wills = [s for s in peer.of(Channel.STATUS) if not decode(s.payload, Status).online]
     assert len(wills) >= 12
+
+
+# ---------------------------------------------------------------- a cut link
+
+
+async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_link_is_cut(
+    broker: MosquittoBroker,
+) -> None:
+    """aiomqtt alone waits for its timeout (10 s here); the device must hear at once."""
+    settings = LinkSettings(host=broker.host, port=broker.port, op_timeout_s=10.0)
+    link = DeviceLink("cut-1", settings, will_topic="t/cut-1/will", will_payload=b"gone")
+    await link.open()
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGSTOP)  # no PUBACK can come
+    try:
+        publishing = asyncio.create_task(link.publish("t/cut-1/out", b"x", qos=1, retain=False))
+        await asyncio.sleep(0.2)
+        assert not publishing.done()
+        t = time.monotonic()
+        link.sever()
+        with pytest.raises(LinkError, match="connection lost"):
+            await asyncio.wait_for(publishing, DEADLINE_S)
+        assert time.monotonic() - t < 1.0
+        with pytest.raises(LinkError):  # and nothing more is attempted on it
+            await link.publish("t/cut-1/out", b"y", qos=1, retain=False)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+        await link.close()

@@ -22,6 +22,10 @@ Rules:
   a failed apply. A newer document supersedes a fetch in progress
   (:class:`CancelFetch`, then its own step); it never interrupts an apply,
   it waits for it.
+- A desired payload is opened first (:func:`protocols.signed.open_sealed`):
+  with a trusted root only a document signed by a threshold of the root's
+  ``hub`` keys is read at all (invariant 9); without one (``--insecure-unsigned``)
+  it is taken unverified. Then its device id must be ours.
 - Time is an input (``now`` on every event); nothing here reads a clock.
 
 The same core runs in the paho driver on devices and in the simulator.
@@ -30,6 +34,7 @@ The same core runs in the paho driver on devices and in the simulator.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from protocols import (
     Birth,
@@ -45,6 +50,10 @@ from protocols import (
     topic,
     validate_device_id,
 )
+from protocols.signed import open_sealed
+
+if TYPE_CHECKING:
+    from firmware_bundles.trust import TrustedRoot
 
 HISTORY_LIMIT = 32
 
@@ -219,6 +228,10 @@ class AgentCore:
     device_id: str
     state: AgentState
     agent_version: str = "0"
+    # The fleet's root: desired documents must be signed by its hub role. None: unverified.
+    trusted_root: TrustedRoot | None = None
+    # Allowance for this device's clock being behind when checking the root's expiry.
+    clock_skew_s: int = 300
     _seq: int = 0
     _ready: bool = False
     _applying: int | None = None
@@ -289,7 +302,10 @@ class AgentCore:
         if not payload:
             return [Ignored(0, "desired document cleared by the hub")]
         try:
-            desired = decode(payload, Desired)
+            message = open_sealed(
+                payload, self.trusted_root, now=now, clock_skew_s=self.clock_skew_s
+            )
+            desired = decode(message, Desired)
         except ProtocolError as exc:
             return [Rejected(exc.reason.value, exc.detail)]
         if desired.device_id != self.device_id:

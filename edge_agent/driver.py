@@ -16,6 +16,8 @@ Rules:
   verification stack. Its result comes back to the core as ``FetchDone``.
 - ``--root`` is read once at start; an unreadable or invalid root stops the
   start (exit 2): a device must not run with a trust anchor it cannot check.
+  Without ``--root`` the agent starts only when told ``--insecure-unsigned``
+  (exit 2 otherwise), and then takes desired documents unverified.
 """
 
 from __future__ import annotations
@@ -127,7 +129,13 @@ class AgentDriver:
             agent_version=driftless.__version__,
             clock=clock,
         )
-        self.core = AgentCore(device_id, self.store.load(), driftless.__version__)
+        self.core = AgentCore(
+            device_id,
+            self.store.load(),
+            driftless.__version__,
+            trusted_root=trusted_root,
+            clock_skew_s=self.bundle_settings.clock_skew_s,
+        )
         self.transport = MqttTransport(device_id, broker_url, self._on_transport)
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
@@ -398,9 +406,14 @@ class AgentDriver:
 
 
 def run_agent(
-    *, device_id: str, broker_url: str, data_dir: Path, bundles: BundleSettings | None = None
+    *,
+    device_id: str,
+    broker_url: str,
+    data_dir: Path,
+    bundles: BundleSettings | None = None,
+    insecure_unsigned: bool = False,
 ) -> int:
-    """Entry point for ``driftless agent run``; 2 when the ``--root`` file is unusable."""
+    """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor."""
     settings = bundles or BundleSettings()
     trusted_root = None
     if settings.root_path is not None:
@@ -409,6 +422,21 @@ def run_agent(
         except RootFileError as exc:
             log.error("agent cannot start", extra={"device": device_id, "error": str(exc)})
             return 2
+    elif not insecure_unsigned:
+        log.error(
+            "agent cannot start",
+            extra={
+                "device": device_id,
+                "error": "no --root: give the fleet's root.json, or --insecure-unsigned "
+                "to accept desired documents unverified (experiments only)",
+            },
+        )
+        return 2
+    else:
+        log.warning(
+            "no trusted root: desired documents are NOT verified (--insecure-unsigned)",
+            extra={"device": device_id},
+        )
     driver = AgentDriver(
         device_id=device_id,
         broker_url=broker_url,

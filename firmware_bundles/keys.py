@@ -151,6 +151,16 @@ def sign_document(value: object, keys: Sequence[SigningKey]) -> bytes:
     return encode_envelope(signed, [key.sign(signed) for key in keys])
 
 
+def sign_bytes(signed: bytes, keys: Sequence[SigningKey]) -> bytes:
+    """Pure: the envelope of exactly ``signed`` (a JSON object, not re-encoded), signed by ``keys``.
+
+    The counterpart of :func:`firmware_bundles.trust.verify_signed_bytes`.
+    """
+    if not signed.startswith(b"{"):
+        raise ValueError("the signed part of an envelope must be a JSON object")
+    return encode_envelope(signed, [key.sign(signed) for key in keys])
+
+
 def add_signatures(
     envelope: bytes, keys: Sequence[SigningKey], *, limits: Limits = DEFAULT_LIMITS
 ) -> bytes:

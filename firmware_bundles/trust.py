@@ -263,11 +263,38 @@ def verify_document(
     decoding ``signed_bytes``. Raises ExpiredMetadataError, FormatError or
     ThresholdNotMetError.
     """
+    verified = verify_signed_bytes(
+        signed_envelope,
+        trusted_root,
+        now=now,
+        role=role,
+        clock_skew_s=clock_skew_s,
+        limits=limits,
+    )
+    canonical.check(verified.signed_bytes)
+    return verified
+
+
+def verify_signed_bytes(
+    signed_envelope: bytes,
+    trusted_root: TrustedRoot,
+    *,
+    now: float,
+    role: RoleName = "hub",
+    clock_skew_s: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> VerifiedDocument:
+    """Pure: like :func:`verify_document`, but the signed part need not be canonical.
+
+    For wire messages whose exact bytes are signed and never re-encoded (a
+    desired-state document may hold fractions, which the canonical form
+    forbids): signatures cover the raw bytes, so no canonical form is needed
+    to verify them. The signed part must still be a JSON object.
+    """
     trusted_root.check_not_expired(now, clock_skew_s)
     envelope = decode_envelope(signed_envelope, limits=limits)
     signed = bytes(envelope.signed)
     keyids = verify_role(signed, envelope.signatures, trusted_root.root, role)
-    canonical.check(signed)
     return VerifiedDocument(signed_bytes=signed, keyids=keyids)
 
 

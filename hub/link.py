@@ -20,9 +20,11 @@ Rules:
 - Desired state is read from the database at publish time (ARCHITECTURE invariant
   1); the link keeps only a *set* of device ids to publish, so changes made in
   quick succession coalesce and the newest generation always wins (invariant 2).
-  Documents go out QoS 1 and retained. After every (re)connect the link sweeps:
-  it republishes every out-of-sync device, which covers a hub killed between the
-  DB commit and the publish and changes made while the broker was unreachable.
+  Documents go out QoS 1 and retained, sealed by the hub's signer when it has
+  one (encoded and signed in the reader's worker thread, off the event loop).
+  After every (re)connect the link sweeps: it republishes every out-of-sync
+  device, which covers a hub killed between the DB commit and the publish and
+  changes made while the broker was unreachable.
   A birth announcing an older generation than the desired one triggers a
   republish too (invariant 3: the broker may have lost its retained store).
 - A device id queued for publishing that has no desired document any more
@@ -41,6 +43,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -56,6 +59,7 @@ from hub import store
 from hub.db import new_session
 from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
 from hub.settings import HubSettings
+from hub.signing import DocumentSigner
 from hub.stats import LinkStats
 from protocols import Channel
 from protocols.topics import TOPIC_ROOT, shared_subscription, subscription
@@ -114,6 +118,14 @@ def _payload_bytes(payload: object) -> bytes:
     return b"" if payload is None else str(payload).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """A desired document ready to publish: encoded and, with a signer, sealed."""
+
+    generation: int
+    payload: bytes
+
+
 class BrokerLink:
     """The connection to one broker: ingest of device messages and delivery of desired state.
 
@@ -121,8 +133,16 @@ class BrokerLink:
     :meth:`stop`, which belong to the event loop that runs the link.
     """
 
-    def __init__(self, *, broker: BrokerAddress, engine: Engine, settings: HubSettings) -> None:
+    def __init__(
+        self,
+        *,
+        broker: BrokerAddress,
+        engine: Engine,
+        settings: HubSettings,
+        signer: DocumentSigner | None = None,
+    ) -> None:
         self.broker = broker
+        self._signer = signer
         self.stats = LinkStats(broker=broker.url)
         self._engine = engine
         self._settings = settings
@@ -424,17 +444,28 @@ class BrokerLink:
                 continue
             await self._publish_documents(client, documents)
 
-    def _documents(self, device_ids: Sequence[str]) -> dict[str, protocols.Desired | None]:
+    def _documents(self, device_ids: Sequence[str]) -> dict[str, _Outgoing | None]:
+        """Worker thread: read the newest documents, encode and (with a signer) seal them."""
         with new_session(self._engine) as session:
-            return store.desired_documents(session, device_ids=device_ids)
+            documents = store.desired_documents(session, device_ids=device_ids)
+        out: dict[str, _Outgoing | None] = {}
+        for device_id, document in documents.items():
+            if document is None:
+                out[device_id] = None
+                continue
+            payload = protocols.encode(document)
+            if self._signer is not None:
+                payload = self._signer.seal(payload)
+            out[device_id] = _Outgoing(document.generation, payload)
+        return out
 
     async def _publish_documents(
-        self, client: aiomqtt.Client, documents: dict[str, protocols.Desired | None]
+        self, client: aiomqtt.Client, documents: dict[str, _Outgoing | None]
     ) -> None:
         slots = asyncio.Semaphore(self._settings.mqtt_max_inflight_publishes)
 
-        async def publish_one(device_id: str, document: protocols.Desired | None) -> None:
-            payload = b"" if document is None else protocols.encode(document)
+        async def publish_one(device_id: str, document: _Outgoing | None) -> None:
+            payload = b"" if document is None else document.payload
             async with slots:
                 await client.publish(
                     protocols.topic(device_id, Channel.DESIRED), payload, qos=1, retain=True

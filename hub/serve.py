@@ -2,7 +2,8 @@
 
 Rules:
 - Returns 0 after a signal-initiated, clean shutdown; 1 if the server could not
-  start (port taken, start-up failure).
+  start (port taken, start-up failure); 2 when the configuration is refused
+  (an unreadable root, a signing key the root does not authorise).
 - Logging is whatever the caller configured on the root logger (JSON in
   ``driftless``); uvicorn's loggers propagate to it (``log_config=None``).
 - A broker that is down at start is not an error: the API comes up and the link retries.
@@ -25,7 +26,11 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def serve(settings: HubSettings) -> int:
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a bad root, key or directory: say which, do not start
+        log.error("hub cannot start", extra={"error": str(exc)})
+        return 2
     server = uvicorn.Server(
         uvicorn.Config(
             app,

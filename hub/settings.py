@@ -74,6 +74,9 @@ class HubSettings:
     bundles_dir: Path | None = None
     # The fleet's root.json (``driftless keys init-root``); None: uploads answer 503.
     trust_root_path: Path | None = None
+    # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
+    # every desired document is signed by each. Empty: documents go out unsigned.
+    signing_key_paths: tuple[Path, ...] = ()
     max_bundle_bytes: int = 1024 * 1024 * 1024
     # Uploads are written to disk in pieces of this size (memory per upload).
     bundle_io_chunk_bytes: int = 1024 * 1024

@@ -20,6 +20,9 @@ class Reason(enum.StrEnum):
     BAD_TOPIC = "bad_topic"
     BAD_DEVICE_ID = "bad_device_id"
     DEVICE_MISMATCH = "device_mismatch"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
+    EXPIRED = "expired"
 
 
 class ProtocolError(ValueError):

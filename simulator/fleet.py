@@ -20,7 +20,9 @@ Rules:
   ``CancelFetch`` stops it, keeping what arrived for a resume. Without a
   trusted root (``FleetConfig.root_path``) a fetch fails at once with a reason,
   as on a device started without ``--root``; the verification stack is loaded
-  only when the fleet has a root.
+  only when the fleet has a root. With a root, desired documents must be signed
+  by the root's hub keys, as on a device; without one they are taken unverified
+  (a device's ``--insecure-unsigned``).
 - State lives in memory only: ``PersistState`` replaces the device's saved state.
 - Reports are state, so only the newest unsent one is kept for the next
   connection (ARCHITECTURE invariant 5); births and status are per session and
@@ -430,7 +432,14 @@ class VirtualDevice:
         transfer_settings: TransferSettings | None = None,
     ) -> None:
         self.device_id = device_id
-        self.core = AgentCore(device_id, state or AgentState(), config.agent_version)
+        self.core = AgentCore(
+            device_id,
+            state or AgentState(),
+            config.agent_version,
+            # With the fleet's root, desired documents must be hub-signed, as on a device.
+            trusted_root=transfer_settings.trusted_root if transfer_settings else None,
+            clock_skew_s=transfer_settings.clock_skew_s if transfer_settings else 0,
+        )
         self.saved_state = self.core.state  # what a disk would hold after the last PersistState
         self._persist = persist
         self.applier = SimApplier(

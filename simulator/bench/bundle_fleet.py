@@ -65,12 +65,11 @@ import msgspec
 
 from driftless import logs
 from firmware_bundles import archive
-from firmware_bundles.keys import SigningKey, sign_document
+from firmware_bundles.devfleet import DevFleet
+from firmware_bundles.keys import sign_document
 from firmware_bundles.model import (
     Manifest,
     PayloadInfo,
-    RoleInfo,
-    RootMetadata,
     RunSpec,
     Targets,
 )
@@ -148,33 +147,9 @@ class BenchConfig:
 # ---------------------------------------------------------------- keys and bundles
 
 
-@dataclass
-class Keys:
-    """A fleet root (one root key, one release key) written to ``root.json``."""
-
-    directory: Path
-    root_key: SigningKey = field(default_factory=SigningKey.generate)
-    release_key: SigningKey = field(default_factory=SigningKey.generate)
-
-    def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        root = RootMetadata(
-            version=1,
-            expires=int(time.time()) + 365 * DAY,
-            keys={k.keyid: k.key_info() for k in (self.root_key, self.release_key)},
-            roles={
-                "root": RoleInfo(keyids=[self.root_key.keyid], threshold=1),
-                "release": RoleInfo(keyids=[self.release_key.keyid], threshold=1),
-            },
-        )
-        self.root_path.write_bytes(sign_document(root, [self.root_key]))
-
-    @property
-    def root_path(self) -> Path:
-        return self.directory / "root.json"
-
-
-def signed_bundle(out: Path, keys: Keys, payload_bytes: int, *, version: str) -> tuple[int, str]:
+def signed_bundle(
+    out: Path, keys: DevFleet, payload_bytes: int, *, version: str
+) -> tuple[int, str]:
     """Write a signed bundle of ``payload_bytes`` random bytes; returns (file size, SHA-256).
 
     The payload is not an archive (nothing in this benchmark unpacks it).
@@ -323,7 +298,7 @@ async def run_phase(
     broker: MosquittoBroker,
     hub: HubChild,
     api: httpx.AsyncClient,
-    keys: Keys,
+    keys: DevFleet,
 ) -> Phase:
     """Upload a fresh bundle, run the fleet on ``profile``, push it, measure. Raises BenchError."""
     path = work / f"bundle-{round_no}-{phase}.bundle"
@@ -506,7 +481,7 @@ async def run_bench(cfg: BenchConfig, flaky: Profile) -> BenchResult:
     clock = time.perf_counter
     try:
         with workdir(cfg.workdir, "driftless-bundle-fleet-") as work:
-            keys = Keys(work / "keys")
+            keys = DevFleet(work / "keys")
             async with contextlib.AsyncExitStack() as stack:
                 t = clock()
                 broker = MosquittoBroker(work / "broker")
@@ -514,9 +489,13 @@ async def run_bench(cfg: BenchConfig, flaky: Profile) -> BenchResult:
                 broker.start()
 
                 def make_hub() -> HubChild:
-                    child = HubChild(work, broker.url, log_level=cfg.hub_log_level)
-                    child.argv += ["--trust-root", str(keys.root_path)]
-                    return child
+                    return HubChild(
+                        work,
+                        broker.url,
+                        log_level=cfg.hub_log_level,
+                        trust_root=keys.root_path,
+                        signing_key=keys.hub_key_path,
+                    )
 
                 hub, api = await start_hub(stack, make_hub, timeout_s=cfg.deadline_s)
                 await poll(

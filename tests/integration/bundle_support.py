@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from firmware_bundles import archive
-from firmware_bundles.keys import SigningKey
+from firmware_bundles.keys import SigningKey, write_private_key
 from firmware_bundles.model import RunSpec
 from protocols import (
     BundleRequest,
@@ -54,10 +54,16 @@ class Keys:
         self.root_path.write_bytes(
             self.fleet.signed_root(self.fleet.root(expires=now() + 365 * DAY))
         )
+        write_private_key(self.hub_key_path, self.fleet.hub_keys[0])
 
     @property
     def root_path(self) -> Path:
         return self.directory / "root.json"
+
+    @property
+    def hub_key_path(self) -> Path:
+        """The hub role's key: the hub signs desired documents with it."""
+        return self.directory / "hub.key"
 
 
 def build_bundle(
@@ -157,9 +163,10 @@ def bundle_stats(hub: HubProcess) -> dict[str, Any]:
     return stats
 
 
-def hub_with_root(workdir: Path, broker_url: str, root: Path) -> HubProcess:
+def hub_with_root(workdir: Path, broker_url: str, keys: Keys) -> HubProcess:
+    """A hub that accepts the fleet's bundles and signs desired documents with its hub key."""
     hub = HubProcess(workdir, broker_url)
-    hub.argv += ["--trust-root", str(root)]
+    hub.argv += ["--trust-root", str(keys.root_path), "--signing-key", str(keys.hub_key_path)]
     hub.start()
     wait_until(lambda: bundle_stats(hub)["mqtt_connected"], what="hub chunk server connected")
     return hub

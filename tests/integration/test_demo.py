@@ -41,7 +41,8 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "API on http://127.0.0.1:" in out
     assert "generations demo-02 applied, from its own disk: [1, 4]" in out
-    assert out.count("converged in") == 3
+    assert out.count("converged in") == 4
+    assert "demo-01 refused it (not signed by the fleet's hub key)" in out
     assert processes_mentioning(str(tmp_path)) == [], "the demo left processes running"
 
 

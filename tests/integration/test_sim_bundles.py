@@ -53,7 +53,7 @@ def keys(tmp_path: Path) -> Keys:
 
 @pytest.fixture
 def hub(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[HubProcess]:
-    instance = hub_with_root(tmp_path / "hub", broker.url, keys.root_path)
+    instance = hub_with_root(tmp_path / "hub", broker.url, keys)
     try:
         yield instance
     finally:

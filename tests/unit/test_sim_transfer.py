@@ -31,6 +31,7 @@ from protocols import (
     encode_chunk,
     encode_chunk_error,
 )
+from protocols.signed import seal
 from simulator.fleet import BundleCounters, FleetConfig, FleetCounters, VirtualDevice
 from simulator.transfer import DeviceTransfers, DiskFull, SimDisk, TransferSettings
 from tests.unit.test_bundles_support import NOW, Fleet, make_manifest
@@ -436,7 +437,10 @@ class DeviceHarness:
 
     async def desired(self, generation: int, config: dict[str, object]) -> None:
         doc = Desired(device_id=DEVICE, generation=generation, config=config, issued_at=1.0)
-        await self.device.feed(DesiredPayload(encode(doc), 2.0))
+        payload = encode(doc)
+        if self.device.core.trusted_root is not None:  # a device with a root wants it signed
+            payload = seal(payload, FLEET.hub_keys)
+        await self.device.feed(DesiredPayload(payload, 2.0))
 
 
 WORKLOAD: dict[str, object] = {"workloads": [{"name": "thermo", "bundle": SHA}]}

@@ -40,6 +40,7 @@ from protocols import (
     Birth,
     Channel,
     Desired,
+    Inventory,
     ProtocolError,
     Reason,
     Reported,
@@ -99,6 +100,8 @@ class Connecting:
 class Connected:
     now: float
     session_present: bool
+    # What the device is and has left, collected by the driver; sent in the birth.
+    inventory: Inventory | None = None
 
 
 @dataclass(frozen=True)
@@ -260,9 +263,9 @@ class AgentCore:
                 return self._booted(now)
             case Connecting(now=now):
                 return self._connecting(now)
-            case Connected(now=now):
+            case Connected(now=now, inventory=inventory):
                 self._ready = False
-                return [self._status(True, now), self._birth(now)]
+                return [self._status(True, now), self._birth(now, inventory)]
             case Subscribed():
                 self._ready = True
                 return self._maybe_start()
@@ -407,7 +410,7 @@ class AgentCore:
         )
         return Publish(self._topic(Channel.STATUS), payload, retain=True)
 
-    def _birth(self, now: float) -> Publish:
+    def _birth(self, now: float, inventory: Inventory | None) -> Publish:
         birth = Birth(
             device_id=self.device_id,
             session=self.state.session,
@@ -416,6 +419,7 @@ class AgentCore:
             applied_generation=self.state.applied_generation,
             failed_generation=self.state.failed_generation,
             agent_version=self.agent_version,
+            inventory=inventory,
             ts=now,
         )
         return Publish(self._topic(Channel.BIRTH), encode(birth))

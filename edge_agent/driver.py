@@ -57,6 +57,7 @@ from edge_agent.core import (
     Stopping,
     Subscribed,
 )
+from edge_agent.inventory import collect as collect_inventory
 from edge_agent.runtime import Applier, ApplyError, WorkloadApplier
 from edge_agent.settings import BundleSettings
 from edge_agent.store import StateStore, remove_stale_temporaries
@@ -180,7 +181,8 @@ class AgentDriver:
                         "session_present": present,
                     },
                 )
-                self.feed(Connected(now, present))
+                inventory = collect_inventory(self.data_dir, arch=self.bundle_settings.architecture)
+                self.feed(Connected(now, present, inventory))
                 self.transport.subscribe([self.desired_topic, self.bundle_data_topic])
             case TSubscribed(granted=granted):
                 if granted:

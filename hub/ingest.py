@@ -6,7 +6,8 @@ device's current tracking fields, and get back the new fields plus what to do.
 Rules (the contract; ARCHITECTURE invariants 3 and 5):
 
 - **Birth.** ``birth.session < tracking.session``: stale birth, ignored entirely.
-  Otherwise ``session``, ``online=True``, ``last_seen`` and ``agent_version`` are
+  Otherwise ``session``, ``online=True``, ``last_seen``, ``agent_version`` and
+  ``inventory`` (when the birth has one) are
   taken from it. If ``(boot_epoch, seq)`` is newer than the newest report, it also
   counts as a report: ``reported_generation = applied_generation``,
   ``failed_generation``, phase ``failed`` if ``failed_generation > applied_generation``
@@ -35,6 +36,9 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+import msgspec
 
 from protocols import Birth, Channel, ProtocolError, Reported, Status, decode, parse_topic
 
@@ -89,6 +93,7 @@ class Tracking:
     report_generation: int = 0
     last_report_epoch: int = -1
     last_report_seq: int = -1
+    inventory: dict[str, Any] | None = None  # the newest birth's, as plain JSON
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,13 @@ def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
     if birth.session < t.session:
         return Decision(t, stale=Stale.BIRTH)
     new = dataclasses.replace(
-        t, session=birth.session, online=True, last_seen=now, agent_version=birth.agent_version
+        t,
+        session=birth.session,
+        online=True,
+        last_seen=now,
+        agent_version=birth.agent_version,
+        # A birth without inventory (an older or minimal agent) keeps the last one known.
+        inventory=msgspec.structs.asdict(birth.inventory) if birth.inventory else t.inventory,
     )
     if (birth.boot_epoch, birth.seq) > (t.last_report_epoch, t.last_report_seq):
         failed = birth.failed_generation > birth.applied_generation

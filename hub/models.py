@@ -87,6 +87,8 @@ class Device(SQLModel, table=True):
     online: bool = False
     last_seen: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
     agent_version: str | None = Field(default=None, max_length=64)
+    # The newest birth's inventory (protocols.Inventory as JSON); None until one arrives.
+    inventory: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class DeviceCreate(SQLModel):
@@ -134,6 +136,18 @@ class ReportStatus(SQLModel):
     error: str | None
 
 
+class InventoryPublic(SQLModel):
+    """What the device said it is and has left, at its last connect (bytes)."""
+
+    arch: str
+    os: str
+    cpu_count: int
+    mem_total_bytes: int
+    mem_free_bytes: int
+    disk_total_bytes: int
+    disk_free_bytes: int
+
+
 class DevicePublic(SQLModel):
     """A device as the API shows it."""
 
@@ -154,6 +168,7 @@ class DevicePublic(SQLModel):
     online: bool
     last_seen: datetime | None
     agent_version: str | None
+    inventory: InventoryPublic | None
     in_sync: bool
     status: ReportStatus
 
@@ -179,6 +194,7 @@ class DevicePublic(SQLModel):
             online=row.online,
             last_seen=row.last_seen,
             agent_version=row.agent_version,
+            inventory=InventoryPublic(**row.inventory) if row.inventory else None,
             in_sync=row.reported_generation == row.desired_generation,
             status=ReportStatus(
                 phase=phase,  # type: ignore[arg-type]

@@ -45,6 +45,22 @@ class Desired(_Base, kw_only=True, frozen=True, tag="desired"):
     issued_at: Timestamp
 
 
+class Inventory(msgspec.Struct, kw_only=True, frozen=True):
+    """What the device is and has left: for placement, fleet views and support.
+
+    Sizes are bytes; ``mem_free_bytes`` is memory available to new processes
+    (``MemAvailable``), ``disk_*`` the file system holding the agent's data.
+    """
+
+    arch: ShortText
+    os: ShortText
+    cpu_count: NonNegative
+    mem_total_bytes: NonNegative
+    mem_free_bytes: NonNegative
+    disk_total_bytes: NonNegative
+    disk_free_bytes: NonNegative
+
+
 class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
     """Sent on every connect: who I am, what I have applied, which session this is."""
 
@@ -54,6 +70,8 @@ class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
     applied_generation: NonNegative
     failed_generation: NonNegative = 0
     agent_version: ShortText
+    # Collected at each connect; None from a device that does not report it.
+    inventory: Inventory | None = None
     ts: Timestamp
 
 

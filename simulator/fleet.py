@@ -89,6 +89,7 @@ from edge_agent.core import (
 from edge_agent.runtime import ApplyError
 from edge_agent.settings import FetchConfig
 from protocols import Channel, Desired, bundle_references, topic, validate_device_id
+from simulator.inventory import DeviceInventory
 from simulator.link import DeviceLink, Incoming, LinkError, LinkSettings
 from simulator.profiles import (
     ApplySpec,
@@ -449,6 +450,7 @@ class VirtualDevice:
             rng=device_rng(config.seed, device_id, "apply"),
         )
         self.backoff = device_backoff(config, device_id)
+        self.inventory = DeviceInventory(config.seed, device_id)
         self.session_present: bool | None = None  # the last CONNACK's flag
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.reported_topic = topic(device_id, Channel.REPORTED)
@@ -664,7 +666,7 @@ class VirtualDevice:
             report, self._unsent_report = self._unsent_report, None
             if report is not None:
                 await self._publish(report)
-        await self.feed(Connected(self._clock(), session_present))
+        await self.feed(Connected(self._clock(), session_present, self.inventory.reading()))
         # One SUBSCRIBE for both channels, as the agent does: a transfer hears "link up"
         # only once bundle frames can flow.
         if not await link.subscribe(self.desired_topic, self.bundle_data_topic, qos=1):

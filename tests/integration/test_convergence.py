@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +72,20 @@ def fleet(tmp_path: Path, broker: MosquittoBroker, hub: HubProcess) -> Iterator[
         yield instance
     finally:
         instance.close()
+
+
+def test_each_agent_reports_its_inventory_in_its_birth(fleet: Fleet, tmp_path: Path) -> None:
+    """Real agents: the hub shows what each device is and has left, as the device measured it."""
+    for agent in fleet.agents:
+        inventory = fleet.hub.device(agent.device_id)["inventory"]
+        assert inventory is not None, agent.device_id
+        assert inventory["arch"] == platform.machine().lower()
+        assert inventory["os"].startswith(platform.system())
+        assert inventory["cpu_count"] == os.cpu_count()
+        assert 0 < inventory["mem_free_bytes"] <= inventory["mem_total_bytes"]
+        assert 0 < inventory["disk_free_bytes"] <= inventory["disk_total_bytes"]
+        # The disk is the one holding the agent's data directory.
+        assert inventory["disk_total_bytes"] == shutil.disk_usage(agent.data_dir).total
 
 
 def test_offline_device_applies_only_newest_generation(fleet: Fleet) -> None:

@@ -42,6 +42,7 @@ import aiomqtt
 import httpx
 
 from driftless import logs
+from firmware_bundles.devfleet import DevFleet
 from hub.devbroker import BrokerError, MosquittoBroker
 from protocols import Desired, encode
 from simulator.bench.common import (
@@ -74,6 +75,8 @@ class BenchConfig:
     seed: int = 0
     hub_log_level: str = "info"
     workdir: Path | None = None  # None: a temporary directory, removed afterwards
+    # The hub signs every document (hub key) and every device verifies it (fleet root).
+    signed: bool = False
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.repeats < 1:
@@ -148,7 +151,8 @@ def format_table(result: BenchResult) -> str:
     head = f"{'(seconds)':<28}" + "".join(f"{'run ' + str(r.index):>9}" for r in result.rounds)
     lines = [
         f"converge: {cfg.devices} devices, {cfg.repeats} repeats, "
-        f"{result.payload_bytes}-byte documents, loopback",
+        f"{result.payload_bytes}-byte documents, "
+        f"{'signed and verified' if cfg.signed else 'unsigned'}, loopback",
         head + f"{'median':>9}",
     ]
     medians = result.medians()
@@ -377,10 +381,17 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
                 broker.start()
                 result.setup_s["broker_start"] = clock() - t
 
+                trust = DevFleet(workdir / "fleet") if cfg.signed else None
                 t = clock()
                 _hub, api = await start_hub(
                     stack,
-                    lambda: HubChild(workdir, broker.url, log_level=cfg.hub_log_level),
+                    lambda: HubChild(
+                        workdir,
+                        broker.url,
+                        log_level=cfg.hub_log_level,
+                        trust_root=trust.root_path if trust else None,
+                        signing_key=trust.hub_key_path if trust else None,
+                    ),
                     timeout_s=cfg.deadline_s,
                 )
                 result.setup_s["hub_ready"] = clock() - t
@@ -397,6 +408,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
                         seed=cfg.seed,
                         apply_time_s=cfg.apply_time_s,
                         max_concurrent_connects=cfg.max_concurrent_connects,
+                        root_path=trust.root_path if trust else None,
                     )
                 )
                 await stack.enter_async_context(fleet)
@@ -449,6 +461,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-concurrent-connects", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hub-log-level", default="info")
+    parser.add_argument(
+        "--signed",
+        action="store_true",
+        help="the hub signs every document and every device verifies it (a fresh fleet root)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
@@ -468,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
+            signed=args.signed,
         )
     except ValueError as exc:
         print(f"converge: {exc}", file=sys.stderr)
@@ -481,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("converge: interrupted; broker and hub stopped", file=sys.stderr)
         return 130
     print(format_table(result))
-    path = args.json or Path("bench-results") / f"converge-{cfg.devices}.json"
+    suffix = "-signed" if cfg.signed else ""
+    path = args.json or Path("bench-results") / f"converge-{cfg.devices}{suffix}.json"
     write_results(path, result.as_json(command_line("simulator.bench.converge", argv)))
     print(f"results written to {path}")
     return 0

@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("DRIFTLESS_TRUST_ROOT", "") or None,
         help="the fleet's root.json; without it bundle uploads are refused (503)",
     )
+    token = hub.add_parser("token", help="API tokens, made where the hub's database is")
+    token_cmds = token.add_subparsers(dest="token_cmd", required=True)
+    token_create = token_cmds.add_parser(
+        "create", help="create an API token and print its secret once, on stdout"
+    )
+    token_create.add_argument("--role", required=True, choices=("admin", "operator", "viewer"))
+    token_create.add_argument("--name", required=True, help="who holds it (shown in the audit log)")
+    token_create.add_argument("--db", default=_env("DRIFTLESS_DB", "sqlite:///driftless-hub.db"))
 
     agent = top.add_parser("agent", help="the edge agent").add_subparsers(
         dest="agent_cmd", required=True
@@ -105,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from driftless import logs
 
     logs.configure(args.log_level, fmt=args.log_format)
+    if args.command == "hub" and args.hub_cmd == "token":
+        from hub.admin_cli import create_token
+
+        return create_token(db_url=args.db, name=args.name, role=args.role)
     if args.command == "hub":
         from hub.serve import serve
         from hub.settings import HubSettings

@@ -6,6 +6,8 @@ Rules:
   deployment does, not a mock.
 - Every wait has a deadline; Ctrl-C (or the end of ``--once``) stops every child.
 - Each capability that lands gets a scene here.
+- The hub child mints an admin API token for the session; it is printed once
+  (so the operator can use the API while the demo runs) and sent with every call.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Demo:
         self.device_ids = [f"demo-{i:02d}" for i in range(1, devices + 1)]
         self.broker = MosquittoBroker(self.data_dir / "broker")
         self.api_port = api_port
-        self.hub = HubChild(self.data_dir, self.broker.url, api_port=api_port)
+        self.hub = HubChild(self.data_dir, self.broker.url, api_port=api_port, token_name="demo")
         self.agents = {
             d: AgentChild(self.data_dir / "agents", d, self.broker.url) for d in self.device_ids
         }
@@ -89,7 +91,8 @@ class Demo:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.broker.start()
         say(f"broker    Mosquitto on {self.broker.url} (data in {self.broker.data_dir})")
-        self.hub.start()
+        self.hub.start()  # mints the session's admin token first
+        self.api.headers.update(self.hub.headers)
         wait_for_port("127.0.0.1", self.api_port, timeout_s=30)
         _wait(
             lambda: self.api.get("/health").json()["mqtt_connected"],
@@ -98,6 +101,11 @@ class Demo:
         )
         say(
             f"hub       API on http://127.0.0.1:{self.api_port}/docs (logs {self.data_dir}/hub.log)"
+        )
+        say(f"token     admin API token for this session, shown once: {self.hub.token}")
+        say(
+            '          curl -H "Authorization: Bearer $TOKEN" '
+            f"http://127.0.0.1:{self.api_port}/api/v1/fleet/summary"
         )
         for device_id in self.device_ids:
             response = self.api.post("/devices", json={"id": device_id, "labels": {"site": "demo"}})

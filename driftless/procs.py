@@ -4,10 +4,13 @@ Rules:
 - A child runs ``python -m driftless.cli …`` in its own session, its output in a log file.
 - ``terminate`` is SIGTERM then, after a deadline, SIGKILL; ``kill`` is SIGKILL, as a crash.
 - Nothing here waits without a deadline.
+- A hub child mints an ``admin`` API token in its database before it starts
+  (``.token``, ``.headers``); the secret lives only in this object.
 """
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 import sys
@@ -77,9 +80,12 @@ class HubChild(DriftlessChild):
         *,
         api_port: int | None = None,
         log_level: str = "info",
+        token_name: str = "driftless",
     ) -> None:
         self.api_port = api_port or free_port()
         self.db_path = workdir / "hub.db"
+        self.token_name = token_name
+        self._token: str | None = None
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         super().__init__(
             [
@@ -97,6 +103,34 @@ class HubChild(DriftlessChild):
             workdir / "hub.log",
             log_level=log_level,
         )
+
+    @property
+    def token(self) -> str:
+        """An admin API token for this hub's database, minted on first use.
+
+        Minted with ``hub.admin_cli`` into ``db_path`` (the file and its tables are
+        created if need be), named ``<token_name>-<random>`` so that several
+        children may share one database. Raises TokenNameTaken or ValueError.
+        """
+        if self._token is None:
+            from hub.admin_cli import mint_token
+            from hub.auth.models import Role
+
+            self._token = mint_token(
+                db_url=f"sqlite:///{self.db_path}",
+                name=f"{self.token_name}-{secrets.token_hex(4)}",
+                role=Role.admin,
+            )
+        return self._token
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Bearer <token>`` for every API call but ``/health``."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def start(self) -> None:
+        _ = self.token  # minted before the hub opens the database
+        super().start()
 
     def lost_port_race(self) -> bool:
         """True when the hub exited because its port was taken after we picked it."""

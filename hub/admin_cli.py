@@ -14,6 +14,21 @@ from hub.auth.models import Role
 from hub.db import init_db, make_engine, new_session
 
 
+def mint_token(*, db_url: str, name: str, role: Role) -> str:
+    """Create a token in the DB at ``db_url`` (tables created if missing); return its secret.
+
+    For callers that hand the secret on themselves (``driftless.procs``, the demo).
+    Raises store.TokenNameTaken, or ValueError for a bad name.
+    """
+    engine = make_engine(db_url, busy_timeout_ms=5000)
+    try:
+        init_db(engine)
+        with new_session(engine) as session:
+            return store.create_token(session, name=name, role=role, now=datetime.now(UTC))
+    finally:
+        engine.dispose()
+
+
 def create_token(*, db_url: str, name: str, role: str) -> int:
     """Create a token in the DB at ``db_url`` and print its secret; returns an exit status."""
     try:
@@ -21,18 +36,14 @@ def create_token(*, db_url: str, name: str, role: str) -> int:
     except KeyError:
         print(f"error: role must be one of {', '.join(r.name for r in Role)}", file=sys.stderr)
         return 2
-    engine = make_engine(db_url, busy_timeout_ms=5000)
     try:
-        init_db(engine)
-        with new_session(engine) as session:
-            secret = store.create_token(session, name=name, role=wanted, now=datetime.now(UTC))
+        secret = mint_token(db_url=db_url, name=name, role=wanted)
     except store.TokenNameTaken:
         print(f"error: a token named {name!r} exists", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        engine.dispose()
+    print(f"{wanted.name} token {name!r} created; its secret, shown only once:", file=sys.stderr)
     print(secret)
     return 0

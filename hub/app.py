@@ -5,6 +5,9 @@ Rules:
 - The bundle table is registered before tables are created; the bundle
   directory is created (and crash leftovers swept) and a configured fleet root
   is checked here, so a bad one stops the start.
+- Every mutating ``/api/v1`` request goes through the audit middleware, which
+  records it once it has finished (refusals included); the token and audit
+  tables are registered with the routes that use them, before tables are created.
 - The link and the bundle chunk server (its own MQTT connection) start and stop
   with the app's lifespan; the API works while the broker is unreachable (both
   keep retrying in the background).
@@ -18,7 +21,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from hub.api.main import build_api_router
+from hub.api.main import API_PREFIX, build_api_router
+from hub.auth.api import AuditMiddleware
 from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
 from hub.bundles.chunks import ChunkServer
 from hub.bundles.errors import NoFleetRoot
@@ -68,4 +72,5 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.chunk_server = chunk_server
     app.state.fleet_root = fleet_root
     app.include_router(build_api_router())
+    app.add_middleware(AuditMiddleware, engine=engine, prefix=API_PREFIX)
     return app

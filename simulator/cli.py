@@ -29,6 +29,11 @@ def add_subcommands(top: Any) -> None:
     run.add_argument("--broker", default=env("DRIFTLESS_BROKER", "mqtt://127.0.0.1:1883"))
     run.add_argument("--hub", default=env("DRIFTLESS_HUB", "http://127.0.0.1:8080"))
     run.add_argument(
+        "--token",
+        default=env("DRIFTLESS_TOKEN", "") or None,
+        help="the hub's API token, admin role (registers devices); default $DRIFTLESS_TOKEN",
+    )
+    run.add_argument(
         "--profile",
         default="stable",
         help="stable, flaky, storm, slow, or a .toml/.json profile file",
@@ -100,6 +105,7 @@ def dispatch(args: argparse.Namespace) -> int:
             devices=args.devices,
             broker_url=args.broker,
             hub_url=args.hub,
+            token=args.token,
             profile=profile,
             seed=args.seed,
             workers=args.workers,

@@ -15,7 +15,8 @@ Rules:
   and every desired change targets that selector, so other devices on the hub
   are never touched. The summary's ``in_sync`` is hub-wide (the live line says
   ``sync`` against the hub's total); the final figures count only this run's
-  devices (``GET /devices?label=sim=<prefix>``, paged).
+  devices (``GET /devices?label=sim=<prefix>``, paged). Every call carries
+  ``--token`` (``Authorization: Bearer``); registering needs the admin role.
 - ``--root`` is checked before anything starts (an unreadable or unverifiable
   root is status 2) and handed to every worker, so devices fetch and verify
   the bundles their desired state references.
@@ -92,6 +93,7 @@ class RunConfig:
     stop_timeout_s: float = 30.0
     log_level: str = "info"
     root: Path | None = None  # the fleet's root.json, handed to every worker
+    token: str | None = field(default=None, repr=False)  # the hub's API token (a secret)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -111,6 +113,10 @@ class RunConfig:
     def api_url(self) -> str:
         base = self.hub_url.rstrip("/")
         return base if base.endswith("/api/v1") else base + "/api/v1"
+
+    @property
+    def api_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @property
     def labels(self) -> dict[str, str]:
@@ -303,6 +309,12 @@ class LiveView:
 # ---------------------------------------------------------------- the hub
 
 
+_AUTH_HINTS = {
+    401: " (pass the hub's API token: --token or DRIFTLESS_TOKEN)",
+    403: " (registering devices needs an admin token)",
+}
+
+
 async def register(
     api: httpx.AsyncClient, ids: Sequence[str], labels: dict[str, str], *, chunk: int
 ) -> tuple[int, int]:
@@ -315,8 +327,9 @@ async def register(
         except httpx.HTTPError as exc:
             raise RunError(f"POST /devices/batch: {exc!r}") from None
         if response.status_code != 200:
+            hint = _AUTH_HINTS.get(response.status_code, "")
             raise RunError(
-                f"POST /devices/batch: HTTP {response.status_code} {response.text[:300]}"
+                f"POST /devices/batch: HTTP {response.status_code} {response.text[:300]}{hint}"
             )
         result = response.json()
         created += len(result["created"])
@@ -683,7 +696,9 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
             raise RunError(str(exc)) from None
     ids = device_ids(cfg.devices, cfg.prefix)
     ranges = split(cfg.devices, cfg.workers)
-    async with httpx.AsyncClient(base_url=cfg.api_url, timeout=cfg.http_timeout_s) as api:
+    async with httpx.AsyncClient(
+        base_url=cfg.api_url, headers=cfg.api_headers, timeout=cfg.http_timeout_s
+    ) as api:
         t = time.monotonic()
         created, existing = await register(
             api, ids, cfg.labels, chunk=batch_size(cfg.prefix, cfg.devices)

@@ -49,12 +49,17 @@ def port_open(port: int) -> bool:
 
 
 class HubProcess(HubChild):
-    """The hub as a real child process, with an httpx client for its API."""
+    """The hub as a real child process, with an httpx client for its API (as admin)."""
 
     def __init__(self, workdir: Path, broker_url: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        super().__init__(workdir, broker_url, log_level="debug")
-        self.api = httpx.Client(base_url=self.base_url + "/api/v1", timeout=10.0)
+        super().__init__(workdir, broker_url, log_level="debug", token_name="tests")
+        self.api = self.client()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        """A client for ``/api/v1`` with ``token`` (default: the admin token); close it."""
+        headers = self.headers if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx.Client(base_url=self.base_url + "/api/v1", headers=headers, timeout=10.0)
 
     def start(self, *, wait_mqtt: bool = True) -> None:
         for _attempt in range(3):  # a free port can be taken before the hub binds it
@@ -68,7 +73,7 @@ class HubProcess(HubChild):
                 break
             self.move_to_free_port()
             self.api.close()
-            self.api = httpx.Client(base_url=self.base_url + "/api/v1", timeout=10.0)
+            self.api = self.client()
         try:
             wait_for_port("127.0.0.1", self.api_port, timeout_s=30)
             if wait_mqtt:

@@ -1,22 +1,37 @@
 """The ``/api/v1`` router that gathers every resource router.
 
-Rule: cross-cutting route dependencies (authentication, later) are added once,
-on ``api_router``'s ``dependencies``, never per route.
+Rules:
+- Cross-cutting route dependencies are added once, on the guarded router's
+  ``dependencies``, never per route: every route needs a valid bearer token
+  (401 otherwise), which is the ``viewer`` role. A route that needs more names
+  its least role with :func:`hub.auth.api.require` (403 otherwise).
+- Only two routes are open, on ``open_router``: ``GET /health`` (supervisors and
+  probes) and the bundle file download (agents have no API token; bundles are
+  verified on the device). Nothing else may be added there without a line in
+  docs/security.md saying why.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from hub.api.routes import bundles, devices, fleet, hub
+from hub.api.routes import admin, bundles, devices, fleet, hub
+from hub.auth.api import authenticated
 
 API_PREFIX = "/api/v1"
 
 
 def build_api_router() -> APIRouter:
-    api_router = APIRouter(prefix=API_PREFIX, dependencies=[])
-    api_router.include_router(devices.router)
-    api_router.include_router(fleet.router)
-    api_router.include_router(hub.router)
-    api_router.include_router(bundles.router)
+    guarded = APIRouter(dependencies=[Depends(authenticated)])
+    guarded.include_router(devices.router)
+    guarded.include_router(fleet.router)
+    guarded.include_router(hub.router)
+    guarded.include_router(bundles.router)
+    guarded.include_router(admin.router)
+    open_router = APIRouter()
+    open_router.include_router(hub.open_router)
+    open_router.include_router(bundles.files_router)
+    api_router = APIRouter(prefix=API_PREFIX)
+    api_router.include_router(guarded)
+    api_router.include_router(open_router)
     return api_router

@@ -2,8 +2,9 @@
 
 Rules:
 - A token is a 256-bit random secret shown once at creation; only its SHA-256
-  is stored. ``Authorization: Bearer <token>`` on every request but ``/health``
-  and device enrollment (which has its own token).
+  is stored. ``Authorization: Bearer <token>`` on every request but ``/health``,
+  the bundle file download (agents have no API token; bundles are verified on
+  the device) and device enrollment (which has its own token).
 - Roles are ordered: ``viewer`` (read) < ``operator`` (deploy: desired state,
   bundles, jobs) < ``admin`` (devices, keys, tokens). A route names the least
   role it needs; missing or unknown token -> 401, too little role -> 403.

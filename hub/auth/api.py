@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,15 +35,31 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
-def authenticated(request: Request, session: SessionDep) -> Principal:
+# Reads the header and puts the bearer scheme in the OpenAPI schema (the docs' Authorize
+# button); it refuses nothing itself, so every refusal below is ours and says why.
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiToken",
+    description="An API token: `driftless hub token create` or `POST /api/v1/tokens`.",
+)
+
+
+def authenticated(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Principal:
     """Resolve ``Authorization: Bearer <token>``; 401 when missing, unknown or revoked."""
-    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    secret = credentials.credentials.strip() if credentials is not None else ""
+    if not secret:
         raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    row = store.authenticate(session, secret=secret.strip())
-    if row is None:
+    row = store.authenticate(session, secret=secret)
+    principal = None if row is None else Principal(row.name, Role[row.role])
+    # End this read: the route shares the session, and a write route's begin_write must
+    # open its own (immediate) transaction, not upgrade a stale read snapshot.
+    session.rollback()
+    if principal is None:
         raise _unauthorized("unknown or revoked token")
-    principal = Principal(row.name, Role[row.role])
     request.state.principal = principal  # read by the audit middleware
     return principal
 

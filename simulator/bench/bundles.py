@@ -442,7 +442,7 @@ def bench_transfer(
     try:
         hub.start()
         wait_for_port("127.0.0.1", hub.api_port, timeout_s=30)
-        api = httpx.Client(base_url=hub.base_url + "/api/v1", timeout=120)
+        api = httpx.Client(base_url=hub.base_url + "/api/v1", headers=hub.headers, timeout=120)
         wait(lambda: api.get("/hub/stats").json()["bundles"]["mqtt_connected"], 30, "chunk server")
         bundle = app_bundle(work / "transfer.bundle", keys, size_mib * MiB)
         response = api.post(

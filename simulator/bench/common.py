@@ -5,6 +5,8 @@ Rules:
   every exit path; helpers here only start, observe and stop.
 - CPU time is read from ``/proc/<pid>/stat`` (utime + stime of that process,
   threads included), in seconds.
+- A hub is started by the benchmark itself and its API is called with the
+  admin token the hub child minted (``HubChild.headers``), so no ``--token``.
 - Result files are JSON with the exact command that produced them, so
   ``simulator.bench.report`` can put the command beside the figures.
 """
@@ -111,6 +113,7 @@ class HubWorker(HubChild):
 
     Each worker has its own MQTT client id (its own persistent session) and API
     port; workers split device messages through the ``$share/hub/…`` subscriptions.
+    Each mints its own admin token into the shared file (any of them works on all).
     """
 
     def __init__(
@@ -148,7 +151,7 @@ async def start_hub(
         stack.callback(hub.stop)
         hub.start()
         api = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=hub.base_url + "/api/v1", timeout=30.0)
+            httpx.AsyncClient(base_url=hub.base_url + "/api/v1", headers=hub.headers, timeout=30.0)
         )
         try:
             await hub.wait_ready(api, timeout_s=timeout_s)

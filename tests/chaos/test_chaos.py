@@ -112,6 +112,8 @@ def test_fleet_converges_through_broker_hub_and_worker_crashes(
         broker.url,
         "--hub",
         hub.base_url,
+        "--token",
+        hub.token,
         "--profile",
         str(profile),
         "--seed",

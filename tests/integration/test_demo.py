@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hub.devbroker import free_port
@@ -40,6 +41,7 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
     out = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     assert "API on http://127.0.0.1:" in out
+    assert out.count("admin API token for this session, shown once: ") == 1
     assert "generations demo-02 applied, from its own disk: [1, 4]" in out
     assert out.count("converged in") == 4
     assert "demo-01 refused it (not signed by the fleet's hub key)" in out
@@ -59,7 +61,9 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """Also: the token the demo prints works against its hub while it runs."""
     out = tmp_path / "out.txt"
+    port = free_port()
     with out.open("wb") as sink:
         proc = subprocess.Popen(
             [
@@ -72,7 +76,7 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                 "--devices",
                 "1",
                 "--api-port",
-                str(free_port()),
+                str(port),
                 "--data-dir",
                 str(tmp_path / "d"),
             ],
@@ -81,6 +85,10 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         )
     try:
         wait_until(lambda: "scene 3" in out.read_text(), timeout_s=60, what="the demo running")
+        token = out.read_text().split("shown once: ", 1)[1].split()[0]
+        url = f"http://127.0.0.1:{port}/api/v1/fleet/summary"
+        assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).json()["total"] == 1
+        assert httpx.get(url).status_code == 401
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -104,7 +104,9 @@ def hub(tmp_path: Path, operator: tuple[Path, Path]) -> Iterator[tuple[HubChild,
     child.start()
     try:
         wait_for_port("127.0.0.1", child.api_port, timeout_s=30)
-        with httpx.Client(base_url=child.base_url + "/api/v1", timeout=60) as client:
+        with httpx.Client(
+            base_url=child.base_url + "/api/v1", headers=child.headers, timeout=60
+        ) as client:
             yield child, client
     finally:
         child.terminate()

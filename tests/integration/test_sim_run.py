@@ -41,9 +41,15 @@ def sim_run(
         *("--broker", broker.url, "--hub", hub.base_url, "--json", str(summary)),
         *("--state-dir", str(tmp_path / "state"), *args),
     ]
+    env = {**os.environ, "DRIFTLESS_TOKEN": hub.token}  # --token's default
     with (tmp_path / "sim.out").open("wb") as out, (tmp_path / "sim.err").open("wb") as err:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            env=env,
         )
     return proc, summary
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import struct
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -28,8 +29,10 @@ from firmware_bundles.keys import SigningKey, sign_document
 from firmware_bundles.model import Manifest, PayloadInfo, RunSpec, Targets
 from hub.api.routes.bundles import get_clock
 from hub.app import create_app
+from hub.auth.models import Role
 from hub.devbroker import free_port
 from hub.settings import HubSettings
+from tests.unit.auth_support import api_client, bearer, mint
 from tests.unit.test_bundles_support import DAY, NOW, Fleet
 
 __all__ = [
@@ -180,7 +183,7 @@ def bundle_hub(
     app = create_app(settings)
     hub = BundleHub(tmp_path=tmp_path, settings=settings, fleet=fleet, app=app)
     app.dependency_overrides[get_clock] = lambda: hub.clock
-    with TestClient(app, base_url="http://hub/api/v1/") as client:
+    with api_client(app) as client:
         yield hub, client
 
 
@@ -216,7 +219,12 @@ async def asgi_upload(
     """
     iterator = iter(chunks)
     state = {"read": 0, "done": False}
-    headers = [(b"host", b"hub"), (b"content-type", b"application/octet-stream")]
+    token = mint(app, Role.operator, f"asgi-upload-{secrets.token_hex(4)}")
+    headers = [
+        (b"host", b"hub"),
+        (b"content-type", b"application/octet-stream"),
+        (b"authorization", bearer(token)["Authorization"].encode()),
+    ]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
     else:

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from hub.app import create_app
 from hub.devbroker import free_port
 from hub.settings import HubSettings, parse_broker_url
+from tests.unit.auth_support import api_client
 
 MAX_CONFIG_BYTES = 4096
 
@@ -34,7 +35,7 @@ def settings(tmp_path: Path) -> HubSettings:
 
 @pytest.fixture
 def client(settings: HubSettings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), base_url="http://hub/api/v1/") as c:
+    with api_client(create_app(settings)) as c:
         yield c
 
 

@@ -35,6 +35,18 @@ def test_whole_file(stored: tuple[TestClient, str, bytes]) -> None:
     assert hashlib.sha256(response.content).hexdigest() == sha
 
 
+def test_download_needs_no_token_but_the_bundle_record_does(
+    stored: tuple[TestClient, str, bytes],
+) -> None:
+    """Agents fetch with no API token (docs/security.md, "Open routes")."""
+    client, sha, data = stored
+    client.headers.pop("Authorization")
+    assert client.get(f"bundles/{sha}/file", headers={"Range": "bytes=0-24"}).content == data[:25]
+    assert client.head(f"bundles/{sha}/file").status_code == 200
+    assert client.get(f"bundles/{sha}").status_code == 401
+    assert client.delete(f"bundles/{sha}").status_code == 401
+
+
 def test_head_gives_size_and_etag_without_body(stored: tuple[TestClient, str, bytes]) -> None:
     client, sha, data = stored
     response = client.head(f"bundles/{sha}/file")

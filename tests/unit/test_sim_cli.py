@@ -71,6 +71,32 @@ def test_two_runs_cannot_share_a_state_directory(tmp_path: Path) -> None:
         pass
 
 
+def test_token_defaults_to_the_environment_and_stays_out_of_reprs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from simulator.runner import RunConfig
+
+    monkeypatch.delenv("DRIFTLESS_TOKEN", raising=False)
+    assert build_parser().parse_args(["sim", "run", "--devices", "5"]).token is None
+    monkeypatch.setenv("DRIFTLESS_TOKEN", "from-env")
+    assert build_parser().parse_args(["sim", "run", "--devices", "5"]).token == "from-env"
+    args = build_parser().parse_args(["sim", "run", "--devices", "5", "--token", "given"])
+    assert args.token == "given"
+    cfg = RunConfig(
+        devices=1, broker_url="mqtt://h:1", hub_url="http://hub", profile=BUILTIN["stable"]
+    )
+    assert cfg.api_headers == {}
+    cfg = RunConfig(
+        devices=1,
+        broker_url="mqtt://h:1",
+        hub_url="http://hub",
+        profile=BUILTIN["stable"],
+        token="s3cret",
+    )
+    assert cfg.api_headers == {"Authorization": "Bearer s3cret"}
+    assert "s3cret" not in repr(cfg)
+
+
 def test_root_is_a_path_and_off_by_default() -> None:
     assert build_parser().parse_args(["sim", "run", "--devices", "5"]).root is None
     args = build_parser().parse_args(["sim", "run", "--devices", "5", "--root", "fleet/root.json"])

@@ -183,6 +183,22 @@ async def test_register_says_what_the_hub_refused() -> None:
             await register(api, ["a"], {}, chunk=10)
 
 
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [
+        pytest.param(401, "--token or DRIFTLESS_TOKEN", id="no-token"),
+        pytest.param(403, "needs an admin token", id="too-little-role"),
+    ],
+)
+async def test_register_says_how_to_authenticate_when_refused(status: int, hint: str) -> None:
+    from simulator.runner import RunError
+
+    transport = httpx.MockTransport(lambda r: httpx.Response(status, json={"detail": "no"}))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub/api/v1") as api:
+        with pytest.raises(RunError, match=rf"HTTP {status}.*{hint}"):
+            await register(api, ["a"], {}, chunk=10)
+
+
 async def test_our_devices_pages_by_label_and_counts_settled() -> None:
     devices = [
         {"id": f"sim-{i}", "in_sync": i % 3 != 0, "online": i % 2 == 0}

@@ -6,7 +6,7 @@ stored or shown again.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from pydantic import ConfigDict
@@ -19,12 +19,14 @@ from hub.auth.models import AuditEntry, Role
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require(Role.admin))])
 
+RoleName = Literal["viewer", "operator", "admin"]  # the names of hub.auth.models.Role
+
 
 class TokenCreate(SQLModel):
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
     name: str
-    role: Role
+    role: RoleName
 
 
 class TokenCreated(SQLModel):
@@ -49,12 +51,12 @@ class AuditPage(SQLModel):
 @router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated)
 def create_token(body: TokenCreate, session: SessionDep, now: NowDep) -> TokenCreated:
     try:
-        secret = store.create_token(session, name=body.name, role=body.role, now=now)
+        secret = store.create_token(session, name=body.name, role=Role[body.role], now=now)
     except store.TokenNameTaken:
         raise HTTPException(status.HTTP_409_CONFLICT, f"token {body.name!r} exists") from None
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    return TokenCreated(name=body.name, role=body.role.name, token=secret)
+    return TokenCreated(name=body.name, role=body.role, token=secret)
 
 
 @router.get("/tokens", response_model=list[TokenPublic])

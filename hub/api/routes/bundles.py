@@ -15,6 +15,10 @@ Rules:
 - Downloads honour single byte ranges (``bytes=a-b``, ``bytes=a-``,
   ``bytes=-n``): 206 with ``Content-Range``, 416 when unsatisfiable. The
   ``ETag`` is the quoted SHA-256, so ``If-Range`` works for resuming.
+- Upload and delete need the ``operator`` role. The file download (GET and
+  HEAD) is on ``files_router``, open without a token: agents fetch bundles
+  with no API token, and every device verifies what it fetched against the
+  fleet root (docs/security.md, "Open routes").
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
 
 from hub.api.deps import SessionDep, SettingsDep, utcnow
+from hub.auth.api import require
+from hub.auth.models import Role
 from hub.bundles import store
 from hub.bundles.errors import (
     BundleFileMissing,
@@ -48,6 +54,7 @@ from hub.bundles.root import FleetRoot
 from hub.settings import HubSettings
 
 router = APIRouter(prefix="/bundles", tags=["bundles"])
+files_router = APIRouter(prefix="/bundles", tags=["bundles"])
 
 Clock = Callable[[], datetime]
 
@@ -116,6 +123,7 @@ async def _receive(request: Request, upload: BundleUpload, settings: HubSettings
     status_code=status.HTTP_201_CREATED,
     response_model=BundlePublic,
     max_body_size=MAX_BUNDLE_FILE_BYTES,  # the real limit, max_bundle_bytes, is checked below
+    dependencies=[Depends(require(Role.operator))],
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses={
         200: {"model": BundlePublic, "description": "already stored (idempotent)"},
@@ -216,6 +224,7 @@ def get_bundle(sha256: Sha256Path, session: SessionDep) -> BundlePublic:
 @router.delete(
     "/{sha256}",
     status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require(Role.operator))],
     responses={409: {"description": "a device's desired state references it"}, **_NOT_FOUND},
 )
 def delete_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep) -> Response:
@@ -237,8 +246,8 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/{sha256}/file", response_class=FileResponse, responses=_FILE_RESPONSES)
-@router.head(
+@files_router.get("/{sha256}/file", response_class=FileResponse, responses=_FILE_RESPONSES)
+@files_router.head(
     "/{sha256}/file",
     response_class=FileResponse,
     responses=_FILE_RESPONSES,

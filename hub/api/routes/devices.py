@@ -7,6 +7,8 @@ Rules:
   the link is only told about it (the DB is the truth, the sweep delivers it).
 - Handlers are sync: FastAPI runs them in its threadpool, the link is notified
   thread-safely.
+- Reading needs any token (``viewer``); setting desired state needs
+  ``operator``; registering and deleting devices need ``admin``.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 
 from hub import store
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.auth.api import require
+from hub.auth.models import Role
 from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
 from hub.models import (
     LABEL_KEY_PATTERN,
@@ -48,7 +52,12 @@ def parse_label_filters(values: list[str]) -> dict[str, str]:
     return out
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DevicePublic)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DevicePublic,
+    dependencies=[Depends(require(Role.admin))],
+)
 def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> DevicePublic:
     try:
         row = store.register_device(session, device_id=body.id, labels=body.labels, now=now)
@@ -57,7 +66,9 @@ def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> Dev
     return DevicePublic.from_row(row)
 
 
-@router.post("/batch", response_model=DeviceBatchResult)
+@router.post(
+    "/batch", response_model=DeviceBatchResult, dependencies=[Depends(require(Role.admin))]
+)
 def register_devices(
     body: DeviceBatchCreate, session: SessionDep, now: NowDep
 ) -> DeviceBatchResult:
@@ -100,7 +111,11 @@ def get_device(device_id: DeviceIdPath, session: SessionDep) -> DevicePublic:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 
 
-@router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require(Role.admin))],
+)
 def delete_device(device_id: DeviceIdPath, session: SessionDep, link: LinkDep) -> Response:
     try:
         store.delete_device(session, device_id=device_id)
@@ -114,6 +129,7 @@ def delete_device(device_id: DeviceIdPath, session: SessionDep, link: LinkDep) -
     "/{device_id}/desired",
     response_model=DevicePublic,
     responses={413: {"description": "config larger than max_config_bytes"}},
+    dependencies=[Depends(require(Role.operator))],
 )
 def set_desired(
     *,

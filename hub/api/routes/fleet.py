@@ -1,15 +1,19 @@
 """``/fleet``: bulk desired changes by label selector, and fleet-wide counts.
 
-Rule: a bulk change is one transaction; every targeted device's generation grows
-by exactly 1 (ConfigTooLarge -> 413, nothing written).
+Rules:
+- A bulk change is one transaction; every targeted device's generation grows
+  by exactly 1 (ConfigTooLarge -> 413, nothing written).
+- The bulk change needs ``operator``; the summary any token (``viewer``).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, status
 
 from hub import store
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.auth.api import require
+from hub.auth.models import Role
 from hub.errors import ConfigTooLarge
 from hub.models import DeviceGeneration, FleetDesiredResult, FleetDesiredUpdate, FleetSummary
 
@@ -20,6 +24,7 @@ router = APIRouter(prefix="/fleet", tags=["fleet"])
     "/desired",
     response_model=FleetDesiredResult,
     responses={413: {"description": "config larger than max_config_bytes"}},
+    dependencies=[Depends(require(Role.operator))],
 )
 def set_fleet_desired(
     body: FleetDesiredUpdate,

@@ -1,7 +1,10 @@
 """``/health`` and ``/hub/stats``: the hub process itself.
 
-Rule: these handlers are ``async`` on purpose: they run on the event loop thread,
-the only thread that touches the link's and the chunk server's counters.
+Rules:
+- These handlers are ``async`` on purpose: they run on the event loop thread,
+  the only thread that touches the link's and the chunk server's counters.
+- ``/health`` is on ``open_router`` (no token: process supervisors and readiness
+  probes call it); ``/hub/stats`` needs a token like every other route.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from hub.bundles.chunks import ChunkServer
 from hub.models import Health
 
 router = APIRouter(tags=["hub"])
+open_router = APIRouter(tags=["hub"])
 
 
-@router.get("/health", response_model=Health)
+@open_router.get("/health", response_model=Health)
 async def health(link: LinkDep) -> Health:
     return Health(status="ok", mqtt_connected=link.connected)
 

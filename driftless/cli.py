@@ -45,6 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("DRIFTLESS_TRUST_ROOT", "") or None,
         help="the fleet's root.json; without it bundle uploads are refused (503)",
     )
+    serve.add_argument(
+        "--signing-key",
+        type=Path,
+        action="append",
+        default=[Path(p) for p in _env("DRIFTLESS_HUB_SIGNING_KEY", "").split(",") if p],
+        help="a hub-role key (driftless keys add --role hub) that signs every desired "
+        "document; repeat for a threshold above 1 (passphrase: DRIFTLESS_HUB_KEY_PASSPHRASE)",
+    )
+    serve.add_argument(
+        "--identity-dir",
+        type=Path,
+        default=_env("DRIFTLESS_IDENTITY_DIR", "") or None,
+        help="the fleet CA for device enrollment (default: 'identity' beside the SQLite file)",
+    )
+    serve.add_argument(
+        "--public-broker-url",
+        default=_env("DRIFTLESS_PUBLIC_BROKER_URL", "") or None,
+        help="the broker URL enrolled devices are told to use (mqtts://HOST:PORT)",
+    )
+    for flag, env, text in (
+        ("--broker-ca", "DRIFTLESS_BROKER_CA", "CA file for mqtts:// (default: the fleet CA)"),
+        ("--broker-cert", "DRIFTLESS_BROKER_CERT", "client certificate (default: self-issued)"),
+        ("--broker-key", "DRIFTLESS_BROKER_KEY", "its key (with --broker-cert)"),
+        ("--broker-crl", "DRIFTLESS_BROKER_CRL", "a local broker's CRL file the hub keeps"),
+        ("--broker-acl", "DRIFTLESS_BROKER_ACL", "a local broker's ACL file the hub keeps"),
+        ("--broker-pid-file", "DRIFTLESS_BROKER_PID_FILE", "SIGHUP this pid after a change"),
+    ):
+        serve.add_argument(flag, type=Path, default=_env(env, "") or None, help=text)
     token = hub.add_parser("token", help="API tokens, made where the hub's database is")
     token_cmds = token.add_subparsers(dest="token_cmd", required=True)
     token_create = token_cmds.add_parser(
@@ -57,9 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     agent = top.add_parser("agent", help="the edge agent").add_subparsers(
         dest="agent_cmd", required=True
     )
+    enroll = agent.add_parser(
+        "enroll", help="get this device a certificate from the hub with an enrollment token"
+    )
+    enroll.add_argument("--hub", required=True, help="http(s)://HOST:PORT of the hub")
+    enroll.add_argument("--token", default=_env("DRIFTLESS_ENROLL_TOKEN", ""))
+    enroll.add_argument("--device-id", default=_env("DRIFTLESS_DEVICE_ID", ""))
+    enroll.add_argument(
+        "--data-dir", type=Path, default=Path(_env("DRIFTLESS_DATA_DIR", "agent-data"))
+    )
     run = agent.add_parser("run", help="run the agent for one device")
     run.add_argument("--device-id", default=_env("DRIFTLESS_DEVICE_ID", ""), required=False)
-    run.add_argument("--broker", default=_env("DRIFTLESS_BROKER", "mqtt://127.0.0.1:1883"))
+    run.add_argument(
+        "--broker",
+        default=_env("DRIFTLESS_BROKER", "") or None,
+        help="mqtt[s]://HOST:PORT (default: the enrollment's, else mqtt://127.0.0.1:1883)",
+    )
     run.add_argument(
         "--data-dir", type=Path, default=Path(_env("DRIFTLESS_DATA_DIR", "agent-data"))
     )
@@ -67,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--root",
         type=Path,
         default=_env("DRIFTLESS_ROOT", "") or None,
-        help="the fleet's root.json; without it desired states that reference bundles fail",
+        help="the fleet's root.json: desired documents and bundles are verified against it",
+    )
+    run.add_argument(
+        "--insecure-unsigned",
+        action="store_true",
+        default=_env("DRIFTLESS_INSECURE_UNSIGNED", "") == "1",
+        help="run without --root: accept desired documents unverified (experiments only)",
     )
     run.add_argument(
         "--hub-url",
@@ -82,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     broker = top.add_parser("broker", help="development broker").add_subparsers(
         dest="broker_cmd", required=True
     )
+    bconf = broker.add_parser(
+        "config", help="write a mutual-TLS Mosquitto config (fleet CA, device ACL, CRL)"
+    )
+    bconf.add_argument(
+        "--identity-dir", type=Path, required=True, help="the hub's fleet CA (made if missing)"
+    )
+    bconf.add_argument("--out", type=Path, required=True, help="where config and TLS files go")
+    bconf.add_argument("--host", default="0.0.0.0", help="listen address")
+    bconf.add_argument("--port", type=int, default=8883)
+    bconf.add_argument("--hub-client-id", default="driftless-hub")
+    bconf.add_argument("--db", default=None, help="the hub's DB: revocations so far go in")
     brun = broker.add_parser("run", help="run Mosquitto with a generated config until Ctrl-C")
     brun.add_argument("--data-dir", type=Path, default=Path(".driftless/broker"))
     brun.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -121,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hub.serve import serve
         from hub.settings import HubSettings
 
-        return serve(
-            HubSettings(
+        try:
+            settings = HubSettings(
                 broker_url=args.broker,
                 db_url=args.db,
                 api_host=args.host,
@@ -130,7 +188,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mqtt_client_id=args.client_id,
                 bundles_dir=args.bundles_dir,
                 trust_root_path=args.trust_root,
+                signing_key_paths=tuple(args.signing_key),
+                identity_dir=args.identity_dir,
+                public_broker_url=args.public_broker_url,
+                broker_tls_ca_path=args.broker_ca,
+                broker_tls_cert_path=args.broker_cert,
+                broker_tls_key_path=args.broker_key,
+                broker_crl_path=args.broker_crl,
+                broker_acl_path=args.broker_acl,
+                broker_pid_file=args.broker_pid_file,
             )
+        except ValueError as exc:
+            print(f"driftless hub serve: {exc}", file=sys.stderr)
+            return 2
+        return serve(settings)
+    if args.command == "agent" and args.agent_cmd == "enroll":
+        if not args.device_id or not args.token:
+            print("driftless agent enroll: --device-id and --token are required", file=sys.stderr)
+            return 2
+        from edge_agent.enroll import run_enroll
+
+        return run_enroll(
+            hub_url=args.hub, token=args.token, device_id=args.device_id, data_dir=args.data_dir
         )
     if args.command == "agent":
         if not args.device_id:
@@ -157,7 +236,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             broker_url=args.broker,
             data_dir=args.data_dir,
             bundles=bundles,
+            insecure_unsigned=args.insecure_unsigned,
         )
+    if args.command == "broker" and args.broker_cmd == "config":
+        from hub.devbroker import write_secure_broker
+        from hub.identity import IdentityError
+
+        try:
+            written = write_secure_broker(
+                identity_dir=args.identity_dir,
+                out_dir=args.out,
+                host=args.host,
+                port=args.port,
+                hub_client_id=args.hub_client_id,
+                db_url=args.db,
+            )
+        except (IdentityError, OSError, ValueError) as exc:
+            print(f"driftless broker config: {exc}", file=sys.stderr)
+            return 1
+        tls = written.tls
+        assert tls is not None
+        print(f"wrote {written.config_path}; run: mosquitto -c {written.config_path}")
+        print(
+            f"hub flags: --broker mqtts://HOST:{args.port} --identity-dir {args.identity_dir} "
+            f"--broker-crl {tls.crl} --broker-acl {tls.acl} --broker-pid-file {written.pid_path}"
+        )
+        return 0
     if args.command == "broker":
         from driftless.demo import run_broker
 

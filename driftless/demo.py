@@ -26,10 +26,13 @@ from types import FrameType
 from typing import Any
 
 import httpx
+from paho.mqtt import publish
 
 from driftless.procs import AgentChild, HubChild
 from edge_agent.store import StateStore
+from firmware_bundles.devfleet import DevFleet
 from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
+from protocols import Channel, Desired, encode, topic
 
 
 class DemoError(RuntimeError):
@@ -66,12 +69,23 @@ def _wait(predicate: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
 class Demo:
     def __init__(self, *, devices: int, api_port: int, data_dir: Path) -> None:
         self.data_dir = data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.device_ids = [f"demo-{i:02d}" for i in range(1, devices + 1)]
         self.broker = MosquittoBroker(self.data_dir / "broker")
         self.api_port = api_port
-        self.hub = HubChild(self.data_dir, self.broker.url, api_port=api_port, token_name="demo")
+        # A throw-away fleet root: the hub signs desired documents, agents verify them.
+        self.fleet = DevFleet.open_or_create(self.data_dir / "fleet")
+        self.hub = HubChild(
+            self.data_dir,
+            self.broker.url,
+            api_port=api_port,
+            token_name="demo",
+            trust_root=self.fleet.root_path,
+            signing_key=self.fleet.hub_key_path,
+        )
         self.agents = {
-            d: AgentChild(self.data_dir / "agents", d, self.broker.url) for d in self.device_ids
+            d: AgentChild(self.data_dir / "agents", d, self.broker.url, root=self.fleet.root_path)
+            for d in self.device_ids
         }
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
 
@@ -128,6 +142,24 @@ class Demo:
     def applied_history(self, device_id: str) -> list[int]:
         state = StateStore(self.agents[device_id].data_dir).load()
         return [entry.generation for entry in state.history if entry.ok]
+
+    def forge(self, device_id: str) -> None:
+        """Publish an unsigned document with a huge generation, retained, as an attacker would."""
+        doc = Desired(
+            device_id=device_id, generation=10**9, config={"evil": True}, issued_at=time.time()
+        )
+        publish.single(
+            topic(device_id, Channel.DESIRED),
+            encode(doc),
+            qos=1,
+            retain=True,
+            hostname="127.0.0.1",
+            port=self.broker.port,
+            client_id="demo-attacker",
+        )
+
+    def rejections(self, device_id: str) -> int:
+        return self.agents[device_id].log().count("rejected message")
 
     def summary(self) -> dict[str, Any]:
         return self.api.get("/fleet/summary").json()  # type: ignore[no-any-return]
@@ -201,6 +233,18 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
         f"{demo.converge():.2f}s"
     )
     demo.table()
+
+    victim = demo.device_ids[0]
+    say(f"scene 4   someone with broker access forges {victim}'s desired document")
+    before = demo.applied_history(victim)
+    demo.forge(victim)
+    _wait(lambda: demo.rejections(victim) > 0, timeout_s=15, what=f"{victim} to refuse it")
+    say(
+        f"          {victim} refused it (not signed by the fleet's hub key) and kept "
+        f"generation {before[-1]}; the hub's next change still converges:"
+    )
+    demo.set_fleet_config({"sample_rate_hz": 60, "message": "after the forgery"})
+    say(f"          converged in {demo.converge():.2f}s")
 
     n = 0
     while rounds is None or n < rounds:

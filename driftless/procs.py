@@ -81,7 +81,10 @@ class HubChild(DriftlessChild):
         api_port: int | None = None,
         log_level: str = "info",
         token_name: str = "driftless",
+        trust_root: Path | None = None,
+        signing_key: Path | None = None,
     ) -> None:
+        """``trust_root`` and ``signing_key`` become ``--trust-root`` and ``--signing-key``."""
         self.api_port = api_port or free_port()
         self.db_path = workdir / "hub.db"
         self.token_name = token_name
@@ -99,6 +102,8 @@ class HubChild(DriftlessChild):
                 "127.0.0.1",
                 "--port",
                 str(self.api_port),
+                *(["--trust-root", str(trust_root)] if trust_root else []),
+                *(["--signing-key", str(signing_key)] if signing_key else []),
             ],
             workdir / "hub.log",
             log_level=log_level,
@@ -151,10 +156,18 @@ class AgentChild(DriftlessChild):
     """``driftless agent run`` for one device, data in ``workdir/agent-<id>``."""
 
     def __init__(
-        self, workdir: Path, device_id: str, broker_url: str, *, log_level: str = "info"
+        self,
+        workdir: Path,
+        device_id: str,
+        broker_url: str,
+        *,
+        root: Path | None = None,
+        log_level: str = "info",
     ) -> None:
         self.device_id = device_id
         self.data_dir = workdir / f"agent-{device_id}"
+        # Without the fleet's root the agent cannot verify anything: say so explicitly.
+        trust = ["--root", str(root)] if root is not None else ["--insecure-unsigned"]
         super().__init__(
             [
                 "agent",
@@ -165,6 +178,7 @@ class AgentChild(DriftlessChild):
                 broker_url,
                 "--data-dir",
                 str(self.data_dir),
+                *trust,
             ],
             workdir / f"agent-{device_id}.log",
             log_level=log_level,

@@ -25,9 +25,11 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -57,6 +59,7 @@ from edge_agent.core import (
     Stopping,
     Subscribed,
 )
+from edge_agent.enroll import Identity, tls_context
 from edge_agent.inventory import collect as collect_inventory
 from edge_agent.runtime import Applier, ApplyError, WorkloadApplier
 from edge_agent.settings import BundleSettings
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
     from firmware_bundles.trust import TrustedRoot
 
 log = logging.getLogger("driftless.agent")
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 
 
 class RootFileError(Exception):
@@ -114,6 +118,7 @@ class AgentDriver:
         bundles: BundleSettings | None = None,
         trusted_root: TrustedRoot | None = None,
         clock: Callable[[], float] = time.time,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.device_id = device_id
         self.data_dir = data_dir
@@ -137,7 +142,9 @@ class AgentDriver:
             trusted_root=trusted_root,
             clock_skew_s=self.bundle_settings.clock_skew_s,
         )
-        self.transport = MqttTransport(device_id, broker_url, self._on_transport)
+        self.transport = MqttTransport(
+            device_id, broker_url, self._on_transport, tls_context=tls_context
+        )
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
         self.rejected: dict[str, int] = {}
@@ -360,12 +367,22 @@ class AgentDriver:
                 )
                 self._stop.wait(delay)
                 continue
+            accepted = False
             while not self._stop.is_set() and self.transport.loop(0.5):
                 if self._connected:
+                    accepted = True
                     backoff.reset()
             if self._stop.is_set():
                 return
-            self._stop.wait(backoff.next_delay_s())
+            delay = backoff.next_delay_s()
+            if not accepted and not self._connected:
+                # Closed before CONNACK: a refused certificate (revoked, expired, wrong CA)
+                # ends here, as does a broker that drops us at once. Say so, every time.
+                log.warning(
+                    "connection closed before the broker accepted it",
+                    extra={"device": self.device_id, "retry_in_s": round(delay, 2)},
+                )
+            self._stop.wait(delay)
 
     def run(self) -> int:
         self.feed(Booted(self.clock()))
@@ -410,13 +427,29 @@ class AgentDriver:
 def run_agent(
     *,
     device_id: str,
-    broker_url: str,
+    broker_url: str | None,
     data_dir: Path,
     bundles: BundleSettings | None = None,
     insecure_unsigned: bool = False,
 ) -> int:
-    """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor."""
+    """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor.
+
+    An enrolled data directory (``driftless agent enroll``) supplies what is not
+    given: the broker URL, the fleet root and, for ``mqtts://``, the certificate.
+    """
     settings = bundles or BundleSettings()
+    identity = Identity(data_dir)
+    if broker_url is None:
+        broker_url = identity.broker_url() or DEFAULT_BROKER_URL
+    if settings.root_path is None and identity.root.exists():
+        settings = replace(settings, root_path=identity.root)
+    tls = None
+    if broker_url.startswith("mqtts://") and identity.enrolled():
+        try:
+            tls = tls_context(identity)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("agent cannot start", extra={"device": device_id, "error": str(exc)})
+            return 2
     trusted_root = None
     if settings.root_path is not None:
         try:
@@ -445,6 +478,16 @@ def run_agent(
         data_dir=data_dir,
         bundles=settings,
         trusted_root=trusted_root,
+        tls_context=tls,
+    )
+    log.info(
+        "agent starting",
+        extra={
+            "device": device_id,
+            "broker": broker_url,
+            "certificate": str(identity.cert) if tls else None,
+            "root": str(settings.root_path) if settings.root_path else None,
+        },
     )
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:

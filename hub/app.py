@@ -4,7 +4,8 @@ Rules:
 - :func:`create_app` is the only place these are created; importing creates nothing.
 - The bundle table is registered before tables are created; the bundle
   directory is created (and crash leftovers swept) and a configured fleet root
-  is checked here, so a bad one stops the start.
+  is checked here, so a bad one stops the start; so are the hub's signing keys,
+  which must meet the root's ``hub`` threshold when a root is configured.
 - Every mutating ``/api/v1`` request goes through the audit middleware, which
   records it once it has finished (refusals included); the token and audit
   tables are registered with the routes that use them, before tables are created.
@@ -15,37 +16,112 @@ Rules:
 
 from __future__ import annotations
 
+import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from fastapi import FastAPI
 
 from hub.api.main import API_PREFIX, build_api_router
 from hub.auth.api import AuditMiddleware
+from hub.broker_config import hub_identities
 from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
 from hub.bundles.chunks import ChunkServer
 from hub.bundles.errors import NoFleetRoot
 from hub.bundles.files import BundleFiles
 from hub.bundles.root import FleetRoot
-from hub.db import init_db, make_engine
+from hub.db import init_db, make_engine, new_session
+from hub.enrollment.revocation import publish_crl
+from hub.identity import CertificateAuthority, IdentityError, client_identity
 from hub.link import BrokerLink
 from hub.settings import HubSettings
+from hub.signing import DocumentSigner
+
+log = logging.getLogger(__name__)
+
+
+def _signer(settings: HubSettings) -> DocumentSigner | None:
+    if not settings.signing_key_paths:
+        log.warning(
+            "no hub signing key: desired documents go out unsigned; devices that hold "
+            "the fleet root refuse them (hub serve --signing-key KEY)"
+        )
+        return None
+    signer = DocumentSigner.load(settings.signing_key_paths)
+    log.info("desired documents are signed", extra={"keyids": [k[:16] for k in signer.keyids]})
+    return signer
+
+
+def _certificate_authority(settings: HubSettings) -> CertificateAuthority | None:
+    """The fleet CA, created on first start; None (enrollment off) without a directory."""
+    try:
+        directory = settings.identity_directory()
+    except ValueError:
+        log.warning("no identity directory: device enrollment is off (hub serve --identity-dir)")
+        return None
+    try:
+        return CertificateAuthority.load_or_create(directory, now=datetime.now(UTC))
+    except (IdentityError, OSError) as exc:
+        raise ValueError(f"fleet CA in {directory}: {exc}") from None
+
+
+def _broker_tls(
+    settings: HubSettings, ca: CertificateAuthority | None
+) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """TLS contexts of the link and the chunk server (each its own certificate name)."""
+    if not settings.broker().tls:
+        return None, None
+    cafile = settings.broker_tls_ca_path or (ca.cert_path if ca is not None else None)
+
+    def context(name: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+        if settings.broker_tls_cert_path is not None and settings.broker_tls_key_path is not None:
+            ctx.load_cert_chain(settings.broker_tls_cert_path, settings.broker_tls_key_path)
+        elif ca is not None:
+            directory = settings.identity_directory() / "clients"
+            cert, key = client_identity(ca, directory, name, now=datetime.now(UTC))
+            ctx.load_cert_chain(cert, key)
+        return ctx
+
+    try:
+        link_name, chunks_name = hub_identities(settings.mqtt_client_id)
+        return context(link_name), context(chunks_name)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"TLS to the broker: {exc}") from None
 
 
 def create_app(settings: HubSettings) -> FastAPI:
     engine = make_engine(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms)
     init_db(engine)
-    link = BrokerLink(broker=settings.broker(), engine=engine, settings=settings)
+    signer = _signer(settings)
+    ca = _certificate_authority(settings)
+    link_tls, chunks_tls = _broker_tls(settings, ca)
+    link = BrokerLink(
+        broker=settings.broker(),
+        engine=engine,
+        settings=settings,
+        signer=signer,
+        tls_context=link_tls,
+    )
     bundle_files = BundleFiles(settings.bundle_directory())
     bundle_files.prepare(now=time.time(), stale_after_s=settings.bundle_upload_stale_s)
-    chunk_server = ChunkServer(broker=settings.broker(), settings=settings, files=bundle_files)
+    chunk_server = ChunkServer(
+        broker=settings.broker(), settings=settings, files=bundle_files, tls_context=chunks_tls
+    )
     fleet_root = FleetRoot(settings.trust_root_path)
     if settings.trust_root_path is not None:
         try:
-            fleet_root.load()  # a configured root that cannot be read stops the start
+            trusted = fleet_root.load()  # a configured root that cannot be read stops the start
         except NoFleetRoot as exc:
             raise ValueError(str(exc)) from None
+        if signer is not None:
+            signer.check_against(trusted.root)
+    if ca is not None and settings.broker_crl_path is not None:
+        with new_session(engine) as session:  # the broker must never run on a stale CRL
+            publish_crl(session, ca, settings, now=datetime.now(UTC))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -71,6 +147,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.bundle_files = bundle_files
     app.state.chunk_server = chunk_server
     app.state.fleet_root = fleet_root
+    app.state.ca = ca
     app.include_router(build_api_router())
     app.add_middleware(AuditMiddleware, engine=engine, prefix=API_PREFIX)
     return app

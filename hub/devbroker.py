@@ -108,6 +108,11 @@ class MosquittoBroker:
         return self.data_dir / "mosquitto.log"
 
     @property
+    def pid_path(self) -> Path:
+        """Mosquitto writes its pid here: the hub signals it after writing a new CRL."""
+        return self.data_dir / "mosquitto.pid"
+
+    @property
     def persistence_dir(self) -> Path:
         return self.data_dir / "persistence"
 
@@ -150,6 +155,7 @@ class MosquittoBroker:
                     # Small QoS 1 messages and their PUBACKs otherwise wait on Nagle's algorithm.
                     "set_tcp_nodelay true",
                     "persistent_client_expiration 1d",
+                    f"pid_file {self.pid_path}",
                     f"log_dest file {self.log_path}",
                     "log_type error",
                     "log_type warning",
@@ -228,3 +234,52 @@ class MosquittoBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def write_secure_broker(
+    *,
+    identity_dir: Path,
+    out_dir: Path,
+    host: str,
+    port: int,
+    hub_client_id: str,
+    db_url: str | None,
+) -> MosquittoBroker:
+    """``driftless broker config``: a mutual-TLS Mosquitto config from the fleet CA.
+
+    Loads (or creates) the CA in ``identity_dir`` (the hub's), writes the server
+    certificate, the CRL and the ACL (from the hub's DB when ``db_url`` is given,
+    so revocations made so far are in them) and ``mosquitto.conf`` under
+    ``out_dir``; returns the broker object that ``start()`` would run.
+    """
+    import datetime as dt
+
+    from hub.broker_config import hub_identities, write_secure_files
+    from hub.identity import CertificateAuthority
+
+    now = dt.datetime.now(dt.UTC)
+    ca = CertificateAuthority.load_or_create(identity_dir, now=now)
+    revoked: list[tuple[int, dt.datetime]] = []
+    cut_off: list[str] = []
+    if db_url is not None:
+        from hub.db import init_db, make_engine, new_session
+        from hub.enrollment import store
+
+        engine = make_engine(db_url, busy_timeout_ms=5000)
+        try:
+            init_db(engine)
+            with new_session(engine) as session:
+                revoked, cut_off = store.revoked(session), store.cut_off_devices(session)
+        finally:
+            engine.dispose()
+    files = write_secure_files(
+        ca,
+        out_dir / "tls",
+        hub_identities=hub_identities(hub_client_id),
+        revoked=revoked,
+        now=now,
+        cut_off=cut_off,
+    )
+    broker = MosquittoBroker(out_dir, host=host, port=port, tls=files)
+    broker.write_config()
+    return broker

@@ -236,6 +236,34 @@ class CertificateAuthority:
         return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def client_identity(
+    ca: CertificateAuthority,
+    directory: Path,
+    common_name: str,
+    *,
+    now: dt.datetime,
+    renew_before_days: int = 30,
+) -> tuple[Path, Path]:
+    """``(cert, key)`` files for a hub-side MQTT client, issued by ``ca`` when missing or due.
+
+    The hub runs beside its CA, so it makes its own client keys; the broker maps the
+    certificate's common name to the MQTT username (and client id), which the ACL
+    grants the whole device tree. Reissued ``renew_before_days`` before expiry.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{common_name}.crt", directory / f"{common_name}.key"
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        fresh = cert.not_valid_after_utc - now > dt.timedelta(days=renew_before_days)
+        if fresh and cert.issuer == ca.cert.subject:
+            return cert_path, key_path
+    key, issued = ca.issue_keypair(common_name, server=False, now=now)
+    key_path.unlink(missing_ok=True)
+    _write_new_private(key_path, key)
+    cert_path.write_bytes(issued.pem)
+    return cert_path, key_path
+
+
 def new_token() -> str:
     """A fresh secret for enrollment or API tokens (store only its hash)."""
     return secrets.token_urlsafe(32)

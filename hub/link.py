@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -140,9 +141,11 @@ class BrokerLink:
         engine: Engine,
         settings: HubSettings,
         signer: DocumentSigner | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.broker = broker
         self._signer = signer
+        self._tls_context = tls_context
         self.stats = LinkStats(broker=broker.url)
         self._engine = engine
         self._settings = settings
@@ -221,6 +224,7 @@ class BrokerLink:
             timeout=s.mqtt_timeout_s,
             max_inflight_messages=s.mqtt_max_inflight_publishes,
             queue_type=_given_queue(queue),
+            tls_context=self._tls_context,
         )
         # aiomqtt warns past this many outstanding calls; we allow that many on purpose.
         client.pending_calls_threshold = s.mqtt_max_inflight_publishes + 10

@@ -22,11 +22,8 @@ from protocols import MAX_CHUNK_BYTES, MAX_PAYLOAD_BYTES
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """Pure: the hub's broker URL; raises ValueError (TLS to the broker comes later)."""
-    address = net.parse_broker_url(url)
-    if address.tls:
-        raise ValueError(f"broker URL {url!r}: TLS (mqtts://) is not supported by the hub yet")
-    return address
+    """Pure: the hub's broker URL (``mqtt://`` or ``mqtts://``); raises ValueError."""
+    return net.parse_broker_url(url)
 
 
 @dataclass(frozen=True)
@@ -74,6 +71,25 @@ class HubSettings:
     bundles_dir: Path | None = None
     # The fleet's root.json (``driftless keys init-root``); None: uploads answer 503.
     trust_root_path: Path | None = None
+    # identity and enrollment
+    # The fleet CA (ca.key, ca.crt; created on first start); None: "identity" beside
+    # the SQLite file; with neither (another database, SQLite in memory) enrollment is off.
+    identity_dir: Path | None = None
+    # The broker URL enrolled devices are told to use (e.g. mqtts://broker.example:8883).
+    public_broker_url: str | None = None
+    device_cert_validity_days: int = 365
+    # TLS to the broker (mqtts:// URLs). Unset: trust the fleet CA and present client
+    # certificates the hub issues itself from it (identity/clients/<client id>.crt).
+    broker_tls_ca_path: Path | None = None
+    broker_tls_cert_path: Path | None = None
+    broker_tls_key_path: Path | None = None
+    # A broker beside the hub: where it reads its CRL, and its pid file. Set: the hub
+    # writes the CRL at start and on every revocation, then sends the broker SIGHUP.
+    broker_crl_path: Path | None = None
+    broker_pid_file: Path | None = None
+    # The broker's ACL file: rewritten with the CRL (hub identities, revoked devices denied).
+    broker_acl_path: Path | None = None
+
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.
     signing_key_paths: tuple[Path, ...] = ()
@@ -155,6 +171,12 @@ class HubSettings:
                 f"bundle_clock_skew_s must be within 0..{BUNDLE_LIMITS.max_clock_skew_s}"
             )
         self.bundle_directory()
+        if self.public_broker_url is not None:
+            net.parse_broker_url(self.public_broker_url)
+        if (self.broker_tls_cert_path is None) != (self.broker_tls_key_path is None):
+            raise ValueError("broker_tls_cert_path and broker_tls_key_path go together")
+        if not 1 <= self.device_cert_validity_days <= 3650:
+            raise ValueError("device_cert_validity_days must be within 1..3650")
 
     def broker(self) -> BrokerAddress:
         """The parsed broker address; raises ValueError on a bad URL."""
@@ -167,6 +189,15 @@ class HubSettings:
         """
         if self.bundles_dir is not None:
             return Path(self.bundles_dir)
+        return self._beside_database("bundles", "bundles_dir")
+
+    def identity_directory(self) -> Path:
+        """Where the fleet CA lives: ``identity_dir``, else ``identity`` beside the SQLite file."""
+        if self.identity_dir is not None:
+            return Path(self.identity_dir)
+        return self._beside_database("identity", "identity_dir")
+
+    def _beside_database(self, name: str, setting: str) -> Path:
         try:
             url = make_url(self.db_url)
         except ArgumentError as exc:
@@ -178,8 +209,7 @@ class HubSettings:
             and database != ":memory:"
             and not database.startswith("file:")
         ):
-            return Path(database).expanduser().resolve().parent / "bundles"
+            return Path(database).expanduser().resolve().parent / name
         raise ValueError(
-            "bundles_dir must be set when the database is not a SQLite file "
-            f"(db_url {self.db_url!r})"
+            f"{setting} must be set when the database is not a SQLite file (db_url {self.db_url!r})"
         )

@@ -115,9 +115,7 @@ class AgentProcess(AgentChild):
         hub_url: str | None = None,
         extra: Sequence[str] = (),
     ) -> None:
-        super().__init__(workdir, device_id, broker_url, log_level="debug")
-        if root is not None:
-            self.argv += ["--root", str(root)]
+        super().__init__(workdir, device_id, broker_url, root=root, log_level="debug")
         if hub_url is not None:
             self.argv += ["--hub-url", hub_url]
         self.argv += list(extra)

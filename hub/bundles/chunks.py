@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,8 +218,16 @@ class ChunkServer:
     :meth:`start` and :meth:`stop` belong to the event loop that runs it.
     """
 
-    def __init__(self, *, broker: BrokerAddress, settings: HubSettings, files: BundleFiles) -> None:
+    def __init__(
+        self,
+        *,
+        broker: BrokerAddress,
+        settings: HubSettings,
+        files: BundleFiles,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.broker = broker
+        self._tls_context = tls_context
         self.client_id = settings.mqtt_client_id + CLIENT_ID_SUFFIX
         self.stats = ChunkServerStats()
         self._settings = settings
@@ -264,6 +273,7 @@ class ChunkServer:
             max_inflight_messages=s.mqtt_max_inflight_publishes,
             # Nagle's algorithm would hold small frames for the peer's delayed ACK.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            tls_context=self._tls_context,
         )
         client.pending_calls_threshold = s.bundle_serve_concurrency + s.mqtt_max_inflight_publishes
         return client

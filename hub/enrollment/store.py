@@ -131,3 +131,13 @@ def revoked(session: Session) -> list[tuple[int, datetime]]:
         select(DeviceCertificate).where(col(DeviceCertificate.revoked_at).is_not(None))
     ).all()
     return [(int(row.serial, 16), row.revoked_at) for row in rows if row.revoked_at is not None]
+
+
+def cut_off_devices(session: Session) -> list[str]:
+    """Ids whose certificates are all revoked: the broker's ACL denies them everything."""
+    rows = session.exec(select(DeviceCertificate.device_id, DeviceCertificate.revoked_at)).all()
+    revoked: set[str] = set()
+    valid: set[str] = set()
+    for device_id, revoked_at in rows:
+        (revoked if revoked_at is not None else valid).add(device_id)
+    return sorted(revoked - valid)

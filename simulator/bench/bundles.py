@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,11 @@ import httpx
 
 from driftless.procs import AgentChild, HubChild
 from firmware_bundles import archive
-from firmware_bundles.keys import SigningKey, sign_document
+from firmware_bundles.devfleet import DevFleet
+from firmware_bundles.keys import sign_document
 from firmware_bundles.model import (
     Manifest,
     PayloadInfo,
-    RoleInfo,
-    RootMetadata,
     RunSpec,
     Targets,
 )
@@ -81,33 +80,7 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------- keys and bundles
 
 
-@dataclass
-class Keys:
-    """A fleet root with one root key and one release key, written to ``root.json``."""
-
-    directory: Path
-    root_key: SigningKey = field(default_factory=SigningKey.generate)
-    release_key: SigningKey = field(default_factory=SigningKey.generate)
-
-    def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        root = RootMetadata(
-            version=1,
-            expires=int(time.time()) + 365 * DAY,
-            keys={k.keyid: k.key_info() for k in (self.root_key, self.release_key)},
-            roles={
-                "root": RoleInfo(keyids=[self.root_key.keyid], threshold=1),
-                "release": RoleInfo(keyids=[self.release_key.keyid], threshold=1),
-            },
-        )
-        self.root_path.write_bytes(sign_document(root, [self.root_key]))
-
-    @property
-    def root_path(self) -> Path:
-        return self.directory / "root.json"
-
-
-def raw_bundle(out: Path, payload_out: Path, keys: Keys, payload_bytes: int) -> None:
+def raw_bundle(out: Path, payload_out: Path, keys: DevFleet, payload_bytes: int) -> None:
     """A signed bundle with a random payload (not an archive: verify never unpacks).
 
     The payload is also written alone to ``payload_out`` for ``sha256sum``.
@@ -140,7 +113,7 @@ def raw_bundle(out: Path, payload_out: Path, keys: Keys, payload_bytes: int) -> 
             handle.write(chunk)
 
 
-def app_bundle(out: Path, keys: Keys, payload_bytes: int) -> Path:
+def app_bundle(out: Path, keys: DevFleet, payload_bytes: int) -> Path:
     """A real, installable bundle (a tar.gz of random data), built and signed."""
     src = out.with_suffix(".src")
     (src / "bin").mkdir(parents=True, exist_ok=True)
@@ -231,7 +204,7 @@ def hash_tool_s(argv: list[str]) -> float:
     return elapsed
 
 
-def bench_verify(work: Path, keys: Keys, size_mib: int, repeats: int) -> dict[str, Any]:
+def bench_verify(work: Path, keys: DevFleet, size_mib: int, repeats: int) -> dict[str, Any]:
     bundle, payload = work / f"verify-{size_mib}.bundle", work / f"verify-{size_mib}.payload"
     raw_bundle(bundle, payload, keys, size_mib * MiB)
     read_through(bundle)
@@ -352,7 +325,7 @@ class TransferRig:
     """Broker, hub and an uploaded bundle; agents come and go per run."""
 
     work: Path
-    keys: Keys
+    keys: DevFleet
     broker: MosquittoBroker
     hub: HubChild
     api: httpx.Client
@@ -362,8 +335,8 @@ class TransferRig:
     def agent_run(self, index: int, chunk_bytes: int) -> dict[str, Any]:
         device = f"bench-{index}"
         self.api.post("/devices", json={"id": device}).raise_for_status()
-        agent = AgentChild(self.work, device, self.broker.url)
-        agent.argv += ["--root", str(self.keys.root_path), "--fetch-chunk-bytes", str(chunk_bytes)]
+        agent = AgentChild(self.work, device, self.broker.url, root=self.keys.root_path)
+        agent.argv += ["--fetch-chunk-bytes", str(chunk_bytes)]
         agent.start()
         try:
             wait(lambda: self.api.get(f"/devices/{device}").json()["online"], 30, "agent online")
@@ -432,13 +405,14 @@ def wait(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) 
 
 
 def bench_transfer(
-    work: Path, keys: Keys, size_mib: int, repeats: int, chunk_kib: Sequence[int]
+    work: Path, keys: DevFleet, size_mib: int, repeats: int, chunk_kib: Sequence[int]
 ) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     broker = MosquittoBroker(work / "broker")
     broker.start()
-    hub = HubChild(work / "hub", broker.url)
-    hub.argv += ["--trust-root", str(keys.root_path)]
+    hub = HubChild(
+        work / "hub", broker.url, trust_root=keys.root_path, signing_key=keys.hub_key_path
+    )
     try:
         hub.start()
         wait_for_port("127.0.0.1", hub.api_port, timeout_s=30)
@@ -553,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-bundles-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        keys = Keys(work / "keys")
+        keys = DevFleet(work / "keys")
         try:
             verify = [bench_verify(work, keys, size, args.repeats) for size in args.verify_mib]
             transfer = (

@@ -20,6 +20,7 @@ import pytest
 from edge_agent.store import StateStore
 from hub.devbroker import MosquittoBroker
 from protocols import BundleRequest, Channel, Desired, decode, encode, encode_chunk, topic
+from protocols.signed import seal
 from tests.integration.bundle_support import (
     DAY,
     Keys,
@@ -40,6 +41,7 @@ from tests.integration.bundle_support import (
 )
 from tests.integration.mqtt_client import RawPeer
 from tests.support import AgentProcess, HubProcess, wait_until
+from tests.unit.test_bundles_support import Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +55,7 @@ def keys(tmp_path: Path) -> Keys:
 
 @pytest.fixture
 def hub(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[HubProcess]:
-    instance = hub_with_root(tmp_path / "hub", broker.url, keys.root_path)
+    instance = hub_with_root(tmp_path / "hub", broker.url, keys)
     try:
         register(instance, DEVICE)
         yield instance
@@ -253,8 +255,12 @@ def test_flipped_byte_in_the_payload_served(
 def test_manifest_signed_by_an_unauthorised_key(
     tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
 ) -> None:
-    """The hub trusts the key (another fleet's root); the device's root does not."""
-    device_keys = Keys(tmp_path / "device-keys")
+    """The hub trusts the key (another fleet's root); the device's root does not.
+
+    The device's root authorises the same hub key (desired documents verify) but
+    other release keys, so only the bundle is foreign.
+    """
+    device_keys = Keys(tmp_path / "device-keys", fleet=Fleet(hub_keys=keys.fleet.hub_keys))
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=500_000)
     sha = upload(hub, bundle)
     generation = set_workloads(hub, DEVICE, thermo=sha)
@@ -332,10 +338,12 @@ def device_topic_peer(broker: MosquittoBroker) -> Iterator[RawPeer]:
     peer.close()
 
 
-def desire(peer: RawPeer, generation: int, sha: str) -> None:
+def desire(peer: RawPeer, keys: Keys, generation: int, sha: str) -> None:
+    """Publish a desired document signed with the fleet's hub key, as the hub would."""
     config = {"workloads": [{"name": "thermo", "bundle": sha}]}
     document = Desired(device_id=DEVICE, generation=generation, config=config, issued_at=1.0)
-    peer.publish(topic(DEVICE, Channel.DESIRED), encode(document), retain=True)
+    sealed = seal(encode(document), keys.fleet.hub_keys)
+    peer.publish(topic(DEVICE, Channel.DESIRED), sealed, retain=True)
 
 
 def state(agent: AgentProcess) -> tuple[int, int, str | None]:
@@ -362,7 +370,7 @@ def test_a_chunk_at_the_wrong_offset_is_refused_and_asked_for_again(
     agent = agent_for(tmp_path, broker, keys)
     agent.start()
     try:
-        desire(device_topic_peer, 1, sha)
+        desire(device_topic_peer, keys, 1, sha)
         wait_until(lambda: state(agent)[0] == 1, timeout_s=60, what="applied")
         assert installed(agent, "thermo") == "1.0.0"
         asked = [r.offset for r in server.seen()]
@@ -385,7 +393,7 @@ def test_expired_manifest(
     agent = agent_for(tmp_path, broker, keys)
     agent.start()
     try:
-        desire(device_topic_peer, 1, sha)
+        desire(device_topic_peer, keys, 1, sha)
         wait_until(lambda: state(agent)[1] == 1, timeout_s=60, what="failed")
         error = state(agent)[2] or ""
         assert "ExpiredMetadataError" in error and "expired" in error

@@ -15,6 +15,7 @@ import pytest
 
 from hub.devbroker import MosquittoBroker
 from simulator.fleet import device_ids
+from simulator.inventory import DeviceInventory
 from simulator.profiles import BUILTIN, offline_windows
 from simulator.workers import split
 from tests.support import HubProcess, wait_until
@@ -139,6 +140,14 @@ def test_fifty_flaky_devices_in_two_workers_converge_and_exit_cleanly(
         row = hub.device(device_id)
         assert row["desired_generation"] == newest
         assert row["in_sync"] or row["failed_generation"] == newest
+        # Each simulated device reported its (seeded) hardware in its birth.
+        expected = DeviceInventory(seed, device_id).reading()
+        inventory = row["inventory"]
+        assert (inventory["arch"], inventory["mem_total_bytes"]) == (
+            expected.arch,
+            expected.mem_total_bytes,
+        )
+        assert 0 < inventory["disk_free_bytes"] < inventory["disk_total_bytes"]
 
     # The flaky schedule ran as the seed says: windows that began before the end were taken.
     windows = [

@@ -312,7 +312,6 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     ("url", "message"),
     [
         pytest.param("tcp://h:1", "must start with mqtt://", id="scheme"),
-        pytest.param("mqtts://h:1", "TLS", id="tls"),
         pytest.param("mqtt://:1883", "no host", id="no-host"),
         pytest.param("mqtt://h:notaport", "invalid port", id="port"),
         pytest.param("mqtt://h:1/path", "only mqtt://HOST:PORT", id="path"),
@@ -326,6 +325,8 @@ def test_bad_broker_url_is_rejected_at_start(url: str, message: str) -> None:
 def test_broker_url_default_port() -> None:
     assert parse_broker_url("mqtt://broker.example").port == 1883
     assert parse_broker_url("mqtt://127.0.0.1:1884").url == "mqtt://127.0.0.1:1884"
+    tls = parse_broker_url("mqtts://broker.example")  # mutual TLS to the broker
+    assert (tls.tls, tls.port) == (True, 8883)
 
 
 def test_batch_registration_is_idempotent(client: TestClient) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 
 from hub import store
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
 from hub.auth.api import require
 from hub.auth.models import Role
+from hub.enrollment.revocation import revoke_device
 from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
 from hub.models import (
     LABEL_KEY_PATTERN,
@@ -116,11 +117,20 @@ def get_device(device_id: DeviceIdPath, session: SessionDep) -> DevicePublic:
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require(Role.admin))],
 )
-def delete_device(device_id: DeviceIdPath, session: SessionDep, link: LinkDep) -> Response:
+def delete_device(
+    device_id: DeviceIdPath,
+    request: Request,
+    session: SessionDep,
+    link: LinkDep,
+    settings: SettingsDep,
+    now: NowDep,
+) -> Response:
+    """Decommission: the row goes, and so does the device's way in (its certificates)."""
     try:
         store.delete_device(session, device_id=device_id)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    revoke_device(session, request.app.state.ca, settings, device_id=device_id, now=now)
     link.desired_changed([device_id])  # best effort: clears the retained desired document
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -1,0 +1,94 @@
+"""Revocation reaches the broker: the CRL is rewritten and the broker told to re-read it.
+
+Rules:
+- Only for a broker beside the hub (``HubSettings.broker_crl_path``): the hub
+  writes the CRL there by rename (a broker re-reading never sees half a file),
+  and the ACL (``broker_acl_path``) with every device whose certificates are
+  all revoked denied everything, then sends SIGHUP to the pid in
+  ``broker_pid_file``: Mosquitto re-reads both without dropping sessions. The
+  revoked device's open connection keeps its socket but loses every topic; it
+  cannot connect again (its certificate is refused in the handshake).
+- A broker elsewhere reads the CRL from the API (``GET /api/v1/crl``) or from
+  ``driftless broker config``; the hub does not reach into other machines.
+- Failing to signal the broker is logged, not raised: the revocation is
+  already committed and the next reload picks it up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+from pathlib import Path
+
+from sqlmodel import Session
+
+from hub.broker_config import hub_identities, render_acl
+from hub.enrollment import store
+from hub.identity import CertificateAuthority
+from hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+
+def current_crl(session: Session, ca: CertificateAuthority, *, now: dt.datetime) -> bytes:
+    """The CRL (PEM) for every certificate revoked so far."""
+    return ca.crl(store.revoked(session), now=now)
+
+
+def publish_crl(
+    session: Session, ca: CertificateAuthority, settings: HubSettings, *, now: dt.datetime
+) -> bool:
+    """Write the CRL for the local broker and reload it; False when there is none configured."""
+    path = settings.broker_crl_path
+    if path is None:
+        return False
+    _replace(path, current_crl(session, ca, now=now))
+    if settings.broker_acl_path is not None:
+        identities = hub_identities(settings.mqtt_client_id)
+        acl = render_acl(identities, store.cut_off_devices(session))
+        _replace(settings.broker_acl_path, acl.encode())
+    reload_broker(settings)
+    return True
+
+
+def _replace(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def reload_broker(settings: HubSettings) -> None:
+    """SIGHUP the broker named by ``broker_pid_file`` (if any); logs what it could not do."""
+    if settings.broker_pid_file is None:
+        return
+    try:
+        pid = int(settings.broker_pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "broker not reloaded; it will see the new CRL at its next reload",
+            extra={"pid_file": str(settings.broker_pid_file), "error": str(exc)},
+        )
+        return
+    log.info("broker reloaded", extra={"pid": pid})
+
+
+def revoke_device(
+    session: Session,
+    ca: CertificateAuthority | None,
+    settings: HubSettings,
+    *,
+    device_id: str,
+    now: dt.datetime,
+) -> list[int]:
+    """Revoke every certificate of ``device_id`` and push the CRL; returns the serials."""
+    serials = store.revoke_device_certificates(session, device_id=device_id, now=now)
+    if serials and ca is not None:
+        publish_crl(session, ca, settings, now=now)
+    log.info(
+        "device certificates revoked",
+        extra={"device": device_id, "serials": [format(s, "x") for s in serials]},
+    )
+    return serials

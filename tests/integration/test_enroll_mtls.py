@@ -1,0 +1,225 @@
+"""Provisioning end to end on a mutual-TLS Mosquitto: enroll, run, converge, revoke.
+
+Real processes throughout: Mosquitto with the fleet CA, the device ACL and a
+CRL; the hub (its own client certificates, issued from the fleet CA it keeps);
+``driftless agent enroll`` and ``driftless agent run`` with nothing but the
+enrolled data directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.store import StateStore
+from firmware_bundles.devfleet import DevFleet
+from hub.broker_config import TlsFiles, hub_identities, write_secure_files
+from hub.devbroker import MosquittoBroker, find_mosquitto, free_port, wait_for_port
+from hub.identity import CertificateAuthority
+from protocols import Channel, topic
+from tests.support import AgentProcess, HubProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Secure:
+    broker: MosquittoBroker
+    files: TlsFiles
+    hub: HubProcess
+    fleet: DevFleet
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[Secure]:
+    now = dt.datetime.now(dt.UTC)
+    hub_dir = tmp_path / "hub"
+    ca = CertificateAuthority.load_or_create(hub_dir / "identity", now=now)  # the hub's own
+    files = write_secure_files(
+        ca, tmp_path / "broker-tls", hub_identities=hub_identities("driftless-hub"),
+        revoked=[], now=now,
+    )  # fmt: skip
+    broker = MosquittoBroker(tmp_path / "broker", tls=files)
+    broker.start()
+    fleet = DevFleet(tmp_path / "fleet")
+    hub = HubProcess(hub_dir, broker.url)
+    hub.argv += [
+        "--trust-root", str(fleet.root_path), "--signing-key", str(fleet.hub_key_path),
+        "--public-broker-url", broker.url,
+        "--broker-crl", str(files.crl), "--broker-acl", str(files.acl),
+        "--broker-pid-file", str(broker.pid_path),
+    ]  # fmt: skip
+    try:
+        hub.start()
+        yield Secure(broker, files, hub, fleet)
+    finally:
+        hub.close()
+        broker.kill()
+
+
+def driftless(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "driftless.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def enrollment_token(hub: HubProcess, **body: object) -> str:
+    response = hub.api.post("/enrollment-tokens", json=body)
+    assert response.status_code == 201, response.text
+    token: str = response.json()["token"]
+    return token
+
+
+def enroll(
+    hub: HubProcess, token: str, device_id: str, data_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    return driftless(
+        "agent", "enroll", "--hub", hub.base_url, "--token", token,
+        "--device-id", device_id, "--data-dir", str(data_dir),
+    )  # fmt: skip
+
+
+def connects_with(broker: MosquittoBroker, files: TlsFiles, cert: Path, key: Path) -> bool:
+    """Whether a fresh MQTT connection with this certificate is accepted."""
+    return connects(broker.port, files.ca_cert, cert, key)
+
+
+def connects(port: int, ca: Path, cert: Path | None, key: Path | None) -> bool:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    client.tls_set_context(context)
+    try:
+        client.connect("127.0.0.1", port, keepalive=5)
+        for _ in range(50):
+            client.loop(timeout=0.1)
+            if client.is_connected():
+                return True
+    except (OSError, ssl.SSLError):
+        return False
+    finally:
+        client.disconnect()
+    return False
+
+
+def test_enroll_run_converge_then_decommission_cuts_the_device_off(
+    tmp_path: Path, secure: Secure
+) -> None:
+    hub = secure.hub
+    agent = AgentProcess(tmp_path, "pump-1", secure.broker.url)
+    token = enrollment_token(hub, device_id="pump-1", labels={"site": "plant-7"})
+    result = enroll(hub, token, "pump-1", agent.data_dir)
+    assert result.returncode == 0, result.stderr
+    identity = agent.data_dir / "identity"
+    assert {p.name for p in identity.iterdir()} >= {"device.key", "device.crt", "ca.crt"}
+    assert (identity / "device.key").stat().st_mode & 0o077 == 0
+    assert json.loads((identity / "enrollment.json").read_text())["broker_url"] == secure.broker.url
+    assert (agent.data_dir / "root.json").read_bytes() == secure.fleet.root_path.read_bytes()
+
+    # The token was for one use: a second enrollment with it is refused, and says why.
+    again = enroll(hub, token, "pump-1", tmp_path / "again")
+    assert again.returncode == 1 and "used up" in again.stderr
+
+    # ``agent run`` with only the enrolled data dir: mTLS broker, fleet root, signed documents.
+    agent.argv = [a for a in agent.argv if a != "--insecure-unsigned"]
+    broker_at = agent.argv.index("--broker")
+    del agent.argv[broker_at : broker_at + 2]
+    agent.start()
+    try:
+        wait_until(lambda: hub.device("pump-1")["online"], timeout_s=30, what="pump-1 online")
+        assert hub.device("pump-1")["labels"] == {"site": "plant-7"}
+        response = hub.api.put("/devices/pump-1/desired", json={"config": {"mode": "eco"}})
+        generation = response.json()["desired_generation"]
+        wait_until(
+            lambda: StateStore(agent.data_dir).load().applied_generation == generation,
+            what="pump-1 applied its signed document over mTLS",
+        )
+        cert, key = identity / "device.crt", identity / "device.key"
+        assert connects_with(secure.broker, secure.files, cert, key)
+
+        # Decommission: the row, the certificate (CRL) and the live connection's rights (ACL).
+        assert hub.api.delete("/devices/pump-1").status_code == 204
+        wait_until(
+            lambda: not connects_with(secure.broker, secure.files, cert, key),
+            timeout_s=20,
+            what="the revoked certificate refused",
+        )
+        assert "user pump-1\ntopic deny #" in secure.files.acl.read_text()
+        # Mosquitto re-applies security to live clients on reload: the open session ends.
+        wait_until(
+            lambda: '"event": "disconnected"' in agent.log(),
+            timeout_s=20,
+            what="the revoked device's live connection cut",
+        )
+        agent.kill()
+        agent.start()  # a restarted agent cannot get back in
+        wait_until(
+            lambda: (
+                agent.log().count("before the broker accepted it")
+                + agent.log().count("broker unreachable")
+                >= 2
+            ),
+            what="the restarted agent refused, twice",
+        )
+        assert agent.log().count('"event": "connected"') == 1  # only the first run's
+    finally:
+        agent.kill()
+
+
+def test_the_hub_and_other_devices_are_unaffected_by_a_revocation(
+    tmp_path: Path, secure: Secure
+) -> None:
+    """Another device enrolled with a claim token keeps working after pump-1 is revoked."""
+    hub = secure.hub
+    claim = enrollment_token(hub, uses=2)
+    dirs = {d: tmp_path / d for d in ("line-1", "line-2")}
+    for device_id, data_dir in dirs.items():
+        assert enroll(hub, claim, device_id, data_dir).returncode == 0
+    assert hub.api.delete("/devices/line-1").status_code == 204
+    identity = dirs["line-2"] / "identity"
+    assert connects_with(
+        secure.broker, secure.files, identity / "device.crt", identity / "device.key"
+    )
+    assert hub.stats()["mqtt_connected"]  # the hub's own certificates still work
+    assert topic("line-2", Channel.DESIRED)  # (the topic tree is the device's own)
+
+
+def test_broker_config_writes_a_mutual_tls_config_that_mosquitto_runs(tmp_path: Path) -> None:
+    port = free_port()
+    identity, out = tmp_path / "identity", tmp_path / "broker"
+    result = driftless(
+        "broker", "config", "--identity-dir", str(identity), "--out", str(out),
+        "--host", "127.0.0.1", "--port", str(port),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = (out / "mosquitto.conf").read_text()
+    for line in ("require_certificate true", "use_identity_as_username true", "crlfile "):
+        assert line in config
+    assert f"--broker-crl {out / 'tls' / 'crl.pem'}" in result.stdout
+    ca = CertificateAuthority.load_or_create(identity, now=dt.datetime.now(dt.UTC))
+    key_pem, issued = ca.issue_keypair("dev-9", server=False, now=dt.datetime.now(dt.UTC))
+    (tmp_path / "dev.key").write_bytes(key_pem)
+    (tmp_path / "dev.crt").write_bytes(issued.pem)
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")])
+    try:
+        wait_for_port("127.0.0.1", port, timeout_s=10)
+        assert connects(port, ca.cert_path, tmp_path / "dev.crt", tmp_path / "dev.key")
+        assert not connects(port, ca.cert_path, None, None)  # no certificate, no entry
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -39,3 +39,17 @@ class ConfigTooLarge(HubError):
         )
         self.size_bytes = size_bytes
         self.limit_bytes = limit_bytes
+
+
+class UnknownBundles(HubError):
+    """A desired config references bundles the store does not hold."""
+
+    def __init__(self, missing: list[str]) -> None:
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        super().__init__(
+            f"the config references {len(missing)} bundle(s) the hub does not hold: {shown} "
+            "(upload them first: POST /api/v1/bundles)"
+        )
+        self.missing = missing

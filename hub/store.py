@@ -39,8 +39,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 import protocols
+from hub.bundles.models import Bundle
 from hub.db import begin_write
-from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
+from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound, UnknownBundles
 from hub.ingest import DeviceMessage, Reject, Tracking, decide
 from hub.models import Device
 
@@ -160,6 +161,23 @@ def _bump(row: Device, config: dict[str, Any], now: datetime) -> None:
     row.desired_updated_at = now
 
 
+def _check_bundles(session: Session, config: Mapping[str, Any]) -> None:
+    """Raise UnknownBundles unless every bundle ``config`` references is stored.
+
+    Runs inside the write transaction that sets the config, so a bundle cannot be
+    deleted between the check and the commit (deleting takes the same write lock
+    and refuses while a desired state references the bundle).
+    """
+    wanted = protocols.bundle_references(config)
+    if not wanted:
+        return
+    held = set(session.exec(select(Bundle.sha256).where(col(Bundle.sha256).in_(wanted))).all())
+    missing = sorted(wanted - held)
+    if missing:
+        session.rollback()
+        raise UnknownBundles(missing)
+
+
 def set_desired(
     session: Session,
     *,
@@ -172,13 +190,14 @@ def set_desired(
     (or jumps past the generations the device reports, after a re-registration).
 
     Returns the row (``row.desired_generation`` is the new generation).
-    Raises ConfigTooLarge or DeviceNotFound; nothing is written then.
+    Raises ConfigTooLarge, DeviceNotFound or UnknownBundles; nothing is written then.
     """
     document = _check_config(config, max_config_bytes)
     begin_write(session)
     row = session.exec(select(Device).where(Device.id == device_id).with_for_update()).first()
     if row is None:
         raise DeviceNotFound(device_id)
+    _check_bundles(session, document)
     _bump(row, document, now)
     session.commit()
     return row
@@ -196,10 +215,11 @@ def set_desired_for_selector(
     (every device when ``labels`` is None or empty), in one transaction.
 
     Returns ``(device_id, new_generation)`` for each device, ordered by id.
-    Raises ConfigTooLarge.
+    Raises ConfigTooLarge or UnknownBundles.
     """
     document = _check_config(config, max_config_bytes)
     begin_write(session)
+    _check_bundles(session, document)
     rows = session.exec(
         select(Device).where(*_label_filter(labels)).order_by(col(Device.id)).with_for_update()
     ).all()

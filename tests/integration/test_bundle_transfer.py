@@ -301,8 +301,13 @@ def test_lower_security_version_than_installed(
 def test_unknown_bundle(
     tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
 ) -> None:
-    sha = "5e" * 32
+    """The hub refuses a reference it cannot serve; a file lost later fails on the device."""
+    config = {"workloads": [{"name": "thermo", "bundle": "5e" * 32}]}
+    refused_put = hub.api.put(f"/devices/{DEVICE}/desired", json={"config": config})
+    assert refused_put.status_code == 422 and "5e" * 32 in refused_put.json()["detail"]
+    sha = upload(hub, build_bundle(tmp_path / "thermo.bundle", keys))
     generation = set_workloads(hub, DEVICE, thermo=sha)
+    hub_file(hub, sha).unlink()  # the hub's disk lost it after the desired state was set
     agent = agent_for(tmp_path, broker, keys)
     agent.start()
     try:

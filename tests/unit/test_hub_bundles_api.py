@@ -174,6 +174,26 @@ def test_delete_refused_while_desired_state_references_it(
     assert hub.leftovers() == [f"{other}.bundle"]
 
 
+def test_a_desired_state_naming_a_bundle_the_hub_does_not_hold_is_422(
+    env: tuple[BundleHub, TestClient],
+) -> None:
+    """Refused at once, not discovered by every device failing its fetch."""
+    hub, client = env
+    sha = stored(hub, client)["sha256"]
+    missing = "ab" * 32
+    register(client, "pump-1", workloads(sha))
+    before = client.get("devices/pump-1").json()["desired_generation"]
+    for path in ("devices/pump-1/desired", "fleet/desired"):
+        response = client.put(path, json={"config": workloads(sha, missing)})
+        assert response.status_code == 422, path
+        assert missing in response.json()["detail"] and sha not in response.json()["detail"]
+    # Nothing was written: the generation did not move.
+    assert client.get("devices/pump-1").json()["desired_generation"] == before
+    # The same hex anywhere else in the config is not a reference.
+    note = {"note": missing}
+    assert client.put("devices/pump-1/desired", json={"config": note}).status_code == 200
+
+
 def test_delete_allowed_once_the_referencing_device_is_deleted(
     env: tuple[BundleHub, TestClient],
 ) -> None:

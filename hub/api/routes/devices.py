@@ -2,7 +2,8 @@
 
 Rules:
 - Domain errors from :mod:`hub.store` become HTTP errors here and only here:
-  DeviceNotFound -> 404, DeviceExists -> 409, ConfigTooLarge -> 413.
+  DeviceNotFound -> 404, DeviceExists -> 409, ConfigTooLarge -> 413,
+  UnknownBundles -> 422 (a config naming a bundle the store does not hold).
 - A desired change is accepted once committed, whether or not the broker is up;
   the link is only told about it (the DB is the truth, the sweep delivers it).
 - Handlers are sync: FastAPI runs them in its threadpool, the link is notified
@@ -23,7 +24,7 @@ from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
 from hub.auth.api import require
 from hub.auth.models import Role
 from hub.enrollment.revocation import revoke_device
-from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
+from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound, UnknownBundles
 from hub.models import (
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
@@ -163,5 +164,7 @@ def set_desired(
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except ConfigTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+    except UnknownBundles as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     link.desired_changed([row.id])
     return DevicePublic.from_row(row)

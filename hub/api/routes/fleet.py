@@ -14,7 +14,7 @@ from hub import store
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
 from hub.auth.api import require
 from hub.auth.models import Role
-from hub.errors import ConfigTooLarge
+from hub.errors import ConfigTooLarge, UnknownBundles
 from hub.models import DeviceGeneration, FleetDesiredResult, FleetDesiredUpdate, FleetSummary
 
 router = APIRouter(prefix="/fleet", tags=["fleet"])
@@ -45,6 +45,8 @@ def set_fleet_desired(
         )
     except ConfigTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+    except UnknownBundles as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     link.desired_changed(device_id for device_id, _ in updated)
     return FleetDesiredResult(
         updated=len(updated),

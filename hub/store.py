@@ -26,6 +26,7 @@ import msgspec
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    RowMapping,
     Table,
     Update,
     and_,
@@ -123,6 +124,40 @@ def list_devices(
         select(Device).where(*where).order_by(col(Device.id)).limit(limit).offset(offset)
     ).all()
     return list(rows), int(total)
+
+
+def device_page(
+    session: Session, *, limit: int, offset: int, labels: Mapping[str, str] | None = None
+) -> tuple[list[RowMapping], int]:
+    """:func:`list_devices` as plain rows (SQL Core): the API's hot read path.
+
+    Loading ORM objects cost more than the query (identity map, instrumentation);
+    the API builds its answer from these mappings directly (``hub.api.views``).
+    """
+    where = _label_filter(labels)
+    total = session.exec(select(func.count()).select_from(Device).where(*where)).one()
+    rows = (
+        session.connection()
+        .execute(
+            sa_select(_DEVICES).where(*where).order_by(_DEVICES.c.id).limit(limit).offset(offset)
+        )
+        .mappings()
+        .all()
+    )
+    return list(rows), int(total)
+
+
+def device_row(session: Session, *, device_id: str) -> RowMapping:
+    """One device as a plain row; raises DeviceNotFound."""
+    row = (
+        session.connection()
+        .execute(sa_select(_DEVICES).where(_DEVICES.c.id == device_id))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise DeviceNotFound(device_id)
+    return row
 
 
 def delete_device(session: Session, *, device_id: str) -> None:

@@ -6,6 +6,8 @@ Rules:
   UnknownBundles -> 422 (a config naming a bundle the store does not hold).
 - A desired change is accepted once committed, whether or not the broker is up;
   the link is only told about it (the DB is the truth, the sweep delivers it).
+- Reads answer from plain rows (``hub.api.views``), not ORM objects and models:
+  they are the hot path under load; ``response_model`` still documents them.
 - Handlers are sync: FastAPI runs them in its threadpool, the link is notified
   thread-safely.
 - Reading needs any token (``viewer``); setting desired state needs
@@ -20,6 +22,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 
 from hub import store
+from hub.api import views
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
 from hub.auth.api import require
 from hub.auth.models import Role
@@ -88,7 +91,7 @@ def list_devices(
     limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     label: Annotated[list[str], Query(description="KEY=VALUE; repeat to AND")] = [],  # noqa: B006
-) -> DevicePage:
+) -> Response:
     page = settings.page_size_default if limit is None else limit
     if page > settings.page_size_max:
         raise HTTPException(
@@ -99,16 +102,14 @@ def list_devices(
         labels = parse_label_filters(label)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    rows, total = store.list_devices(session, limit=page, offset=offset, labels=labels)
-    return DevicePage(
-        items=[DevicePublic.from_row(r) for r in rows], total=total, limit=page, offset=offset
-    )
+    rows, total = store.device_page(session, limit=page, offset=offset, labels=labels)
+    return views.device_page(rows, total=total, limit=page, offset=offset)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
-def get_device(device_id: DeviceIdPath, session: SessionDep) -> DevicePublic:
+def get_device(device_id: DeviceIdPath, session: SessionDep) -> Response:
     try:
-        return DevicePublic.from_row(store.get_device(session, device_id=device_id))
+        return views.json_response(views.device(store.device_row(session, device_id=device_id)))
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 

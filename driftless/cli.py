@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--broker-pid-file", "DRIFTLESS_BROKER_PID_FILE", "SIGHUP this pid after a change"),
     ):
         serve.add_argument(flag, type=Path, default=_env(env, "") or None, help=text)
+    serve.add_argument(
+        "--cert-renew-min-interval-s",
+        type=float,
+        default=float(_env("DRIFTLESS_CERT_RENEW_MIN_INTERVAL_S", "3600")),
+        help="at most one certificate renewal per device this often",
+    )
     token = hub.add_parser("token", help="API tokens, made where the hub's database is")
     token_cmds = token.add_subparsers(dest="token_cmd", required=True)
     token_create = token_cmds.add_parser(
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fetch-window", type=int, default=8, help="MQTT chunk requests in flight")
     run.add_argument("--fetch-chunk-bytes", type=int, default=64 * 1024, help="MQTT chunk size")
     run.add_argument("--clock-skew-s", type=int, default=300, help="expiry allowance, seconds")
+    run.add_argument(
+        "--renew-at-fraction",
+        type=float,
+        default=2 / 3,
+        help="renew the device certificate over MQTT once this part of its lifetime has passed",
+    )
 
     broker = top.add_parser("broker", help="development broker").add_subparsers(
         dest="broker_cmd", required=True
@@ -197,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker_crl_path=args.broker_crl,
                 broker_acl_path=args.broker_acl,
                 broker_pid_file=args.broker_pid_file,
+                cert_renew_min_interval_s=args.cert_renew_min_interval_s,
             )
         except ValueError as exc:
             print(f"driftless hub serve: {exc}", file=sys.stderr)
@@ -237,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             bundles=bundles,
             insecure_unsigned=args.insecure_unsigned,
+            renew_at_fraction=args.renew_at_fraction,
         )
     if args.command == "broker" and args.broker_cmd == "config":
         from hub.devbroker import write_secure_broker

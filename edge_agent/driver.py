@@ -14,6 +14,9 @@ Rules:
   (``edge_agent.fetcher``), created the first time a desired document
   references bundles, so an agent that never sees a bundle never loads the
   verification stack. Its result comes back to the core as ``FetchDone``.
+- An agent connected with its enrolled certificate renews it over MQTT when due
+  (``edge_agent.renewal``: its dates are looked at once a minute while subscribed),
+  then reconnects with the new one.
 - ``--root`` is read once at start; an unreadable or invalid root stops the
   start (exit 2): a device must not run with a trust anchor it cannot check.
   Without ``--root`` the agent starts only when told ``--insecure-unsigned``
@@ -61,6 +64,7 @@ from edge_agent.core import (
 )
 from edge_agent.enroll import Identity, tls_context
 from edge_agent.inventory import collect as collect_inventory
+from edge_agent.renewal import DEFAULT_RENEW_AT_FRACTION, Renewal
 from edge_agent.runtime import Applier, ApplyError, WorkloadApplier
 from edge_agent.settings import BundleSettings
 from edge_agent.store import StateStore, remove_stale_temporaries
@@ -119,7 +123,10 @@ class AgentDriver:
         trusted_root: TrustedRoot | None = None,
         clock: Callable[[], float] = time.time,
         tls_context: ssl.SSLContext | None = None,
+        tls_factory: Callable[[], ssl.SSLContext] | None = None,
+        renewal: Renewal | None = None,
     ) -> None:
+        """``tls_factory`` rebuilds the TLS context after ``renewal`` switched certificates."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
@@ -142,11 +149,16 @@ class AgentDriver:
             trusted_root=trusted_root,
             clock_skew_s=self.bundle_settings.clock_skew_s,
         )
+        self.broker_url = broker_url
         self.transport = MqttTransport(
             device_id, broker_url, self._on_transport, tls_context=tls_context
         )
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
+        self.cert_topic = topic(device_id, Channel.CERT)
+        self.renewal = renewal
+        self._tls_factory = tls_factory
+        self._new_tls = False  # set after a renewal: reconnect with the new certificate
         self.rejected: dict[str, int] = {}
         self.fetcher: Fetcher | None = None
         self.fetch_stats: FetchStats | None = None
@@ -190,26 +202,26 @@ class AgentDriver:
                 )
                 inventory = collect_inventory(self.data_dir, arch=self.bundle_settings.architecture)
                 self.feed(Connected(now, present, inventory))
-                self.transport.subscribe([self.desired_topic, self.bundle_data_topic])
+                self.transport.subscribe(self._topics())
             case TSubscribed(granted=granted):
                 if granted:
                     self._subscribed = True
                     if self._mqtt_source is not None:
                         self._mqtt_source.link_up()
                     self.feed(Subscribed(now))
+                    self._check_renewal()
                 else:
                     log.error(
                         "subscription refused",
-                        extra={
-                            "device": self.device_id,
-                            "topics": [self.desired_topic, self.bundle_data_topic],
-                        },
+                        extra={"device": self.device_id, "topics": self._topics()},
                     )
             case TMessage(topic=name, payload=payload):
                 if name == self.desired_topic:
                     self.feed(DesiredPayload(payload, now))
                 elif name == self.bundle_data_topic and self._mqtt_source is not None:
                     self._mqtt_source.on_frame(payload)
+                elif name == self.cert_topic and self.renewal is not None:
+                    self._on_cert_answer(payload)
             case TConnectRefused(reason=reason):
                 log.error("connection refused", extra={"device": self.device_id, "reason": reason})
             case TDisconnected(reason=reason):
@@ -220,6 +232,30 @@ class AgentDriver:
                 if self._mqtt_source is not None:
                     self._mqtt_source.link_down()
                 self.feed(Disconnected(now))
+
+    def _on_cert_answer(self, payload: bytes) -> None:
+        assert self.renewal is not None
+        try:
+            switched = self.renewal.on_answer(payload)
+        except Exception:  # a renewal problem must never take the agent down
+            log.exception("renewal answer failed", extra={"device": self.device_id})
+            return
+        if switched and self._tls_factory is not None:
+            self._new_tls = True
+            self.transport.request_disconnect()  # the network loop reconnects with the new pair
+
+    def _topics(self) -> list[str]:
+        topics = [self.desired_topic, self.bundle_data_topic]
+        return [*topics, self.cert_topic] if self.renewal is not None else topics
+
+    def _check_renewal(self) -> None:
+        """Ask for a new certificate when due (the network thread; cheap when not)."""
+        if self.renewal is None:
+            return
+        try:
+            self.renewal.maybe_request()
+        except Exception:  # a renewal problem must never take the agent down
+            log.exception("renewal check failed", extra={"device": self.device_id})
 
     # -- executors
 
@@ -352,6 +388,14 @@ class AgentDriver:
     def _network_loop(self) -> None:
         backoff = Backoff()
         while not self._stop.is_set():
+            if self._new_tls and self._tls_factory is not None:
+                self._new_tls = False
+                self.transport = MqttTransport(
+                    self.device_id,
+                    self.broker_url,
+                    self._on_transport,
+                    tls_context=self._tls_factory(),
+                )
             self.feed(Connecting(self.clock()))
             try:
                 self.transport.connect()
@@ -372,6 +416,8 @@ class AgentDriver:
                 if self._connected:
                     accepted = True
                     backoff.reset()
+                if self._subscribed:
+                    self._check_renewal()
             if self._stop.is_set():
                 return
             delay = backoff.next_delay_s()
@@ -431,6 +477,7 @@ def run_agent(
     data_dir: Path,
     bundles: BundleSettings | None = None,
     insecure_unsigned: bool = False,
+    renew_at_fraction: float = DEFAULT_RENEW_AT_FRACTION,
 ) -> int:
     """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor.
 
@@ -438,16 +485,32 @@ def run_agent(
     given: the broker URL, the fleet root and, for ``mqtts://``, the certificate.
     """
     settings = bundles or BundleSettings()
+    if not 0 <= renew_at_fraction < 1:
+        log.error(
+            "agent cannot start",
+            extra={"device": device_id, "error": "renew_at_fraction must be within [0, 1)"},
+        )
+        return 2
     identity = Identity(data_dir)
     if broker_url is None:
         broker_url = identity.broker_url() or DEFAULT_BROKER_URL
     if settings.root_path is None and identity.root.exists():
         settings = replace(settings, root_path=identity.root)
     tls = None
+    renewal = None
     if broker_url.startswith("mqtts://") and identity.enrolled():
+        renewal = Renewal(
+            identity,
+            device_id,
+            publish=lambda name, payload: driver.transport.publish(
+                name, payload, qos=1, retain=False
+            ),
+            at_fraction=renew_at_fraction,
+        )
         try:
+            renewal.recover()
             tls = tls_context(identity)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("agent cannot start", extra={"device": device_id, "error": str(exc)})
             return 2
     trusted_root = None
@@ -479,6 +542,8 @@ def run_agent(
         bundles=settings,
         trusted_root=trusted_root,
         tls_context=tls,
+        tls_factory=(lambda: tls_context(identity)) if tls else None,
+        renewal=renewal,
     )
     log.info(
         "agent starting",

@@ -129,6 +129,10 @@ class MqttTransport:
         self._client.disconnect()
         self.loop(0.1)
 
+    def request_disconnect(self) -> None:
+        """A clean DISCONNECT without driving the loop: safe inside a paho callback."""
+        self._client.disconnect()
+
     # paho callbacks (network thread)
 
     def _connected(self, _c: object, _u: object, flags: object, reason: object, _p: object) -> None:

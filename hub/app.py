@@ -105,6 +105,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         settings=settings,
         signer=signer,
         tls_context=link_tls,
+        ca=ca,
     )
     bundle_files = BundleFiles(settings.bundle_directory())
     bundle_files.prepare(now=time.time(), stale_after_s=settings.bundle_upload_stale_s)

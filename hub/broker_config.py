@@ -38,6 +38,8 @@ DEVICE_RIGHTS: tuple[tuple[str, Channel], ...] = (
     ("write", Channel.REPORTED),
     ("write", Channel.BUNDLE_REQ),
     ("read", Channel.BUNDLE_DATA),
+    ("write", Channel.CERT_REQ),
+    ("read", Channel.CERT),
 )
 
 

@@ -264,6 +264,14 @@ def client_identity(
     return cert_path, key_path
 
 
+TOKEN_PREFIX = "dl_"
+
+
 def new_token() -> str:
-    """A fresh secret for enrollment or API tokens (store only its hash)."""
-    return secrets.token_urlsafe(32)
+    """A fresh secret for enrollment or API tokens (store only its hash).
+
+    256 random bits, URL-safe, behind a fixed prefix: a secret that starts with
+    ``-`` would be read as an option by every command line that takes it
+    (``--token -Xn3...``), and the prefix lets secret scanners recognise a leak.
+    """
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -32,6 +32,9 @@ Rules:
 - Nothing a device sends can stop the loop: bad messages are rejected, counted
   and logged; an unexpected error in a batch is logged with its traceback and the
   batch is retried one message at a time so one poisoned message cannot block others.
+- With the fleet CA, the link also answers certificate renewals
+  (``$share/hub/.../+/cert_req``, :mod:`hub.enrollment.renewal`): each request is
+  answered on the device's ``cert`` topic and acknowledged after the answer went out.
 - aiomqtt's ``publish()`` does not surface PUBACK reason codes (FIELD-NOTES), so a
   publish the broker refused (e.g. by ACL) looks like success here.
 """
@@ -58,6 +61,8 @@ import protocols
 from driftless.net import Backoff, BrokerAddress
 from hub import store
 from hub.db import new_session
+from hub.enrollment.renewal import renew
+from hub.identity import CertificateAuthority
 from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner
@@ -87,6 +92,7 @@ def _enable_manual_ack(client: aiomqtt.Client) -> Callable[[int, int], Any]:
 
 
 _KNOWN_CHANNELS = frozenset(c.value for c in Channel)
+_CERT_REQ_SUFFIX = "/" + Channel.CERT_REQ.value
 _TOPIC_PREFIX = TOPIC_ROOT + "/"
 
 
@@ -142,10 +148,12 @@ class BrokerLink:
         settings: HubSettings,
         signer: DocumentSigner | None = None,
         tls_context: ssl.SSLContext | None = None,
+        ca: CertificateAuthority | None = None,
     ) -> None:
         self.broker = broker
         self._signer = signer
         self._tls_context = tls_context
+        self._ca = ca  # set: devices renew their certificates over MQTT (cert_req)
         self.stats = LinkStats(broker=broker.url)
         self._engine = engine
         self._settings = settings
@@ -304,6 +312,8 @@ class BrokerLink:
             # §4.8.2); status is session-guarded, so every replica applying it is harmless.
             subscription(Channel.STATUS),
         ]
+        if self._ca is not None:
+            filters.append(shared_subscription(group, Channel.CERT_REQ))
         codes = await client.subscribe([(f, qos1) for f in filters])
         for topic_filter, code in zip(filters, codes, strict=True):
             if getattr(code, "is_failure", False) or (isinstance(code, int) and code >= 0x80):
@@ -332,7 +342,15 @@ class BrokerLink:
             batch = [await anext(messages)]
             while len(batch) < limit and not queue.empty():
                 batch.append(queue.get_nowait())
-            await self._ingest(batch)
+            renewals = [m for m in batch if m.topic.value.endswith(_CERT_REQ_SUFFIX)]
+            if renewals:
+                batch = [m for m in batch if not m.topic.value.endswith(_CERT_REQ_SUFFIX)]
+                for message in renewals:
+                    await self._renew(client, message)
+                    if message.qos > 0:
+                        ack(message.mid, message.qos)
+            if batch:
+                await self._ingest(batch)
             for message in batch:  # only after the commit: at-least-once into the DB
                 if message.qos > 0:
                     ack(message.mid, message.qos)
@@ -425,6 +443,43 @@ class BrokerLink:
                 "detail": detail[:300],
             },
         )
+
+    # -- certificate renewal -------------------------------------------------------------
+
+    async def _renew(self, client: aiomqtt.Client, raw: aiomqtt.Message) -> None:
+        """Answer one ``cert_req`` (hub.enrollment.renewal); bad requests are rejected."""
+        topic_name = raw.topic.value
+        self.stats.received["total"] += 1
+        self.stats.received[Channel.CERT_REQ.value] += 1
+        try:
+            device_id, _ = protocols.parse_topic(topic_name)
+            request = protocols.decode(_payload_bytes(raw.payload), protocols.CertRequest)
+            if request.device_id != device_id:
+                raise protocols.ProtocolError(
+                    protocols.Reason.DEVICE_MISMATCH,
+                    f"body names {request.device_id!r} on {device_id!r}'s topic",
+                )
+        except protocols.ProtocolError as exc:
+            self._reject(topic_name, None, exc.reason.value, exc.detail)
+            return
+        assert self._ca is not None
+        answer = await asyncio.to_thread(self._renew_sync, request)
+        await client.publish(
+            protocols.topic(device_id, Channel.CERT), protocols.encode(answer), qos=1
+        )
+
+    def _renew_sync(self, request: protocols.CertRequest) -> protocols.CertIssued:
+        assert self._ca is not None
+        s = self._settings
+        with new_session(self._engine) as session:
+            return renew(
+                session,
+                self._ca,
+                request=request,
+                now=datetime.now(UTC),
+                validity_days=s.device_cert_validity_days,
+                min_interval_s=s.cert_renew_min_interval_s,
+            )
 
     # -- desired delivery ----------------------------------------------------------------
 

@@ -78,6 +78,8 @@ class HubSettings:
     # The broker URL enrolled devices are told to use (e.g. mqtts://broker.example:8883).
     public_broker_url: str | None = None
     device_cert_validity_days: int = 365
+    # Renewal over MQTT (cert_req): at most one certificate per device this often.
+    cert_renew_min_interval_s: float = 3600.0
     # TLS to the broker (mqtts:// URLs). Unset: trust the fleet CA and present client
     # certificates the hub issues itself from it (identity/clients/<client id>.crt).
     broker_tls_ca_path: Path | None = None
@@ -175,6 +177,8 @@ class HubSettings:
             net.parse_broker_url(self.public_broker_url)
         if (self.broker_tls_cert_path is None) != (self.broker_tls_key_path is None):
             raise ValueError("broker_tls_cert_path and broker_tls_key_path go together")
+        if self.cert_renew_min_interval_s < 0:
+            raise ValueError("cert_renew_min_interval_s must not be negative")
         if not 1 <= self.device_cert_validity_days <= 3650:
             raise ValueError("device_cert_validity_days must be within 1..3650")
 

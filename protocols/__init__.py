@@ -24,6 +24,8 @@ from protocols.errors import ProtocolError, Reason
 from protocols.messages import (
     PROTOCOL_VERSION,
     Birth,
+    CertIssued,
+    CertRequest,
     Desired,
     Inventory,
     Message,
@@ -46,6 +48,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Birth",
     "BundleRequest",
+    "CertIssued",
+    "CertRequest",
     "Channel",
     "ChunkData",
     "ChunkError",

@@ -14,15 +14,25 @@ import msgspec
 
 from protocols.bundles import BundleRequest
 from protocols.errors import ProtocolError, Reason
-from protocols.messages import PROTOCOL_VERSION, Birth, Desired, Message, Reported, Status
+from protocols.messages import (
+    PROTOCOL_VERSION,
+    Birth,
+    CertIssued,
+    CertRequest,
+    Desired,
+    Message,
+    Reported,
+    Status,
+)
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 
-M = TypeVar("M", Desired, Birth, Status, Reported, BundleRequest)
+M = TypeVar("M", Desired, Birth, Status, Reported, BundleRequest, CertRequest, CertIssued)
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[object]] = {
-    cls: msgspec.json.Decoder(cls) for cls in (Desired, Birth, Status, Reported, BundleRequest)
+    cls: msgspec.json.Decoder(cls)
+    for cls in (Desired, Birth, Status, Reported, BundleRequest, CertRequest, CertIssued)
 }
 
 

@@ -96,4 +96,30 @@ class Reported(_Base, kw_only=True, frozen=True, tag="reported"):
     ts: Timestamp
 
 
-Message = Desired | Birth | Status | Reported
+PemText = Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
+
+
+class CertRequest(_Base, kw_only=True, frozen=True, tag="cert_req"):
+    """Renewal: a CSR for a new key made on the device, sent over its own connection.
+
+    The broker's ACL lets only the device itself publish here (its certificate's
+    name is its MQTT user), which is what authenticates the request.
+    """
+
+    request_id: Positive
+    csr_pem: PemText
+    ts: Timestamp
+
+
+class CertIssued(_Base, kw_only=True, frozen=True, tag="cert"):
+    """The hub's answer to one CertRequest: a certificate, or why not."""
+
+    request_id: Positive
+    certificate_pem: PemText | None = None
+    error: ErrorText | None = None
+    # With an error that passes by itself (too soon): ask again after this long.
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    ts: Timestamp
+
+
+Message = Desired | Birth | Status | Reported | CertRequest | CertIssued

@@ -27,6 +27,8 @@ class Channel(enum.StrEnum):
     REPORTED = "reported"  # device -> hub, QoS 1
     BUNDLE_REQ = "bundle_req"  # device -> hub, QoS 1: JSON BundleRequest
     BUNDLE_DATA = "bundle_data"  # hub -> device, QoS 1: binary chunk frames
+    CERT_REQ = "cert_req"  # device -> hub, QoS 1: CertRequest (renewal)
+    CERT = "cert"  # hub -> device, QoS 1: CertIssued
 
 
 def is_valid_device_id(device_id: str) -> bool:

@@ -31,6 +31,8 @@ from tests.support import AgentProcess, HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
+RENEW_MIN_INTERVAL_S = 3.0  # the hub mints at most one certificate per device this often
+
 
 @dataclass
 class Secure:
@@ -58,6 +60,7 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
         "--public-broker-url", broker.url,
         "--broker-crl", str(files.crl), "--broker-acl", str(files.acl),
         "--broker-pid-file", str(broker.pid_path),
+        "--cert-renew-min-interval-s", str(RENEW_MIN_INTERVAL_S),
     ]  # fmt: skip
     try:
         hub.start()
@@ -223,3 +226,57 @@ def test_broker_config_writes_a_mutual_tls_config_that_mosquitto_runs(tmp_path: 
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def serial_of(cert: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+def test_a_device_renews_its_certificate_over_mqtt_and_carries_on(
+    tmp_path: Path, secure: Secure
+) -> None:
+    """Renewal due at once (--renew-at-fraction 0): refused while the enrollment's
+    certificate is younger than the hub's interval (the answer says when to ask
+    again), then granted; the device reconnects with the new pair and keeps
+    converging, and its old certificate still works until it expires."""
+    hub = secure.hub
+    agent = AgentProcess(tmp_path, "pump-2", secure.broker.url)
+    token = enrollment_token(hub, device_id="pump-2")
+    assert enroll(hub, token, "pump-2", agent.data_dir).returncode == 0
+    identity = agent.data_dir / "identity"
+    old_cert = tmp_path / "old.crt"
+    old_key = tmp_path / "old.key"
+    old_cert.write_bytes((identity / "device.crt").read_bytes())
+    old_key.write_bytes((identity / "device.key").read_bytes())
+    old_key.chmod(0o600)
+    first_serial = serial_of(identity / "device.crt")
+    agent.argv = [a for a in agent.argv if a != "--insecure-unsigned"]
+    agent.argv += ["--renew-at-fraction", "0"]
+    agent.start()
+    try:
+        wait_until(
+            lambda: serial_of(identity / "device.crt") != first_serial,
+            timeout_s=30,
+            what="a renewed certificate in place",
+        )
+        wait_until(
+            lambda: agent.log().count('"event": "connected"') >= 2,
+            what="a reconnect with the new certificate",
+        )
+        # (device.key.next may already exist again: with fraction 0 the next renewal is due)
+        assert connects_with(
+            secure.broker, secure.files, identity / "device.crt", identity / "device.key"
+        )
+        assert connects_with(secure.broker, secure.files, old_cert, old_key)  # the overlap
+        # The first ask came within the interval of the enrollment: refused, with a retry time.
+        assert "renewals are at most one per 3 s" in agent.log()
+        response = hub.api.put("/devices/pump-2/desired", json={"config": {"after": "renewal"}})
+        generation = response.json()["desired_generation"]
+        wait_until(
+            lambda: StateStore(agent.data_dir).load().applied_generation == generation,
+            what="pump-2 converges on its new certificate",
+        )
+    finally:
+        agent.kill()

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlmodel import select
 
 from edge_agent.identity import make_csr
 from firmware_bundles.devfleet import DevFleet
@@ -97,7 +98,7 @@ def test_a_device_enrolls_with_a_token_and_gets_what_it_needs(
 def test_tokens_are_stored_hashed(app: FastAPI, admin: TestClient) -> None:
     token = new_token(admin, uses=3)
     with new_session(app.state.engine) as session:
-        rows = session.query(EnrollmentToken).all()
+        rows = session.exec(select(EnrollmentToken)).all()
     assert [row.token_hash for row in rows] == [token_hash(token)]
     assert token not in {row.token_hash for row in rows}
 
@@ -190,3 +191,12 @@ def test_without_an_identity_directory_enrollment_is_503(
     app.state.ca = None
     response = device.post("enroll", json={"token": "t", "device_id": "d", "csr_pem": csr("d")[1]})
     assert response.status_code == 503 and "identity" in response.json()["detail"]
+
+
+def test_secrets_never_look_like_command_line_options() -> None:
+    """``--token -Xn3…`` broke ``driftless agent enroll``: every secret has a fixed prefix."""
+    from hub.identity import TOKEN_PREFIX, new_token
+
+    secrets = {new_token() for _ in range(2000)}
+    assert len(secrets) == 2000
+    assert all(s.startswith(TOKEN_PREFIX) and len(s) >= 46 for s in secrets)

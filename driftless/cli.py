@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         serve.add_argument(flag, type=Path, default=_env(env, "") or None, help=text)
     serve.add_argument(
+        "--broker-acl-admin",
+        action="append",
+        default=[],
+        help="a certificate name given the hub's broker rights in the ACL (repeatable)",
+    )
+    serve.add_argument(
         "--cert-renew-min-interval-s",
         type=float,
         default=float(_env("DRIFTLESS_CERT_RENEW_MIN_INTERVAL_S", "3600")),
@@ -169,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--api-port", type=int, default=8080)
     demo.add_argument("--data-dir", type=Path, default=Path(".driftless/demo"))
     demo.add_argument(
+        "--plain",
+        action="store_true",
+        help="a plain loopback MQTT listener instead of mutual TLS (quick experiments)",
+    )
+    demo.add_argument(
         "--once", action="store_true", help="run the scripted changes, then exit (for CI)"
     )
     return parser
@@ -210,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker_acl_path=args.broker_acl,
                 broker_pid_file=args.broker_pid_file,
                 cert_renew_min_interval_s=args.cert_renew_min_interval_s,
+                broker_acl_admins=tuple(args.broker_acl_admin),
             )
         except ValueError as exc:
             print(f"driftless hub serve: {exc}", file=sys.stderr)
@@ -288,7 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from driftless.demo import run_demo
 
         return run_demo(
-            devices=args.devices, api_port=args.api_port, data_dir=args.data_dir, once=args.once
+            devices=args.devices,
+            api_port=args.api_port,
+            data_dir=args.data_dir,
+            once=args.once,
+            plain=args.plain,
         )
     raise AssertionError(args.command)
 

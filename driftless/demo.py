@@ -13,11 +13,13 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +31,12 @@ import httpx
 from paho.mqtt import publish
 
 from driftless.procs import AgentChild, HubChild
+from edge_agent.enroll import Identity
 from edge_agent.store import StateStore
 from firmware_bundles.devfleet import DevFleet
+from hub.broker_config import TlsFiles, hub_identities, write_secure_files
 from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
+from hub.identity import CertificateAuthority, client_identity
 from protocols import Channel, Desired, encode, topic
 
 
@@ -66,15 +71,34 @@ def _wait(predicate: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
     raise DemoError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+# A broker-level identity in the ACL beside the hub's: scene 4's "someone with broker access".
+BROKER_ADMIN = "demo-broker-admin"
+
+
 class Demo:
-    def __init__(self, *, devices: int, api_port: int, data_dir: Path) -> None:
+    def __init__(self, *, devices: int, api_port: int, data_dir: Path, plain: bool) -> None:
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.device_ids = [f"demo-{i:02d}" for i in range(1, devices + 1)]
-        self.broker = MosquittoBroker(self.data_dir / "broker")
         self.api_port = api_port
+        self.plain = plain
         # A throw-away fleet root: the hub signs desired documents, agents verify them.
         self.fleet = DevFleet.open_or_create(self.data_dir / "fleet")
+        # The fleet CA lives where the hub keeps it (identity/ beside its DB); made here
+        # first because the broker's certificate, CRL and ACL come from it.
+        self.ca = CertificateAuthority.load_or_create(
+            self.data_dir / "identity", now=dt.datetime.now(dt.UTC)
+        )
+        self.tls: TlsFiles | None = None
+        if not plain:
+            self.tls = write_secure_files(
+                self.ca,
+                self.data_dir / "broker-tls",
+                hub_identities=(*hub_identities("driftless-hub"), BROKER_ADMIN),
+                revoked=[],
+                now=dt.datetime.now(dt.UTC),
+            )
+        self.broker = MosquittoBroker(self.data_dir / "broker", tls=self.tls)
         self.hub = HubChild(
             self.data_dir,
             self.broker.url,
@@ -83,11 +107,24 @@ class Demo:
             trust_root=self.fleet.root_path,
             signing_key=self.fleet.hub_key_path,
         )
-        self.agents = {
-            d: AgentChild(self.data_dir / "agents", d, self.broker.url, root=self.fleet.root_path)
-            for d in self.device_ids
-        }
+        if self.tls is not None:
+            self.hub.argv += [
+                "--public-broker-url", self.broker.url,
+                "--broker-crl", str(self.tls.crl),
+                "--broker-acl", str(self.tls.acl),
+                "--broker-pid-file", str(self.broker.pid_path),
+                "--broker-acl-admin", BROKER_ADMIN,
+            ]  # fmt: skip
+        self.agents = {d: self._agent(d) for d in self.device_ids}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
+
+    def _agent(self, device_id: str) -> AgentChild:
+        if self.plain:  # given the root directly; plain MQTT
+            return AgentChild(
+                self.data_dir / "agents", device_id, self.broker.url, root=self.fleet.root_path
+            )
+        # Enrolled (below): the data directory holds its certificate, the CA and the root.
+        return AgentChild(self.data_dir / "agents", device_id, self.broker.url, enrolled=True)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Demo]:
@@ -104,7 +141,8 @@ class Demo:
     def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.broker.start()
-        say(f"broker    Mosquitto on {self.broker.url} (data in {self.broker.data_dir})")
+        kind = "plain MQTT (--plain)" if self.plain else "mutual TLS, per-device ACL, CRL"
+        say(f"broker    Mosquitto on {self.broker.url}, {kind} (data in {self.broker.data_dir})")
         self.hub.start()  # mints the session's admin token first
         self.api.headers.update(self.hub.headers)
         wait_for_port("127.0.0.1", self.api_port, timeout_s=30)
@@ -121,10 +159,15 @@ class Demo:
             '          curl -H "Authorization: Bearer $TOKEN" '
             f"http://127.0.0.1:{self.api_port}/api/v1/fleet/summary"
         )
+        if self.plain:
+            for device_id in self.device_ids:
+                body = {"id": device_id, "labels": {"site": "demo"}}
+                response = self.api.post("/devices", json=body)
+                if response.status_code not in (201, 409):
+                    raise DemoError(f"registering {device_id}: {response.status_code}")
+        else:
+            self._enroll()
         for device_id in self.device_ids:
-            response = self.api.post("/devices", json={"id": device_id, "labels": {"site": "demo"}})
-            if response.status_code not in (201, 409):
-                raise DemoError(f"registering {device_id}: {response.status_code} {response.text}")
             self.start_agent(device_id)
         _wait(
             lambda: self.summary()["online"] == len(self.device_ids),
@@ -132,6 +175,36 @@ class Demo:
             what="all agents online",
         )
         say(f"agents    {len(self.device_ids)} devices online")
+
+    def _enroll(self) -> None:
+        """Each device enrolls itself, as in the field: a claim token, a key made on it."""
+        todo = [d for d in self.device_ids if not Identity(self.agents[d].data_dir).enrolled()]
+        if not todo:
+            return
+        response = self.api.post(
+            "/enrollment-tokens", json={"uses": len(todo), "labels": {"site": "demo"}}
+        )
+        if response.status_code != 201:
+            raise DemoError(f"enrollment token: {response.status_code} {response.text}")
+        token = response.json()["token"]
+        for device_id in todo:
+            done = subprocess.run(
+                [
+                    sys.executable, "-m", "driftless.cli", "agent", "enroll",
+                    "--hub", f"http://127.0.0.1:{self.api_port}", "--token", token,
+                    "--device-id", device_id, "--data-dir", str(self.agents[device_id].data_dir),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise DemoError(f"enrolling {device_id}: {done.stderr.strip()}")
+        say(
+            f"enroll    {len(todo)} devices enrolled with one claim token: each made its own "
+            "key and got a certificate from the fleet CA, the fleet root and the broker URL"
+        )
 
     def start_agent(self, device_id: str) -> None:
         self.agents[device_id].start()
@@ -144,10 +217,21 @@ class Demo:
         return [entry.generation for entry in state.history if entry.ok]
 
     def forge(self, device_id: str) -> None:
-        """Publish an unsigned document with a huge generation, retained, as an attacker would."""
+        """Publish an unsigned document with a huge generation, retained, as an attacker would.
+
+        Over mutual TLS the attacker holds a broker-level identity the ACL lets write
+        to every device's tree (a compromised broker or a leaked hub credential).
+        """
         doc = Desired(
             device_id=device_id, generation=10**9, config={"evil": True}, issued_at=time.time()
         )
+        tls: dict[str, str] | None = None
+        client_id = "demo-attacker"
+        if not self.plain:
+            now = dt.datetime.now(dt.UTC)
+            cert, key = client_identity(self.ca, self.data_dir / "attacker", BROKER_ADMIN, now=now)
+            tls = {"ca_certs": str(self.ca.cert_path), "certfile": str(cert), "keyfile": str(key)}
+            client_id = BROKER_ADMIN
         publish.single(
             topic(device_id, Channel.DESIRED),
             encode(doc),
@@ -155,8 +239,15 @@ class Demo:
             retain=True,
             hostname="127.0.0.1",
             port=self.broker.port,
-            client_id="demo-attacker",
+            client_id=client_id,
+            tls=tls,  # type: ignore[arg-type]
         )
+
+    def decommission(self, device_id: str) -> None:
+        response = self.api.delete(f"/devices/{device_id}")
+        if response.status_code != 204:
+            raise DemoError(f"decommissioning {device_id}: {response.status_code}")
+        self.device_ids.remove(device_id)
 
     def rejections(self, device_id: str) -> int:
         return self.agents[device_id].log().count("rejected message")
@@ -246,6 +337,25 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
     demo.set_fleet_config({"sample_rate_hz": 60, "message": "after the forgery"})
     say(f"          converged in {demo.converge():.2f}s")
 
+    if not demo.plain and len(demo.device_ids) > 1:
+        gone = demo.device_ids[-1]
+        say(f"scene 5   {gone} is stolen: decommission it (DELETE /devices/{gone})")
+        demo.decommission(gone)
+        _wait(
+            lambda: (
+                '"event": "disconnected"' in demo.agents[gone].log()
+                or "disconnected" in demo.agents[gone].log()
+            ),
+            timeout_s=20,
+            what=f"{gone} cut off",
+        )
+        say(
+            f"          its certificate is revoked (CRL), the broker reloaded: {gone} was cut "
+            "off and cannot connect again; the rest of the fleet carries on:"
+        )
+        demo.set_fleet_config({"sample_rate_hz": 70, "message": "after the decommission"})
+        say(f"          converged in {demo.converge():.2f}s")
+
     n = 0
     while rounds is None or n < rounds:
         n += 1
@@ -258,7 +368,9 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(*, devices: int, api_port: int, data_dir: Path, once: bool) -> int:
+def run_demo(
+    *, devices: int, api_port: int, data_dir: Path, once: bool, plain: bool = False
+) -> int:
     """Entry point for ``driftless demo``."""
     if os.environ.get("DRIFTLESS_DEMO_FRESH", "1") == "1" and data_dir.exists():
         shutil.rmtree(data_dir)
@@ -268,11 +380,13 @@ def run_demo(*, devices: int, api_port: int, data_dir: Path, once: bool) -> int:
             port = free_port()
             say(f"port {api_port} is taken; using {port}")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # paho's one-shot publish helper logs a harmless error when it closes its client.
+    logging.getLogger("paho.mqtt.client").setLevel(logging.CRITICAL)
     # Ctrl-C and SIGTERM both end the demo through the same clean-up path, even when
     # started in the background (where a shell leaves SIGINT ignored).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
-    demo = Demo(devices=devices, api_port=port, data_dir=data_dir)
+    demo = Demo(devices=devices, api_port=port, data_dir=data_dir, plain=plain)
     try:
         with demo.running():
             scenes(demo, rounds=0 if once else None)

@@ -162,12 +162,16 @@ class AgentChild(DriftlessChild):
         broker_url: str,
         *,
         root: Path | None = None,
+        enrolled: bool = False,
         log_level: str = "info",
     ) -> None:
+        """``enrolled``: the data directory holds an enrollment (certificate, CA, root)."""
         self.device_id = device_id
         self.data_dir = workdir / f"agent-{device_id}"
         # Without the fleet's root the agent cannot verify anything: say so explicitly.
         trust = ["--root", str(root)] if root is not None else ["--insecure-unsigned"]
+        if enrolled:
+            trust = []  # the agent finds the root (and its certificate) in its data dir
         super().__init__(
             [
                 "agent",

@@ -91,6 +91,9 @@ class HubSettings:
     broker_pid_file: Path | None = None
     # The broker's ACL file: rewritten with the CRL (hub identities, revoked devices denied).
     broker_acl_path: Path | None = None
+    # More certificate names with the hub's rights in that ACL (an operations console, a
+    # bridge); each is one more holder of fleet-wide broker access.
+    broker_acl_admins: tuple[str, ...] = ()
 
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.

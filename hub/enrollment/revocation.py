@@ -46,7 +46,7 @@ def publish_crl(
         return False
     _replace(path, current_crl(session, ca, now=now))
     if settings.broker_acl_path is not None:
-        identities = hub_identities(settings.mqtt_client_id)
+        identities = (*hub_identities(settings.mqtt_client_id), *settings.broker_acl_admins)
         acl = render_acl(identities, store.cut_off_devices(session))
         _replace(settings.broker_acl_path, acl.encode())
     reload_broker(settings)

@@ -43,8 +43,11 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
     assert "API on http://127.0.0.1:" in out
     assert out.count("admin API token for this session, shown once: ") == 1
     assert "generations demo-02 applied, from its own disk: [1, 4]" in out
-    assert out.count("converged in") == 4
+    assert "mutual TLS, per-device ACL, CRL" in out
+    assert "2 devices enrolled with one claim token" in out
+    assert out.count("converged in") == 5
     assert "demo-01 refused it (not signed by the fleet's hub key)" in out
+    assert "demo-02 was cut off and cannot connect again" in out
     assert processes_mentioning(str(tmp_path)) == [], "the demo left processes running"
 
 
@@ -95,3 +98,22 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         proc.kill()
     assert "stopped" in out.read_text()
     assert processes_mentioning(str(tmp_path)) == [], "Ctrl-C left processes running"
+
+
+def test_the_plain_listener_is_there_when_asked_for(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "driftless.cli", "--log-format", "console", "demo", "--once",
+            "--plain", "--devices", "1", "--api-port", str(free_port()),
+            "--data-dir", str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mqtt://127.0.0.1:" in result.stdout and "plain MQTT (--plain)" in result.stdout
+    assert "demo-01 refused it (not signed by the fleet's hub key)" in result.stdout
+    assert "enrolled" not in result.stdout and "error" not in result.stdout
+    assert processes_mentioning(str(tmp_path)) == [], "the demo left processes running"

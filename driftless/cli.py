@@ -161,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     brun = broker.add_parser("run", help="run Mosquitto with a generated config until Ctrl-C")
     brun.add_argument("--data-dir", type=Path, default=Path(".driftless/broker"))
     brun.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    brun.add_argument(
+        "--identity-dir",
+        type=Path,
+        default=Path(".driftless/identity"),
+        help="the hub's fleet CA (made if missing): client certificates from it are required",
+    )
+    brun.add_argument("--hub-client-id", default="driftless-hub")
+    brun.add_argument(
+        "--plain", action="store_true", help="a plain loopback listener, no TLS (experiments)"
+    )
 
     from firmware_bundles.cli import add_subcommands as add_bundle_subcommands
 
@@ -291,7 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "broker":
         from driftless.demo import run_broker
 
-        return run_broker(data_dir=args.data_dir, port=args.port or None)
+        return run_broker(
+            data_dir=args.data_dir,
+            port=args.port or None,
+            identity_dir=None if args.plain else args.identity_dir,
+            hub_client_id=args.hub_client_id,
+        )
     if args.command == "sim":
         from simulator.cli import dispatch as sim_dispatch
 

@@ -35,7 +35,13 @@ from edge_agent.enroll import Identity
 from edge_agent.store import StateStore
 from firmware_bundles.devfleet import DevFleet
 from hub.broker_config import TlsFiles, hub_identities, write_secure_files
-from hub.devbroker import BrokerError, MosquittoBroker, free_port, wait_for_port
+from hub.devbroker import (
+    BrokerError,
+    MosquittoBroker,
+    free_port,
+    wait_for_port,
+    write_secure_broker,
+)
 from hub.identity import CertificateAuthority, client_identity
 from protocols import Channel, Desired, encode, topic
 
@@ -44,15 +50,37 @@ class DemoError(RuntimeError):
     """A step of the demo did not happen before its deadline."""
 
 
-def run_broker(*, data_dir: Path, port: int | None) -> int:
-    """``driftless broker run``: the development broker in the foreground until Ctrl-C."""
-    broker = MosquittoBroker(data_dir, port=port)
+def run_broker(
+    *, data_dir: Path, port: int | None, identity_dir: Path | None, hub_client_id: str
+) -> int:
+    """``driftless broker run``: the development broker in the foreground until Ctrl-C.
+
+    Mutual TLS from the fleet CA in ``identity_dir`` (the hub's) unless it is None
+    (``--plain``); then it prints the flags that let the hub keep its CRL and ACL.
+    """
     try:
+        if identity_dir is None:
+            broker = MosquittoBroker(data_dir, port=port)
+        else:
+            broker = write_secure_broker(
+                identity_dir=identity_dir,
+                out_dir=data_dir,
+                host="127.0.0.1",
+                port=port or free_port(),
+                hub_client_id=hub_client_id,
+                db_url=None,
+            )
         broker.start()
-    except BrokerError as exc:
+    except (BrokerError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"mosquitto listening on {broker.url} (config {broker.config_path}); Ctrl-C stops it")
+    if broker.tls is not None:
+        print(
+            f"hub flags: --broker {broker.url} --identity-dir {identity_dir} "
+            f"--public-broker-url {broker.url} --broker-crl {broker.tls.crl} "
+            f"--broker-acl {broker.tls.acl} --broker-pid-file {broker.pid_path}"
+        )
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

@@ -112,10 +112,13 @@ class AgentProcess(AgentChild):
         broker_url: str,
         *,
         root: Path | None = None,
+        enrolled: bool = False,
         hub_url: str | None = None,
         extra: Sequence[str] = (),
     ) -> None:
-        super().__init__(workdir, device_id, broker_url, root=root, log_level="debug")
+        super().__init__(
+            workdir, device_id, broker_url, root=root, enrolled=enrolled, log_level="debug"
+        )
         if hub_url is not None:
             self.argv += ["--hub-url", hub_url]
         self.argv += list(extra)

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the broker URL enrolled devices are told to use (mqtts://HOST:PORT)",
     )
     for flag, env, text in (
+        ("--api-tls-cert", "DRIFTLESS_API_TLS_CERT", "serve the API over HTTPS (PEM)"),
+        ("--api-tls-key", "DRIFTLESS_API_TLS_KEY", "its private key (PEM)"),
         ("--broker-ca", "DRIFTLESS_BROKER_CA", "CA file for mqtts:// (default: the fleet CA)"),
         ("--broker-cert", "DRIFTLESS_BROKER_CERT", "client certificate (default: self-issued)"),
         ("--broker-key", "DRIFTLESS_BROKER_KEY", "its key (with --broker-cert)"),
@@ -232,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker_pid_file=args.broker_pid_file,
                 cert_renew_min_interval_s=args.cert_renew_min_interval_s,
                 broker_acl_admins=tuple(args.broker_acl_admin),
+                api_tls_cert_path=args.api_tls_cert,
+                api_tls_key_path=args.api_tls_key,
             )
         except ValueError as exc:
             print(f"driftless hub serve: {exc}", file=sys.stderr)

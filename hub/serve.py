@@ -40,6 +40,8 @@ def serve(settings: HubSettings) -> int:
             access_log=settings.api_access_log,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            ssl_certfile=settings.api_tls_cert_path,
+            ssl_keyfile=settings.api_tls_key_path,
         )
     )
     received: list[int] = []
@@ -51,7 +53,8 @@ def serve(settings: HubSettings) -> int:
         server.should_exit = True
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
-    api_url = f"http://{settings.api_host}:{settings.api_port}"
+    scheme = "https" if settings.api_tls_cert_path else "http"
+    api_url = f"{scheme}://{settings.api_host}:{settings.api_port}"
     log.info("hub starting", extra={"api": api_url, "broker": settings.broker_url})
     try:
         server.run()

@@ -62,6 +62,9 @@ class HubSettings:
     page_size_default: int = 100
     page_size_max: int = 1000
     api_access_log: bool = False
+    # Serve the API over HTTPS with this certificate and key (PEM); unset: plain HTTP.
+    api_tls_cert_path: Path | None = None
+    api_tls_key_path: Path | None = None
 
     # database
     db_busy_timeout_ms: int = 5000
@@ -178,6 +181,8 @@ class HubSettings:
         self.bundle_directory()
         if self.public_broker_url is not None:
             net.parse_broker_url(self.public_broker_url)
+        if (self.api_tls_cert_path is None) != (self.api_tls_key_path is None):
+            raise ValueError("api_tls_cert_path and api_tls_key_path go together")
         if (self.broker_tls_cert_path is None) != (self.broker_tls_key_path is None):
             raise ValueError("broker_tls_cert_path and broker_tls_key_path go together")
         if self.cert_renew_min_interval_s < 0:

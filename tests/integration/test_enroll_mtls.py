@@ -323,3 +323,31 @@ def test_the_readme_flow_broker_run_hub_enroll_agent(tmp_path: Path) -> None:
             hub.close()
         broker_proc.terminate()
         broker_proc.wait(timeout=20)
+
+
+def test_the_api_can_be_served_over_https(tmp_path: Path) -> None:
+    """``--api-tls-cert/--api-tls-key``: tokens no longer travel in clear."""
+    import httpx
+
+    from driftless.procs import HubChild
+
+    now = dt.datetime.now(dt.UTC)
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", now=now)
+    key_pem, issued = ca.issue_keypair("localhost", server=True, now=now)
+    (tmp_path / "api.key").write_bytes(key_pem)
+    (tmp_path / "api.crt").write_bytes(issued.pem)
+    hub = HubChild(tmp_path / "hub", f"mqtt://127.0.0.1:{free_port()}")
+    hub.argv += ["--api-tls-cert", str(tmp_path / "api.crt")]
+    hub.argv += ["--api-tls-key", str(tmp_path / "api.key")]
+    hub.start()
+    try:
+        wait_for_port("127.0.0.1", hub.api_port, timeout_s=30)
+        url = f"https://127.0.0.1:{hub.api_port}/api/v1"
+        trust = ssl.create_default_context(cafile=str(ca.cert_path))
+        with httpx.Client(verify=trust, headers=hub.headers) as client:
+            assert client.get(f"{url}/health").status_code == 200
+            assert client.get(f"{url}/devices").status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to an HTTPS port is not answered
+            httpx.get(f"http://127.0.0.1:{hub.api_port}/api/v1/health", timeout=5)
+    finally:
+        hub.terminate()

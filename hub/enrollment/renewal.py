@@ -23,6 +23,7 @@ from sqlmodel import Session, col, select
 
 from hub.db import begin_write
 from hub.enrollment.models import DeviceCertificate
+from hub.enrollment.store import record_certificate
 from hub.identity import CertificateAuthority, IdentityError
 from hub.models import Device
 from protocols import CertIssued, CertRequest
@@ -102,13 +103,6 @@ def _issue(
         )
     except IdentityError as exc:
         raise RenewalRefused(f"CSR refused: {exc}") from None
-    session.add(
-        DeviceCertificate(
-            serial=format(issued.serial, "x"),
-            device_id=device_id,
-            not_after=issued.not_after,
-            issued_at=now,
-        )
-    )
+    record_certificate(session, device_id=device_id, issued=issued, now=now)
     session.commit()
     return issued.pem.decode()

@@ -95,19 +95,24 @@ def redeem(
         created = session.get(Device, device_id) is None
         if created:
             session.add(Device(id=device_id, labels=dict(token.labels), created_at=now))
-        session.add(
-            DeviceCertificate(
-                serial=format(issued.serial, "x"),
-                device_id=device_id,
-                not_after=issued.not_after,
-                issued_at=now,
-            )
-        )
+        record_certificate(session, device_id=device_id, issued=issued, now=now)
         session.commit()
     except BaseException:
         session.rollback()
         raise
     return Enrolled(device_id=device_id, certificate=issued, created_device=created)
+
+
+def record_certificate(session: Session, *, device_id: str, issued: Issued, now: datetime) -> None:
+    """Add the row for a certificate the CA issued (the caller commits)."""
+    session.add(
+        DeviceCertificate(
+            serial=format(issued.serial, "x"),
+            device_id=device_id,
+            not_after=issued.not_after,
+            issued_at=now,
+        )
+    )
 
 
 def revoke_device_certificates(session: Session, *, device_id: str, now: datetime) -> list[int]:

@@ -79,6 +79,13 @@ def add_subcommands(top: Any) -> None:
         help="the fleet's root.json: devices fetch and verify bundles against it "
         "(without it, a desired state that references bundles fails)",
     )
+    run.add_argument(
+        "--enroll",
+        action="store_true",
+        help="provision every device as a real one (its own key, a CSR, POST /enroll with a "
+        "claim token; kept in STATE_DIR/identities and reused) and connect with mutual TLS "
+        "to an mqtts:// broker",
+    )
 
     show = commands.add_parser("profile", help="print a built-in profile as JSON (a template)")
     show.add_argument("name", help="stable, flaky, storm, slow, or a profile file to check")
@@ -120,6 +127,7 @@ def dispatch(args: argparse.Namespace) -> int:
             max_concurrent_connects=args.max_concurrent_connects,
             log_level=args.log_level,
             root=args.root,
+            enroll=args.enroll,
         )
         from driftless.net import parse_broker_url
         from protocols import validate_device_id

@@ -42,6 +42,12 @@ Rules:
   bundle storage: ``simulator.transfer.SimDisk``); a fleet can be given the states
   to start from and a ``persist`` callback (``simulator.journal``), so a worker
   process that is killed and restarted keeps its devices' sessions and generations.
+- With an identity directory (``FleetConfig.identity_dir``, made by
+  ``simulator.enroll``) every device connects over ``mqtts://`` with its own
+  certificate and key, trusting only the fleet CA, through an ``ssl.SSLContext``
+  of its own built once at start; a device without a usable identity stops the
+  start (FleetError). ``mqtts://`` without identities, or identities over plain
+  ``mqtt://``, is refused by the config.
 - Nothing here imports aiomqtt or paho; ``simulator.link`` does the MQTT.
 """
 
@@ -54,6 +60,7 @@ import itertools
 import logging
 import random
 import resource
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -186,6 +193,8 @@ class FleetConfig:
     """Chunk frames waiting per device; more are dropped (and asked for again)."""
     max_transfer_s: float = 3600.0
     """A bundle not complete after this long fails its generation (the partial stays)."""
+    identity_dir: Path | None = None
+    """The devices' enrolled identities (``simulator.enroll``); needs an ``mqtts://`` broker."""
 
     @classmethod
     def from_profile(
@@ -236,6 +245,16 @@ class FleetConfig:
             raise ValueError("bundle_disk_max_bytes and max_transfer_s must be positive")
         if self.frame_queue_max < 2 * self.fetch.window_chunks:
             raise ValueError("frame_queue_max must hold at least two windows of chunks")
+        tls = self.link_settings().tls
+        if tls and self.identity_dir is None:
+            raise ValueError(
+                "an mqtts:// broker needs the devices' identities (identity_dir; "
+                "driftless sim run --enroll makes them)"
+            )
+        if self.identity_dir is not None and not tls:
+            raise ValueError(
+                "enrolled devices connect with mutual TLS: the broker URL must be mqtts://"
+            )
 
     def link_settings(self) -> LinkSettings:
         return LinkSettings.from_url(
@@ -431,8 +450,10 @@ class VirtualDevice:
         state: AgentState | None = None,
         persist: Callable[[str, AgentState], None] | None = None,
         transfer_settings: TransferSettings | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.device_id = device_id
+        self._tls_context = tls_context  # its own certificate, for mqtts:// (one per device)
         self.core = AgentCore(
             device_id,
             state or AgentState(),
@@ -622,7 +643,11 @@ class VirtualDevice:
         assert self._will is not None, "the core sets a Will on Connecting"
         will_topic, will_payload = self._will
         link = DeviceLink(
-            self.device_id, self._settings, will_topic=will_topic, will_payload=will_payload
+            self.device_id,
+            self._settings,
+            will_topic=will_topic,
+            will_payload=will_payload,
+            tls_context=self._tls_context,
         )
         async with self._gate:
             if self._stopping.is_set():
@@ -875,6 +900,7 @@ class Fleet:
         limit = raise_nofile_limit(len(self) + FD_HEADROOM)
         gate = asyncio.Semaphore(self.config.max_concurrent_connects)
         transfers = self._transfer_settings()
+        contexts = self._tls_contexts()
         for device_id in self.config.device_ids:
             device = VirtualDevice(
                 device_id,
@@ -887,6 +913,7 @@ class Fleet:
                 state=self._states.pop(device_id, None),
                 persist=self._persist,
                 transfer_settings=transfers,
+                tls_context=contexts.get(device_id),
             )
             self.devices[device_id] = device
             self._tasks.append(asyncio.create_task(device.run(), name=f"device:{device_id}"))
@@ -911,6 +938,20 @@ class Fleet:
                 "nofile": limit,
             },
         )
+
+    def _tls_contexts(self) -> dict[str, ssl.SSLContext]:
+        """Every device's own TLS context; empty without identities. Raises FleetError
+        naming the first device whose identity is missing or unusable."""
+        if self.config.identity_dir is None:
+            return {}
+        from simulator.enroll import DeviceIdentities, EnrollError
+
+        identities = DeviceIdentities(self.config.identity_dir)
+        try:
+            ca_pem = identities.ca_pem()
+            return {d: identities.tls_context(d, ca_pem) for d in self.config.device_ids}
+        except EnrollError as exc:
+            raise FleetError(str(exc)) from None
 
     def _transfer_settings(self) -> TransferSettings | None:
         """What every device shares for bundle transfers; None without a root.

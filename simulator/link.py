@@ -19,6 +19,10 @@ Rules:
   again, and a device's paho client would have handed it to the agent before
   reporting the disconnect. :meth:`DeviceLink.receive` raises LinkError only
   once nothing received is left.
+- ``mqtts://`` is mutual TLS with the device's own ``ssl.SSLContext``
+  (``simulator.enroll.DeviceIdentities.tls_context``: its certificate, trusting
+  only the fleet CA), handed to each :class:`DeviceLink`; a TLS link without one
+  is refused before any connection is attempted.
 - A ``slow`` link (``LinkSettings.slow``) is modelled here, in user space, with a
   :class:`simulator.profiles.Shaper` per direction: an outgoing message is handed
   to aiomqtt only when it would have reached the broker, and its PUBACK, a
@@ -33,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -68,15 +73,13 @@ class LinkSettings:
     session_expiry_s: int = 3600
     op_timeout_s: float = 10.0
     slow: SlowSpec | None = None  # None: the link runs at loopback speed
+    tls: bool = False  # mqtts://: every link needs its device's TLS context
 
     @classmethod
     def from_url(cls, broker_url: str, **limits: Any) -> LinkSettings:
-        """``mqtt://host:port`` -> settings; raises ValueError for TLS or a malformed URL."""
+        """``mqtt://`` or ``mqtts://host:port`` -> settings; raises ValueError for a bad URL."""
         address = parse_broker_url(broker_url)
-        host, port, tls = address.host, address.port, address.tls
-        if tls:
-            raise ValueError("the simulator speaks plain MQTT on loopback only; got mqtts://")
-        return cls(host=host, port=port, **limits)
+        return cls(host=address.host, port=address.port, tls=address.tls, **limits)
 
 
 @dataclass(frozen=True)
@@ -171,10 +174,26 @@ class DeviceLink:
     """A single MQTT 5 connection for one device id, with its Will fixed at construction."""
 
     def __init__(
-        self, client_id: str, settings: LinkSettings, *, will_topic: str, will_payload: bytes
+        self,
+        client_id: str,
+        settings: LinkSettings,
+        *,
+        will_topic: str,
+        will_payload: bytes,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls_context``: the device's own (mutual TLS); required when ``settings.tls``.
+
+        Raises ValueError when a TLS link has no context, or a plain one has one.
+        """
+        if settings.tls != (tls_context is not None):
+            raise ValueError(
+                f"{client_id}: an mqtts:// link needs the device's TLS context, "
+                "and only an mqtts:// link takes one"
+            )
         self.client_id = client_id
         self.settings = settings
+        self._tls_context = tls_context
         self._will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
         self._client: _Client | None = None
         self._open = False
@@ -209,6 +228,7 @@ class DeviceLink:
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.op_timeout_s,
             queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", self._stamped_queue),
+            tls_context=self._tls_context,
         )
         client.on_lost = self._lost
         self._client = client

@@ -20,6 +20,14 @@ Rules:
 - ``--root`` is checked before anything starts (an unreadable or unverifiable
   root is status 2) and handed to every worker, so devices fetch and verify
   the bundles their desired state references.
+- ``--enroll`` provisions the devices as real ones are (``simulator.enroll``),
+  after registration and before the workers start: a key and CSR per device,
+  one claim token, ``POST /enroll``; identities are kept in
+  ``STATE_DIR/identities`` and reused by later runs and respawned workers. The
+  devices then connect to an ``mqtts://`` broker with their own certificates,
+  and without ``--root`` they trust the fleet root the enrollment returned, as
+  ``driftless agent run`` does. ``--enroll`` needs ``mqtts://`` and ``mqtts://``
+  needs ``--enroll``.
 - Every loop is bounded: ticks by ``duration_s`` or a signal, settling by
   ``settle_s``, registration by ceil(N / chunk) requests, listings by
   ceil(N / 1000) + 1 pages, every HTTP call by a timeout. A hub that does not
@@ -94,8 +102,23 @@ class RunConfig:
     log_level: str = "info"
     root: Path | None = None  # the fleet's root.json, handed to every worker
     token: str | None = field(default=None, repr=False)  # the hub's API token (a secret)
+    enroll: bool = False  # provision through POST /enroll, connect with mutual TLS
+    enroll_concurrency: int = 8  # enrollments in flight
 
     def __post_init__(self) -> None:
+        from driftless.net import parse_broker_url
+
+        tls = parse_broker_url(self.broker_url).tls
+        if self.enroll and not tls:
+            raise ValueError(
+                "--enroll: enrolled devices connect with mutual TLS; the broker must be mqtts://"
+            )
+        if tls and not self.enroll:
+            raise ValueError(
+                "an mqtts:// broker needs --enroll (the simulated devices need certificates)"
+            )
+        if self.enroll_concurrency < 1:
+            raise ValueError("enroll_concurrency must be at least 1")
         if self.devices < 1:
             raise ValueError("--devices must be at least 1")
         if self.workers < 1:
@@ -121,6 +144,11 @@ class RunConfig:
     @property
     def labels(self) -> dict[str, str]:
         return {LABEL_KEY: self.prefix}
+
+    @property
+    def identity_dir(self) -> Path:
+        """Where ``--enroll`` keeps the devices' keys and certificates."""
+        return self.state_dir / "identities"
 
 
 # ---------------------------------------------------------------- pure parts
@@ -215,6 +243,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"driftless sim: {n} devices, profile {summary['profile']['name']}, "
         f"seed {summary['seed']}, {summary['workers']['count']} workers, "
         f"{summary['duration_s']:.1f} s ({summary['stopped_by']})",
+    ]
+    enrollment = summary.get("enrollment")
+    if enrollment:
+        lines.append(
+            f"{'enrolled / reused':30}"
+            f"{str(enrollment['enrolled']) + ' / ' + str(enrollment['reused']):>14}"
+            f"{enrollment['enroll_s']:>13.1f}s"
+        )
+    lines += [
         f"{'':30}{'total':>14}{'per device':>14}",
         f"{'connects':30}{summary['connects']:>14}{_rate(summary['connects'], n):>14}",
         f"{'disconnects (lost links)':30}{summary['disconnects']:>14}"
@@ -406,6 +443,7 @@ class Run:
     pool: WorkerPool | None = None
     started: float = 0.0  # monotonic, when the workers were launched
     registration: dict[str, Any] = field(default_factory=dict)
+    enrollment: dict[str, Any] | None = None  # simulator.enroll.EnrollmentResult, --enroll
     changes: list[Change] = field(default_factory=list)
     connected_s: float | None = None
     settled_s: float | None = None
@@ -455,6 +493,8 @@ class Run:
             "duration_s": round(self.elapsed(), 3),
             "stopped_by": self.stopped_by,
             "registration": self.registration,
+            "enrollment": self.enrollment,
+            "tls": cfg.enroll,
             "connected_s": self.connected_s,
             "connected": int(c.get("connected", 0)),
             "connects": int(c.get("connects", 0)),
@@ -688,12 +728,8 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
 
     cfg = run.cfg
     if cfg.root is not None:  # refused here (status 2) rather than by every worker
-        from simulator.transfer import load_trusted_root
-
-        try:
-            load_trusted_root(cfg.root)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
+        _check_root(cfg.root)
+    root = cfg.root
     ids = device_ids(cfg.devices, cfg.prefix)
     ranges = split(cfg.devices, cfg.workers)
     async with httpx.AsyncClient(
@@ -710,6 +746,12 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
         }
         view_line = f"registered {created} new, {existing} existing devices"
         run.view.event(f"{view_line} in {run.registration['s']:.1f}s")
+        if cfg.enroll:
+            await _enroll(run, api, ids)
+            enrolled_root = cfg.identity_dir / "root.json"
+            if root is None and enrolled_root.exists():  # as agent run with an enrolled dir
+                _check_root(enrolled_root)
+                root = enrolled_root
         journals = redistribute(cfg.state_dir, [ids[r.start : r.stop] for r in ranges])
         log_dir = cfg.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -732,7 +774,8 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
                 snapshot_interval_s=cfg.interval_s,
                 max_concurrent_connects=cfg.max_concurrent_connects,
                 log_level=cfg.log_level,
-                root=str(cfg.root.resolve()) if cfg.root is not None else None,
+                root=str(root.resolve()) if root is not None else None,
+                identity_dir=str(cfg.identity_dir.resolve()) if cfg.enroll else None,
             )
             for i, r in enumerate(ranges)
         ]
@@ -792,6 +835,45 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
     if pool.errors() and status == 0:
         status = 1
     return status, run.publish("finished")
+
+
+def _check_root(path: Path) -> None:
+    """Refuse (RunError, status 2) a root the workers could not use, before they start."""
+    from simulator.transfer import load_trusted_root
+
+    try:
+        load_trusted_root(path)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+async def _enroll(run: Run, api: httpx.AsyncClient, ids: Sequence[str]) -> None:
+    """``--enroll``: give every device a usable identity (simulator.enroll). Raises RunError."""
+    import datetime as dt
+
+    from simulator.enroll import DeviceIdentities, EnrollError, enroll_fleet
+
+    cfg = run.cfg
+    async with httpx.AsyncClient(  # as a device: no API token on the open route
+        base_url=cfg.api_url, timeout=cfg.http_timeout_s
+    ) as device_api:
+        try:
+            result = await enroll_fleet(
+                api,
+                device_api,
+                ids,
+                DeviceIdentities(cfg.identity_dir),
+                labels=cfg.labels,
+                now=dt.datetime.now(dt.UTC),
+                concurrency=cfg.enroll_concurrency,
+            )
+        except (EnrollError, OSError) as exc:  # OSError: the identity directory itself
+            raise RunError(f"enrollment: {exc}") from None
+    run.enrollment = result.as_dict()
+    run.view.event(
+        f"enrolled {result.enrolled} devices in {result.enroll_s:.1f}s, "
+        f"reused {result.reused} identities ({cfg.identity_dir})"
+    )
 
 
 async def _stop_pool(pool: WorkerPool, signals: _Signals) -> None:

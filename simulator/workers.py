@@ -80,6 +80,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     root: str | None = None  # the fleet's root.json, for bundle transfers (``--root``)
     fetch_chunk_bytes: int | None = None  # None: the simulator's defaults (fleet.SIM_FETCH)
     fetch_window_chunks: int | None = None
+    identity_dir: str | None = None  # enrolled identities (``--enroll``): mqtts:// per device
 
 
 def split(count: int, workers: int) -> list[range]:
@@ -204,6 +205,7 @@ async def _serve(out: _Out) -> int:
             stop_timeout_s=spec.stop_timeout_s,
             root_path=Path(spec.root) if spec.root else None,
             fetch=fetch,
+            identity_dir=Path(spec.identity_dir) if spec.identity_dir else None,
         )
         fleet = Fleet(
             config,

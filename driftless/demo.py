@@ -58,6 +58,9 @@ def run_broker(
     Mutual TLS from the fleet CA in ``identity_dir`` (the hub's) unless it is None
     (``--plain``); then it prints the flags that let the hub keep its CRL and ACL.
     """
+    # sigwait needs the signals blocked, or their default action (exit) comes first and
+    # the broker outlives us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         if identity_dir is None:
             broker = MosquittoBroker(data_dir, port=port)

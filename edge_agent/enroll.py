@@ -4,8 +4,9 @@ Rules:
 - The private key is made here (P-256, 0600) and never leaves the device; only
   a CSR naming the device goes to the hub, with the enrollment token.
 - A key left by an earlier, failed attempt is reused, so retrying with a new
-  token does not pile up keys; nothing else is written until the hub answered
-  with a certificate for this key.
+  token does not pile up keys; a key that was ever certified is not: enrolling
+  again makes a new one. Nothing is kept until the hub answered with a
+  certificate for the key.
 - What the hub returns is checked before it is kept: the certificate must be
   for this device id and this key, and signed by the CA that came with it;
   the fleet root must be self-signed by its root threshold.
@@ -24,6 +25,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import sys
 import urllib.error
@@ -179,7 +181,10 @@ def enroll(*, hub_url: str, token: str, device_id: str, data_dir: Path) -> Ident
     if not hub_url.startswith(("http://", "https://")):
         raise EnrollError(f"hub URL {hub_url!r} must start with http:// or https://", 2)
     identity = Identity(data_dir)
-    key = _load_or_create_key(identity.key)
+    # A key that was ever certified is not reused: enrolling again (after a
+    # decommission, say) gets a fresh one, swapped in only once the hub said yes.
+    key_path = identity.directory / "device.key.enroll" if identity.cert.exists() else identity.key
+    key = _load_or_create_key(key_path)
     status, answer = _post(
         hub_url.rstrip("/") + ENROLL_PATH,
         {"token": token, "device_id": device_id, "csr_pem": make_csr(key, device_id).decode()},
@@ -188,6 +193,8 @@ def enroll(*, hub_url: str, token: str, device_id: str, data_dir: Path) -> Ident
         raise EnrollError(f"the hub refused enrollment ({status}): {answer.get('detail')}")
     _check(answer, device_id, key)
     atomic_write_bytes(identity.ca, str(answer["ca_pem"]).encode())
+    if key_path != identity.key:  # key first: a crash leaves an old cert that fails loudly
+        os.replace(key_path, identity.key)
     atomic_write_bytes(identity.cert, str(answer["certificate_pem"]).encode())
     if answer.get("root_json") is not None:
         atomic_write_bytes(identity.root, str(answer["root_json"]).encode())

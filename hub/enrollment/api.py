@@ -28,7 +28,7 @@ from hub.api.deps import NowDep, SessionDep, SettingsDep
 from hub.auth.api import require
 from hub.auth.models import Role
 from hub.enrollment import store
-from hub.enrollment.revocation import current_crl
+from hub.enrollment.revocation import current_crl, publish_crl
 from hub.identity import CertificateAuthority
 from hub.models import Labels
 
@@ -109,6 +109,10 @@ def enroll(
         )
     except store.EnrollmentRefused as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
+    if settings.broker_acl_path is not None and body.device_id in store.revoked_devices(session):
+        # A device decommissioned before and enrolled again: the broker's ACL still
+        # denies it everything until the hub rewrites it (and the broker reloads).
+        publish_crl(session, ca, settings, now=now)
     root = request.app.state.fleet_root
     root_json = None
     if root.path is not None:

@@ -146,3 +146,11 @@ def cut_off_devices(session: Session) -> list[str]:
     for device_id, revoked_at in rows:
         (revoked if revoked_at is not None else valid).add(device_id)
     return sorted(revoked - valid)
+
+
+def revoked_devices(session: Session) -> set[str]:
+    """Ids that have at least one revoked certificate."""
+    rows = session.exec(
+        select(DeviceCertificate.device_id).where(col(DeviceCertificate.revoked_at).is_not(None))
+    ).all()
+    return set(rows)

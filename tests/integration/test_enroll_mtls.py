@@ -323,6 +323,13 @@ def test_the_readme_flow_broker_run_hub_enroll_agent(tmp_path: Path) -> None:
             hub.close()
         broker_proc.terminate()
         broker_proc.wait(timeout=20)
+    # SIGTERM to ``broker run`` stops its Mosquitto too.
+    left = [
+        cmdline
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline")
+        if str(tmp_path / "broker") in cmdline.read_bytes().decode(errors="replace")
+    ]
+    assert left == [], "broker run left its Mosquitto behind"
 
 
 def test_the_api_can_be_served_over_https(tmp_path: Path) -> None:
@@ -351,3 +358,39 @@ def test_the_api_can_be_served_over_https(tmp_path: Path) -> None:
             httpx.get(f"http://127.0.0.1:{hub.api_port}/api/v1/health", timeout=5)
     finally:
         hub.terminate()
+
+
+def test_a_decommissioned_device_enrolled_again_gets_back_in(
+    tmp_path: Path, secure: Secure
+) -> None:
+    """Its old certificate stays refused, but a new enrollment lifts the ACL's deny."""
+    hub = secure.hub
+    agent = AgentProcess(tmp_path, "pump-5", secure.broker.url, enrolled=True)
+    assert (
+        enroll(hub, enrollment_token(hub, device_id="pump-5"), "pump-5", agent.data_dir).returncode
+        == 0
+    )
+    identity = agent.data_dir / "identity"
+    old_cert, old_key = tmp_path / "old.crt", tmp_path / "old.key"
+    old_cert.write_bytes((identity / "device.crt").read_bytes())
+    old_key.write_bytes((identity / "device.key").read_bytes())
+    old_key.chmod(0o600)
+    assert hub.api.delete("/devices/pump-5").status_code == 204
+    assert "user pump-5\ntopic deny #" in secure.files.acl.read_text()
+    again = enroll(hub, enrollment_token(hub, device_id="pump-5"), "pump-5", agent.data_dir)
+    assert again.returncode == 0, again.stderr
+    assert "pump-5" not in secure.files.acl.read_text()
+    assert (identity / "device.key").read_bytes() != old_key.read_bytes()  # a fresh key
+    agent.start()
+    try:
+        wait_until(lambda: hub.device("pump-5")["online"], timeout_s=30, what="pump-5 back")
+        generation = hub.api.put("/devices/pump-5/desired", json={"config": {"back": True}}).json()[
+            "desired_generation"
+        ]
+        wait_until(
+            lambda: StateStore(agent.data_dir).load().applied_generation >= generation,
+            what="pump-5 converges again",
+        )
+        assert not connects_with(secure.broker, secure.files, old_cert, old_key)
+    finally:
+        agent.kill()

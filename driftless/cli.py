@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         serve.add_argument(flag, type=Path, default=_env(env, "") or None, help=text)
     serve.add_argument(
+        "--no-link",
+        action="store_true",
+        help="serve the API only; another hub process on the same database runs the MQTT "
+        "link (give that one --desired-poll-s)",
+    )
+    serve.add_argument(
+        "--desired-poll-s",
+        type=float,
+        default=float(_env("DRIFTLESS_DESIRED_POLL_S", "0")),
+        help="also publish changes committed by API-only processes, polling this often",
+    )
+    serve.add_argument(
         "--broker-acl-admin",
         action="append",
         default=[],
@@ -234,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker_pid_file=args.broker_pid_file,
                 cert_renew_min_interval_s=args.cert_renew_min_interval_s,
                 broker_acl_admins=tuple(args.broker_acl_admin),
+                run_link=not args.no_link,
+                desired_poll_s=args.desired_poll_s,
                 api_tls_cert_path=args.api_tls_cert,
                 api_tls_key_path=args.api_tls_key,
             )

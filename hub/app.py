@@ -126,6 +126,12 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if not settings.run_link:  # API only: another hub process runs the link
+            try:
+                yield
+            finally:
+                engine.dispose()
+            return
         link.start()
         chunk_server.start()
         try:

@@ -32,6 +32,12 @@ Rules:
 - Nothing a device sends can stop the loop: bad messages are rejected, counted
   and logged; an unexpected error in a batch is logged with its traceback and the
   batch is retried one message at a time so one poisoned message cannot block others.
+- With ``desired_poll_s`` set, the link also follows the database's change feed
+  (``device.desired_seq``, one value per committing transaction) so changes made
+  through API-only hub processes (``hub serve --no-link``) are published too;
+  a change is skipped only if the publisher already read that generation (or a
+  newer one) from the database, so nothing is lost to the race and a change
+  heard in-process is not published twice.
 - With the fleet CA, the link also answers certificate renewals
   (``$share/hub/.../+/cert_req``, :mod:`hub.enrollment.renewal`): each request is
   answered on the device's ``cert`` topic and acknowledged after the answer went out.
@@ -158,6 +164,12 @@ class BrokerLink:
         self._engine = engine
         self._settings = settings
         self._pending: set[str] = set()
+        # With the change feed on: the newest generation read for publishing, per device.
+        # Set when the publisher reads the row (a worker thread), so a change the feed
+        # sees is skipped only if the publisher read that generation or a newer one.
+        self._read_generation: dict[str, int] = {}
+        self._reading: set[str] = set()  # popped from pending, row not read yet
+        self._deferred: dict[str, int] = {}  # feed changes seen for ids being read
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -292,6 +304,8 @@ class BrokerLink:
             asyncio.create_task(self._ingest_loop(client, queue, ack), name="mqtt-ingest"),
             asyncio.create_task(self._publish_loop(client), name="mqtt-publish"),
         ]
+        if self._settings.desired_poll_s > 0:
+            tasks.append(asyncio.create_task(self._poll_changes(), name="desired-feed"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -444,6 +458,41 @@ class BrokerLink:
             },
         )
 
+    # -- the change feed (API-only processes) --------------------------------------------
+
+    async def _poll_changes(self) -> None:
+        """Publish changes other processes committed: poll ``desired_seq`` past a mark.
+
+        Starts at the feed's current mark (the on-connect sweep covered what came
+        before). A device already published at that generation or later is skipped,
+        so a change this process also heard about in-process goes out once.
+        """
+        mark = await asyncio.to_thread(self._feed_mark)
+        while True:
+            await asyncio.sleep(self._settings.desired_poll_s)
+            changes, mark = await asyncio.to_thread(self._feed_since, mark)
+            fresh = []
+            for device_id, generation in changes:
+                if device_id in self._pending:
+                    continue  # the publisher will read the newest row anyway
+                if device_id in self._reading:  # decided when that read is done
+                    self._deferred[device_id] = max(generation, self._deferred.get(device_id, 0))
+                elif self._read_generation.get(device_id, 0) < generation:
+                    fresh.append(device_id)
+            if fresh:
+                self.stats.feed_changes += len(fresh)
+                self._mark_pending(fresh)
+
+    def _feed_mark(self) -> int:
+        with new_session(self._engine) as session:
+            return store.desired_seq_now(session)
+
+    def _feed_since(self, mark: int) -> tuple[list[tuple[str, int]], int]:
+        with new_session(self._engine) as session:
+            return store.desired_changes_since(
+                session, seq=mark, limit=self._settings.publish_batch_max * 20
+            )
+
     # -- certificate renewal -------------------------------------------------------------
 
     async def _renew(self, client: aiomqtt.Client, raw: aiomqtt.Message) -> None:
@@ -493,6 +542,7 @@ class BrokerLink:
                 continue
             ids = [self._pending.pop() for _ in range(min(limit, len(self._pending)))]
             self.stats.pending_desired = len(self._pending)
+            self._reading.update(ids)
             try:
                 documents = await asyncio.to_thread(self._documents, ids)
             except Exception:
@@ -501,7 +551,17 @@ class BrokerLink:
                 self._mark_pending(ids)
                 await asyncio.sleep(self._settings.mqtt_reconnect_max_s)
                 continue
+            finally:
+                self._done_reading(ids)
             await self._publish_documents(client, documents)
+
+    def _done_reading(self, ids: Sequence[str]) -> None:
+        """Re-queue a device the feed saw change while its row was being read, if newer."""
+        self._reading.difference_update(ids)
+        for device_id in ids:
+            generation = self._deferred.pop(device_id, None)
+            if generation is not None and self._read_generation.get(device_id, 0) < generation:
+                self._mark_pending([device_id])
 
     def _documents(self, device_ids: Sequence[str]) -> dict[str, _Outgoing | None]:
         """Worker thread: read the newest documents, encode and (with a signer) seal them."""
@@ -512,6 +572,8 @@ class BrokerLink:
             if document is None:
                 out[device_id] = None
                 continue
+            if self._settings.desired_poll_s > 0:
+                self._read_generation[device_id] = document.generation
             payload = protocols.encode(document)
             if self._signer is not None:
                 payload = self._signer.seal(payload)

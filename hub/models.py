@@ -72,6 +72,10 @@ class Device(SQLModel, table=True):
     desired_updated_at: datetime | None = Field(
         default=None, sa_column=Column(UTCDateTime, nullable=True)
     )
+    # A fleet-wide counter of desired changes (every transaction that changes desired
+    # state takes the next value): the change feed a hub's link polls when other
+    # processes serve the API (``hub serve --no-link``).
+    desired_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, index=True))
 
     # reported state (device -> hub); written only by hub.ingest's rules
     reported_generation: int = _big(0)

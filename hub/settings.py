@@ -54,6 +54,12 @@ class HubSettings:
     # ingest and publish
     ingest_batch_max: int = 500
     publish_batch_max: int = 500
+    # False: this process serves the API only (``hub serve --no-link``); another hub
+    # process over the same database runs the MQTT link.
+    run_link: bool = True
+    # > 0: the link also polls the database's change feed this often, so changes made
+    # through API-only processes are published (within this delay). 0: not needed.
+    desired_poll_s: float = 0.0
 
     # API limits
     max_config_bytes: int = 200 * 1024
@@ -185,6 +191,8 @@ class HubSettings:
             raise ValueError("api_tls_cert_path and api_tls_key_path go together")
         if (self.broker_tls_cert_path is None) != (self.broker_tls_key_path is None):
             raise ValueError("broker_tls_cert_path and broker_tls_key_path go together")
+        if self.desired_poll_s < 0:
+            raise ValueError("desired_poll_s must not be negative")
         if self.cert_renew_min_interval_s < 0:
             raise ValueError("cert_renew_min_interval_s must not be negative")
         if not 1 <= self.device_cert_validity_days <= 3650:

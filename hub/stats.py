@@ -33,6 +33,7 @@ class LinkStats:
     publish_failures: int = 0
     sweeps: int = 0
     pending_desired: int = 0
+    feed_changes: int = 0  # devices queued from the database's change feed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,4 +54,5 @@ class LinkStats:
             "publish_failures": self.publish_failures,
             "sweeps": self.sweeps,
             "pending_desired": self.pending_desired,
+            "feed_changes": self.feed_changes,
         }

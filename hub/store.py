@@ -185,7 +185,32 @@ def _check_config(config: Mapping[str, Any], max_config_bytes: int) -> dict[str,
     return dict(config)
 
 
-def _bump(row: Device, config: dict[str, Any], now: datetime) -> None:
+def _next_desired_seq(session: Session) -> int:
+    """The next value of the change feed; call inside the write transaction."""
+    current = session.exec(select(func.max(Device.desired_seq))).one()
+    return int(current or 0) + 1
+
+
+def desired_changes_since(
+    session: Session, *, seq: int, limit: int
+) -> tuple[list[tuple[str, int]], int]:
+    """``(device id, generation)`` changed after ``seq`` (oldest first), and the new mark."""
+    rows = session.exec(
+        select(Device.id, Device.desired_generation, Device.desired_seq)
+        .where(col(Device.desired_seq) > seq)
+        .order_by(col(Device.desired_seq))
+        .limit(limit)
+    ).all()
+    mark = max((row[2] for row in rows), default=seq)
+    return [(row[0], row[1]) for row in rows], mark
+
+
+def desired_seq_now(session: Session) -> int:
+    """The change feed's current mark (where a newly started poller begins)."""
+    return int(session.exec(select(func.max(Device.desired_seq))).one() or 0)
+
+
+def _bump(row: Device, config: dict[str, Any], now: datetime, seq: int) -> None:
     # The device ignores any generation not newer than one it applied or failed
     # (invariant 4). A device deleted and registered again still remembers its old
     # generations, so the new one must pass them, or it would be ignored forever.
@@ -194,6 +219,7 @@ def _bump(row: Device, config: dict[str, Any], now: datetime) -> None:
     )
     row.desired_config = dict(config)
     row.desired_updated_at = now
+    row.desired_seq = seq
 
 
 def _check_bundles(session: Session, config: Mapping[str, Any]) -> None:
@@ -233,7 +259,7 @@ def set_desired(
     if row is None:
         raise DeviceNotFound(device_id)
     _check_bundles(session, document)
-    _bump(row, document, now)
+    _bump(row, document, now, _next_desired_seq(session))
     session.commit()
     return row
 
@@ -258,8 +284,9 @@ def set_desired_for_selector(
     rows = session.exec(
         select(Device).where(*_label_filter(labels)).order_by(col(Device.id)).with_for_update()
     ).all()
+    seq = _next_desired_seq(session)  # one value: the rows commit together
     for row in rows:
-        _bump(row, document, now)
+        _bump(row, document, now, seq)
     session.commit()
     return [(row.id, row.desired_generation) for row in rows]
 

@@ -45,10 +45,11 @@ from typing import Any
 import httpx
 
 from driftless import logs
-from hub.devbroker import BrokerError, MosquittoBroker
+from hub.devbroker import BrokerError, MosquittoBroker, wait_for_port
 from simulator.bench.common import (
     BenchError,
     HubChild,
+    HubWorker,
     command_line,
     cpu_seconds,
     host_info,
@@ -83,6 +84,9 @@ class ApiConfig:
     seed: int = 0
     hub_log_level: str = "info"
     workdir: Path | None = None
+    # Serve the requests from a second, API-only hub process on the same database
+    # (``hub serve --no-link``), away from the process that ingests.
+    api_process: bool = False
 
     def __post_init__(self) -> None:
         if self.devices < PAGE or self.requests < 1 or self.repeats < 1:
@@ -195,7 +199,8 @@ def format_table(result: ApiResult) -> str:
     cfg = result.config
     lines = [
         f"api_latency: {cfg.devices} devices, {cfg.requests} requests per endpoint and phase, "
-        f"{cfg.repeats} repeats, one client, loopback",
+        f"{cfg.repeats} repeats, one client, loopback"
+        + (", API from an API-only process" if cfg.api_process else ""),
         f"{'(ms, median of repeats)':<26}{'list p50':>10}{'list p99':>10}"
         f"{'get p50':>10}{'get p99':>10}{'reports/s':>11}  busy",
     ]
@@ -223,6 +228,7 @@ class Bench:
         self.next_seq = 1
         self.hub: HubChild | None = None
         self.api: httpx.AsyncClient | None = None
+        self.query: httpx.AsyncClient | None = None  # where the timed requests go
 
     async def processed(self) -> int:
         assert self.api is not None
@@ -230,8 +236,9 @@ class Bench:
 
     async def schedule(self) -> dict[str, list[float]]:
         """The bounded request schedule; raises BenchError on an unexpected status."""
-        assert self.api is not None
-        api, cfg = self.api, self.cfg
+        api = self.query or self.api
+        assert api is not None
+        cfg = self.cfg
         pages = cfg.devices // PAGE
         took: dict[str, list[float]] = {endpoint: [] for endpoint in ENDPOINTS}
         for _ in range(cfg.requests):
@@ -344,6 +351,8 @@ async def run_bench(cfg: ApiConfig) -> ApiResult:
                     lambda: HubChild(work, broker.url, log_level=cfg.hub_log_level),
                     timeout_s=cfg.deadline_s,
                 )
+                if cfg.api_process:
+                    bench.query = await start_api_process(stack, work, broker.url, bench.hub, cfg)
                 result.setup_s["broker_and_hub"] = clock() - t
                 t = clock()
                 await register_batch(bench.api, bench.ids, LABELS)
@@ -357,6 +366,26 @@ async def run_bench(cfg: ApiConfig) -> ApiResult:
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
     return result
+
+
+async def start_api_process(
+    stack: contextlib.AsyncExitStack, work: Path, broker_url: str, hub: HubChild, cfg: ApiConfig
+) -> httpx.AsyncClient:
+    """An API-only hub (``--no-link``) on ``hub``'s database; its client."""
+    api_hub = HubWorker(
+        work, broker_url, name="api", db_path=hub.db_path, log_level=cfg.hub_log_level
+    )
+    api_hub.argv += ["--no-link"]
+    stack.callback(api_hub.stop)
+    api_hub.start()
+    client = await stack.enter_async_context(
+        httpx.AsyncClient(base_url=api_hub.base_url + "/api/v1", headers=api_hub.headers)
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, "127.0.0.1", api_hub.api_port, timeout_s=30)
+    except TimeoutError:
+        raise BenchError(f"API-only hub did not listen: {api_hub.log_tail()}") from None
+    return client
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -374,6 +403,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hub-log-level", default="info")
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--api-process",
+        action="store_true",
+        help="time an API-only hub process (hub serve --no-link) on the same database",
+    )
     return parser.parse_args(argv)
 
 
@@ -391,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
+            api_process=args.api_process,
         )
     except ValueError as exc:
         print(f"api_latency: {exc}", file=sys.stderr)
@@ -404,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("api_latency: interrupted; broker, hub and publisher stopped", file=sys.stderr)
         return 130
     print(format_table(result))
-    path = args.json or Path("bench-results") / f"api-{cfg.devices}.json"
+    suffix = "-api-process" if cfg.api_process else ""
+    path = args.json or Path("bench-results") / f"api-{cfg.devices}{suffix}.json"
     write_results(path, result.as_json(command_line("simulator.bench.api_latency", argv)))
     print(f"results written to {path}")
     return 0

@@ -14,10 +14,14 @@ from tests.integration.test_sim_bench import processes_naming
 pytestmark = pytest.mark.integration
 
 
-def test_api_latency_bench_measures_every_phase_and_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("api_process", [False, True], ids=["one-process", "api-process"])
+def test_api_latency_bench_measures_every_phase_and_cleans_up(
+    tmp_path: Path, api_process: bool
+) -> None:
     out = tmp_path / "api.json"
     workdir = tmp_path / "work"
     argv = [
+        *(["--api-process"] if api_process else []),
         *("--devices", "300", "--requests", "10", "--repeats", "1"),
         *("--steady-rate", "200", "--saturating-messages", "6000"),
         *("--deadline-s", "30", "--json", str(out), "--workdir", str(workdir)),
@@ -44,4 +48,8 @@ def test_api_latency_bench_measures_every_phase_and_cleans_up(tmp_path: Path) ->
     assert steady["reports_per_s"] > 0 and saturated["reports_per_s"] > 0
     assert result["hub_stats"]["rejected"] == {}
     assert '"hub stopped"' in (workdir / "hub.log").read_text()
+    if api_process:  # a second, API-only hub ran beside the link's and stopped cleanly
+        api_log = (workdir / "hub-api.log").read_text()
+        assert '"hub stopped"' in api_log and "mqtt connected" not in api_log
+        assert "API from an API-only process" in done.stdout
     assert processes_naming(str(workdir)) == []

@@ -162,3 +162,25 @@ def test_failed_summary(engine: Engine) -> None:
     with new_session(engine) as s:
         summary = store.fleet_summary(s)
     assert (summary.total, summary.failed, summary.in_sync, summary.out_of_sync) == (2, 1, 1, 1)
+
+
+def test_the_change_feed_gives_each_transaction_one_mark_and_only_what_is_newer(
+    engine: Engine,
+) -> None:
+    """What a link polls when API-only processes commit changes (hub serve --no-link)."""
+    now = datetime.now(UTC)
+    with new_session(engine) as s:
+        store.register_devices(s, devices=[("a", {}), ("b", {}), ("c", {})], now=now)
+        start = store.desired_seq_now(s)
+        store.set_desired(s, device_id="a", config={"v": 1}, now=now, max_config_bytes=10_000)
+        changes, mark = store.desired_changes_since(s, seq=start, limit=100)
+        assert changes == [("a", 1)] and mark == start + 1
+        store.set_desired_for_selector(
+            s, labels=None, config={"v": 2}, now=now, max_config_bytes=10_000
+        )
+        fleet, fleet_mark = store.desired_changes_since(s, seq=mark, limit=100)
+        assert sorted(fleet) == [("a", 2), ("b", 1), ("c", 1)] and fleet_mark == mark + 1
+        assert store.desired_changes_since(s, seq=fleet_mark, limit=100) == ([], fleet_mark)
+        # Registering or reporting is not a desired change.
+        store.register_devices(s, devices=[("d", {})], now=now)
+        assert store.desired_changes_since(s, seq=fleet_mark, limit=100)[0] == []

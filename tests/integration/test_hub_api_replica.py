@@ -1,0 +1,77 @@
+"""An API-only hub process beside the one that runs the MQTT link, on one database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.store import StateStore
+from hub.devbroker import MosquittoBroker
+from tests.support import AgentProcess, HubProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def hubs(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tuple[HubProcess, HubProcess]]:
+    link = HubProcess(tmp_path / "link", broker.url)
+    link.argv += ["--desired-poll-s", "0.1"]
+    api = HubProcess(tmp_path / "api", broker.url)
+    at = api.argv.index("--db") + 1
+    api.argv[at] = f"sqlite:///{link.db_path}"  # the same database
+    api.db_path = link.db_path  # its admin token goes into that database too
+    api._token = None
+    api.api.close()
+    api.api = api.client()
+    api.argv += ["--no-link"]
+    link.start()
+    api.start(wait_mqtt=False)
+    try:
+        yield link, api
+    finally:
+        api.close()
+        link.close()
+
+
+def test_a_change_made_through_an_api_only_process_reaches_the_device(
+    tmp_path: Path, broker: MosquittoBroker, hubs: tuple[HubProcess, HubProcess]
+) -> None:
+    link, api = hubs
+    assert api.api.get("/health").json()["mqtt_connected"] is False  # it runs no link
+    api.api.post("/devices", json={"id": "pump-1"}).raise_for_status()
+    agent = AgentProcess(tmp_path, "pump-1", broker.url)
+    agent.start()
+    try:
+        wait_until(lambda: link.device("pump-1")["online"], what="pump-1 online")
+        for value in (1, 2, 3):
+            response = api.api.put("/devices/pump-1/desired", json={"config": {"v": value}})
+            generation = response.json()["desired_generation"]
+            wait_until(
+                lambda g=generation: StateStore(agent.data_dir).load().applied_generation == g,
+                what=f"generation {generation} applied",
+            )
+        # Fleet-wide through the API process too; the link published each change once.
+        api.api.put("/fleet/desired", json={"config": {"v": 4}}).raise_for_status()
+        wait_until(lambda: api.device("pump-1")["in_sync"], what="in sync after fleet change")
+        stats = link.stats()
+        assert stats["feed_changes"] == 4
+        assert stats["desired_published"] == 4
+    finally:
+        agent.kill()
+
+
+def test_the_link_process_alone_publishes_a_change_once(
+    tmp_path: Path, broker: MosquittoBroker, hubs: tuple[HubProcess, HubProcess]
+) -> None:
+    """Heard in-process and seen in the feed: published once, not twice."""
+    link, _ = hubs
+    link.api.post("/devices", json={"id": "pump-2"}).raise_for_status()
+    link.api.put("/devices/pump-2/desired", json={"config": {"v": 1}}).raise_for_status()
+    wait_until(lambda: link.stats()["desired_published"] >= 1, what="published")
+    # Give the feed several polls to (wrongly) queue it again.
+    wait_until(lambda: link.stats()["sweeps"] >= 1, what="link up")
+    link.api.put("/devices/pump-2/desired", json={"config": {"v": 2}}).raise_for_status()
+    wait_until(lambda: link.stats()["desired_published"] >= 2, what="second published")
+    assert link.stats()["desired_published"] == 2

@@ -72,7 +72,8 @@ def test_report_fills_the_generated_part_and_keeps_the_rest(tmp_path: Path) -> N
     assert first.count(report.BEGIN) == 1 and first.count(report.END) == 1
     assert ".venv/bin/python -m simulator.bench.ingest --mode live" in first
     assert "| ingest ≥ 0.7x bare subscriber (live) | 0.75x | **met** |" in first
-    assert "| API p99 < 50 ms while busy (one hub process) | 61.0 ms (worst) | **not met** |" in first
+    api_goal = "| API p99 < 50 ms while busy (one hub process) | 61.0 ms (worst) | **not met** |"
+    assert api_goal in first
     assert "| reconnect storm within 2x of baseline | 8.00x | **not met** |" in first
     assert "| convergence at 5,000 within 1.5x of baseline | 1.30x | **met** |" in first
     assert "before: reports/s" in first and "2026-11-29 12:00" in first

@@ -73,7 +73,7 @@ FULL = os.environ.get("DRIFTLESS_CHAOS_FULL") == "1"
 DEVICES = 300 if FULL else 60
 WORKERS = 4 if FULL else 2
 FLOOD = 6000 if FULL else 2000
-DURATION_S = 60 if FULL else 30
+DURATION_S = 60 if FULL else 20
 CHANGE_EVERY_S = 4
 PREFIX = "fleet"
 HOSTILE = "stolen-1"

@@ -97,8 +97,13 @@ class Client:
         self.c.on_message = self._on_message
         self.c.on_publish = self._on_publish
         self.c.on_connect = self._on_connect
-        self.c.on_disconnect = lambda *_a: self.disconnected.set()
+        self.c.on_disconnect = self._on_disconnect
         self.broker = broker
+
+    def _on_disconnect(self, *_a: object) -> None:
+        with self._event:  # wake a connect() waiting for the CONNACK that will not come
+            self.disconnected.set()
+            self._event.notify_all()
 
     def _on_connect(self, _c: object, _u: object, _f: object, rc: object, _p: object) -> None:
         with self._event:

@@ -101,17 +101,12 @@ def tls_context(identity: Identity) -> ssl.SSLContext:
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from edge_agent.identity import load_or_create_key
 
-    from edge_agent.identity import create_key
-
-    if not path.exists():
-        return create_key(path)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise EnrollError(f"{path} is not an EC private key; move it away and retry", 2)
-    return key
+    try:
+        return load_or_create_key(path)
+    except ValueError as exc:
+        raise EnrollError(str(exc), 2) from None
 
 
 def _post(url: str, body: dict[str, str]) -> tuple[int, dict[str, object]]:
@@ -142,33 +137,21 @@ def _post(url: str, body: dict[str, str]) -> tuple[int, dict[str, object]]:
 def _check(answer: dict[str, object], device_id: str, key: ec.EllipticCurvePrivateKey) -> None:
     """Raise EnrollError(2) unless the answer is a certificate for this device and key."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import NameOID
 
+    from edge_agent.identity import certificate_problem, public_key_der
     from firmware_bundles.trust import TrustedRoot
 
     try:
         cert = x509.load_pem_x509_certificate(str(answer["certificate_pem"]).encode())
         ca = x509.load_pem_x509_certificate(str(answer["ca_pem"]).encode())
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if [n.value for n in names] != [device_id]:
-            raise EnrollError(f"the certificate names {names!r}, not {device_id!r}", 2)
-        ours = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        theirs = cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        if ours != theirs:
-            raise EnrollError("the certificate is not for this device's key", 2)
-        cert.verify_directly_issued_by(ca)
+        problem = certificate_problem(cert, ca, device_id, public_key_der(key))
         root = answer.get("root_json")
         if root is not None:
             TrustedRoot.from_bytes(str(root).encode())
-    except EnrollError:
-        raise
     except Exception as exc:  # a malformed answer of any kind: say what, keep nothing
         raise EnrollError(f"the hub's answer does not check out: {exc}", 2) from None
+    if problem is not None:
+        raise EnrollError(f"the hub's certificate does not check out: {problem}", 2)
 
 
 def enroll(*, hub_url: str, token: str, device_id: str, data_dir: Path) -> Identity:

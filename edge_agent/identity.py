@@ -40,3 +40,61 @@ def make_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    """The key stored at ``path``, or None when there is none.
+
+    Raises ValueError (with the path and what to do) for a file that is not an
+    unencrypted EC private key.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a readable private key ({exc}); move it away") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an EC private key; move it away and retry")
+    return key
+
+
+def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The key at ``path``, made there first if there is none; raises ValueError as load_key."""
+    key = load_key(path)
+    return key if key is not None else create_key(path)
+
+
+def public_key_der(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
+    """The SubjectPublicKeyInfo of ``key`` (its public half), to compare keys by."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def certificate_problem(
+    cert: x509.Certificate, ca: x509.Certificate, device_id: str, key_der: bytes
+) -> str | None:
+    """Pure: why ``cert`` is not this device's own, or None when it is.
+
+    Checked in this order: ``other_ca`` (not signed by ``ca``), ``other_device``
+    (its common name is not exactly ``device_id``), ``other_key`` (not for the
+    key whose SubjectPublicKeyInfo is ``key_der``). Enrollment, renewal and the
+    simulator all take a certificate only when this says None.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return "other_ca"
+    names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [device_id]:
+        return "other_device"
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public_key_der(public) != key_der:
+        return "other_key"
+    return None

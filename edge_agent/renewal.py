@@ -42,14 +42,6 @@ def renewal_due(not_before: float, not_after: float, now: float, at_fraction: fl
     return now >= not_before + (not_after - not_before) * at_fraction
 
 
-def _public_der(public_key: object) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(  # type: ignore[attr-defined, no-any-return]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 @dataclass
 class Renewal:
     """One device's renewal state; driven from the network thread."""
@@ -75,16 +67,20 @@ class Renewal:
     def recover(self) -> None:
         """Finish a switch a crash interrupted, or drop its leftovers."""
         from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from edge_agent.identity import load_key, public_key_der
 
         if not self.next_cert.exists():
             return
-        cert = x509.load_pem_x509_certificate(self.next_cert.read_bytes())
+        cert_key = x509.load_pem_x509_certificate(self.next_cert.read_bytes()).public_key()
         for key_path in (self.identity.key, self.next_key):
-            if not key_path.exists():
-                continue
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if _public_der(key.public_key()) == _public_der(cert.public_key()):
+            key = load_key(key_path)
+            if (
+                key is not None
+                and isinstance(cert_key, ec.EllipticCurvePublicKey)
+                and public_key_der(key) == public_key_der(cert_key)
+            ):
                 if key_path == self.next_key:
                     os.replace(self.next_key, self.identity.key)
                 os.replace(self.next_cert, self.identity.cert)
@@ -110,10 +106,9 @@ class Renewal:
         ):
             self._next_at = now + self.check_s
             return False
-        from edge_agent.enroll import _load_or_create_key
-        from edge_agent.identity import make_csr
+        from edge_agent.identity import load_or_create_key, make_csr
 
-        key = _load_or_create_key(self.next_key)
+        key = load_or_create_key(self.next_key)
         self._pending = max(1, int(now * 1000))
         self._next_at = now + self.retry_s  # unless an answer comes first
         request = CertRequest(
@@ -172,18 +167,17 @@ class Renewal:
 
     def _check(self, pem: bytes) -> None:
         from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.x509.oid import NameOID
+
+        from edge_agent.identity import certificate_problem, load_key, public_key_der
 
         try:
             cert = x509.load_pem_x509_certificate(pem)
             ca = x509.load_pem_x509_certificate(self.identity.ca.read_bytes())
-            cert.verify_directly_issued_by(ca)
-        except Exception as exc:  # any parse or signature failure: not ours to use
-            raise ValueError(f"certificate does not verify against the fleet CA: {exc}") from None
-        names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-        if names != [self.device_id]:
-            raise ValueError(f"certificate names {names!r}, not {self.device_id!r}")
-        key = serialization.load_pem_private_key(self.next_key.read_bytes(), password=None)
-        if _public_der(key.public_key()) != _public_der(cert.public_key()):
-            raise ValueError("certificate is not for the key this device made for it")
+            key = load_key(self.next_key)
+        except Exception as exc:  # any parse failure: not ours to use
+            raise ValueError(f"certificate or key unreadable: {exc}") from None
+        if key is None:
+            raise ValueError("the key made for this renewal is gone")
+        problem = certificate_problem(cert, ca, self.device_id, public_key_der(key))
+        if problem is not None:  # other_ca, other_device or other_key
+            raise ValueError(f"certificate is not this device's own: {problem}")

@@ -111,12 +111,12 @@ def write_secure_files(
         with os.fdopen(fd, "wb") as handle:
             handle.write(key)
         files.server_cert.write_bytes(issued.pem)
-    _replace(files.crl, ca.crl(revoked, now=now))
-    _replace(files.acl, render_acl(hub_identities, cut_off).encode())
+    replace_file(files.crl, ca.crl(revoked, now=now))
+    replace_file(files.acl, render_acl(hub_identities, cut_off).encode())
     return files
 
 
-def _replace(path: Path, data: bytes) -> None:
+def replace_file(path: Path, data: bytes) -> None:
     """Write by rename, so a broker re-reading on SIGHUP never sees half a file."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)

@@ -13,6 +13,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -152,6 +153,9 @@ class InventoryPublic(SQLModel):
     disk_free_bytes: int
 
 
+_PHASES = frozenset({"applied", "applying", "failed"})
+
+
 class DevicePublic(SQLModel):
     """A device as the API shows it."""
 
@@ -179,33 +183,46 @@ class DevicePublic(SQLModel):
     @classmethod
     def from_row(cls, row: Device) -> DevicePublic:
         """Pure: the public view of a row (``in_sync`` and ``status`` are derived)."""
-        phase = row.report_phase if row.report_phase in ("applied", "applying", "failed") else None
-        return cls(
-            id=row.id,
-            labels=row.labels,
-            created_at=row.created_at,
-            desired_generation=row.desired_generation,
-            desired_config=row.desired_config,
-            desired_updated_at=row.desired_updated_at,
-            reported_generation=row.reported_generation,
-            failed_generation=row.failed_generation,
-            report_phase=phase,  # type: ignore[arg-type]
-            report_error=row.report_error,
-            report_generation=row.report_generation,
-            last_report_epoch=row.last_report_epoch,
-            last_report_seq=row.last_report_seq,
-            session=row.session,
-            online=row.online,
-            last_seen=row.last_seen,
-            agent_version=row.agent_version,
-            inventory=InventoryPublic(**row.inventory) if row.inventory else None,
-            in_sync=row.reported_generation == row.desired_generation,
-            status=ReportStatus(
-                phase=phase,  # type: ignore[arg-type]
-                generation=row.report_generation,
-                error=row.report_error,
-            ),
-        )
+        columns = Device.__table__.columns  # type: ignore[attr-defined]
+        return cls.model_validate(public_device({c.key: getattr(row, c.key) for c in columns}))
+
+
+def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """Pure: the public view of a device row as plain values (``in_sync``, ``status`` derived).
+
+    The one definition of :class:`DevicePublic`'s content: the API's fast reads
+    encode it directly, :meth:`DevicePublic.from_row` validates it.
+    """
+    phase = row["report_phase"] if row["report_phase"] in _PHASES else None
+    inventory = row["inventory"]
+    return {
+        "id": row["id"],
+        "labels": row["labels"],
+        "created_at": row["created_at"],
+        "desired_generation": row["desired_generation"],
+        "desired_config": row["desired_config"],
+        "desired_updated_at": row["desired_updated_at"],
+        "reported_generation": row["reported_generation"],
+        "failed_generation": row["failed_generation"],
+        "report_phase": phase,
+        "report_error": row["report_error"],
+        "report_generation": row["report_generation"],
+        "last_report_epoch": row["last_report_epoch"],
+        "last_report_seq": row["last_report_seq"],
+        "session": row["session"],
+        "online": row["online"],
+        "last_seen": row["last_seen"],
+        "agent_version": row["agent_version"],
+        "inventory": (
+            {key: inventory[key] for key in InventoryPublic.model_fields} if inventory else None
+        ),
+        "in_sync": row["reported_generation"] == row["desired_generation"],
+        "status": {
+            "phase": phase,
+            "generation": row["report_generation"],
+            "error": row["report_error"],
+        },
+    }
 
 
 class DevicePage(SQLModel):

@@ -60,13 +60,18 @@ def seal(message: bytes, keys: Sequence[SigningKey]) -> bytes:
     return sealed
 
 
-def is_sealed(payload: bytes) -> bool:
-    """Pure: whether ``payload`` is an envelope (it has ``signatures``), not a bare message."""
+def _envelope(payload: bytes) -> _Probe | None:
+    """The envelope's parts, or None when ``payload`` is not an envelope."""
     try:
         probe = _probe.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return False
-    return probe.signatures is not None
+        return None
+    return probe if probe.signatures is not None else None
+
+
+def is_sealed(payload: bytes) -> bool:
+    """Pure: whether ``payload`` is an envelope (it has ``signatures``), not a bare message."""
+    return _envelope(payload) is not None
 
 
 def open_sealed(
@@ -82,18 +87,15 @@ def open_sealed(
         raise ProtocolError(
             Reason.OVERSIZED, f"{len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
         )
-    sealed = is_sealed(payload)
+    envelope = _envelope(payload)
     if trusted_root is None:
-        if not sealed:
+        if envelope is None:
             return payload
-        try:
-            probe = _probe.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ProtocolError(Reason.MALFORMED, f"envelope: {exc}") from None
-        if not bytes(probe.signed).startswith(b"{"):
+        signed = bytes(envelope.signed)
+        if not signed.startswith(b"{"):
             raise ProtocolError(Reason.MALFORMED, "envelope without a signed JSON object")
-        return bytes(probe.signed)
-    if not sealed:
+        return signed
+    if envelope is None:
         raise ProtocolError(
             Reason.UNSIGNED, "unsigned document; this device accepts only hub-signed ones"
         )

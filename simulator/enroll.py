@@ -138,9 +138,8 @@ def why_enroll(
     when the file is missing. The reasons are stable strings (summary keys).
     """
     from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import NameOID
+
+    from edge_agent.identity import certificate_problem
 
     if public_key_der is None:
         return "no_key"
@@ -150,17 +149,11 @@ def why_enroll(
         return "other_ca"
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-        cert.verify_directly_issued_by(trust.ca)
-    except (ValueError, TypeError, InvalidSignature):  # unreadable, or not from this CA
+    except ValueError:  # unreadable: as good as from another CA
         return "other_ca"
-    names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if names != [device_id]:
-        return "other_device"
-    theirs = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if theirs != public_key_der:
-        return "other_key"
+    problem = certificate_problem(cert, trust.ca, device_id, public_key_der)
+    if problem is not None:
+        return problem
     if cert.serial_number in trust.revoked:
         return "revoked"
     if (cert.not_valid_after_utc - trust.now).total_seconds() < trust.min_valid_s:
@@ -174,25 +167,24 @@ def _check_answer(
     """Pure: ``(certificate PEM, CA PEM)`` when the answer is a certificate for this device
     and key signed by the CA that came with it; raises EnrollError otherwise."""
     from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
+
+    from edge_agent.identity import certificate_problem
 
     try:
         cert_pem = str(answer["certificate_pem"]).encode()
         ca_pem = str(answer["ca_pem"]).encode()
         cert = x509.load_pem_x509_certificate(cert_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
-        names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-        theirs = cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        cert.verify_directly_issued_by(ca)
-    except (KeyError, ValueError, TypeError, InvalidSignature) as exc:  # keep nothing
+    except (KeyError, ValueError, TypeError) as exc:  # keep nothing
         raise EnrollError(f"{device_id}: the hub's answer does not check out: {exc!r}") from None
-    if names != [device_id]:
+    problem = certificate_problem(cert, ca, device_id, public_key_der)
+    if problem == "other_ca":
+        raise EnrollError(f"{device_id}: the hub's answer does not check out: not signed by its CA")
+    if problem == "other_device":
+        names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         raise EnrollError(f"{device_id}: the hub's certificate names {names!r}")
-    if theirs != public_key_der:
+    if problem == "other_key":
         raise EnrollError(f"{device_id}: the hub's certificate is not for this device's key")
     return cert_pem, ca_pem
 
@@ -239,29 +231,19 @@ class EnrollmentResult:
 
 
 def _public_key_der(key: ec.EllipticCurvePrivateKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
+    from edge_agent.identity import public_key_der
 
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return public_key_der(key)
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
     """The stored key, or None when there is none; raises EnrollError for a foreign file."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from edge_agent.identity import load_key
 
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise EnrollError(f"{path} is not a readable private key ({exc}); move it away") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise EnrollError(f"{path} is not an EC private key; move it away and retry")
-    return key
+        return load_key(path)
+    except ValueError as exc:
+        raise EnrollError(str(exc)) from None
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -20,11 +20,10 @@ import datetime as dt
 import logging
 import os
 import signal
-from pathlib import Path
 
 from sqlmodel import Session
 
-from hub.broker_config import hub_identities, render_acl
+from hub.broker_config import hub_identities, render_acl, replace_file
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
 from hub.settings import HubSettings
@@ -44,19 +43,13 @@ def publish_crl(
     path = settings.broker_crl_path
     if path is None:
         return False
-    _replace(path, current_crl(session, ca, now=now))
+    replace_file(path, current_crl(session, ca, now=now))
     if settings.broker_acl_path is not None:
         identities = (*hub_identities(settings.mqtt_client_id), *settings.broker_acl_admins)
         acl = render_acl(identities, store.cut_off_devices(session))
-        _replace(settings.broker_acl_path, acl.encode())
+        replace_file(settings.broker_acl_path, acl.encode())
     reload_broker(settings)
     return True
-
-
-def _replace(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def reload_broker(settings: HubSettings) -> None:

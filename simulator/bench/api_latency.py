@@ -50,7 +50,6 @@ from simulator.bench.common import (
     BenchError,
     HubChild,
     HubWorker,
-    command_line,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -59,9 +58,9 @@ from simulator.bench.common import (
     processed_reports,
     ratio,
     register_batch,
+    run_bench_main,
     start_hub,
     workdir,
-    write_results,
 )
 from simulator.bench.mqttload import REPORT_ROOT, LoadChild, LoadError
 from simulator.fleet import device_ids
@@ -414,8 +413,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, fmt="console")
-    try:
-        cfg = ApiConfig(
+    return run_bench_main(
+        "api_latency",
+        argv,
+        build=lambda: ApiConfig(
             devices=args.devices,
             requests=args.requests,
             repeats=args.repeats,
@@ -426,24 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
             api_process=args.api_process,
-        )
-    except ValueError as exc:
-        print(f"api_latency: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(run_bench(cfg))
-    except (BenchError, LoadError, BrokerError) as exc:
-        print(f"api_latency: failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("api_latency: interrupted; broker, hub and publisher stopped", file=sys.stderr)
-        return 130
-    print(format_table(result))
-    suffix = "-api-process" if cfg.api_process else ""
-    path = args.json or Path("bench-results") / f"api-{cfg.devices}{suffix}.json"
-    write_results(path, result.as_json(command_line("simulator.bench.api_latency", argv)))
-    print(f"results written to {path}")
-    return 0
+        ),
+        bench=run_bench,
+        table=format_table,
+        result_file=lambda cfg: (
+            f"api-{cfg.devices}{'-api-process' if cfg.api_process else ''}.json"
+        ),
+        json_path=args.json,
+        failures=(BenchError, LoadError, BrokerError),
+        stopped="broker, hub and publisher",
+    )
 
 
 if __name__ == "__main__":

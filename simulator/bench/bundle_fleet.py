@@ -78,7 +78,6 @@ from protocols.bundles import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from simulator.bench.common import (
     BenchError,
     HubChild,
-    command_line,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -86,9 +85,9 @@ from simulator.bench.common import (
     poll,
     ratio,
     register_batch,
+    run_bench_main,
     start_hub,
     workdir,
-    write_results,
 )
 from simulator.fleet import SIM_WINDOW_CHUNKS, device_ids
 from simulator.journal import redistribute
@@ -565,39 +564,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, fmt="console")
     from simulator.profiles import ProfileError, load_profile
 
-    try:
-        flaky = load_profile(args.flaky_profile)
-        cfg = BenchConfig(
-            devices=args.devices,
-            payload_bytes=args.payload_kib * 1024,
-            repeats=args.repeats,
-            workers=args.workers,
-            seed=args.seed,
-            flaky=args.flaky_profile,
-            apply_failure_rate=args.apply_failure_rate,
-            fetch_window_chunks=args.fetch_window,
-            fetch_chunk_bytes=args.fetch_chunk_kib * 1024,
-            deadline_s=args.deadline_s,
-            max_concurrent_connects=args.max_concurrent_connects,
-            hub_log_level=args.hub_log_level,
-            workdir=args.workdir,
-        )
-    except (ValueError, ProfileError) as exc:
-        print(f"bundle_fleet: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(run_bench(cfg, flaky))
-    except (BenchError, BrokerError, httpx.HTTPError, OSError) as exc:
-        print(f"bundle_fleet: failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bundle_fleet: interrupted; broker, hub and workers stopped", file=sys.stderr)
-        return 130
-    print(format_table(result))
-    path = args.json or Path("bench-results") / f"bundle-fleet-{cfg.devices}.json"
-    write_results(path, result.as_json(command_line("simulator.bench.bundle_fleet", argv)))
-    print(f"results written to {path}")
-    return 0
+    return run_bench_main(
+        "bundle_fleet",
+        argv,
+        build=lambda: (
+            BenchConfig(
+                devices=args.devices,
+                payload_bytes=args.payload_kib * 1024,
+                repeats=args.repeats,
+                workers=args.workers,
+                seed=args.seed,
+                flaky=args.flaky_profile,
+                apply_failure_rate=args.apply_failure_rate,
+                fetch_window_chunks=args.fetch_window,
+                fetch_chunk_bytes=args.fetch_chunk_kib * 1024,
+                deadline_s=args.deadline_s,
+                max_concurrent_connects=args.max_concurrent_connects,
+                hub_log_level=args.hub_log_level,
+                workdir=args.workdir,
+            ),
+            load_profile(args.flaky_profile),
+        ),
+        bench=lambda built: run_bench(*built),
+        table=format_table,
+        result_file=lambda built: f"bundle-fleet-{built[0].devices}.json",
+        json_path=args.json,
+        failures=(BenchError, BrokerError, httpx.HTTPError, OSError),
+        stopped="broker, hub and workers",
+        bad_config=(ValueError, ProfileError),
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -34,6 +34,16 @@ from hub.devbroker import wait_for_port
 
 T = TypeVar("T")
 H = TypeVar("H", bound="HubChild")
+C = TypeVar("C")
+
+
+class Result(Protocol):
+    """What every benchmark's run returns: it can write itself as the JSON result."""
+
+    def as_json(self, command: str) -> Mapping[str, Any]: ...
+
+
+R = TypeVar("R", bound=Result)
 
 RESULTS_DIR = Path("bench-results")
 BATCH_REGISTER_MAX = 10_000  # hub.models.MAX_BATCH_DEVICES
@@ -261,3 +271,44 @@ def write_results(path: Path, document: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     stamped = {**document, "recorded_at": time.strftime("%Y-%m-%d %H:%M")}
     path.write_text(json.dumps(stamped, indent=2) + "\n")
+
+
+def run_bench_main(
+    name: str,
+    argv: Sequence[str] | None,
+    *,
+    build: Callable[[], C],
+    bench: Callable[[C], Coroutine[Any, Any, R]],
+    table: Callable[[R], str],
+    result_file: Callable[[C], str],
+    json_path: Path | None,
+    failures: tuple[type[BaseException], ...],
+    stopped: str,
+    bad_config: tuple[type[BaseException], ...] = (ValueError,),
+) -> int:
+    """The shell every ``simulator.bench.<name>`` main shares: build, run, print, record.
+
+    Exit status 2 for a configuration ``build`` refuses (``bad_config``), 1 when
+    the run raises one of ``failures``, 130 when interrupted (``stopped`` says
+    what was stopped on the way out), 0 after the table is printed and the JSON
+    (with the command that reproduces it) written to ``json_path`` or
+    ``bench-results/<result_file(cfg)>``.
+    """
+    try:
+        cfg = build()
+    except bad_config as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(bench(cfg))
+    except failures as exc:
+        print(f"{name}: failed: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"{name}: interrupted; {stopped} stopped", file=sys.stderr)
+        return 130
+    print(table(result))
+    path = json_path or RESULTS_DIR / result_file(cfg)
+    write_results(path, result.as_json(command_line(f"simulator.bench.{name}", argv)))
+    print(f"results written to {path}")
+    return 0

@@ -48,11 +48,10 @@ from protocols import Desired, encode
 from simulator.bench.common import (
     BenchError,
     HubChild,
-    command_line,
     poll,
     register_batch,
+    run_bench_main,
     start_hub,
-    write_results,
 )
 from simulator.fleet import Fleet, FleetConfig, FleetError, FleetTimeout, device_ids
 
@@ -474,8 +473,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, fmt="console")
-    try:
-        cfg = BenchConfig(
+    return run_bench_main(
+        "converge",
+        argv,
+        build=lambda: BenchConfig(
             devices=args.devices,
             repeats=args.repeats,
             deadline_s=args.deadline_s,
@@ -486,24 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
             signed=args.signed,
-        )
-    except ValueError as exc:
-        print(f"converge: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(run_bench(cfg))
-    except (BenchError, FleetError, FleetTimeout, BrokerError) as exc:
-        print(f"converge: failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("converge: interrupted; broker and hub stopped", file=sys.stderr)
-        return 130
-    print(format_table(result))
-    suffix = "-signed" if cfg.signed else ""
-    path = args.json or Path("bench-results") / f"converge-{cfg.devices}{suffix}.json"
-    write_results(path, result.as_json(command_line("simulator.bench.converge", argv)))
-    print(f"results written to {path}")
-    return 0
+        ),
+        bench=run_bench,
+        table=format_table,
+        result_file=lambda cfg: f"converge-{cfg.devices}{'-signed' if cfg.signed else ''}.json",
+        json_path=args.json,
+        failures=(BenchError, FleetError, FleetTimeout, BrokerError),
+        stopped="broker and hub",
+    )
 
 
 if __name__ == "__main__":

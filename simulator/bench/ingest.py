@@ -59,7 +59,6 @@ from hub.devbroker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
     BenchError,
     HubWorker,
-    command_line,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -68,9 +67,9 @@ from simulator.bench.common import (
     processed_reports,
     ratio,
     register_batch,
+    run_bench_main,
     start_hub,
     workdir,
-    write_results,
 )
 from simulator.bench.mqttload import BASELINE_ROOT, REPORT_ROOT, LoadChild, LoadError, last_seq
 from simulator.fleet import device_ids
@@ -481,8 +480,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, fmt="console")
-    try:
-        cfg = IngestConfig(
+    return run_bench_main(
+        "ingest",
+        argv,
+        build=lambda: IngestConfig(
             devices=args.devices,
             messages=args.messages,
             repeats=args.repeats,
@@ -492,23 +493,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             poll_interval_s=args.poll_interval_s,
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
-        )
-    except ValueError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(run_bench(cfg))
-    except (BenchError, LoadError, BrokerError) as exc:
-        print(f"ingest: failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("ingest: interrupted; broker, hubs and clients stopped", file=sys.stderr)
-        return 130
-    print(format_table(result))
-    path = args.json or Path("bench-results") / f"ingest-{cfg.mode}.json"
-    write_results(path, result.as_json(command_line("simulator.bench.ingest", argv)))
-    print(f"results written to {path}")
-    return 0
+        ),
+        bench=run_bench,
+        table=format_table,
+        result_file=lambda cfg: f"ingest-{cfg.mode}.json",
+        json_path=args.json,
+        failures=(BenchError, LoadError, BrokerError),
+        stopped="broker, hubs and clients",
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ from hub.devbroker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
     BenchError,
     HubChild,
-    command_line,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -61,9 +60,9 @@ from simulator.bench.common import (
     poll,
     ratio,
     register_batch,
+    run_bench_main,
     start_hub,
     workdir,
-    write_results,
 )
 from simulator.bench.converge import DOCUMENT_BYTES, Baseline, bench_config, fleet_summary
 from simulator.fleet import device_ids
@@ -481,8 +480,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, fmt="console")
-    try:
-        cfg = StormConfig(
+    return run_bench_main(
+        "storm",
+        argv,
+        build=lambda: StormConfig(
             devices=args.devices,
             workers=args.workers,
             repeats=args.repeats,
@@ -496,23 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
-        )
-    except ValueError as exc:
-        print(f"storm: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(run_bench(cfg))
-    except (BenchError, BrokerError) as exc:
-        print(f"storm: failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("storm: interrupted; broker, hub and workers stopped", file=sys.stderr)
-        return 130
-    print(format_table(result))
-    path = args.json or Path("bench-results") / f"storm-{cfg.devices}.json"
-    write_results(path, result.as_json(command_line("simulator.bench.storm", argv)))
-    print(f"results written to {path}")
-    return 0
+        ),
+        bench=run_bench,
+        table=format_table,
+        result_file=lambda cfg: f"storm-{cfg.devices}.json",
+        json_path=args.json,
+        failures=(BenchError, BrokerError),
+        stopped="broker, hub and workers",
+    )
 
 
 if __name__ == "__main__":

@@ -49,15 +49,14 @@ from hub.identity import CertificateAuthority
 from simulator.bench.common import (
     BenchError,
     HubChild,
-    command_line,
     cpu_seconds,
     host_info,
     poll,
     register_batch,
     rss_mib,
+    run_bench_main,
     start_hub,
     workdir,
-    write_results,
 )
 from simulator.bench.storm import pool_until
 from simulator.enroll import DeviceIdentities, EnrollError, enroll_fleet
@@ -339,8 +338,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, fmt="console")
-    try:
-        cfg = TlsBenchConfig(
+    return run_bench_main(
+        "tls",
+        argv,
+        build=lambda: TlsBenchConfig(
             devices=args.devices,
             workers=args.workers,
             enroll_concurrency=args.enroll_concurrency,
@@ -349,23 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
-        )
-    except ValueError as exc:
-        print(f"tls: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(run_bench(cfg))
-    except (BenchError, BrokerError) as exc:
-        print(f"tls: failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("tls: interrupted; brokers, hubs and workers stopped", file=sys.stderr)
-        return 130
-    print(format_table(result))
-    path = args.json or Path("bench-results") / f"tls-{cfg.devices}.json"
-    write_results(path, result.as_json(command_line("simulator.bench.tls", argv)))
-    print(f"results written to {path}")
-    return 0
+        ),
+        bench=run_bench,
+        table=format_table,
+        result_file=lambda cfg: f"tls-{cfg.devices}.json",
+        json_path=args.json,
+        failures=(BenchError, BrokerError),
+        stopped="brokers, hubs and workers",
+    )
 
 
 if __name__ == "__main__":

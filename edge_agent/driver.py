@@ -122,11 +122,11 @@ class AgentDriver:
         bundles: BundleSettings | None = None,
         trusted_root: TrustedRoot | None = None,
         clock: Callable[[], float] = time.time,
-        tls_context: ssl.SSLContext | None = None,
         tls_factory: Callable[[], ssl.SSLContext] | None = None,
         renewal: Renewal | None = None,
     ) -> None:
-        """``tls_factory`` rebuilds the TLS context after ``renewal`` switched certificates."""
+        """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
+        switched certificates (None: plain MQTT, or TLS trusting the system's CAs)."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
@@ -151,7 +151,10 @@ class AgentDriver:
         )
         self.broker_url = broker_url
         self.transport = MqttTransport(
-            device_id, broker_url, self._on_transport, tls_context=tls_context
+            device_id,
+            broker_url,
+            self._on_transport,
+            tls_context=tls_factory() if tls_factory is not None else None,
         )
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
@@ -541,7 +544,6 @@ def run_agent(
         data_dir=data_dir,
         bundles=settings,
         trusted_root=trusted_root,
-        tls_context=tls,
         tls_factory=(lambda: tls_context(identity)) if tls else None,
         renewal=renewal,
     )

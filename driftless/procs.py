@@ -169,9 +169,12 @@ class AgentChild(DriftlessChild):
         self.device_id = device_id
         self.data_dir = workdir / f"agent-{device_id}"
         # Without the fleet's root the agent cannot verify anything: say so explicitly.
-        trust = ["--root", str(root)] if root is not None else ["--insecure-unsigned"]
-        if enrolled:
+        if root is not None:
+            trust = ["--root", str(root)]
+        elif enrolled:
             trust = []  # the agent finds the root (and its certificate) in its data dir
+        else:
+            trust = ["--insecure-unsigned"]
         super().__init__(
             [
                 "agent",

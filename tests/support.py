@@ -16,6 +16,7 @@ import httpx
 
 from driftless.procs import AgentChild, HubChild
 from hub.devbroker import wait_for_port
+from tests.pki import TestBroker
 
 T = TypeVar("T")
 
@@ -49,11 +50,17 @@ def port_open(port: int) -> bool:
 
 
 class HubProcess(HubChild):
-    """The hub as a real child process, with an httpx client for its API (as admin)."""
+    """The hub as a real child process, with an httpx client for its API (as admin).
 
-    def __init__(self, workdir: Path, broker_url: str) -> None:
+    Given a :class:`TestBroker`, it shares the broker's fleet CA (mutual TLS).
+    """
+
+    def __init__(self, workdir: Path, broker: TestBroker | str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        super().__init__(workdir, broker_url, log_level="debug", token_name="tests")
+        url = broker if isinstance(broker, str) else broker.url
+        super().__init__(workdir, url, log_level="debug", token_name="tests")
+        if not isinstance(broker, str):
+            self.argv += broker.hub_args()
         self.api = self.client()
 
     def client(self, token: str | None = None) -> httpx.Client:
@@ -102,23 +109,33 @@ class AgentProcess(AgentChild):
     """``driftless agent run`` for one device with its own data directory.
 
     ``root`` and ``hub_url`` become ``--root`` and ``--hub-url``; ``extra`` is
-    appended as it is (e.g. ``["--fetch-window", "2"]``).
+    appended as it is (e.g. ``["--fetch-window", "2"]``). Given a secure
+    :class:`TestBroker`, the data directory is enrolled first (its own
+    certificate from the broker's fleet CA); without ``root`` the agent runs
+    ``--insecure-unsigned``.
     """
 
     def __init__(
         self,
         workdir: Path,
         device_id: str,
-        broker_url: str,
+        broker: TestBroker | str,
         *,
         root: Path | None = None,
         enrolled: bool = False,
         hub_url: str | None = None,
         extra: Sequence[str] = (),
     ) -> None:
+        url = broker if isinstance(broker, str) else broker.url
+        pki = None if isinstance(broker, str) else broker.pki
         super().__init__(
-            workdir, device_id, broker_url, root=root, enrolled=enrolled, log_level="debug"
-        )
+            workdir, device_id, url, root=root, enrolled=enrolled or pki is not None,
+            log_level="debug",
+        )  # fmt: skip
+        if pki is not None:
+            pki.enroll_agent(self.data_dir, device_id, broker_url=url, root=root)
+            if root is None:
+                self.argv.append("--insecure-unsigned")
         if hub_url is not None:
             self.argv += ["--hub-url", hub_url]
         self.argv += list(extra)

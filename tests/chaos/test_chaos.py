@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from hub.devbroker import MosquittoBroker
 from simulator.journal import read_all
+from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -58,8 +58,8 @@ max_offline_s = 10.0
 
 
 @pytest.fixture
-def hub(broker: MosquittoBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker.url)
+def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
+    instance = HubProcess(tmp_path / "hub", broker)
     instance.start()
     try:
         yield instance
@@ -89,7 +89,7 @@ def hub_devices(hub: HubProcess) -> dict[str, dict[str, Any]]:
 
 
 def test_fleet_converges_through_broker_hub_and_worker_crashes(
-    broker: MosquittoBroker, hub: HubProcess, tmp_path: Path
+    broker: TestBroker, hub: HubProcess, tmp_path: Path
 ) -> None:
     profile = tmp_path / "chaos.toml"
     profile.write_text(PROFILE)

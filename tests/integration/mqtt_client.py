@@ -4,27 +4,33 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.pki import TestBroker
+
 
 class RawPeer:
-    """Publishes anything (including garbage) and records every message it receives."""
+    """Publishes anything (including garbage) and records every message it receives.
 
-    def __init__(self, port: int, *, client_id: str | None = None) -> None:
+    On the secure broker it is the test peer playing ``role`` (``TestBroker.peer_tls``):
+    the same role gets the same certificate and client id again.
+    """
+
+    def __init__(self, broker: TestBroker, *, role: str | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._cond = threading.Condition()
+        self.client_id, context = broker.peer_tls(role)
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
+            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
+        if context is not None:
+            self.client.tls_set_context(context)
         self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.connect("127.0.0.1", broker.port, keepalive=30)
         self.client.loop_start()
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:

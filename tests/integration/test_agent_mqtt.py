@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent.store import StateStore
-from hub.devbroker import MosquittoBroker
 from protocols import Birth, Channel, Desired, Reported, Status, decode, encode, topic
 from tests.integration.mqtt_client import RawPeer
+from tests.pki import TestBroker
 from tests.support import AgentProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,17 +27,15 @@ def applied_generation(agent: AgentProcess) -> int:
 
 
 @pytest.fixture
-def peer(broker: MosquittoBroker) -> RawPeer:
-    instance = RawPeer(broker.port)
+def peer(broker: TestBroker) -> RawPeer:
+    instance = RawPeer(broker)
     instance.subscribe("driftless/v1/devices/#")
     yield instance  # type: ignore[misc]
     instance.close()
 
 
-def test_birth_status_report_and_will(
-    broker: MosquittoBroker, peer: RawPeer, tmp_path: Path
-) -> None:
-    agent = AgentProcess(tmp_path, "dev-a", broker.url)
+def test_birth_status_report_and_will(broker: TestBroker, peer: RawPeer, tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path, "dev-a", broker)
     agent.start()
     try:
         _, raw, _ = peer.wait_for(lambda m: m[0] == topic("dev-a", Channel.BIRTH))
@@ -62,9 +60,9 @@ def test_birth_status_report_and_will(
 
 
 def test_offline_device_applies_only_newest_of_three(
-    broker: MosquittoBroker, peer: RawPeer, tmp_path: Path
+    broker: TestBroker, peer: RawPeer, tmp_path: Path
 ) -> None:
-    agent = AgentProcess(tmp_path, "dev-b", broker.url)
+    agent = AgentProcess(tmp_path, "dev-b", broker)
     agent.start()
     try:
         peer.publish(topic("dev-b", Channel.DESIRED), desired("dev-b", 1, v=1), retain=True)
@@ -81,9 +79,9 @@ def test_offline_device_applies_only_newest_of_three(
 
 
 def test_duplicate_and_older_desired_change_nothing(
-    broker: MosquittoBroker, peer: RawPeer, tmp_path: Path
+    broker: TestBroker, peer: RawPeer, tmp_path: Path
 ) -> None:
-    agent = AgentProcess(tmp_path, "dev-c", broker.url)
+    agent = AgentProcess(tmp_path, "dev-c", broker)
     agent.start()
     try:
         name = topic("dev-c", Channel.DESIRED)
@@ -102,11 +100,11 @@ def test_duplicate_and_older_desired_change_nothing(
 
 
 def test_sigkill_during_applies_never_tears_state(
-    broker: MosquittoBroker, peer: RawPeer, tmp_path: Path
+    broker: TestBroker, peer: RawPeer, tmp_path: Path
 ) -> None:
     """Kill the agent at random instants while it applies; files are always old or new."""
     rng = random.Random(7)
-    agent = AgentProcess(tmp_path, "dev-d", broker.url)
+    agent = AgentProcess(tmp_path, "dev-d", broker)
     name = topic("dev-d", Channel.DESIRED)
     big = "x" * 100_000  # makes each write take long enough to be caught in the middle
     gen = 0
@@ -139,18 +137,18 @@ def test_sigkill_during_applies_never_tears_state(
         agent.kill()
 
 
-def test_agent_survives_broker_restart(broker: MosquittoBroker, tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, "dev-e", broker.url)
+def test_agent_survives_broker_restart(broker: TestBroker, tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path, "dev-e", broker)
     agent.start()
     try:
-        peer = RawPeer(broker.port)
+        peer = RawPeer(broker)
         peer.subscribe("driftless/v1/devices/dev-e/birth")
         peer.wait_for(lambda m: True)
         peer.close()
         broker.kill()
         broker.wipe_persistence()
         broker.start()
-        peer = RawPeer(broker.port)
+        peer = RawPeer(broker)
         peer.subscribe("driftless/v1/devices/dev-e/birth")
         birth = decode(peer.wait_for(lambda m: True, timeout_s=40)[1], Birth)
         assert birth.session >= 2  # a new session, with a new Will

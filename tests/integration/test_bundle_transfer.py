@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from edge_agent.store import StateStore
-from hub.devbroker import MosquittoBroker
 from protocols import BundleRequest, Channel, Desired, decode, encode, encode_chunk, topic
 from protocols.signed import seal
 from tests.integration.bundle_support import (
@@ -40,6 +39,7 @@ from tests.integration.bundle_support import (
     wait_phase,
 )
 from tests.integration.mqtt_client import RawPeer
+from tests.pki import TestBroker
 from tests.support import AgentProcess, HubProcess, wait_until
 from tests.unit.test_bundles_support import Fleet
 
@@ -54,7 +54,7 @@ def keys(tmp_path: Path) -> Keys:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[HubProcess]:
+def hub(tmp_path: Path, broker: TestBroker, keys: Keys) -> Iterator[HubProcess]:
     instance = hub_with_root(tmp_path / "hub", broker.url, keys)
     try:
         register(instance, DEVICE)
@@ -64,9 +64,7 @@ def hub(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[HubProc
         instance.api.close()
 
 
-def agent_for(
-    tmp_path: Path, broker: MosquittoBroker, keys: Keys | None, *extra: str
-) -> AgentProcess:
+def agent_for(tmp_path: Path, broker: TestBroker, keys: Keys | None, *extra: str) -> AgentProcess:
     return AgentProcess(
         tmp_path, DEVICE, broker.url, root=keys.root_path if keys else None, extra=extra
     )
@@ -97,7 +95,7 @@ def installed(agent: AgentProcess, name: str) -> str:
 
 
 def test_upload_desired_download_verify_install_report(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, version="1.2.0", payload_bytes=MiB)
     sha = upload(hub, bundle)
@@ -123,12 +121,12 @@ def test_upload_desired_download_verify_install_report(
 
 
 def test_resume_after_the_agent_is_killed_mid_transfer(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "big.bundle", keys, payload_bytes=16 * MiB)
     size = bundle.stat().st_size
     sha = upload(hub, bundle)
-    watcher = RawPeer(broker.port)
+    watcher = RawPeer(broker)
     watcher.subscribe(topic(DEVICE, Channel.BUNDLE_REQ))
     window, chunk = 2, 16 * 1024  # slow enough to be caught in the middle
     agent = agent_for(
@@ -164,7 +162,7 @@ def decode_request(raw: bytes) -> BundleRequest:
 
 
 def test_resume_after_the_broker_restarts(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "big.bundle", keys, payload_bytes=16 * MiB)
     size = bundle.stat().st_size
@@ -190,12 +188,12 @@ def test_resume_after_the_broker_restarts(
 
 
 def test_http_range_download_path(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=3 * MiB)
     sha = upload(hub, bundle)
     generation = set_workloads(hub, DEVICE, thermo=sha)
-    agent = AgentProcess(tmp_path, DEVICE, broker.url, root=keys.root_path, hub_url=hub.base_url)
+    agent = AgentProcess(tmp_path, DEVICE, broker, root=keys.root_path, hub_url=hub.base_url)
     agent.start()
     try:
         status = wait_phase(hub, DEVICE, generation)
@@ -217,7 +215,7 @@ def refused(hub: HubProcess, generation: int, *fragments: str) -> None:
 
 
 def test_truncated_transfer(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=500_000)
     sha = upload(hub, bundle)
@@ -234,7 +232,7 @@ def test_truncated_transfer(
 
 
 def test_flipped_byte_in_the_payload_served(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=500_000)
     sha = upload(hub, bundle)
@@ -253,7 +251,7 @@ def test_flipped_byte_in_the_payload_served(
 
 
 def test_manifest_signed_by_an_unauthorised_key(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     """The hub trusts the key (another fleet's root); the device's root does not.
 
@@ -276,7 +274,7 @@ def test_manifest_signed_by_an_unauthorised_key(
 
 
 def test_lower_security_version_than_installed(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     newer = upload(
         hub, build_bundle(tmp_path / "v2.bundle", keys, version="2.0", security_version=2)
@@ -298,9 +296,7 @@ def test_lower_security_version_than_installed(
         agent.kill()
 
 
-def test_unknown_bundle(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
-) -> None:
+def test_unknown_bundle(tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys) -> None:
     """The hub refuses a reference it cannot serve; a file lost later fails on the device."""
     config = {"workloads": [{"name": "thermo", "bundle": "5e" * 32}]}
     refused_put = hub.api.put(f"/devices/{DEVICE}/desired", json={"config": config})
@@ -319,7 +315,7 @@ def test_unknown_bundle(
 
 
 def test_without_a_root_a_bundle_reference_fails_clearly(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     sha = upload(hub, build_bundle(tmp_path / "thermo.bundle", keys))
     generation = set_workloads(hub, DEVICE, thermo=sha)
@@ -336,8 +332,8 @@ def test_without_a_root_a_bundle_reference_fails_clearly(
 
 
 @pytest.fixture
-def device_topic_peer(broker: MosquittoBroker) -> Iterator[RawPeer]:
-    peer = RawPeer(broker.port)
+def device_topic_peer(broker: TestBroker) -> Iterator[RawPeer]:
+    peer = RawPeer(broker)
     peer.subscribe(f"driftless/v1/devices/{DEVICE}/reported")
     yield peer
     peer.close()
@@ -357,7 +353,7 @@ def state(agent: AgentProcess) -> tuple[int, int, str | None]:
 
 
 def test_a_chunk_at_the_wrong_offset_is_refused_and_asked_for_again(
-    tmp_path: Path, broker: MosquittoBroker, keys: Keys, device_topic_peer: RawPeer
+    tmp_path: Path, broker: TestBroker, keys: Keys, device_topic_peer: RawPeer
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=300_000)
     data, sha = bundle.read_bytes(), sha256_of(bundle)
@@ -387,7 +383,7 @@ def test_a_chunk_at_the_wrong_offset_is_refused_and_asked_for_again(
 
 
 def test_expired_manifest(
-    tmp_path: Path, broker: MosquittoBroker, keys: Keys, device_topic_peer: RawPeer
+    tmp_path: Path, broker: TestBroker, keys: Keys, device_topic_peer: RawPeer
 ) -> None:
     """The hub refuses expired bundles at upload; a broken hub serving one is refused too."""
     bundle = build_bundle(

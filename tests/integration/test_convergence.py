@@ -13,17 +13,17 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.store import StateStore
-from hub.devbroker import MosquittoBroker
 from protocols import Birth, Channel, Status, encode, topic
 from tests.integration.mqtt_client import RawPeer
+from tests.pki import TestBroker
 from tests.support import AgentProcess, HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def hub(broker: MosquittoBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker.url)
+def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
+    instance = HubProcess(tmp_path / "hub", broker)
     instance.start()
     try:
         yield instance
@@ -33,9 +33,9 @@ def hub(broker: MosquittoBroker, tmp_path: Path) -> Iterator[HubProcess]:
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, n: int) -> None:
+    def __init__(self, tmp_path: Path, broker: TestBroker, hub: HubProcess, n: int) -> None:
         self.hub = hub
-        self.agents = [AgentProcess(tmp_path, f"dev-{i}", broker.url) for i in range(n)]
+        self.agents = [AgentProcess(tmp_path, f"dev-{i}", broker) for i in range(n)]
         for agent in self.agents:
             hub.api.post("/devices", json={"id": agent.device_id}).raise_for_status()
             agent.start()
@@ -66,7 +66,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, broker: MosquittoBroker, hub: HubProcess) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, broker: TestBroker, hub: HubProcess) -> Iterator[Fleet]:
     instance = Fleet(tmp_path, broker, hub, 3)
     try:
         yield instance
@@ -114,7 +114,7 @@ def test_hub_sigkill_and_restart_loses_nothing(fleet: Fleet) -> None:
     fleet.converged(gen)
 
 
-def test_broker_restart_with_persistence(fleet: Fleet, broker: MosquittoBroker) -> None:
+def test_broker_restart_with_persistence(fleet: Fleet, broker: TestBroker) -> None:
     gen = fleet.set_all(rate=1)
     fleet.converged(gen)
     broker.stop()
@@ -123,7 +123,7 @@ def test_broker_restart_with_persistence(fleet: Fleet, broker: MosquittoBroker) 
     fleet.converged(gen)
 
 
-def test_broker_sigkill_with_nothing_retained(fleet: Fleet, broker: MosquittoBroker) -> None:
+def test_broker_sigkill_with_nothing_retained(fleet: Fleet, broker: TestBroker) -> None:
     gen = fleet.set_all(rate=1)
     fleet.converged(gen)
     broker.kill()
@@ -143,7 +143,7 @@ def test_broker_sigkill_with_nothing_retained(fleet: Fleet, broker: MosquittoBro
 
 
 def test_change_while_broker_down_is_delivered_when_it_returns(
-    fleet: Fleet, broker: MosquittoBroker
+    fleet: Fleet, broker: TestBroker
 ) -> None:
     fleet.converged(fleet.set_all(rate=1))
     broker.stop()
@@ -155,12 +155,15 @@ def test_change_while_broker_down_is_delivered_when_it_returns(
 
 
 def test_late_will_from_older_session_does_not_mark_device_offline(
-    broker: MosquittoBroker, hub: HubProcess
+    broker: TestBroker, hub: HubProcess
 ) -> None:
     """A real Last Will, delivered by the broker after the device's next birth, is ignored."""
     hub.api.post("/devices", json={"id": "ghost"}).raise_for_status()
     status_topic = topic("ghost", Channel.STATUS)
-    old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ghost-old", protocol=mqtt.MQTTv5)
+    old_id, old_tls = broker.peer_tls("ghost-old")
+    old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=old_id, protocol=mqtt.MQTTv5)
+    if old_tls is not None:
+        old.tls_set_context(old_tls)
     old.will_set(
         status_topic,
         encode(Status(device_id="ghost", online=False, session=1, ts=1)),
@@ -169,7 +172,7 @@ def test_late_will_from_older_session_does_not_mark_device_offline(
     )
     old.connect("127.0.0.1", broker.port, keepalive=60)
     old.loop_start()
-    peer = RawPeer(broker.port, client_id="ghost-new")
+    peer = RawPeer(broker, role="ghost-new")
     try:
         birth = Birth(
             device_id="ghost",
@@ -188,7 +191,7 @@ def test_late_will_from_older_session_does_not_mark_device_offline(
         peer.publish(topic("ghost", Channel.BIRTH), encode(birth))
         wait_until(lambda: hub.device("ghost")["online"], what="ghost online")
         # Cut the old connection without DISCONNECT: the broker publishes its Will now.
-        watcher = RawPeer(broker.port)
+        watcher = RawPeer(broker)
         watcher.subscribe(status_topic)
         old.loop_stop()
         old.socket().shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from edge_agent.store import StateStore
-from hub.devbroker import MosquittoBroker
+from tests.pki import TestBroker
 from tests.support import AgentProcess, HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def hubs(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tuple[HubProcess, HubProcess]]:
-    link = HubProcess(tmp_path / "link", broker.url)
+def hubs(tmp_path: Path, broker: TestBroker) -> Iterator[tuple[HubProcess, HubProcess]]:
+    link = HubProcess(tmp_path / "link", broker)
     link.argv += ["--desired-poll-s", "0.1"]
-    api = HubProcess(tmp_path / "api", broker.url)
+    api = HubProcess(tmp_path / "api", broker)
     at = api.argv.index("--db") + 1
     api.argv[at] = f"sqlite:///{link.db_path}"  # the same database
     api.db_path = link.db_path  # its admin token goes into that database too
@@ -36,12 +36,12 @@ def hubs(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tuple[HubProcess, 
 
 
 def test_a_change_made_through_an_api_only_process_reaches_the_device(
-    tmp_path: Path, broker: MosquittoBroker, hubs: tuple[HubProcess, HubProcess]
+    tmp_path: Path, broker: TestBroker, hubs: tuple[HubProcess, HubProcess]
 ) -> None:
     link, api = hubs
     assert api.api.get("/health").json()["mqtt_connected"] is False  # it runs no link
     api.api.post("/devices", json={"id": "pump-1"}).raise_for_status()
-    agent = AgentProcess(tmp_path, "pump-1", broker.url)
+    agent = AgentProcess(tmp_path, "pump-1", broker)
     agent.start()
     try:
         wait_until(lambda: link.device("pump-1")["online"], what="pump-1 online")
@@ -63,7 +63,7 @@ def test_a_change_made_through_an_api_only_process_reaches_the_device(
 
 
 def test_the_link_process_alone_publishes_a_change_once(
-    tmp_path: Path, broker: MosquittoBroker, hubs: tuple[HubProcess, HubProcess]
+    tmp_path: Path, broker: TestBroker, hubs: tuple[HubProcess, HubProcess]
 ) -> None:
     """Heard in-process and seen in the feed: published once, not twice."""
     link, _ = hubs

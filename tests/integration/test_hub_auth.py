@@ -18,15 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
-from hub.devbroker import MosquittoBroker
+from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def hub(broker: MosquittoBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker.url)
+def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
+    instance = HubProcess(tmp_path / "hub", broker)
     instance.start()
     try:
         yield instance

@@ -13,7 +13,6 @@ import pytest
 
 from hub.bundles.chunks import ChunkServer
 from hub.bundles.files import BundleFiles
-from hub.devbroker import MosquittoBroker
 from hub.settings import HubSettings
 from protocols import (
     BundleRequest,
@@ -26,6 +25,7 @@ from protocols import (
     encode,
     topic,
 )
+from tests.pki import TestBroker
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ class Device:
 
 @pytest.fixture
 async def served(
-    broker: MosquittoBroker, tmp_path: Path
+    broker: TestBroker, tmp_path: Path
 ) -> AsyncIterator[tuple[ChunkServer, Device, str, bytes]]:
     files = BundleFiles(tmp_path / "bundles")
     files.prepare(now=0, stale_after_s=1)
@@ -162,7 +162,7 @@ async def test_requests_breaking_the_contract_are_rejected_unanswered_and_counte
 
 
 async def test_the_server_reconnects_after_the_broker_restarts(
-    served: tuple[ChunkServer, Device, str, bytes], broker: MosquittoBroker, tmp_path: Path
+    served: tuple[ChunkServer, Device, str, bytes], broker: TestBroker, tmp_path: Path
 ) -> None:
     server, _, sha, data = served
     broker.kill()

@@ -18,7 +18,6 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from hub.devbroker import MosquittoBroker
 from protocols import (
     MAX_PAYLOAD_BYTES,
     Birth,
@@ -31,6 +30,7 @@ from protocols import (
     encode,
     topic,
 )
+from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -140,8 +140,8 @@ def status(device_id: str = "d1", **kw: Any) -> Status:
 
 
 @pytest.fixture
-def hub(broker: MosquittoBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker.url)
+def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
+    instance = HubProcess(tmp_path / "hub", broker)
     instance.start()
     try:
         yield instance
@@ -151,7 +151,7 @@ def hub(broker: MosquittoBroker, tmp_path: Path) -> Iterator[HubProcess]:
 
 
 @pytest.fixture
-def peer(broker: MosquittoBroker) -> Iterator[Peer]:
+def peer(broker: TestBroker) -> Iterator[Peer]:
     instance = Peer(broker.port)
     try:
         yield instance
@@ -177,7 +177,7 @@ def applied(hub: HubProcess) -> int:
 
 
 def test_birth_marks_online_and_republishes_lost_retained_desired(
-    hub: HubProcess, peer: Peer, broker: MosquittoBroker
+    hub: HubProcess, peer: Peer, broker: TestBroker
 ) -> None:
     register(hub)
     generation = set_desired(hub, "d1", rate=5)
@@ -221,7 +221,7 @@ def test_birth_already_at_desired_generation_is_not_republished(
 
 
 def test_will_from_older_session_after_newer_birth_is_ignored(
-    hub: HubProcess, peer: Peer, broker: MosquittoBroker
+    hub: HubProcess, peer: Peer, broker: TestBroker
 ) -> None:
     register(hub)
     will = (topic("d1", Channel.STATUS), encode(status(online=False, session=1)))
@@ -238,7 +238,7 @@ def test_will_from_older_session_after_newer_birth_is_ignored(
     assert device["online"] is True and device["session"] == 2
 
 
-def test_will_of_current_session_marks_offline(hub: HubProcess, broker: MosquittoBroker) -> None:
+def test_will_of_current_session_marks_offline(hub: HubProcess, broker: TestBroker) -> None:
     register(hub)
     will = (topic("d1", Channel.STATUS), encode(status(online=False, session=3)))
     device = Peer(broker.port, client_id="d1", will=will)
@@ -386,7 +386,7 @@ def test_unparseable_topics_never_reach_the_hub(hub: HubProcess, peer: Peer, nam
 
 
 def test_desired_change_while_broker_down_arrives_after_it_returns(
-    hub: HubProcess, broker: MosquittoBroker
+    hub: HubProcess, broker: TestBroker
 ) -> None:
     register(hub)
     broker.stop()
@@ -419,7 +419,7 @@ def test_reports_sent_while_hub_is_down_are_applied_after_restart(
 
 
 def test_delete_clears_the_retained_desired(
-    hub: HubProcess, peer: Peer, broker: MosquittoBroker
+    hub: HubProcess, peer: Peer, broker: TestBroker
 ) -> None:
     register(hub)
     generation = set_desired(hub, "d1", v=1)
@@ -451,7 +451,7 @@ def test_bulk_change_reaches_every_device(hub: HubProcess, peer: Peer) -> None:
 
 
 def test_on_connect_sweep_delivers_what_a_restarted_hub_never_published(
-    hub: HubProcess, broker: MosquittoBroker
+    hub: HubProcess, broker: TestBroker
 ) -> None:
     """The change is committed while the broker is down, then the hub process restarts, so
     nothing in memory remembers it: only the on-connect sweep (DB scan) can deliver it."""

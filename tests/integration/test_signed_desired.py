@@ -18,10 +18,10 @@ import pytest
 from edge_agent.store import StateStore
 from firmware_bundles.devfleet import DevFleet
 from firmware_bundles.keys import SigningKey
-from hub.devbroker import MosquittoBroker
 from protocols import Channel, Desired, encode, topic
 from protocols.signed import seal
 from tests.integration.mqtt_client import RawPeer
+from tests.pki import TestBroker
 from tests.support import AgentProcess, HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,8 +35,8 @@ def fleet(tmp_path: Path) -> DevFleet:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, broker: MosquittoBroker, fleet: DevFleet) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker.url)
+def hub(tmp_path: Path, broker: TestBroker, fleet: DevFleet) -> Iterator[HubProcess]:
+    instance = HubProcess(tmp_path / "hub", broker)
     instance.argv += ["--trust-root", str(fleet.root_path)]
     instance.argv += ["--signing-key", str(fleet.hub_key_path)]
     instance.start()
@@ -66,12 +66,12 @@ def forged(generation: int, **config: object) -> bytes:
 
 
 def test_the_agent_applies_hub_signed_documents_and_refuses_forgeries(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, fleet: DevFleet
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, fleet: DevFleet
 ) -> None:
     hub.api.post("/devices", json={"id": DEVICE}).raise_for_status()
-    agent = AgentProcess(tmp_path, DEVICE, broker.url, root=fleet.root_path)
+    agent = AgentProcess(tmp_path, DEVICE, broker, root=fleet.root_path)
     agent.start()
-    peer = RawPeer(broker.port)
+    peer = RawPeer(broker)
     try:
         first = set_desired(hub, mode="eco", threshold=0.75)
         wait_until(lambda: applied(agent)[0] == first, what="genuine document applied")

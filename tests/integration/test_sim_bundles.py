@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from edge_agent.settings import FetchConfig
-from hub.devbroker import MosquittoBroker
 from simulator.fleet import Fleet, FleetConfig, FleetCounters, device_ids
 from simulator.profiles import FlakySpec, Profile, SlowSpec
 from tests.integration.bundle_support import (
@@ -34,6 +33,7 @@ from tests.integration.bundle_support import (
     upload,
 )
 from tests.integration.test_sim_bench import processes_naming
+from tests.pki import TestBroker
 from tests.support import HubProcess
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def keys(tmp_path: Path) -> Keys:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[HubProcess]:
+def hub(tmp_path: Path, broker: TestBroker, keys: Keys) -> Iterator[HubProcess]:
     instance = hub_with_root(tmp_path / "hub", broker.url, keys)
     try:
         yield instance
@@ -108,7 +108,7 @@ def settled(generation: int) -> Callable[[FleetCounters], bool]:
 
 
 async def test_a_flaky_fleet_fetches_a_bundle_resuming_and_each_byte_is_served_about_once(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=160_000)
     size = bundle.stat().st_size
@@ -155,7 +155,7 @@ async def test_a_flaky_fleet_fetches_a_bundle_resuming_and_each_byte_is_served_a
 
 
 async def test_a_bundle_tampered_with_on_the_hubs_disk_is_refused_by_every_device(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, keys: Keys
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, keys: Keys
 ) -> None:
     bundle = build_bundle(tmp_path / "thermo.bundle", keys, payload_bytes=50_000)
     sha = upload(hub, bundle)

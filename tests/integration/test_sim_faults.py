@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from hub.devbroker import MosquittoBroker
 from protocols import Birth, Channel, Status, decode
 from simulator.fleet import Fleet, FleetConfig, device_ids
 from simulator.link import DeviceLink, LinkError, LinkSettings
 from simulator.profiles import FlakySpec, Profile, SlowSpec, StormSpec
 from tests.integration.test_sim_fleet import Peer, applied, peer_on
+from tests.pki import TestBroker
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ async def watch(peer: Peer, stamps: list[tuple[float, str, bytes]]) -> None:
 
 
 async def test_a_slow_link_delays_each_direction_by_latency_plus_bytes_over_bandwidth(
-    broker: MosquittoBroker,
+    broker: TestBroker,
 ) -> None:
     spec = SlowSpec(latency_s=0.3, bandwidth_bytes_per_s=1000)
     settings = LinkSettings(host=broker.host, port=broker.port, slow=spec)
@@ -80,7 +80,7 @@ async def test_a_slow_link_delays_each_direction_by_latency_plus_bytes_over_band
             await link.close()
 
 
-async def test_a_slow_fleet_still_converges(broker: MosquittoBroker) -> None:
+async def test_a_slow_fleet_still_converges(broker: TestBroker) -> None:
     ids = device_ids(5, prefix="slowf")
     profile = Profile(name="slowish", slow=SlowSpec(latency_s=0.1, bandwidth_bytes_per_s=5000))
     config = FleetConfig.from_profile(profile, broker_url=broker.url, device_ids=ids)
@@ -98,7 +98,7 @@ async def test_a_slow_fleet_still_converges(broker: MosquittoBroker) -> None:
 
 
 async def test_a_storm_drops_every_device_at_once_and_they_return_within_the_window(
-    broker: MosquittoBroker,
+    broker: TestBroker,
 ) -> None:
     ids = device_ids(20, prefix="storm")
     storm = StormSpec(at_s=(STORM_AT_S,), every_s=0, offline_s=1.0, reconnect_window_s=1.0)
@@ -151,7 +151,7 @@ async def test_a_storm_drops_every_device_at_once_and_they_return_within_the_win
 
 
 async def test_flaky_devices_drop_on_their_own_and_all_converge_once_healed(
-    broker: MosquittoBroker,
+    broker: TestBroker,
 ) -> None:
     ids = device_ids(12, prefix="flaky")
     profile = Profile(
@@ -187,7 +187,7 @@ async def test_flaky_devices_drop_on_their_own_and_all_converge_once_healed(
 
 
 async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_link_is_cut(
-    broker: MosquittoBroker,
+    broker: TestBroker,
 ) -> None:
     """aiomqtt alone waits for its timeout (10 s here); the device must hear at once."""
     settings = LinkSettings(host=broker.host, port=broker.port, op_timeout_s=10.0)

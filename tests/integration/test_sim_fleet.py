@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import aiomqtt
 import pytest
 
-from hub.devbroker import MosquittoBroker
 from protocols import Birth, Channel, Desired, Reported, Status, decode, encode, topic
 from simulator.fleet import Fleet, FleetConfig, device_ids
+from tests.pki import TestBroker
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def peer_on(broker: MosquittoBroker, name: str = "test-peer") -> AsyncIterator[Peer]:
+async def peer_on(broker: TestBroker, name: str = "test-peer") -> AsyncIterator[Peer]:
     async with aiomqtt.Client(
         broker.host, broker.port, identifier=name, protocol=aiomqtt.ProtocolVersion.V5
     ) as client:
@@ -112,7 +112,7 @@ def applied(gen: int, ids: tuple[str, ...]) -> Callable[[list[Seen]], bool]:
 
 
 async def test_twenty_devices_announce_themselves_and_apply_retained_desired(
-    broker: MosquittoBroker,
+    broker: TestBroker,
 ) -> None:
     ids = device_ids(20, prefix="it")
     early, late = ids[:10], ids[10:]
@@ -151,7 +151,7 @@ async def test_twenty_devices_announce_themselves_and_apply_retained_desired(
 
 
 async def test_will_fires_on_a_dropped_link_and_the_session_survives_it(
-    broker: MosquittoBroker,
+    broker: TestBroker,
 ) -> None:
     """A severed device's Will says offline for that session; the broker keeps the
     persistent session (clean_start=False + expiry), so documents published while
@@ -193,7 +193,7 @@ async def test_will_fires_on_a_dropped_link_and_the_session_survives_it(
         assert fleet.counters.connections_lost == 1 and fleet.counters.connects == 4
 
 
-async def test_failed_applies_are_reported_with_the_error(broker: MosquittoBroker) -> None:
+async def test_failed_applies_are_reported_with_the_error(broker: TestBroker) -> None:
     ids = device_ids(5, prefix="fail")
     config = FleetConfig(broker_url=broker.url, device_ids=ids, failure_rate=1.0)
     async with peer_on(broker) as peer, Fleet(config) as fleet:
@@ -211,7 +211,7 @@ async def test_failed_applies_are_reported_with_the_error(broker: MosquittoBroke
         assert fleet.counters.failed == {1: 5} and fleet.counters.applied == {}
 
 
-async def test_orderly_stop_leaves_every_status_offline(broker: MosquittoBroker) -> None:
+async def test_orderly_stop_leaves_every_status_offline(broker: TestBroker) -> None:
     ids = device_ids(10, prefix="stop")
     async with Fleet(FleetConfig(broker_url=broker.url, device_ids=ids)) as fleet:
         await fleet.wait_connected(timeout_s=DEADLINE_S)

@@ -13,19 +13,19 @@ from typing import Any
 
 import pytest
 
-from hub.devbroker import MosquittoBroker
 from simulator.fleet import device_ids
 from simulator.inventory import DeviceInventory
 from simulator.profiles import BUILTIN, offline_windows
 from simulator.workers import split
+from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def hub(tmp_path: Path, broker: MosquittoBroker) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path / "hub", broker.url)
+def hub(tmp_path: Path, broker: TestBroker) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path / "hub", broker)
     process.start()
     try:
         yield process
@@ -34,7 +34,7 @@ def hub(tmp_path: Path, broker: MosquittoBroker) -> Iterator[HubProcess]:
 
 
 def sim_run(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess, *args: str
+    tmp_path: Path, broker: TestBroker, hub: HubProcess, *args: str
 ) -> tuple[subprocess.Popen[bytes], Path]:
     summary = tmp_path / "summary.json"
     argv = [
@@ -106,7 +106,7 @@ def assert_nothing_left(proc: subprocess.Popen[bytes], summary: dict[str, Any]) 
 
 
 def test_fifty_flaky_devices_in_two_workers_converge_and_exit_cleanly(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess
+    tmp_path: Path, broker: TestBroker, hub: HubProcess
 ) -> None:
     duration_s, seed = 7.0, 4
     proc, path = sim_run(
@@ -181,7 +181,7 @@ def _until(windows: Iterator[Any], horizon_s: float) -> Iterator[Any]:
 
 
 def test_a_killed_worker_is_restarted_and_its_devices_carry_on(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess
+    tmp_path: Path, broker: TestBroker, hub: HubProcess
 ) -> None:
     devices = 40
     proc, path = sim_run(
@@ -237,7 +237,7 @@ def test_a_killed_worker_is_restarted_and_its_devices_carry_on(
 
 
 def test_sigterm_stops_a_run_without_a_duration_in_order(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess
+    tmp_path: Path, broker: TestBroker, hub: HubProcess
 ) -> None:
     proc, path = sim_run(
         tmp_path, broker, hub, *("--devices", "10", "--workers", "2", "--profile", "storm")
@@ -261,7 +261,7 @@ def test_sigterm_stops_a_run_without_a_duration_in_order(
 
 
 def test_workers_do_not_outlive_a_killed_parent(
-    tmp_path: Path, broker: MosquittoBroker, hub: HubProcess
+    tmp_path: Path, broker: TestBroker, hub: HubProcess
 ) -> None:
     proc, path = sim_run(
         tmp_path, broker, hub, *("--devices", "10", "--workers", "2", "--profile", "stable")

@@ -1,0 +1,142 @@
+"""Test plumbing: the secure broker every integration test gets by default.
+
+A :class:`TestBroker` is a real Mosquitto with mutual TLS, identity = username =
+client id, the per-device ACL and a CRL, made from a fleet CA of its own
+(:attr:`FleetPki.identity_dir`) that the hubs under test share
+(``hub serve --identity-dir``). Whatever connects to it has a certificate:
+
+- a hub issues itself its client certificates from that CA; the ACL gives the
+  hub rights to the identities of :data:`HUB_CLIENT_IDS`;
+- an agent gets an enrolled data directory, as ``driftless agent enroll``
+  leaves it (:meth:`FleetPki.enroll_agent`);
+- simulated devices get the identity directory ``sim run --enroll`` leaves
+  (:meth:`FleetPki.sim_identities`);
+- a raw test peer (playing the hub, an operator's console, or devices seen
+  from outside) is one of :data:`PEERS` identities the ACL grants the hub's
+  rights, as ``hub serve --broker-acl-admin`` would. A test names its peers
+  by role ("d1-old"); the same name always gets the same certificate, hence
+  the same client id, so persistent sessions resume as they would.
+
+``plain=True`` (the ``plain_broker`` fixture) is the plain loopback listener,
+for the tests that are about it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import ssl
+from pathlib import Path
+
+from hub.broker_config import TlsFiles, hub_identities, write_secure_files
+from hub.devbroker import MosquittoBroker
+from hub.identity import CertificateAuthority
+
+HUB_CLIENT_IDS = ("driftless-hub", "hub-test")
+PEERS = 32
+
+
+class FleetPki:
+    """The fleet CA of one test broker and the identities tests take from it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+        self.now = dt.datetime.now(dt.UTC)
+        self.ca = CertificateAuthority.load_or_create(self.identity_dir, now=self.now)
+        self.peer_names = tuple(f"peer-{n:02d}" for n in range(PEERS))
+        hubs = [name for client_id in HUB_CLIENT_IDS for name in hub_identities(client_id)]
+        self.files: TlsFiles = write_secure_files(
+            self.ca,
+            self.directory / "broker-tls",
+            hub_identities=[*hubs, *self.peer_names],
+            revoked=[],
+            now=self.now,
+        )
+        self._peers: dict[str, str] = {}
+
+    @property
+    def identity_dir(self) -> Path:
+        """The hub's ``--identity-dir``: the CA (and the hubs' own client certificates)."""
+        return self.directory / "identity"
+
+    def _issue(self, name: str, cert: Path, key: Path) -> None:
+        key_pem, issued = self.ca.issue_keypair(name, server=False, now=self.now)
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.unlink(missing_ok=True)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key_pem)
+        cert.write_bytes(issued.pem)
+
+    def peer_name(self, role: str | None = None) -> str:
+        """The certificate name (and client id) of the peer playing ``role``; None: a new one."""
+        role = role if role is not None else f"anonymous-{len(self._peers)}"
+        if role not in self._peers:
+            if len(self._peers) == len(self.peer_names):
+                raise RuntimeError(f"more than {PEERS} test peers on one broker")
+            self._peers[role] = self.peer_names[len(self._peers)]
+        return self._peers[role]
+
+    def client_context(self, name: str) -> ssl.SSLContext:
+        """Mutual TLS as ``name`` (issued on first use), trusting only the fleet CA."""
+        cert = self.directory / "clients" / f"{name}.crt"
+        key = cert.with_suffix(".key")
+        if not cert.exists():
+            self._issue(name, cert, key)
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca.cert_path))
+        context.load_cert_chain(cert, key)
+        return context
+
+    def enroll_agent(
+        self, data_dir: Path, device_id: str, *, broker_url: str, root: Path | None = None
+    ) -> None:
+        """Leave ``data_dir`` as ``driftless agent enroll`` would: certificate, CA, record, root."""
+        identity = data_dir / "identity"
+        if (identity / "device.crt").exists():
+            return  # enrolled once: a restarted agent keeps its identity
+        self._issue(device_id, identity / "device.crt", identity / "device.key")
+        shutil.copyfile(self.ca.cert_path, identity / "ca.crt")
+        if root is not None:
+            shutil.copyfile(root, data_dir / "root.json")
+        record = {"device_id": device_id, "broker_url": broker_url, "not_after": None}
+        (identity / "enrollment.json").write_text(json.dumps(record) + "\n")
+
+    def sim_identities(
+        self, directory: Path, device_ids: list[str], *, root: Path | None = None
+    ) -> Path:
+        """Leave ``directory`` as ``sim run --enroll`` would for ``device_ids``; returns it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.ca.cert_path, directory / "ca.crt")
+        if root is not None:
+            shutil.copyfile(root, directory / "root.json")
+        for device_id in device_ids:
+            cert = directory / f"{device_id}.crt"
+            if not cert.exists():
+                self._issue(device_id, cert, directory / f"{device_id}.key")
+        return directory
+
+
+class TestBroker(MosquittoBroker):
+    """A real Mosquitto for one test: mutual TLS from its own fleet CA unless ``plain``."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path, *, plain: bool = False) -> None:
+        self.pki = None if plain else FleetPki(directory / "pki")
+        super().__init__(directory / "broker", tls=None if plain else self.pki.files)
+
+    def peer_tls(self, role: str | None = None) -> tuple[str, ssl.SSLContext | None]:
+        """``(client id, TLS context)`` for a raw test peer playing ``role``.
+
+        On the plain listener: the role itself (or a fresh name) and no TLS.
+        """
+        if self.pki is None:
+            return role or f"test-{os.urandom(4).hex()}", None
+        name = self.pki.peer_name(role)
+        return name, self.pki.client_context(name)
+
+    def hub_args(self) -> list[str]:
+        """What ``hub serve`` needs to speak to this broker: the shared fleet CA."""
+        return [] if self.pki is None else ["--identity-dir", str(self.pki.identity_dir)]

@@ -6,6 +6,12 @@ Rules:
 - TCP_NODELAY on the connection: paho leaves Nagle's algorithm on, and small
   messages (bundle chunk requests, PUBACKs) would otherwise wait for the
   peer's delayed ACK, tens of milliseconds per round trip.
+- All socket I/O happens on the thread that drives :meth:`MqttTransport.loop`.
+  A publish from another thread (the fetcher's chunk requests, renewal) only
+  queues the packet and wakes the loop. Left to itself, paho writes such a
+  packet at once from the calling thread while the loop reads: harmless on
+  TCP, but OpenSSL forbids two threads on one TLS connection, and over mutual
+  TLS the agent dropped its connection mid-transfer ("Unspecified error").
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ class TDisconnected:
 TransportEvent = TConnected | TConnectRefused | TSubscribed | TMessage | TDisconnected
 
 
+def _loop_writes(_client: mqtt.Client, _userdata: object, _sock: object) -> None:
+    """Nothing to do: the loop's select already watches the socket when paho wants to write."""
+
+
 class MqttTransport:
     """One persistent MQTT 5 session for one device."""
 
@@ -85,6 +95,10 @@ class MqttTransport:
         self._client.on_subscribe = self._subscribed
         self._client.on_message = self._message
         self._client.on_disconnect = self._disconnected
+        # With a register-write callback set, paho's publish() no longer writes from
+        # the caller's thread: it wakes the loop (its socket pair), which writes.
+        self._client.on_socket_register_write = _loop_writes
+        self._client.on_socket_unregister_write = _loop_writes
 
     def set_will(self, topic: str, payload: bytes) -> None:
         self._client.will_set(topic, payload, qos=1, retain=True)

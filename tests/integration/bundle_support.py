@@ -32,6 +32,7 @@ from protocols import (
     topic,
 )
 from tests.integration.mqtt_client import RawPeer
+from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
 from tests.unit.test_bundles_support import DAY, Fleet
 
@@ -163,9 +164,9 @@ def bundle_stats(hub: HubProcess) -> dict[str, Any]:
     return stats
 
 
-def hub_with_root(workdir: Path, broker_url: str, keys: Keys) -> HubProcess:
+def hub_with_root(workdir: Path, broker: TestBroker, keys: Keys) -> HubProcess:
     """A hub that accepts the fleet's bundles and signs desired documents with its hub key."""
-    hub = HubProcess(workdir, broker_url)
+    hub = HubProcess(workdir, broker)
     hub.argv += ["--trust-root", str(keys.root_path), "--signing-key", str(keys.hub_key_path)]
     hub.start()
     wait_until(lambda: bundle_stats(hub)["mqtt_connected"], what="hub chunk server connected")
@@ -197,12 +198,14 @@ class ScriptedChunkServer:
     nothing, or anything else a broken or hostile hub might send.
     """
 
-    def __init__(self, port: int, files: dict[str, bytes], answer: Answer = exact_answer) -> None:
+    def __init__(
+        self, broker: TestBroker, files: dict[str, bytes], answer: Answer = exact_answer
+    ) -> None:
         self.files = files
         self.answer = answer
         self.requests: list[BundleRequest] = []
         self._lock = threading.Lock()
-        self.peer = RawPeer(port)
+        self.peer = RawPeer(broker, role="scripted-chunk-server")
         self.peer.client.on_message = self._on_message
         self.peer.subscribe("driftless/v1/devices/+/bundle_req")
 

@@ -157,3 +157,53 @@ def test_agent_survives_broker_restart(broker: TestBroker, tmp_path: Path) -> No
         peer.close()
     finally:
         agent.kill()
+
+
+def test_publishes_from_other_threads_are_written_by_the_loop_thread_over_tls(
+    broker: TestBroker, peer: RawPeer
+) -> None:
+    """The fetcher publishes from its own thread while the network thread reads. On one TLS
+    connection only one thread may touch the socket: every write must come from the loop."""
+    import threading
+
+    from edge_agent.transport import MqttTransport, TConnected, TDisconnected, TransportEvent
+
+    assert broker.pki is not None
+    events: list[TransportEvent] = []
+    device = "dev-threads"
+    transport = MqttTransport(
+        device, broker.url, events.append, tls_context=broker.pki.client_context(device)
+    )
+    writers: set[int] = set()
+    client = transport._client  # the one place paho writes from
+    real_loop_write = client.loop_write
+
+    def loop_write() -> object:
+        writers.add(threading.get_ident())
+        return real_loop_write()
+
+    client.loop_write = loop_write  # type: ignore[method-assign]
+    transport.connect()
+    stop = threading.Event()
+
+    def network() -> None:
+        while not stop.is_set() and transport.loop(0.5):
+            pass
+
+    thread = threading.Thread(target=network, name="mqtt")
+    thread.start()
+    try:
+        wait_until(lambda: any(isinstance(e, TConnected) for e in events), what="connected")
+        name = topic(device, Channel.REPORTED)
+        for n in range(200):
+            transport.publish(name, n.to_bytes(4, "big") * 4096, qos=1, retain=False)
+        wait_until(
+            lambda: sum(1 for m in peer.messages if m[0] == name) == 200,
+            what="all 200 publishes delivered",
+        )
+        assert not [e for e in events if isinstance(e, TDisconnected)], events
+        assert writers == {thread.ident}, "a publish wrote from the caller's thread"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        transport.disconnect()

@@ -55,7 +55,7 @@ def keys(tmp_path: Path) -> Keys:
 
 @pytest.fixture
 def hub(tmp_path: Path, broker: TestBroker, keys: Keys) -> Iterator[HubProcess]:
-    instance = hub_with_root(tmp_path / "hub", broker.url, keys)
+    instance = hub_with_root(tmp_path / "hub", broker, keys)
     try:
         register(instance, DEVICE)
         yield instance
@@ -66,7 +66,7 @@ def hub(tmp_path: Path, broker: TestBroker, keys: Keys) -> Iterator[HubProcess]:
 
 def agent_for(tmp_path: Path, broker: TestBroker, keys: Keys | None, *extra: str) -> AgentProcess:
     return AgentProcess(
-        tmp_path, DEVICE, broker.url, root=keys.root_path if keys else None, extra=extra
+        tmp_path, DEVICE, broker, root=keys.root_path if keys else None, extra=extra
     )
 
 
@@ -367,7 +367,7 @@ def test_a_chunk_at_the_wrong_offset_is_refused_and_asked_for_again(
             return [encode_chunk(request.bundle, wrong, data[wrong : wrong + request.length])]
         return exact_answer(request, data)
 
-    server = ScriptedChunkServer(broker.port, {sha: data}, answer)
+    server = ScriptedChunkServer(broker, {sha: data}, answer)
     agent = agent_for(tmp_path, broker, keys)
     agent.start()
     try:
@@ -390,7 +390,7 @@ def test_expired_manifest(
         tmp_path / "old.bundle", keys, created=now() - 30 * DAY, expires=now() - DAY
     )
     data, sha = bundle.read_bytes(), sha256_of(bundle)
-    server = ScriptedChunkServer(broker.port, {sha: data})
+    server = ScriptedChunkServer(broker, {sha: data})
     agent = agent_for(tmp_path, broker, keys)
     agent.start()
     try:

@@ -40,21 +40,23 @@ class Peer:
     """A raw MQTT 5 client: publishes anything, records what it receives."""
 
     def __init__(
-        self, port: int, *, client_id: str | None = None, will: tuple[str, bytes] | None = None
+        self, broker: TestBroker, *, role: str | None = None, will: tuple[str, bytes] | None = None
     ) -> None:
+        """``role``: the same role connects with the same certificate (hence client id)."""
         self.received: list[mqtt.MQTTMessage] = []
         self._cond = threading.Condition()
+        client_id, context = broker.peer_tls(role)
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"peer-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
+        if context is not None:
+            self.client.tls_set_context(context)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_message = self._on_message
         connected = threading.Event()
         self.client.on_connect = lambda *_a: connected.set()
-        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.connect("127.0.0.1", broker.port, keepalive=30)
         self.client.loop_start()
         assert connected.wait(5), "test peer could not connect"
 
@@ -152,7 +154,7 @@ def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
 
 @pytest.fixture
 def peer(broker: TestBroker) -> Iterator[Peer]:
-    instance = Peer(broker.port)
+    instance = Peer(broker)
     try:
         yield instance
     finally:
@@ -186,7 +188,7 @@ def test_birth_marks_online_and_republishes_lost_retained_desired(
     # The broker "loses" its retained copy; a fresh subscriber gets nothing.
     peer.publish_raw(topic("d1", Channel.DESIRED), b"", retain=True)
     published = hub.stats()["desired_published"]
-    fresh = Peer(broker.port)
+    fresh = Peer(broker)
     try:
         fresh.subscribe(topic("d1", Channel.DESIRED))
         peer.send(birth(session=1, applied_generation=0, agent_version="agent-7"))
@@ -201,7 +203,7 @@ def test_birth_marks_online_and_republishes_lost_retained_desired(
     assert device["last_seen"] is not None
     assert hub.stats()["desired_published"] == published + 1
     # and it is retained again: a late subscriber finds it
-    late = Peer(broker.port)
+    late = Peer(broker)
     try:
         late.subscribe(topic("d1", Channel.DESIRED))
         assert late.wait_for(lambda m: m.topic.endswith("/desired") and bool(m.payload)).retain
@@ -225,7 +227,7 @@ def test_will_from_older_session_after_newer_birth_is_ignored(
 ) -> None:
     register(hub)
     will = (topic("d1", Channel.STATUS), encode(status(online=False, session=1)))
-    old = Peer(broker.port, client_id="d1-old", will=will)
+    old = Peer(broker, role="d1-old", will=will)
     old.send(status(session=1), retain=True)
     old.send(birth(session=1))
     wait_until(lambda: hub.device("d1")["session"] == 1, what="session 1")
@@ -241,7 +243,7 @@ def test_will_from_older_session_after_newer_birth_is_ignored(
 def test_will_of_current_session_marks_offline(hub: HubProcess, broker: TestBroker) -> None:
     register(hub)
     will = (topic("d1", Channel.STATUS), encode(status(online=False, session=3)))
-    device = Peer(broker.port, client_id="d1", will=will)
+    device = Peer(broker, role="d1", will=will)
     device.send(status(session=3), retain=True)
     device.send(birth(session=3))
     wait_until(lambda: hub.device("d1")["online"], what="online")
@@ -395,7 +397,7 @@ def test_desired_change_while_broker_down_arrives_after_it_returns(
     assert generation == 1
     broker.start()  # same port
     wait_until(lambda: hub.api.get("/health").json()["mqtt_connected"], what="link back")
-    device = Peer(broker.port)
+    device = Peer(broker)
     try:
         device.subscribe(topic("d1", Channel.DESIRED))
         assert device.wait_for_desired("d1", generation).config == {"mode": "offline-edit"}
@@ -427,7 +429,7 @@ def test_delete_clears_the_retained_desired(
     peer.wait_for_desired("d1", generation)
     assert hub.api.delete("/devices/d1").status_code == 204
     peer.wait_for(lambda m: m.topic == topic("d1", Channel.DESIRED) and m.payload == b"")
-    late = Peer(broker.port)
+    late = Peer(broker)
     try:
         late.subscribe(topic("d1", Channel.DESIRED))
         marker = f"driftless/v1/devices/marker-{uuid.uuid4().hex[:6]}/desired"
@@ -463,7 +465,7 @@ def test_on_connect_sweep_delivers_what_a_restarted_hub_never_published(
     assert hub.api.get("/health").json()["mqtt_connected"] is False
     broker.start()
     wait_until(lambda: hub.api.get("/health").json()["mqtt_connected"], what="link up")
-    device = Peer(broker.port)
+    device = Peer(broker)
     try:
         device.subscribe(topic("d1", Channel.DESIRED))
         assert device.wait_for_desired("d1", generation).config == {"v": "swept"}

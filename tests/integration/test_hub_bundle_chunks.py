@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from hub.bundles.chunks import ChunkServer
+from hub.bundles.chunks import CLIENT_ID_SUFFIX, ChunkServer
 from hub.bundles.files import BundleFiles
 from hub.settings import HubSettings
 from protocols import (
@@ -64,10 +64,18 @@ async def served(
         bundle_chunk_max_bytes=65536,
         mqtt_reconnect_max_s=0.5,
     )
-    server = ChunkServer(broker=settings.broker(), settings=settings, files=files)
+    assert broker.pki is not None  # the hub's and the device's own certificates
+    hub_tls = broker.pki.client_context(settings.mqtt_client_id + CLIENT_ID_SUFFIX)
+    server = ChunkServer(
+        broker=settings.broker(), settings=settings, files=files, tls_context=hub_tls
+    )
     server.start()
     async with aiomqtt.Client(
-        "127.0.0.1", broker.port, identifier="dev-1", protocol=aiomqtt.ProtocolVersion.V5
+        "127.0.0.1",
+        broker.port,
+        identifier="dev-1",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=broker.pki.client_context("dev-1"),
     ) as client:
         device = Device(client, "dev-1")
         await client.subscribe(topic("dev-1", Channel.BUNDLE_DATA), qos=1)
@@ -169,8 +177,13 @@ async def test_the_server_reconnects_after_the_broker_restarts(
     await wait_for(lambda: not server.connected, "chunk server saw the broker go")
     broker.start()
     await wait_for(lambda: server.connected, "chunk server reconnected", timeout_s=20)
+    assert broker.pki is not None
     async with aiomqtt.Client(
-        "127.0.0.1", broker.port, identifier="dev-9", protocol=aiomqtt.ProtocolVersion.V5
+        "127.0.0.1",
+        broker.port,
+        identifier="dev-9",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=broker.pki.client_context("dev-9"),
     ) as client:
         await client.subscribe(topic("dev-9", Channel.BUNDLE_DATA), qos=1)
         body = BundleRequest(device_id="dev-9", bundle=sha, offset=7, length=3)

@@ -35,7 +35,7 @@ from hub.devbroker import MosquittoBroker
 from hub.identity import CertificateAuthority
 
 HUB_CLIENT_IDS = ("driftless-hub", "hub-test")
-PEERS = 32
+PEERS = 16
 
 
 class FleetPki:
@@ -137,6 +137,23 @@ class TestBroker(MosquittoBroker):
         name = self.pki.peer_name(role)
         return name, self.pki.client_context(name)
 
-    def hub_args(self) -> list[str]:
-        """What ``hub serve`` needs to speak to this broker: the shared fleet CA."""
-        return [] if self.pki is None else ["--identity-dir", str(self.pki.identity_dir)]
+    def hub_args(self, *, manage: bool = False) -> list[str]:
+        """What ``hub serve`` needs to speak to this broker: the shared fleet CA.
+
+        ``manage``: the hub also keeps the broker's CRL and ACL (revocation, SIGHUP),
+        keeping the test peers in the ACL, and hands devices this broker's URL at
+        enrollment.
+        """
+        if self.pki is None:
+            return []
+        args = ["--identity-dir", str(self.pki.identity_dir)]
+        if manage:
+            files = self.pki.files
+            args += [
+                "--public-broker-url", self.url,
+                "--broker-crl", str(files.crl), "--broker-acl", str(files.acl),
+                "--broker-pid-file", str(self.pid_path),
+            ]  # fmt: skip
+            for name in self.pki.peer_names:
+                args += ["--broker-acl-admin", name]
+        return args

@@ -55,12 +55,15 @@ class HubProcess(HubChild):
     Given a :class:`TestBroker`, it shares the broker's fleet CA (mutual TLS).
     """
 
-    def __init__(self, workdir: Path, broker: TestBroker | str) -> None:
+    def __init__(
+        self, workdir: Path, broker: TestBroker | str, *, manage_broker: bool = False
+    ) -> None:
+        """``manage_broker``: the hub keeps the broker's CRL and ACL (``TestBroker.hub_args``)."""
         workdir.mkdir(parents=True, exist_ok=True)
         url = broker if isinstance(broker, str) else broker.url
         super().__init__(workdir, url, log_level="debug", token_name="tests")
         if not isinstance(broker, str):
-            self.argv += broker.hub_args()
+            self.argv += broker.hub_args(manage=manage_broker)
         self.api = self.client()
 
     def client(self, token: str | None = None) -> httpx.Client:

@@ -14,7 +14,6 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -23,10 +22,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.store import StateStore
 from firmware_bundles.devfleet import DevFleet
-from hub.broker_config import TlsFiles, hub_identities, write_secure_files
+from hub.broker_config import TlsFiles
 from hub.devbroker import MosquittoBroker, find_mosquitto, free_port, wait_for_port
 from hub.identity import CertificateAuthority
 from protocols import Channel, topic
+from tests.secure_stack import SecureStack, secure_stack
 from tests.support import AgentProcess, HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -34,40 +34,14 @@ pytestmark = pytest.mark.integration
 RENEW_MIN_INTERVAL_S = 3.0  # the hub mints at most one certificate per device this often
 
 
-@dataclass
-class Secure:
-    broker: MosquittoBroker
-    files: TlsFiles
-    hub: HubProcess
-    fleet: DevFleet
+Secure = SecureStack
 
 
 @pytest.fixture
 def secure(tmp_path: Path) -> Iterator[Secure]:
-    now = dt.datetime.now(dt.UTC)
-    hub_dir = tmp_path / "hub"
-    ca = CertificateAuthority.load_or_create(hub_dir / "identity", now=now)  # the hub's own
-    files = write_secure_files(
-        ca, tmp_path / "broker-tls", hub_identities=hub_identities("driftless-hub"),
-        revoked=[], now=now,
-    )  # fmt: skip
-    broker = MosquittoBroker(tmp_path / "broker", tls=files)
-    broker.start()
-    fleet = DevFleet(tmp_path / "fleet")
-    hub = HubProcess(hub_dir, broker.url)
-    hub.argv += [
-        "--trust-root", str(fleet.root_path), "--signing-key", str(fleet.hub_key_path),
-        "--public-broker-url", broker.url,
-        "--broker-crl", str(files.crl), "--broker-acl", str(files.acl),
-        "--broker-pid-file", str(broker.pid_path),
-        "--cert-renew-min-interval-s", str(RENEW_MIN_INTERVAL_S),
-    ]  # fmt: skip
-    try:
-        hub.start()
-        yield Secure(broker, files, hub, fleet)
-    finally:
-        hub.close()
-        broker.kill()
+    hub_args = ["--cert-renew-min-interval-s", str(RENEW_MIN_INTERVAL_S)]
+    with secure_stack(tmp_path, hub_args=hub_args) as stack:
+        yield stack
 
 
 def driftless(*args: str) -> subprocess.CompletedProcess[str]:

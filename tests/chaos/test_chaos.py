@@ -12,6 +12,11 @@ SIGKILLed (the simulator respawns them from their on-disk journals). At the end:
 - the database is consistent (SQLite integrity check; no device reported past
   its desired generation; every device in sync).
 
+The broker is the secure one (mutual TLS, the device ACL, a CRL): the simulator
+enrolls its devices through the hub (``sim run --enroll``; the hub shares the
+broker's fleet CA) and every device connects with its own certificate, so each
+restart is a reconnect storm of TLS handshakes.
+
 The normal run uses 100 devices; ``DRIFTLESS_CHAOS_FULL=1`` runs the issue's
 full size (500 devices, 10 workers, longer). Figures are printed either way.
 """
@@ -42,6 +47,8 @@ FULL = os.environ.get("DRIFTLESS_CHAOS_FULL") == "1"
 DEVICES = 500 if FULL else 100
 WORKERS = 10 if FULL else 5
 DURATION_S = 90 if FULL else 40
+# Enrolling through the hub comes first: 1,000 devices took 11.5-15.6 s here (bench.tls).
+ENROLL_ALLOWANCE_S = DEVICES * 0.03
 CHANGE_EVERY_S = 6
 PREFIX = "chaos"
 
@@ -75,6 +82,11 @@ def read_summary(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def ever_connected(summary: dict[str, Any]) -> int:
+    """The devices that have had a session (the workers' counters, summed)."""
+    return sum(int(w["counters"].get("ever_connected", 0)) for w in summary["workers"]["each"])
+
+
 def hub_devices(hub: HubProcess) -> dict[str, dict[str, Any]]:
     devices: dict[str, dict[str, Any]] = {}
     offset = 0
@@ -104,6 +116,7 @@ def test_fleet_converges_through_broker_hub_and_worker_crashes(
         "warning",
         "sim",
         "run",
+        "--enroll",
         "--devices",
         str(DEVICES),
         "--workers",
@@ -136,10 +149,11 @@ def test_fleet_converges_through_broker_hub_and_worker_crashes(
     with sim_log.open("wb") as log:
         sim = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
-        # On a flaky profile some devices are always offline: most connected is the start.
+        # On a flaky profile some devices are always offline (a fifth of them on average,
+        # more in this seed's first seconds): most having had a session is the start.
         wait_until(
-            lambda: (s := read_summary(summary_path)) and s.get("connected", 0) >= DEVICES * 0.8,
-            timeout_s=DURATION_S * 0.25,
+            lambda: (s := read_summary(summary_path)) and ever_connected(s) >= DEVICES * 0.8,
+            timeout_s=DURATION_S * 0.25 + ENROLL_ALLOWANCE_S,
             what="most simulated devices connected",
         )
 

@@ -5,7 +5,9 @@ process) is told to run a workload whose bundle the hub holds. On a flaky,
 slow network every device still applies it, each byte is served about once
 (resumption does not ask again for what arrived), and at least one transfer
 resumed after a disconnect. A copy tampered with on the hub's disk is refused
-by every device, and none applies it.
+by every device, and none applies it. The broker is the secure one: each device
+connects over mutual TLS with its own certificate, so the ACL holds it to its own
+bundle requests and frames.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tests.integration.bundle_support import (
     upload,
 )
 from tests.integration.test_sim_bench import processes_naming
+from tests.integration.test_sim_fleet import identities
 from tests.pki import TestBroker
 from tests.support import HubProcess
 
@@ -53,7 +56,7 @@ def keys(tmp_path: Path) -> Keys:
 
 @pytest.fixture
 def hub(tmp_path: Path, broker: TestBroker, keys: Keys) -> Iterator[HubProcess]:
-    instance = hub_with_root(tmp_path / "hub", broker.url, keys)
+    instance = hub_with_root(tmp_path / "hub", broker, keys)
     try:
         yield instance
     finally:
@@ -130,6 +133,7 @@ async def test_a_flaky_fleet_fetches_a_bundle_resuming_and_each_byte_is_served_a
         reconnect_max_s=0.5,
         root_path=keys.root_path,
         fetch=FetchConfig(chunk_bytes=CHUNK_BYTES, window_chunks=WINDOW),
+        identity_dir=identities(broker, tmp_path / "identities", ids),
     )
     served_before = bundle_stats(hub)["bytes_served"]
     async with Fleet(config) as fleet:
@@ -162,7 +166,13 @@ async def test_a_bundle_tampered_with_on_the_hubs_disk_is_refused_by_every_devic
     tamper(hub_file(hub, sha))
     ids = device_ids(DEVICES, prefix="tamper")
     register(hub, ids)
-    config = FleetConfig(broker_url=broker.url, device_ids=ids, seed=1, root_path=keys.root_path)
+    config = FleetConfig(
+        broker_url=broker.url,
+        device_ids=ids,
+        seed=1,
+        root_path=keys.root_path,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
+    )
     async with Fleet(config) as fleet:
         await fleet.wait_connected(timeout_s=DEADLINE_S)
         generation = push_workload(hub, sha)

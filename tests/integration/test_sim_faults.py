@@ -6,14 +6,15 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from protocols import Birth, Channel, Status, decode
+from protocols import Birth, Channel, Status, decode, topic
 from simulator.fleet import Fleet, FleetConfig, device_ids
 from simulator.link import DeviceLink, LinkError, LinkSettings
 from simulator.profiles import FlakySpec, Profile, SlowSpec, StormSpec
-from tests.integration.test_sim_fleet import Peer, applied, peer_on
+from tests.integration.test_sim_fleet import Peer, applied, identities, peer_on
 from tests.pki import TestBroker
 
 pytestmark = pytest.mark.integration
@@ -21,6 +22,19 @@ pytestmark = pytest.mark.integration
 DEADLINE_S = 15.0
 SLACK_S = 0.5  # scheduling on a busy 2-core machine
 STORM_AT_S = 2.0  # 20 devices connect well before this
+
+
+def device_link(broker: TestBroker, device_id: str, settings: LinkSettings) -> DeviceLink:
+    """A bare link as ``device_id`` over mutual TLS (its own certificate, so the device ACL:
+    it writes its status, its Will, and reported, and reads desired)."""
+    assert broker.pki is not None, "the secure broker"
+    return DeviceLink(
+        device_id,
+        settings,
+        will_topic=topic(device_id, Channel.STATUS),
+        will_payload=b"gone",
+        tls_context=broker.pki.client_context(device_id),
+    )
 
 
 async def watch(peer: Peer, stamps: list[tuple[float, str, bytes]]) -> None:
@@ -41,25 +55,20 @@ async def test_a_slow_link_delays_each_direction_by_latency_plus_bytes_over_band
     broker: TestBroker,
 ) -> None:
     spec = SlowSpec(latency_s=0.3, bandwidth_bytes_per_s=1000)
-    settings = LinkSettings(host=broker.host, port=broker.port, slow=spec)
-    link = DeviceLink("slow-1", settings, will_topic="t/slow-1/will", will_payload=b"gone")
-    async with peer_on(broker) as peer:
-        await peer.client.subscribe("t/#", qos=1)
-
+    settings = LinkSettings.from_url(broker.url, slow=spec)
+    link = device_link(broker, "slow-1", settings)
+    out, into = topic("slow-1", Channel.REPORTED), topic("slow-1", Channel.DESIRED)
+    async with peer_on(broker) as peer:  # it sees the whole device tree
         t = time.monotonic()
         await link.open()  # CONNECT up (64 B) + CONNACK down: two one-way latencies at least
         assert 0.6 + 0.064 <= time.monotonic() - t <= 0.6 + 0.1 + SLACK_S
         try:
-            assert await link.subscribe("t/slow-1/in", qos=1)
+            assert await link.subscribe(into, qos=1)
 
-            # Device -> broker: a 500-byte payload (~515 on the wire) takes 0.515 s + 0.3 s.
+            # Device -> broker: a 500-byte payload (~545 on the wire) takes 0.545 s + 0.3 s.
             t = time.monotonic()
-            publishing = asyncio.create_task(
-                link.publish("t/slow-1/out", b"x" * 500, qos=1, retain=False)
-            )
-            await peer.wait_for(
-                lambda seen: any(s.topic == "t/slow-1/out" for s in seen), "the slow publish"
-            )
+            publishing = asyncio.create_task(link.publish(out, b"x" * 500, qos=1, retain=False))
+            await peer.wait_for(lambda seen: any(s.topic == out for s in seen), "the slow publish")
             arrived = time.monotonic() - t
             assert 0.8 <= arrived <= 0.8 + SLACK_S
             await publishing  # ... and its PUBACK comes back over the slow link too
@@ -68,7 +77,7 @@ async def test_a_slow_link_delays_each_direction_by_latency_plus_bytes_over_band
             # Broker -> device: two 500-byte messages at once queue behind each other.
             t = time.monotonic()
             for n in (1, 2):
-                await peer.client.publish("t/slow-1/in", bytes([n]) * 500, qos=1)
+                await peer.client.publish(into, bytes([n]) * 500, qos=1)
             first = await asyncio.wait_for(link.receive(), DEADLINE_S)
             first_s = time.monotonic() - t
             second = await asyncio.wait_for(link.receive(), DEADLINE_S)
@@ -80,10 +89,15 @@ async def test_a_slow_link_delays_each_direction_by_latency_plus_bytes_over_band
             await link.close()
 
 
-async def test_a_slow_fleet_still_converges(broker: TestBroker) -> None:
+async def test_a_slow_fleet_still_converges(tmp_path: Path, broker: TestBroker) -> None:
     ids = device_ids(5, prefix="slowf")
     profile = Profile(name="slowish", slow=SlowSpec(latency_s=0.1, bandwidth_bytes_per_s=5000))
-    config = FleetConfig.from_profile(profile, broker_url=broker.url, device_ids=ids)
+    config = FleetConfig.from_profile(
+        profile,
+        broker_url=broker.url,
+        device_ids=ids,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
+    )
     async with peer_on(broker) as peer, Fleet(config) as fleet:
         await fleet.wait_connected(timeout_s=DEADLINE_S)
         t = time.monotonic()
@@ -98,13 +112,18 @@ async def test_a_slow_fleet_still_converges(broker: TestBroker) -> None:
 
 
 async def test_a_storm_drops_every_device_at_once_and_they_return_within_the_window(
-    broker: TestBroker,
+    tmp_path: Path, broker: TestBroker
 ) -> None:
     ids = device_ids(20, prefix="storm")
     storm = StormSpec(at_s=(STORM_AT_S,), every_s=0, offline_s=1.0, reconnect_window_s=1.0)
     profile = Profile(name="one-storm", storm=storm)
     config = FleetConfig.from_profile(
-        profile, broker_url=broker.url, device_ids=ids, seed=5, reconnect_min_s=0.05
+        profile,
+        broker_url=broker.url,
+        device_ids=ids,
+        seed=5,
+        reconnect_min_s=0.05,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
     )
     stamps: list[tuple[float, str, bytes]] = []
     async with peer_on(broker) as peer:
@@ -151,7 +170,7 @@ async def test_a_storm_drops_every_device_at_once_and_they_return_within_the_win
 
 
 async def test_flaky_devices_drop_on_their_own_and_all_converge_once_healed(
-    broker: TestBroker,
+    tmp_path: Path, broker: TestBroker
 ) -> None:
     ids = device_ids(12, prefix="flaky")
     profile = Profile(
@@ -159,7 +178,12 @@ async def test_flaky_devices_drop_on_their_own_and_all_converge_once_healed(
         flaky=FlakySpec(mean_online_s=0.6, mean_offline_s=0.3, max_offline_s=1.0),
     )
     config = FleetConfig.from_profile(
-        profile, broker_url=broker.url, device_ids=ids, seed=9, reconnect_min_s=0.05
+        profile,
+        broker_url=broker.url,
+        device_ids=ids,
+        seed=9,
+        reconnect_min_s=0.05,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
     )
     async with peer_on(broker) as peer, Fleet(config) as fleet:
         await fleet.wait_until(
@@ -190,13 +214,14 @@ async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_link_is_cut(
     broker: TestBroker,
 ) -> None:
     """aiomqtt alone waits for its timeout (10 s here); the device must hear at once."""
-    settings = LinkSettings(host=broker.host, port=broker.port, op_timeout_s=10.0)
-    link = DeviceLink("cut-1", settings, will_topic="t/cut-1/will", will_payload=b"gone")
+    settings = LinkSettings.from_url(broker.url, op_timeout_s=10.0)
+    link = device_link(broker, "cut-1", settings)
+    out = topic("cut-1", Channel.REPORTED)
     await link.open()
     assert broker.pid is not None
     os.kill(broker.pid, signal.SIGSTOP)  # no PUBACK can come
     try:
-        publishing = asyncio.create_task(link.publish("t/cut-1/out", b"x", qos=1, retain=False))
+        publishing = asyncio.create_task(link.publish(out, b"x", qos=1, retain=False))
         await asyncio.sleep(0.2)
         assert not publishing.done()
         t = time.monotonic()
@@ -205,7 +230,7 @@ async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_link_is_cut(
             await asyncio.wait_for(publishing, DEADLINE_S)
         assert time.monotonic() - t < 1.0
         with pytest.raises(LinkError):  # and nothing more is attempted on it
-            await link.publish("t/cut-1/out", b"y", qos=1, retain=False)
+            await link.publish(out, b"y", qos=1, retain=False)
     finally:
         os.kill(broker.pid, signal.SIGCONT)
         await link.close()

@@ -1,4 +1,9 @@
-"""Virtual devices (the real agent core) against a real Mosquitto, a raw peer playing the hub."""
+"""Virtual devices (the real agent core) against a real Mosquitto, a raw peer playing the hub.
+
+The broker is the secure one: every device connects over mutual TLS with its own
+certificate (the identity directory ``sim run --enroll`` leaves), so the ACL holds
+it to its own topics; the peer is an ACL-listed identity with the hub's rights.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -84,8 +90,14 @@ class Peer:
 
 @contextlib.asynccontextmanager
 async def peer_on(broker: TestBroker, name: str = "test-peer") -> AsyncIterator[Peer]:
+    """A peer playing ``name`` (``TestBroker.peer_tls``: the same name, the same client id)."""
+    client_id, context = broker.peer_tls(name)
     async with aiomqtt.Client(
-        broker.host, broker.port, identifier=name, protocol=aiomqtt.ProtocolVersion.V5
+        broker.host,
+        broker.port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=context,
     ) as client:
         peer = Peer(client)
         await client.subscribe("driftless/v1/devices/#", qos=1)
@@ -96,6 +108,13 @@ async def peer_on(broker: TestBroker, name: str = "test-peer") -> AsyncIterator[
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def identities(broker: TestBroker, directory: Path, ids: tuple[str, ...]) -> Path:
+    """The identity directory ``sim run --enroll`` would leave for ``ids``: a certificate
+    of its own per device from the broker's fleet CA (``FleetConfig.identity_dir``)."""
+    assert broker.pki is not None, "the secure broker"
+    return broker.pki.sim_identities(directory, list(ids))
 
 
 def applied(gen: int, ids: tuple[str, ...]) -> Callable[[list[Seen]], bool]:
@@ -112,11 +131,16 @@ def applied(gen: int, ids: tuple[str, ...]) -> Callable[[list[Seen]], bool]:
 
 
 async def test_twenty_devices_announce_themselves_and_apply_retained_desired(
-    broker: TestBroker,
+    tmp_path: Path, broker: TestBroker
 ) -> None:
     ids = device_ids(20, prefix="it")
     early, late = ids[:10], ids[10:]
-    config = FleetConfig(broker_url=broker.url, device_ids=ids, apply_time_s=0.01)
+    config = FleetConfig(
+        broker_url=broker.url,
+        device_ids=ids,
+        apply_time_s=0.01,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
+    )
     async with peer_on(broker) as peer:
         for device in early:  # waiting in the broker before the devices ever connect
             await peer.desired(device, 1)
@@ -151,7 +175,7 @@ async def test_twenty_devices_announce_themselves_and_apply_retained_desired(
 
 
 async def test_will_fires_on_a_dropped_link_and_the_session_survives_it(
-    broker: TestBroker,
+    tmp_path: Path, broker: TestBroker
 ) -> None:
     """A severed device's Will says offline for that session; the broker keeps the
     persistent session (clean_start=False + expiry), so documents published while
@@ -159,7 +183,11 @@ async def test_will_fires_on_a_dropped_link_and_the_session_survives_it(
     ids = device_ids(3, prefix="will")
     target = ids[1]
     config = FleetConfig(
-        broker_url=broker.url, device_ids=ids, reconnect_min_s=2.0, reconnect_max_s=2.0
+        broker_url=broker.url,
+        device_ids=ids,
+        reconnect_min_s=2.0,
+        reconnect_max_s=2.0,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
     )
     async with peer_on(broker) as peer, Fleet(config) as fleet:
         await fleet.wait_connected(timeout_s=DEADLINE_S)
@@ -193,9 +221,16 @@ async def test_will_fires_on_a_dropped_link_and_the_session_survives_it(
         assert fleet.counters.connections_lost == 1 and fleet.counters.connects == 4
 
 
-async def test_failed_applies_are_reported_with_the_error(broker: TestBroker) -> None:
+async def test_failed_applies_are_reported_with_the_error(
+    tmp_path: Path, broker: TestBroker
+) -> None:
     ids = device_ids(5, prefix="fail")
-    config = FleetConfig(broker_url=broker.url, device_ids=ids, failure_rate=1.0)
+    config = FleetConfig(
+        broker_url=broker.url,
+        device_ids=ids,
+        failure_rate=1.0,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
+    )
     async with peer_on(broker) as peer, Fleet(config) as fleet:
         await fleet.wait_connected(timeout_s=DEADLINE_S)
         for device in ids:
@@ -211,9 +246,14 @@ async def test_failed_applies_are_reported_with_the_error(broker: TestBroker) ->
         assert fleet.counters.failed == {1: 5} and fleet.counters.applied == {}
 
 
-async def test_orderly_stop_leaves_every_status_offline(broker: TestBroker) -> None:
+async def test_orderly_stop_leaves_every_status_offline(tmp_path: Path, broker: TestBroker) -> None:
     ids = device_ids(10, prefix="stop")
-    async with Fleet(FleetConfig(broker_url=broker.url, device_ids=ids)) as fleet:
+    config = FleetConfig(
+        broker_url=broker.url,
+        device_ids=ids,
+        identity_dir=identities(broker, tmp_path / "identities", ids),
+    )
+    async with Fleet(config) as fleet:
         await fleet.wait_connected(timeout_s=DEADLINE_S)
         sessions = {d: dev.core.state.session for d, dev in fleet.devices.items()}
     assert fleet.counters.connected == 0 and fleet.counters.connections_lost == 0

@@ -1,4 +1,9 @@
-"""``driftless sim run`` end to end: real Mosquitto, real hub, worker processes, signals, kills."""
+"""``driftless sim run`` end to end: real Mosquitto, real hub, worker processes, signals, kills.
+
+The broker is the secure one (mutual TLS, the device ACL): every run is ``--enroll``,
+so the simulator provisions its devices through the hub's enrollment API (the hub
+shares the broker's fleet CA) and each device connects with its own certificate.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def sim_run(
 ) -> tuple[subprocess.Popen[bytes], Path]:
     summary = tmp_path / "summary.json"
     argv = [
-        *(sys.executable, "-m", "driftless.cli", "--log-level", "info", "sim", "run"),
+        *(sys.executable, "-m", "driftless.cli", "--log-level", "info", "sim", "run", "--enroll"),
         *("--broker", broker.url, "--hub", hub.base_url, "--json", str(summary)),
         *("--state-dir", str(tmp_path / "state"), *args),
     ]
@@ -123,6 +128,7 @@ def test_fifty_flaky_devices_in_two_workers_converge_and_exit_cleanly(
     summary = read(path)
     assert summary is not None and summary["state"] == "finished"
     assert_nothing_left(proc, summary)
+    assert summary["tls"] is True and summary["enrollment"]["enrolled"] == 50
 
     # Registered through the batch API, two changes pushed, every device settled on the newest.
     assert summary["registration"]["created"] == 50

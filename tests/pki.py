@@ -17,8 +17,8 @@ client id, the per-device ACL and a CRL, made from a fleet CA of its own
   by role ("d1-old"); the same name always gets the same certificate, hence
   the same client id, so persistent sessions resume as they would.
 
-``plain=True`` (the ``plain_broker`` fixture) is the plain loopback listener,
-for the tests that are about it.
+The plain listener (``driftless broker run --plain``, ``demo --plain``) is
+tested through the commands that offer it.
 """
 
 from __future__ import annotations
@@ -119,21 +119,16 @@ class FleetPki:
 
 
 class TestBroker(MosquittoBroker):
-    """A real Mosquitto for one test: mutual TLS from its own fleet CA unless ``plain``."""
+    """A real Mosquitto for one test, with mutual TLS from its own fleet CA."""
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path, *, plain: bool = False) -> None:
-        self.pki = None if plain else FleetPki(directory / "pki")
-        super().__init__(directory / "broker", tls=None if plain else self.pki.files)
+    def __init__(self, directory: Path) -> None:
+        self.pki = FleetPki(directory / "pki")
+        super().__init__(directory / "broker", tls=self.pki.files)
 
-    def peer_tls(self, role: str | None = None) -> tuple[str, ssl.SSLContext | None]:
-        """``(client id, TLS context)`` for a raw test peer playing ``role``.
-
-        On the plain listener: the role itself (or a fresh name) and no TLS.
-        """
-        if self.pki is None:
-            return role or f"test-{os.urandom(4).hex()}", None
+    def peer_tls(self, role: str | None = None) -> tuple[str, ssl.SSLContext]:
+        """``(client id, TLS context)`` for a raw test peer playing ``role``."""
         name = self.pki.peer_name(role)
         return name, self.pki.client_context(name)
 
@@ -144,8 +139,6 @@ class TestBroker(MosquittoBroker):
         keeping the test peers in the ACL, and hands devices this broker's URL at
         enrollment.
         """
-        if self.pki is None:
-            return []
         args = ["--identity-dir", str(self.pki.identity_dir)]
         if manage:
             files = self.pki.files

@@ -41,7 +41,6 @@ def secure_stack(
     ``hub_args`` are appended to ``driftless hub serve``'s arguments.
     """
     broker = TestBroker(tmp_path)
-    assert broker.pki is not None
     fleet = DevFleet(tmp_path / "fleet") if signed else None
     hub = HubProcess(tmp_path / "hub", broker, manage_broker=True)
     if fleet is not None:

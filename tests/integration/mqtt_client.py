@@ -16,7 +16,7 @@ from tests.pki import TestBroker
 class RawPeer:
     """Publishes anything (including garbage) and records every message it receives.
 
-    On the secure broker it is the test peer playing ``role`` (``TestBroker.peer_tls``):
+    It is the test peer playing ``role`` on the secure broker (``TestBroker.peer_tls``):
     the same role gets the same certificate and client id again.
     """
 
@@ -27,8 +27,7 @@ class RawPeer:
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
-        if context is not None:
-            self.client.tls_set_context(context)
+        self.client.tls_set_context(context)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", broker.port, keepalive=30)
         self.client.loop_start()

@@ -168,7 +168,6 @@ def test_publishes_from_other_threads_are_written_by_the_loop_thread_over_tls(
 
     from edge_agent.transport import MqttTransport, TConnected, TDisconnected, TransportEvent
 
-    assert broker.pki is not None
     events: list[TransportEvent] = []
     device = "dev-threads"
     transport = MqttTransport(

@@ -162,8 +162,7 @@ def test_late_will_from_older_session_does_not_mark_device_offline(
     status_topic = topic("ghost", Channel.STATUS)
     old_id, old_tls = broker.peer_tls("ghost-old")
     old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=old_id, protocol=mqtt.MQTTv5)
-    if old_tls is not None:
-        old.tls_set_context(old_tls)
+    old.tls_set_context(old_tls)
     old.will_set(
         status_topic,
         encode(Status(device_id="ghost", online=False, session=1, ts=1)),

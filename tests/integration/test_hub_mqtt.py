@@ -49,8 +49,7 @@ class Peer:
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
-        if context is not None:
-            self.client.tls_set_context(context)
+        self.client.tls_set_context(context)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_message = self._on_message

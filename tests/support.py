@@ -6,7 +6,10 @@ what it was waiting for when the deadline passes.
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +45,37 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}")
         time.sleep(interval_s)
+
+
+def run_bench(
+    module: str, argv: Sequence[str], *, timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """``python -m simulator.bench.<module> argv``; past ``timeout_s`` it is interrupted.
+
+    SIGINT, not SIGKILL: a benchmark stops its broker, hub and agents on the way out
+    (they run in sessions of their own, so killing the benchmark alone leaves them
+    running). Raises AssertionError at the deadline, with what it printed.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"simulator.bench.{module}", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(
+            f"simulator.bench.{module} still running after {timeout_s}s; interrupted "
+            f"(exit {proc.returncode})\n{out[-3000:]}\n{err[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def port_open(port: int) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_sim_bench import processes_naming
+from tests.support import run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +25,7 @@ def test_api_latency_bench_measures_every_phase_and_cleans_up(
         *("--steady-rate", "200", "--saturating-messages", "6000"),
         *("--deadline-s", "30", "--json", str(out), "--workdir", str(workdir)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.api_latency", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("api_latency", argv, timeout_s=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "saturated" in done.stdout
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -20,13 +20,7 @@ def test_bundle_bench_runs_end_to_end(tmp_path: Path) -> None:
         *("--verify-mib", "2", "--transfer-mib", "2", "--transfer-chunk-kib", "64"),
         *("--repeats", "1", "--json", str(out), "--workdir", str(workdir)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.bundles", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("bundles", argv, timeout_s=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "peak RSS growth" in done.stdout and "ratio" in done.stdout
     result = json.loads(out.read_text())

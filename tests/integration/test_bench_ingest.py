@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_sim_bench import processes_naming
+from tests.support import run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +21,7 @@ def test_ingest_bench_runs_every_kind_and_cleans_up(tmp_path: Path, mode: str) -
         *("--devices", "20", "--messages", "300", "--repeats", "1", "--mode", mode),
         *("--deadline-s", "30", "--json", str(out), "--workdir", str(workdir)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.ingest", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("ingest", argv, timeout_s=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "ratio hub / bare (medians)" in done.stdout
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_sim_bench import processes_naming
+from tests.support import run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +21,7 @@ def test_storm_bench_runs_a_storm_and_cleans_up(tmp_path: Path) -> None:
         *("--first-storm-s", "6", "--offline-s", "2.5"),
         *("--deadline-s", "30", "--json", str(out), "--workdir", str(workdir)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.storm", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("storm", argv, timeout_s=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "ratio storm/baseline (median)" in done.stdout
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -19,13 +19,7 @@ def test_converge_bench_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
         *("--devices", "20", "--repeats", "1", "--deadline-s", "20"),
         *("--json", str(out), "--workdir", str(workdir)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.converge", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_bench("converge", argv, timeout_s=60)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "ratio ours/baseline (median)" in done.stdout
 
@@ -69,14 +63,25 @@ def test_converge_bench_that_misses_a_deadline_fails_and_leaves_nothing_running(
         *("--devices", "5", "--repeats", "1", "--deadline-s", "3", "--apply-time-s", "5"),
         *("--json", str(tmp_path / "never.json"), "--workdir", str(workdir)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.converge", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_bench("converge", argv, timeout_s=60)
     assert done.returncode == 1, f"{done.stdout}\n{done.stderr}"
     assert "timed out" in done.stderr
     assert not (tmp_path / "never.json").exists()
     assert processes_naming(str(workdir)) == []
+
+
+def test_a_bench_past_its_test_deadline_is_interrupted_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """Applies take 30 s; the test gives the run 8 s. Killing the bench alone would leave
+    its broker and hub running (they have sessions of their own): it is interrupted."""
+    workdir = tmp_path / "work"
+    argv = [
+        *("--devices", "5", "--repeats", "1", "--deadline-s", "60", "--apply-time-s", "30"),
+        *("--json", str(tmp_path / "never.json"), "--workdir", str(workdir)),
+    ]
+    with pytest.raises(AssertionError, match="still running after 8s; interrupted"):
+        run_bench("converge", argv, timeout_s=8)
+    assert (workdir / "hub.log").exists(), "interrupted before the hub started"
+    assert processes_naming(str(workdir)) == []
+    assert not (tmp_path / "never.json").exists()

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from tests.integration.bundle_support import (
 from tests.integration.test_sim_bench import processes_naming
 from tests.integration.test_sim_fleet import identities
 from tests.pki import TestBroker
-from tests.support import HubProcess
+from tests.support import HubProcess, run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -208,13 +206,7 @@ def test_the_bundle_fleet_bench_runs_both_phases_and_cleans_up(tmp_path: Path) -
         *("--payload-kib", "192", "--fetch-chunk-kib", "16", "--flaky-profile", str(profile)),
         *("--deadline-s", "30", "--json", str(out), "--workdir", str(work)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.bundle_fleet", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("bundle_fleet", argv, timeout_s=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "ratio flaky/stable time" in done.stdout
     result = json.loads(out.read_text())

@@ -23,7 +23,7 @@ from simulator.fleet import device_ids
 from tests.integration.test_sim_bench import processes_naming
 from tests.integration.test_sim_run import assert_nothing_left, finish, read
 from tests.secure_stack import SecureStack, secure_stack
-from tests.support import wait_until
+from tests.support import run_bench, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,13 +133,7 @@ def test_the_tls_bench_runs_both_modes_end_to_end_and_leaves_nothing_behind(
 ) -> None:
     out, work = tmp_path / "tls-8.json", tmp_path / "work"
     argv = ["--devices", "8", "--deadline-s", "60", "--json", str(out), "--workdir", str(work)]
-    done = subprocess.run(
-        [sys.executable, "-m", "simulator.bench.tls", *argv],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = run_bench("tls", argv, timeout_s=180)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "all connected after s" in done.stdout
     modes = json.loads(out.read_text())["modes"]

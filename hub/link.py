@@ -33,8 +33,10 @@ Rules:
   and logged; an unexpected error in a batch is logged with its traceback and the
   batch is retried one message at a time so one poisoned message cannot block others.
 - With ``desired_poll_s`` set, the link also follows the database's change feed
-  (``device.desired_seq``, one value per committing transaction) so changes made
-  through API-only hub processes (``hub serve --no-link``) are published too;
+  (``device.desired_seq``, one value per committing transaction, and deletions
+  in ``device_deletion``) so changes made through API-only hub processes
+  (``hub serve --no-link``) are published, and deleted devices' retained
+  documents cleared, too;
   a change is skipped only if the publisher already read that generation (or a
   newer one) from the database, so nothing is lost to the race and a change
   heard in-process is not published twice.
@@ -100,6 +102,8 @@ def _enable_manual_ack(client: aiomqtt.Client) -> Callable[[int, int], Any]:
 _KNOWN_CHANNELS = frozenset(c.value for c in Channel)
 _CERT_REQ_SUFFIX = "/" + Channel.CERT_REQ.value
 _TOPIC_PREFIX = TOPIC_ROOT + "/"
+# A deletion in the change feed outranks any generation read: the retained copy goes.
+_DELETED = 2**62
 
 
 def _channel_label(topic_name: str) -> str:
@@ -472,7 +476,10 @@ class BrokerLink:
             await asyncio.sleep(self._settings.desired_poll_s)
             changes, mark = await asyncio.to_thread(self._feed_since, mark)
             fresh = []
-            for device_id, generation in changes:
+            for device_id, changed in changes:
+                generation = _DELETED if changed is None else changed
+                if changed is None:  # a device registered again starts from generation 1
+                    self._read_generation.pop(device_id, None)
                 if device_id in self._pending:
                     continue  # the publisher will read the newest row anyway
                 if device_id in self._reading:  # decided when that read is done
@@ -487,7 +494,7 @@ class BrokerLink:
         with new_session(self._engine) as session:
             return store.desired_seq_now(session)
 
-    def _feed_since(self, mark: int) -> tuple[list[tuple[str, int]], int]:
+    def _feed_since(self, mark: int) -> tuple[list[tuple[str, int | None]], int]:
         with new_session(self._engine) as session:
             return store.desired_changes_since(
                 session, seq=mark, limit=self._settings.publish_batch_max * 20
@@ -570,6 +577,7 @@ class BrokerLink:
         out: dict[str, _Outgoing | None] = {}
         for device_id, document in documents.items():
             if document is None:
+                self._read_generation.pop(device_id, None)
                 out[device_id] = None
                 continue
             if self._settings.desired_poll_s > 0:

@@ -96,6 +96,21 @@ class Device(SQLModel, table=True):
     inventory: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
+class DeviceDeletion(SQLModel, table=True):
+    """A deleted device in the change feed: the link clears its retained desired document.
+
+    Its ``seq`` is the feed's next value, as a desired change's is. Kept (a row per
+    deletion, an operator's action): the newest feed value must survive the device
+    row, or the next change would take the same value and a poller past it skip it.
+    """
+
+    __tablename__ = "device_deletion"
+
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    device_id: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    deleted_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+
 class DeviceCreate(SQLModel):
     """Body of ``POST /devices``."""
 

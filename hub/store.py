@@ -44,7 +44,7 @@ from hub.bundles.models import Bundle
 from hub.db import begin_write
 from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound, UnknownBundles
 from hub.ingest import DeviceMessage, Reject, Tracking, decide
-from hub.models import Device
+from hub.models import Device, DeviceDeletion
 
 _TRACKING_FIELDS = tuple(f.name for f in dataclasses.fields(Tracking))
 _WRITTEN = tuple(name for name in _TRACKING_FIELDS if name != "desired_generation")
@@ -160,13 +160,15 @@ def device_row(session: Session, *, device_id: str) -> RowMapping:
     return row
 
 
-def delete_device(session: Session, *, device_id: str) -> None:
-    """Raises DeviceNotFound."""
+def delete_device(session: Session, *, device_id: str, now: datetime) -> None:
+    """Delete the row and record the deletion in the change feed. Raises DeviceNotFound."""
     begin_write(session)
     row = session.get(Device, device_id)
     if row is None:
         raise DeviceNotFound(device_id)
+    seq = _next_desired_seq(session)  # before the row goes: it may hold the newest value
     session.delete(row)
+    session.add(DeviceDeletion(seq=seq, device_id=device_id, deleted_at=now))
     session.commit()
 
 
@@ -185,29 +187,46 @@ def _check_config(config: Mapping[str, Any], max_config_bytes: int) -> dict[str,
     return dict(config)
 
 
+def _feed_now(session: Session) -> int:
+    devices = session.exec(select(func.max(Device.desired_seq))).one()
+    deletions = session.exec(select(func.max(DeviceDeletion.seq))).one()
+    return max(int(devices or 0), int(deletions or 0))
+
+
 def _next_desired_seq(session: Session) -> int:
     """The next value of the change feed; call inside the write transaction."""
-    current = session.exec(select(func.max(Device.desired_seq))).one()
-    return int(current or 0) + 1
+    return _feed_now(session) + 1
 
 
 def desired_changes_since(
     session: Session, *, seq: int, limit: int
-) -> tuple[list[tuple[str, int]], int]:
-    """``(device id, generation)`` changed after ``seq`` (oldest first), and the new mark."""
-    rows = session.exec(
+) -> tuple[list[tuple[str, int | None]], int]:
+    """``(device id, generation)`` changed after ``seq`` (oldest first), and the new mark.
+
+    A deleted device comes as ``(device id, None)``.
+    """
+    changed = session.exec(
         select(Device.id, Device.desired_generation, Device.desired_seq)
         .where(col(Device.desired_seq) > seq)
         .order_by(col(Device.desired_seq))
         .limit(limit)
     ).all()
-    mark = max((row[2] for row in rows), default=seq)
-    return [(row[0], row[1]) for row in rows], mark
+    deleted = session.exec(
+        select(DeviceDeletion.device_id, DeviceDeletion.seq)
+        .where(col(DeviceDeletion.seq) > seq)
+        .order_by(col(DeviceDeletion.seq))
+        .limit(limit)
+    ).all()
+    rows: list[tuple[int, str, int | None]] = [(r[2], r[0], r[1]) for r in changed]
+    rows += [(r[1], r[0], None) for r in deleted]
+    rows = sorted(rows)[:limit]
+    mark = max((row[0] for row in rows), default=seq)
+    return [(row[1], row[2]) for row in rows], mark
 
 
 def desired_seq_now(session: Session) -> int:
     """The change feed's current mark (where a newly started poller begins)."""
-    return int(session.exec(select(func.max(Device.desired_seq))).one() or 0)
+    return _feed_now(session)
 
 
 def _bump(row: Device, config: dict[str, Any], now: datetime, seq: int) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.store import StateStore
+from protocols import Channel, topic
+from tests.integration.mqtt_client import RawPeer
 from tests.pki import TestBroker
 from tests.support import AgentProcess, HubProcess, wait_until
 
@@ -75,3 +77,27 @@ def test_the_link_process_alone_publishes_a_change_once(
     link.api.put("/devices/pump-2/desired", json={"config": {"v": 2}}).raise_for_status()
     wait_until(lambda: link.stats()["desired_published"] >= 2, what="second published")
     assert link.stats()["desired_published"] == 2
+
+
+def test_a_device_deleted_through_an_api_only_process_loses_its_retained_document(
+    broker: TestBroker, hubs: tuple[HubProcess, HubProcess]
+) -> None:
+    """The deletion is in the change feed: the link clears the broker's retained copy, and
+    a change made after it (its feed value is new, not the deleted row's) still goes out."""
+    link, api = hubs
+    for device in ("pump-3", "pump-4"):
+        api.api.post("/devices", json={"id": device}).raise_for_status()
+    api.api.put("/devices/pump-3/desired", json={"config": {"v": 1}}).raise_for_status()
+    api.api.put("/devices/pump-4/desired", json={"config": {"v": 1}}).raise_for_status()
+    wait_until(lambda: link.stats()["desired_published"] >= 2, what="both published")
+    assert api.api.delete("/devices/pump-4").status_code == 204  # it held the newest change
+    wait_until(lambda: link.stats()["desired_cleared"] >= 1, what="retained copy cleared")
+    api.api.put("/devices/pump-3/desired", json={"config": {"v": 2}}).raise_for_status()
+    peer = RawPeer(broker)  # a fresh subscriber sees what the broker retains now
+    try:
+        peer.subscribe(topic("pump-3", Channel.DESIRED))
+        peer.subscribe(topic("pump-4", Channel.DESIRED))
+        peer.wait_for(lambda m: m[0] == topic("pump-3", Channel.DESIRED) and b'"v":2' in m[1])
+        assert not [m for m in peer.messages if m[0] == topic("pump-4", Channel.DESIRED)]
+    finally:
+        peer.close()

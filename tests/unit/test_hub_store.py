@@ -56,7 +56,7 @@ def test_domain_errors(engine: Engine) -> None:
     with new_session(engine) as s, pytest.raises(ConfigTooLarge):
         store.set_desired(s, device_id="a", config={"x": "y" * 10}, now=NOW, max_config_bytes=10)
     with new_session(engine) as s, pytest.raises(DeviceNotFound):
-        store.delete_device(s, device_id="b")
+        store.delete_device(s, device_id="b", now=NOW)
 
 
 def test_timestamps_come_back_aware_utc(engine: Engine) -> None:
@@ -142,7 +142,7 @@ def test_out_of_sync_and_documents_for_deleted_devices(engine: Engine) -> None:
     with new_session(engine) as s:
         assert store.out_of_sync_ids(s) == ["a", "c"]
     with new_session(engine) as s:
-        store.delete_device(s, device_id="c")
+        store.delete_device(s, device_id="c", now=NOW)
     with new_session(engine) as s:
         docs = store.desired_documents(s, device_ids=["a", "b", "c"])
     assert docs["a"] is not None and docs["a"].config == {"v": 1}
@@ -184,3 +184,23 @@ def test_the_change_feed_gives_each_transaction_one_mark_and_only_what_is_newer(
         # Registering or reporting is not a desired change.
         store.register_devices(s, devices=[("d", {})], now=now)
         assert store.desired_changes_since(s, seq=fleet_mark, limit=100)[0] == []
+
+
+def test_a_deletion_is_in_the_change_feed_and_its_mark_is_never_reused(engine: Engine) -> None:
+    """A link following the feed must hear of a deletion (to clear the retained document),
+    and deleting the device with the newest mark must not hand that mark out again: a
+    poller already past it would skip the next change for good."""
+    register(engine, "a", "b")
+    set_desired(engine, "a", v=1)
+    set_desired(engine, "b", v=1)
+    with new_session(engine) as s:
+        mark = store.desired_seq_now(s)
+        store.delete_device(s, device_id="b", now=NOW)  # b held the newest mark
+    with new_session(engine) as s:
+        changes, mark = store.desired_changes_since(s, seq=mark, limit=100)
+        assert changes == [("b", None)]
+    set_desired(engine, "a", v=2)
+    with new_session(engine) as s:
+        changes, newest = store.desired_changes_since(s, seq=mark, limit=100)
+        assert changes == [("a", 2)] and newest == mark + 1
+        assert store.desired_seq_now(s) == newest

@@ -129,7 +129,7 @@ def delete_device(
 ) -> Response:
     """Decommission: the row goes, and so does the device's way in (its certificates)."""
     try:
-        store.delete_device(session, device_id=device_id)
+        store.delete_device(session, device_id=device_id, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     revoke_device(session, request.app.state.ca, settings, device_id=device_id, now=now)

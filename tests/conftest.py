@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,3 +21,15 @@ def broker(tmp_path: Path) -> Iterator[TestBroker]:
         yield instance
     finally:
         instance.kill()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A command run in-process (``driftless.cli.main``) points the root logger at the
+    stderr pytest captured for that test; a later test's background thread logging
+    through it would write to a closed file ("--- Logging error ---")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

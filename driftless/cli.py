@@ -34,18 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(_env("DRIFTLESS_PORT", "8080")))
     serve.add_argument("--client-id", default=_env("DRIFTLESS_HUB_CLIENT_ID", "driftless-hub"))
     serve.add_argument(
-        "--bundles-dir",
-        type=Path,
-        default=_env("DRIFTLESS_BUNDLES_DIR", "") or None,
-        help="bundle files (default: 'bundles' beside the SQLite file)",
-    )
-    serve.add_argument(
-        "--trust-root",
-        type=Path,
-        default=_env("DRIFTLESS_TRUST_ROOT", "") or None,
-        help="the fleet's root.json; without it bundle uploads are refused (503)",
-    )
-    serve.add_argument(
         "--signing-key",
         type=Path,
         action="append",
@@ -54,17 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
         "document; repeat for a threshold above 1 (passphrase: DRIFTLESS_HUB_KEY_PASSPHRASE)",
     )
     serve.add_argument(
-        "--identity-dir",
-        type=Path,
-        default=_env("DRIFTLESS_IDENTITY_DIR", "") or None,
-        help="the fleet CA for device enrollment (default: 'identity' beside the SQLite file)",
-    )
-    serve.add_argument(
         "--public-broker-url",
         default=_env("DRIFTLESS_PUBLIC_BROKER_URL", "") or None,
         help="the broker URL enrolled devices are told to use (mqtts://HOST:PORT)",
     )
     for flag, env, text in (
+        (
+            "--bundles-dir",
+            "DRIFTLESS_BUNDLES_DIR",
+            "bundle files (default: 'bundles' beside the SQLite file)",
+        ),
+        (
+            "--trust-root",
+            "DRIFTLESS_TRUST_ROOT",
+            "the fleet's root.json; without it bundle uploads are refused (503)",
+        ),
+        (
+            "--identity-dir",
+            "DRIFTLESS_IDENTITY_DIR",
+            "the fleet CA for device enrollment (default: 'identity' beside the SQLite file)",
+        ),
         ("--api-tls-cert", "DRIFTLESS_API_TLS_CERT", "serve the API over HTTPS (PEM)"),
         ("--api-tls-key", "DRIFTLESS_API_TLS_KEY", "its private key (PEM)"),
         ("--broker-ca", "DRIFTLESS_BROKER_CA", "CA file for mqtts:// (default: the fleet CA)"),
@@ -293,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             renew_at_fraction=args.renew_at_fraction,
         )
     if args.command == "broker" and args.broker_cmd == "config":
-        from hub.devbroker import write_secure_broker
+        from hub.devbroker import hub_broker_args, write_secure_broker
         from hub.identity import IdentityError
 
         try:
@@ -308,13 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (IdentityError, OSError, ValueError) as exc:
             print(f"driftless broker config: {exc}", file=sys.stderr)
             return 1
-        tls = written.tls
-        assert tls is not None
         print(f"wrote {written.config_path}; run: mosquitto -c {written.config_path}")
-        print(
-            f"hub flags: --broker mqtts://HOST:{args.port} --identity-dir {args.identity_dir} "
-            f"--broker-crl {tls.crl} --broker-acl {tls.acl} --broker-pid-file {written.pid_path}"
-        )
+        flags = hub_broker_args(written, args.identity_dir, url=f"mqtts://HOST:{args.port}")
+        print("hub flags: " + " ".join(flags))
         return 0
     if args.command == "broker":
         from driftless.demo import run_broker

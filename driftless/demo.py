@@ -39,6 +39,7 @@ from hub.devbroker import (
     BrokerError,
     MosquittoBroker,
     free_port,
+    hub_broker_args,
     wait_for_port,
     write_secure_broker,
 )
@@ -78,12 +79,8 @@ def run_broker(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"mosquitto listening on {broker.url} (config {broker.config_path}); Ctrl-C stops it")
-    if broker.tls is not None:
-        print(
-            f"hub flags: --broker {broker.url} --identity-dir {identity_dir} "
-            f"--public-broker-url {broker.url} --broker-crl {broker.tls.crl} "
-            f"--broker-acl {broker.tls.acl} --broker-pid-file {broker.pid_path}"
-        )
+    if identity_dir is not None:
+        print("hub flags: " + " ".join(hub_broker_args(broker, identity_dir)))
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
@@ -139,13 +136,9 @@ class Demo:
             signing_key=self.fleet.hub_key_path,
         )
         if self.tls is not None:
-            self.hub.argv += [
-                "--public-broker-url", self.broker.url,
-                "--broker-crl", str(self.tls.crl),
-                "--broker-acl", str(self.tls.acl),
-                "--broker-pid-file", str(self.broker.pid_path),
-                "--broker-acl-admin", BROKER_ADMIN,
-            ]  # fmt: skip
+            self.hub.argv += hub_broker_args(
+                self.broker, self.ca.directory, acl_admins=[BROKER_ADMIN]
+            )
         self.agents = {d: self._agent(d) for d in self.device_ids}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
 

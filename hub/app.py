@@ -71,8 +71,9 @@ def _certificate_authority(settings: HubSettings) -> CertificateAuthority | None
 def _broker_tls(
     settings: HubSettings, ca: CertificateAuthority | None
 ) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """TLS contexts of the link and the chunk server (each its own certificate name)."""
-    if not settings.broker().tls:
+    """TLS contexts of the link and the chunk server (each its own certificate name);
+    none for an API-only process, which never connects."""
+    if not settings.run_link or not settings.broker().tls:
         return None, None
     cafile = settings.broker_tls_ca_path or (ca.cert_path if ca is not None else None)
 

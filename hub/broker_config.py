@@ -105,11 +105,11 @@ def write_secure_files(
         acl=(directory / "acl").resolve(),
     )
     if not (files.server_cert.exists() and files.server_key.exists()):
+        from hub.identity import write_new_private
+
         key, issued = ca.issue_keypair("localhost", server=True, now=now)
         files.server_key.unlink(missing_ok=True)
-        fd = os.open(files.server_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key)
+        write_new_private(files.server_key, key)
         files.server_cert.write_bytes(issued.pem)
     replace_file(files.crl, ca.crl(revoked, now=now))
     replace_file(files.acl, render_acl(hub_identities, cut_off).encode())

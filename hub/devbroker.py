@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,3 +284,29 @@ def write_secure_broker(
     broker = MosquittoBroker(out_dir, host=host, port=port, tls=files)
     broker.write_config()
     return broker
+
+
+def hub_broker_args(
+    broker: MosquittoBroker,
+    identity_dir: Path,
+    *,
+    url: str | None = None,
+    acl_admins: Sequence[str] = (),
+) -> list[str]:
+    """The ``hub serve`` flags for a mutual-TLS ``broker`` beside the hub.
+
+    The broker's URL (``url`` when devices reach it by another name), the fleet CA,
+    and the CRL, ACL and pid file the hub keeps and reloads the broker by;
+    ``acl_admins`` are more names with the hub's broker rights.
+    """
+    if broker.tls is None:
+        raise BrokerError("a plain broker has no CRL or ACL for the hub to keep")
+    url = url or broker.url
+    args = [
+        "--broker", url, "--identity-dir", str(identity_dir), "--public-broker-url", url,
+        "--broker-crl", str(broker.tls.crl), "--broker-acl", str(broker.tls.acl),
+        "--broker-pid-file", str(broker.pid_path),
+    ]  # fmt: skip
+    for name in acl_admins:
+        args += ["--broker-acl-admin", name]
+    return args

@@ -40,7 +40,7 @@ class IdentityError(Exception):
     """A CSR, certificate or CA file that cannot be used; the message says why."""
 
 
-def _write_new_private(path: Path, data: bytes) -> None:
+def write_new_private(path: Path, data: bytes) -> None:
     """Create ``path`` 0600 with O_EXCL: never widen permissions, never overwrite."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -129,7 +129,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        _write_new_private(key_path, _pem_key(key))
+        write_new_private(key_path, _pem_key(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert, directory)
 
@@ -259,7 +259,7 @@ def client_identity(
             return cert_path, key_path
     key, issued = ca.issue_keypair(common_name, server=False, now=now)
     key_path.unlink(missing_ok=True)
-    _write_new_private(key_path, key)
+    write_new_private(key_path, key)
     cert_path.write_bytes(issued.pem)
     return cert_path, key_path
 

@@ -247,10 +247,12 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    from edge_agent.identity import create_key
+    from edge_agent.identity import load_or_create_key
 
-    key = _load_key(path)
-    return key if key is not None else create_key(path)
+    try:
+        return load_or_create_key(path)
+    except ValueError as exc:
+        raise EnrollError(str(exc)) from None
 
 
 def _read(path: Path) -> bytes | None:

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 import ssl
 from pathlib import Path
 
+from edge_agent.enroll import Identity
 from hub.broker_config import TlsFiles, hub_identities, write_secure_files
-from hub.devbroker import MosquittoBroker
-from hub.identity import CertificateAuthority
+from hub.devbroker import MosquittoBroker, hub_broker_args
+from hub.identity import CertificateAuthority, client_identity, write_new_private
+from simulator.enroll import DeviceIdentities
 
 HUB_CLIENT_IDS = ("driftless-hub", "hub-test")
 PEERS = 16
@@ -61,15 +62,6 @@ class FleetPki:
         """The hub's ``--identity-dir``: the CA (and the hubs' own client certificates)."""
         return self.directory / "identity"
 
-    def _issue(self, name: str, cert: Path, key: Path) -> None:
-        key_pem, issued = self.ca.issue_keypair(name, server=False, now=self.now)
-        key.parent.mkdir(parents=True, exist_ok=True)
-        key.unlink(missing_ok=True)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key_pem)
-        cert.write_bytes(issued.pem)
-
     def peer_name(self, role: str | None = None) -> str:
         """The certificate name (and client id) of the peer playing ``role``; None: a new one."""
         role = role if role is not None else f"anonymous-{len(self._peers)}"
@@ -81,10 +73,7 @@ class FleetPki:
 
     def client_context(self, name: str) -> ssl.SSLContext:
         """Mutual TLS as ``name`` (issued on first use), trusting only the fleet CA."""
-        cert = self.directory / "clients" / f"{name}.crt"
-        key = cert.with_suffix(".key")
-        if not cert.exists():
-            self._issue(name, cert, key)
+        cert, key = client_identity(self.ca, self.directory / "clients", name, now=self.now)
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca.cert_path))
         context.load_cert_chain(cert, key)
         return context
@@ -93,28 +82,29 @@ class FleetPki:
         self, data_dir: Path, device_id: str, *, broker_url: str, root: Path | None = None
     ) -> None:
         """Leave ``data_dir`` as ``driftless agent enroll`` would: certificate, CA, record, root."""
-        identity = data_dir / "identity"
-        if (identity / "device.crt").exists():
+        identity = Identity(data_dir)
+        if identity.enrolled():
             return  # enrolled once: a restarted agent keeps its identity
-        self._issue(device_id, identity / "device.crt", identity / "device.key")
-        shutil.copyfile(self.ca.cert_path, identity / "ca.crt")
+        key_pem, issued = self.ca.issue_keypair(device_id, server=False, now=self.now)
+        write_new_private(identity.key, key_pem)
+        identity.cert.write_bytes(issued.pem)
+        shutil.copyfile(self.ca.cert_path, identity.ca)
         if root is not None:
-            shutil.copyfile(root, data_dir / "root.json")
+            shutil.copyfile(root, identity.root)
         record = {"device_id": device_id, "broker_url": broker_url, "not_after": None}
-        (identity / "enrollment.json").write_text(json.dumps(record) + "\n")
+        identity.record.write_text(json.dumps(record) + "\n")
 
     def sim_identities(
         self, directory: Path, device_ids: list[str], *, root: Path | None = None
     ) -> Path:
         """Leave ``directory`` as ``sim run --enroll`` would for ``device_ids``; returns it."""
+        identities = DeviceIdentities(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.ca.cert_path, directory / "ca.crt")
+        shutil.copyfile(self.ca.cert_path, identities.ca)
         if root is not None:
-            shutil.copyfile(root, directory / "root.json")
-        for device_id in device_ids:
-            cert = directory / f"{device_id}.crt"
-            if not cert.exists():
-                self._issue(device_id, cert, directory / f"{device_id}.key")
+            shutil.copyfile(root, identities.root)
+        for device_id in device_ids:  # the same layout: <id>.crt and <id>.key
+            client_identity(self.ca, directory, device_id, now=self.now)
         return directory
 
 
@@ -139,14 +129,6 @@ class TestBroker(MosquittoBroker):
         keeping the test peers in the ACL, and hands devices this broker's URL at
         enrollment.
         """
-        args = ["--identity-dir", str(self.pki.identity_dir)]
         if manage:
-            files = self.pki.files
-            args += [
-                "--public-broker-url", self.url,
-                "--broker-crl", str(files.crl), "--broker-acl", str(files.acl),
-                "--broker-pid-file", str(self.pid_path),
-            ]  # fmt: skip
-            for name in self.pki.peer_names:
-                args += ["--broker-acl-admin", name]
-        return args
+            return hub_broker_args(self, self.pki.identity_dir, acl_admins=self.pki.peer_names)
+        return ["--identity-dir", str(self.pki.identity_dir)]

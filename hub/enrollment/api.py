@@ -109,7 +109,7 @@ def enroll(
         )
     except store.EnrollmentRefused as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
-    if settings.broker_acl_path is not None and body.device_id in store.revoked_devices(session):
+    if settings.broker_acl_path is not None and store.was_revoked(session, body.device_id):
         # A device decommissioned before and enrolled again: the broker's ACL still
         # denies it everything until the hub rewrites it (and the broker reloads).
         publish_crl(session, ca, settings, now=now)

@@ -148,9 +148,12 @@ def cut_off_devices(session: Session) -> list[str]:
     return sorted(revoked - valid)
 
 
-def revoked_devices(session: Session) -> set[str]:
-    """Ids that have at least one revoked certificate."""
-    rows = session.exec(
-        select(DeviceCertificate.device_id).where(col(DeviceCertificate.revoked_at).is_not(None))
-    ).all()
-    return set(rows)
+def was_revoked(session: Session, device_id: str) -> bool:
+    """Whether ``device_id`` has had a certificate revoked (decommissioned before)."""
+    row = session.exec(
+        select(DeviceCertificate.serial)
+        .where(col(DeviceCertificate.device_id) == device_id)
+        .where(col(DeviceCertificate.revoked_at).is_not(None))
+        .limit(1)
+    ).first()
+    return row is not None

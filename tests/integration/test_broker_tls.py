@@ -14,9 +14,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.identity import create_key, make_csr
-from hub.broker_config import TlsFiles, render_acl
+from hub.broker_config import TlsFiles, write_secure_files
 from hub.devbroker import MosquittoBroker
-from hub.identity import HUB_IDENTITY, CertificateAuthority
+from hub.identity import HUB_IDENTITY, CertificateAuthority, client_identity
 
 pytestmark = pytest.mark.integration
 
@@ -39,27 +39,13 @@ class Pki:
         return cert_path, key_path, issued.serial
 
     def server_side(self, name: str) -> tuple[Path, Path]:
-        key, issued = self.ca.issue_keypair(name, server=False, now=NOW)
-        (self.dir / f"{name}.key").write_bytes(key)
-        (self.dir / f"{name}.crt").write_bytes(issued.pem)
-        return self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        return client_identity(self.ca, self.dir, name, now=NOW)
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     ca = CertificateAuthority.load_or_create(tmp_path / "ca", now=NOW)
-    key, issued = ca.issue_keypair("localhost", server=True, now=NOW)
-    (tmp_path / "server.key").write_bytes(key)
-    (tmp_path / "server.crt").write_bytes(issued.pem)
-    (tmp_path / "crl.pem").write_bytes(ca.crl([], now=NOW))
-    (tmp_path / "acl").write_text(render_acl([HUB_IDENTITY]))
-    files = TlsFiles(
-        ca_cert=ca.cert_path,
-        server_cert=tmp_path / "server.crt",
-        server_key=tmp_path / "server.key",
-        crl=tmp_path / "crl.pem",
-        acl=tmp_path / "acl",
-    )
+    files = write_secure_files(ca, tmp_path, hub_identities=[HUB_IDENTITY], revoked=[], now=NOW)
     return Pki(ca, files, tmp_path)
 
 

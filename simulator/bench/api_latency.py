@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import math
 import random
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -44,12 +43,12 @@ from typing import Any
 
 import httpx
 
-from driftless import logs
 from hub.devbroker import BrokerError, MosquittoBroker, wait_for_port
 from simulator.bench.common import (
     BenchError,
     HubChild,
     HubWorker,
+    add_run_arguments,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -331,39 +330,32 @@ class Bench:
 
 async def run_bench(cfg: ApiConfig) -> ApiResult:
     """The whole benchmark; raises BenchError, LoadError or BrokerError."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     result = ApiResult(config=cfg)
     clock = time.perf_counter
-    try:
-        with workdir(cfg.workdir, "driftless-api-") as work:
-            async with contextlib.AsyncExitStack() as stack:
-                t = clock()
-                broker = MosquittoBroker(work / "broker")
-                stack.callback(broker.stop)
-                broker.start()
-                bench = Bench(cfg, broker)
-                bench.hub, bench.api = await start_hub(
-                    stack,
-                    lambda: HubChild(work, broker.url, log_level=cfg.hub_log_level),
-                    timeout_s=cfg.deadline_s,
-                )
-                if cfg.api_process:
-                    bench.query = await start_api_process(stack, work, broker.url, bench.hub, cfg)
-                result.setup_s["broker_and_hub"] = clock() - t
-                t = clock()
-                await register_batch(bench.api, bench.ids, LABELS)
-                result.setup_s["register"] = clock() - t
-                await bench.schedule()  # warm-up: connection, caches, page cache
-                for index in range(1, cfg.repeats + 1):
-                    for phase in PHASES:
-                        result.runs.append(await bench.phase(phase, index))
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    result.hub_stats = await hub_stats(bench.api)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+    with workdir(cfg.workdir, "driftless-api-") as work:
+        async with contextlib.AsyncExitStack() as stack:
+            t = clock()
+            broker = MosquittoBroker(work / "broker")
+            stack.callback(broker.stop)
+            broker.start()
+            bench = Bench(cfg, broker)
+            bench.hub, bench.api = await start_hub(
+                stack,
+                lambda: HubChild(work, broker.url, log_level=cfg.hub_log_level),
+                timeout_s=cfg.deadline_s,
+            )
+            if cfg.api_process:
+                bench.query = await start_api_process(stack, work, broker.url, bench.hub, cfg)
+            result.setup_s["broker_and_hub"] = clock() - t
+            t = clock()
+            await register_batch(bench.api, bench.ids, LABELS)
+            result.setup_s["register"] = clock() - t
+            await bench.schedule()  # warm-up: connection, caches, page cache
+            for index in range(1, cfg.repeats + 1):
+                for phase in PHASES:
+                    result.runs.append(await bench.phase(phase, index))
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                result.hub_stats = await hub_stats(bench.api)
     return result
 
 
@@ -396,23 +388,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steady-rate", type=float, default=1000.0, help="reports per second")
     parser.add_argument("--saturating-messages", type=int, default=150_000)
-    parser.add_argument("--json", type=Path, default=None, help="default bench-results/api-N.json")
-    parser.add_argument("--deadline-s", type=float, default=180.0, help="limit on every wait")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hub-log-level", default="info")
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
-    parser.add_argument("--log-level", default="warning")
     parser.add_argument(
         "--api-process",
         action="store_true",
         help="time an API-only hub process (hub serve --no-link) on the same database",
     )
+    add_run_arguments(parser, result="api-N.json", deadline_s=180.0, hub_log_level="info")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, fmt="console")
     return run_bench_main(
         "api_latency",
         argv,
@@ -434,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"api-{cfg.devices}{'-api-process' if cfg.api_process else ''}.json"
         ),
         json_path=args.json,
+        log_level=args.log_level,
         failures=(BenchError, LoadError, BrokerError),
         stopped="broker, hub and publisher",
     )

@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import signal
 import struct
 import sys
 import time
@@ -63,7 +62,6 @@ from typing import Any
 import httpx
 import msgspec
 
-from driftless import logs
 from firmware_bundles import archive
 from firmware_bundles.devfleet import DevFleet
 from firmware_bundles.keys import sign_document
@@ -78,6 +76,7 @@ from protocols.bundles import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from simulator.bench.common import (
     BenchError,
     HubChild,
+    add_run_arguments,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -471,60 +470,53 @@ def format_table(result: BenchResult) -> str:
 
 async def run_bench(cfg: BenchConfig, flaky: Profile) -> BenchResult:
     """The whole benchmark; raises BenchError or BrokerError."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     ids = device_ids(cfg.devices, PREFIX)
     result = BenchResult(config=cfg)
     clock = time.perf_counter
-    try:
-        with workdir(cfg.workdir, "driftless-bundle-fleet-") as work:
-            keys = DevFleet(work / "keys")
-            async with contextlib.AsyncExitStack() as stack:
-                t = clock()
-                broker = MosquittoBroker(work / "broker")
-                stack.callback(broker.stop)
-                broker.start()
+    with workdir(cfg.workdir, "driftless-bundle-fleet-") as work:
+        keys = DevFleet(work / "keys")
+        async with contextlib.AsyncExitStack() as stack:
+            t = clock()
+            broker = MosquittoBroker(work / "broker")
+            stack.callback(broker.stop)
+            broker.start()
 
-                def make_hub() -> HubChild:
-                    return HubChild(
-                        work,
-                        broker.url,
-                        log_level=cfg.hub_log_level,
-                        trust_root=keys.root_path,
-                        signing_key=keys.hub_key_path,
-                    )
-
-                hub, api = await start_hub(stack, make_hub, timeout_s=cfg.deadline_s)
-                await poll(
-                    lambda: hub_stats(api),
-                    lambda s: bool(s["bundles"]["mqtt_connected"]),
-                    timeout_s=cfg.deadline_s,
-                    interval_s=0.05,
-                    what="the hub's chunk server",
+            def make_hub() -> HubChild:
+                return HubChild(
+                    work,
+                    broker.url,
+                    log_level=cfg.hub_log_level,
+                    trust_root=keys.root_path,
+                    signing_key=keys.hub_key_path,
                 )
-                result.setup_s["broker_and_hub"] = clock() - t
-                t = clock()
-                await register_batch(api, ids, LABELS)
-                result.setup_s["register"] = clock() - t
-                for round_no in range(1, cfg.repeats + 1):
-                    for phase in PHASES:
-                        result.phases.append(
-                            await run_phase(
-                                cfg=cfg,
-                                round_no=round_no,
-                                phase=phase,
-                                profile=cfg.profile(phase, flaky),
-                                work=work,
-                                broker=broker,
-                                hub=hub,
-                                api=api,
-                                keys=keys,
-                            )
+
+            hub, api = await start_hub(stack, make_hub, timeout_s=cfg.deadline_s)
+            await poll(
+                lambda: hub_stats(api),
+                lambda s: bool(s["bundles"]["mqtt_connected"]),
+                timeout_s=cfg.deadline_s,
+                interval_s=0.05,
+                what="the hub's chunk server",
+            )
+            result.setup_s["broker_and_hub"] = clock() - t
+            t = clock()
+            await register_batch(api, ids, LABELS)
+            result.setup_s["register"] = clock() - t
+            for round_no in range(1, cfg.repeats + 1):
+                for phase in PHASES:
+                    result.phases.append(
+                        await run_phase(
+                            cfg=cfg,
+                            round_no=round_no,
+                            phase=phase,
+                            profile=cfg.profile(phase, flaky),
+                            work=work,
+                            broker=broker,
+                            hub=hub,
+                            api=api,
+                            keys=keys,
                         )
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+                    )
     return result
 
 
@@ -548,20 +540,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="requests in flight per device (the agent's default is 8)",
     )
     parser.add_argument("--fetch-chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES // 1024)
-    parser.add_argument("--deadline-s", type=float, default=600.0, help="limit on every wait")
     parser.add_argument("--max-concurrent-connects", type=int, default=64, help="per worker")
-    parser.add_argument("--hub-log-level", default="warning")
-    parser.add_argument(
-        "--json", type=Path, default=None, help="default bench-results/bundle-fleet-N.json"
+    add_run_arguments(
+        parser, result="bundle-fleet-N.json", deadline_s=600.0, hub_log_level="warning"
     )
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
-    parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, fmt="console")
     from simulator.profiles import ProfileError, load_profile
 
     return run_bench_main(
@@ -589,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table=format_table,
         result_file=lambda built: f"bundle-fleet-{built[0].devices}.json",
         json_path=args.json,
+        log_level=args.log_level,
         failures=(BenchError, BrokerError, httpx.HTTPError, OSError),
         stopped="broker, hub and workers",
         bad_config=(ValueError, ProfileError),

@@ -13,12 +13,14 @@ Rules:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -29,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from driftless import procs
+from driftless import logs, procs
 from hub.devbroker import wait_for_port
 
 T = TypeVar("T")
@@ -273,6 +275,33 @@ def write_results(path: Path, document: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(stamped, indent=2) + "\n")
 
 
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, result: str, deadline_s: float, hub_log_level: str
+) -> None:
+    """Add the options every ``run_bench_main`` benchmark takes, with its own defaults.
+
+    ``--json`` (``result`` names the default file for its help), ``--deadline-s``,
+    ``--hub-log-level``, ``--workdir`` and ``--log-level``.
+    """
+    parser.add_argument("--json", type=Path, default=None, help=f"default {RESULTS_DIR}/{result}")
+    parser.add_argument("--deadline-s", type=float, default=deadline_s, help="limit on every wait")
+    parser.add_argument("--hub-log-level", default=hub_log_level)
+    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
+    parser.add_argument("--log-level", default="warning")
+
+
+async def _cancelled_on_sigterm(bench: Callable[[C], Coroutine[Any, Any, R]], cfg: C) -> R:
+    """``await bench(cfg)`` with SIGTERM cancelling this task (so clean-up runs), then removed."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await bench(cfg)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def run_bench_main(
     name: str,
     argv: Sequence[str] | None,
@@ -282,25 +311,29 @@ def run_bench_main(
     table: Callable[[R], str],
     result_file: Callable[[C], str],
     json_path: Path | None,
+    log_level: str,
     failures: tuple[type[BaseException], ...],
     stopped: str,
     bad_config: tuple[type[BaseException], ...] = (ValueError,),
 ) -> int:
     """The shell every ``simulator.bench.<name>`` main shares: build, run, print, record.
 
+    Logging goes to the console at ``log_level``. While ``bench`` runs, SIGTERM
+    cancels it (as Ctrl-C does), so its own clean-up stops what it started.
     Exit status 2 for a configuration ``build`` refuses (``bad_config``), 1 when
     the run raises one of ``failures``, 130 when interrupted (``stopped`` says
     what was stopped on the way out), 0 after the table is printed and the JSON
     (with the command that reproduces it) written to ``json_path`` or
     ``bench-results/<result_file(cfg)>``.
     """
+    logs.configure(log_level, fmt="console")
     try:
         cfg = build()
     except bad_config as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     try:
-        result = asyncio.run(bench(cfg))
+        result = asyncio.run(_cancelled_on_sigterm(bench, cfg))
     except failures as exc:
         print(f"{name}: failed: {exc}", file=sys.stderr)
         return 1

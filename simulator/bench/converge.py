@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -41,13 +40,13 @@ from typing import Any
 import aiomqtt
 import httpx
 
-from driftless import logs
 from firmware_bundles.devfleet import DevFleet
 from hub.devbroker import BrokerError, MosquittoBroker
 from protocols import Desired, encode
 from simulator.bench.common import (
     BenchError,
     HubChild,
+    add_run_arguments,
     poll,
     register_batch,
     run_bench_main,
@@ -363,85 +362,78 @@ def _workdir(configured: Path | None) -> Iterator[Path]:
 
 async def run_bench(cfg: BenchConfig) -> BenchResult:
     """The whole benchmark; raises BenchError (or FleetError/FleetTimeout/BrokerError)."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     ids = device_ids(cfg.devices)
     payload_bytes = len(_document(ids[0], bench_config(1, ids[0])))
     result = BenchResult(config=cfg, payload_bytes=payload_bytes)
     clock = time.perf_counter
-    try:
-        with _workdir(cfg.workdir) as workdir:
-            async with contextlib.AsyncExitStack() as stack:
-                t = clock()
-                broker = MosquittoBroker(workdir / "broker")
-                stack.callback(broker.stop)
-                broker.start()
-                result.setup_s["broker_start"] = clock() - t
+    with _workdir(cfg.workdir) as workdir:
+        async with contextlib.AsyncExitStack() as stack:
+            t = clock()
+            broker = MosquittoBroker(workdir / "broker")
+            stack.callback(broker.stop)
+            broker.start()
+            result.setup_s["broker_start"] = clock() - t
 
-                trust = DevFleet(workdir / "fleet") if cfg.signed else None
-                t = clock()
-                _hub, api = await start_hub(
-                    stack,
-                    lambda: HubChild(
-                        workdir,
-                        broker.url,
-                        log_level=cfg.hub_log_level,
-                        trust_root=trust.root_path if trust else None,
-                        signing_key=trust.hub_key_path if trust else None,
-                    ),
-                    timeout_s=cfg.deadline_s,
-                )
-                result.setup_s["hub_ready"] = clock() - t
+            trust = DevFleet(workdir / "fleet") if cfg.signed else None
+            t = clock()
+            _hub, api = await start_hub(
+                stack,
+                lambda: HubChild(
+                    workdir,
+                    broker.url,
+                    log_level=cfg.hub_log_level,
+                    trust_root=trust.root_path if trust else None,
+                    signing_key=trust.hub_key_path if trust else None,
+                ),
+                timeout_s=cfg.deadline_s,
+            )
+            result.setup_s["hub_ready"] = clock() - t
 
-                t = clock()
-                await asyncio.wait_for(register_batch(api, ids, LABELS), cfg.deadline_s)
-                result.setup_s["register"] = clock() - t
+            t = clock()
+            await asyncio.wait_for(register_batch(api, ids, LABELS), cfg.deadline_s)
+            result.setup_s["register"] = clock() - t
 
-                t = clock()
-                fleet = Fleet(
-                    FleetConfig(
-                        broker_url=broker.url,
-                        device_ids=ids,
-                        seed=cfg.seed,
-                        apply_time_s=cfg.apply_time_s,
-                        max_concurrent_connects=cfg.max_concurrent_connects,
-                        root_path=trust.root_path if trust else None,
-                    )
+            t = clock()
+            fleet = Fleet(
+                FleetConfig(
+                    broker_url=broker.url,
+                    device_ids=ids,
+                    seed=cfg.seed,
+                    apply_time_s=cfg.apply_time_s,
+                    max_concurrent_connects=cfg.max_concurrent_connects,
+                    root_path=trust.root_path if trust else None,
                 )
-                await stack.enter_async_context(fleet)
-                await fleet.wait_connected(timeout_s=cfg.deadline_s)
-                result.setup_s["fleet_connected"] = clock() - t
-                await poll(
-                    lambda: fleet_summary(api),
-                    lambda s: s["online"] == cfg.devices and s["in_sync"] == cfg.devices,
-                    timeout_s=cfg.deadline_s,
-                    interval_s=cfg.poll_interval_s,
-                    what=f"hub shows {cfg.devices} devices online and in sync",
-                )
-                result.setup_s["hub_online"] = clock() - t
+            )
+            await stack.enter_async_context(fleet)
+            await fleet.wait_connected(timeout_s=cfg.deadline_s)
+            result.setup_s["fleet_connected"] = clock() - t
+            await poll(
+                lambda: fleet_summary(api),
+                lambda s: s["online"] == cfg.devices and s["in_sync"] == cfg.devices,
+                timeout_s=cfg.deadline_s,
+                interval_s=cfg.poll_interval_s,
+                what=f"hub shows {cfg.devices} devices online and in sync",
+            )
+            result.setup_s["hub_online"] = clock() - t
 
-                baseline = await stack.enter_async_context(
-                    Baseline(
-                        broker.host,
-                        broker.port,
-                        ids,
-                        payload_bytes=payload_bytes,
-                        inflight=cfg.baseline_inflight,
-                    )
+            baseline = await stack.enter_async_context(
+                Baseline(
+                    broker.host,
+                    broker.port,
+                    ids,
+                    payload_bytes=payload_bytes,
+                    inflight=cfg.baseline_inflight,
                 )
-                for index in range(1, cfg.repeats + 1):
-                    baseline_s = await baseline.measure(index, timeout_s=cfg.deadline_s)
-                    ours = await measure_ours(
-                        api, fleet, index, cfg=cfg, document=bench_config(index, ids[0])
-                    )
-                    result.rounds.append(replace(ours, baseline_s=baseline_s))
-                result.fleet_counters = fleet.counters.snapshot()
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    result.hub_stats = (await api.get("/hub/stats")).json()
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+            )
+            for index in range(1, cfg.repeats + 1):
+                baseline_s = await baseline.measure(index, timeout_s=cfg.deadline_s)
+                ours = await measure_ours(
+                    api, fleet, index, cfg=cfg, document=bench_config(index, ids[0])
+                )
+                result.rounds.append(replace(ours, baseline_s=baseline_s))
+            result.fleet_counters = fleet.counters.snapshot()
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                result.hub_stats = (await api.get("/hub/stats")).json()
     return result
 
 
@@ -451,28 +443,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--json", type=Path, default=None, help="default bench-results/converge-N.json"
-    )
-    parser.add_argument("--deadline-s", type=float, default=120.0, help="limit on every wait")
     parser.add_argument("--poll-interval-s", type=float, default=0.02)
     parser.add_argument("--apply-time-s", type=float, default=0.0)
     parser.add_argument("--max-concurrent-connects", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hub-log-level", default="info")
     parser.add_argument(
         "--signed",
         action="store_true",
         help="the hub signs every document and every device verifies it (a fresh fleet root)",
     )
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
-    parser.add_argument("--log-level", default="warning")
+    add_run_arguments(parser, result="converge-N.json", deadline_s=120.0, hub_log_level="info")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, fmt="console")
     return run_bench_main(
         "converge",
         argv,
@@ -492,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table=format_table,
         result_file=lambda cfg: f"converge-{cfg.devices}{'-signed' if cfg.signed else ''}.json",
         json_path=args.json,
+        log_level=args.log_level,
         failures=(BenchError, FleetError, FleetTimeout, BrokerError),
         stopped="broker and hub",
     )

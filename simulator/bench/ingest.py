@@ -54,11 +54,11 @@ from typing import Any, Literal
 
 import httpx
 
-from driftless import logs
 from hub.devbroker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
     BenchError,
     HubWorker,
+    add_run_arguments,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -415,45 +415,38 @@ class Bench:
 
 async def run_bench(cfg: IngestConfig) -> IngestResult:
     """The whole benchmark; raises BenchError, LoadError or BrokerError."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     result = IngestResult(config=cfg)
     clock = time.perf_counter
-    try:
-        with workdir(cfg.workdir, "driftless-ingest-") as work:
-            async with contextlib.AsyncExitStack() as stack:
-                t = clock()
-                broker = MosquittoBroker(work / "broker")
-                stack.callback(broker.stop)
-                broker.start()
-                bench = Bench(cfg, broker)
-                await bench.start_hub(stack, work, "a")
-                result.setup_s["broker_and_hub"] = clock() - t
-                t = clock()
-                _, api = bench.hubs[0]
-                await register_batch(api, bench.ids, LABELS)
-                result.setup_s["register"] = clock() - t
+    with workdir(cfg.workdir, "driftless-ingest-") as work:
+        async with contextlib.AsyncExitStack() as stack:
+            t = clock()
+            broker = MosquittoBroker(work / "broker")
+            stack.callback(broker.stop)
+            broker.start()
+            bench = Bench(cfg, broker)
+            await bench.start_hub(stack, work, "a")
+            result.setup_s["broker_and_hub"] = clock() - t
+            t = clock()
+            _, api = bench.hubs[0]
+            await register_batch(api, bench.ids, LABELS)
+            result.setup_s["register"] = clock() - t
 
+            for index in range(1, cfg.repeats + 1):
+                for kind in ("broker", "bare"):
+                    measured, result.payload_bytes = await bench.measure_bare(kind, index)
+                    result.rounds.append(measured)
+                result.rounds.append(await bench.measure_hub("hub", index))
+            if cfg.two_workers:
+                t = clock()
+                await bench.start_hub(stack, work, "b")
+                result.setup_s["second_hub"] = clock() - t
                 for index in range(1, cfg.repeats + 1):
-                    for kind in ("broker", "bare"):
-                        measured, result.payload_bytes = await bench.measure_bare(kind, index)
-                        result.rounds.append(measured)
-                    result.rounds.append(await bench.measure_hub("hub", index))
-                if cfg.two_workers:
-                    t = clock()
-                    await bench.start_hub(stack, work, "b")
-                    result.setup_s["second_hub"] = clock() - t
-                    for index in range(1, cfg.repeats + 1):
-                        measured, _ = await bench.measure_bare("bare_x2", index)
-                        result.rounds.append(measured)
-                        result.rounds.append(await bench.measure_hub("hub_x2", index))
-                for _, hub_api in bench.hubs:
-                    with contextlib.suppress(httpx.HTTPError, ValueError):
-                        result.hub_stats.append(await hub_stats(hub_api))
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+                    measured, _ = await bench.measure_bare("bare_x2", index)
+                    result.rounds.append(measured)
+                    result.rounds.append(await bench.measure_hub("hub_x2", index))
+            for _, hub_api in bench.hubs:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    result.hub_stats.append(await hub_stats(hub_api))
     return result
 
 
@@ -466,20 +459,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", choices=("live", "drain"), default="live")
     parser.add_argument("--one-worker", action="store_true", help="skip the two-worker rounds")
-    parser.add_argument(
-        "--json", type=Path, default=None, help="default bench-results/ingest-MODE.json"
-    )
-    parser.add_argument("--deadline-s", type=float, default=180.0, help="limit on every wait")
     parser.add_argument("--poll-interval-s", type=float, default=0.05)
-    parser.add_argument("--hub-log-level", default="info")
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
-    parser.add_argument("--log-level", default="warning")
+    add_run_arguments(parser, result="ingest-MODE.json", deadline_s=180.0, hub_log_level="info")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, fmt="console")
     return run_bench_main(
         "ingest",
         argv,
@@ -498,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table=format_table,
         result_file=lambda cfg: f"ingest-{cfg.mode}.json",
         json_path=args.json,
+        log_level=args.log_level,
         failures=(BenchError, LoadError, BrokerError),
         stopped="broker, hubs and clients",
     )

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,11 +47,11 @@ from typing import Any
 
 import httpx
 
-from driftless import logs
 from hub.devbroker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
     BenchError,
     HubChild,
+    add_run_arguments,
     cpu_seconds,
     host_info,
     hub_stats,
@@ -356,100 +355,93 @@ async def run_storm(
 
 async def run_bench(cfg: StormConfig) -> StormResult:
     """The whole benchmark; raises BenchError or BrokerError."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     ids = device_ids(cfg.devices, PREFIX)
     result = StormResult(config=cfg)
     clock = time.perf_counter
-    try:
-        with workdir(cfg.workdir, "driftless-storm-") as work:
-            async with contextlib.AsyncExitStack() as stack:
-                t = clock()
-                broker = MosquittoBroker(work / "broker")
-                stack.callback(broker.stop)
-                broker.start()
-                hub, api = await start_hub(
-                    stack,
-                    lambda: HubChild(work, broker.url, log_level=cfg.hub_log_level),
-                    timeout_s=cfg.deadline_s,
-                )
-                result.setup_s["broker_and_hub"] = clock() - t
-                t = clock()
-                await register_batch(api, ids, LABELS)
-                result.setup_s["register"] = clock() - t
+    with workdir(cfg.workdir, "driftless-storm-") as work:
+        async with contextlib.AsyncExitStack() as stack:
+            t = clock()
+            broker = MosquittoBroker(work / "broker")
+            stack.callback(broker.stop)
+            broker.start()
+            hub, api = await start_hub(
+                stack,
+                lambda: HubChild(work, broker.url, log_level=cfg.hub_log_level),
+                timeout_s=cfg.deadline_s,
+            )
+            result.setup_s["broker_and_hub"] = clock() - t
+            t = clock()
+            await register_batch(api, ids, LABELS)
+            result.setup_s["register"] = clock() - t
 
-                t = clock()
-                epoch = time.time()
-                specs = [
-                    WorkerSpec(
-                        index=i,
-                        prefix=PREFIX,
-                        count=cfg.devices,
-                        start=part.start,
-                        stop=part.stop,
-                        broker_url=broker.url,
-                        seed=cfg.seed,
-                        profile=cfg.profile(),
+            t = clock()
+            epoch = time.time()
+            specs = [
+                WorkerSpec(
+                    index=i,
+                    prefix=PREFIX,
+                    count=cfg.devices,
+                    start=part.start,
+                    stop=part.stop,
+                    broker_url=broker.url,
+                    seed=cfg.seed,
+                    profile=cfg.profile(),
+                    epoch=epoch,
+                    parent_pid=os.getpid(),
+                    snapshot_interval_s=0.2,
+                    max_concurrent_connects=cfg.max_concurrent_connects,
+                    log_level="warning",
+                )
+                for i, part in enumerate(split(cfg.devices, cfg.workers))
+            ]
+            pool = WorkerPool(specs, log_dir=work / "workers", respawn=False)
+            stack.push_async_callback(pool.stop)
+            await pool.start()
+            first_cut = epoch + cfg.first_at_s
+            await pool_until(
+                pool,
+                lambda c: c.get("connected", 0) >= cfg.devices,
+                timeout_s=min(cfg.deadline_s, max(1.0, first_cut - time.time())),
+                what=f"{cfg.devices} devices connected before the first storm",
+            )
+            result.setup_s["fleet_connected"] = clock() - t
+            await put_desired(api, cfg.devices, 1, ids)
+            await summary_until(
+                api,
+                lambda s: s["online"] == cfg.devices and s["in_sync"] == cfg.devices,
+                cfg=cfg,
+                what="the fleet online and in sync before the first storm",
+            )
+            result.setup_s["fleet_in_sync"] = clock() - t
+
+            payload_bytes = DOCUMENT_BYTES  # the size of a desired document
+            result.payload_bytes = payload_bytes
+            baseline = await stack.enter_async_context(
+                Baseline(
+                    broker.host,
+                    broker.port,
+                    ids,
+                    payload_bytes=payload_bytes,
+                    inflight=cfg.baseline_inflight,
+                )
+            )
+            for index, at_s in enumerate(cfg.storm_times(), start=1):
+                result.storms.append(
+                    await run_storm(
+                        index,
+                        cfg=cfg,
                         epoch=epoch,
-                        parent_pid=os.getpid(),
-                        snapshot_interval_s=0.2,
-                        max_concurrent_connects=cfg.max_concurrent_connects,
-                        log_level="warning",
-                    )
-                    for i, part in enumerate(split(cfg.devices, cfg.workers))
-                ]
-                pool = WorkerPool(specs, log_dir=work / "workers", respawn=False)
-                stack.push_async_callback(pool.stop)
-                await pool.start()
-                first_cut = epoch + cfg.first_at_s
-                await pool_until(
-                    pool,
-                    lambda c: c.get("connected", 0) >= cfg.devices,
-                    timeout_s=min(cfg.deadline_s, max(1.0, first_cut - time.time())),
-                    what=f"{cfg.devices} devices connected before the first storm",
-                )
-                result.setup_s["fleet_connected"] = clock() - t
-                await put_desired(api, cfg.devices, 1, ids)
-                await summary_until(
-                    api,
-                    lambda s: s["online"] == cfg.devices and s["in_sync"] == cfg.devices,
-                    cfg=cfg,
-                    what="the fleet online and in sync before the first storm",
-                )
-                result.setup_s["fleet_in_sync"] = clock() - t
-
-                payload_bytes = DOCUMENT_BYTES  # the size of a desired document
-                result.payload_bytes = payload_bytes
-                baseline = await stack.enter_async_context(
-                    Baseline(
-                        broker.host,
-                        broker.port,
-                        ids,
-                        payload_bytes=payload_bytes,
-                        inflight=cfg.baseline_inflight,
+                        at_s=at_s,
+                        api=api,
+                        hub=hub,
+                        pool=pool,
+                        baseline=baseline,
+                        ids=ids,
                     )
                 )
-                for index, at_s in enumerate(cfg.storm_times(), start=1):
-                    result.storms.append(
-                        await run_storm(
-                            index,
-                            cfg=cfg,
-                            epoch=epoch,
-                            at_s=at_s,
-                            api=api,
-                            hub=hub,
-                            pool=pool,
-                            baseline=baseline,
-                            ids=ids,
-                        )
-                    )
-                result.fleet_counters = pool.counters()
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    result.hub_stats = await hub_stats(api)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+            result.fleet_counters = pool.counters()
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                result.hub_stats = await hub_stats(api)
     return result
 
 
@@ -464,22 +456,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--storm-every-s", type=float, default=0.0, help="0: 30 s + 12 ms/device")
     parser.add_argument("--offline-s", type=float, default=6.0)
     parser.add_argument("--reconnect-window-s", type=float, default=1.0)
-    parser.add_argument(
-        "--json", type=Path, default=None, help="default bench-results/storm-N.json"
-    )
-    parser.add_argument("--deadline-s", type=float, default=240.0, help="limit on every wait")
     parser.add_argument("--poll-interval-s", type=float, default=0.1)
     parser.add_argument("--max-concurrent-connects", type=int, default=64, help="per worker")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hub-log-level", default="info")
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
-    parser.add_argument("--log-level", default="warning")
+    add_run_arguments(parser, result="storm-N.json", deadline_s=240.0, hub_log_level="info")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, fmt="console")
     return run_bench_main(
         "storm",
         argv,
@@ -502,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table=format_table,
         result_file=lambda cfg: f"storm-{cfg.devices}.json",
         json_path=args.json,
+        log_level=args.log_level,
         failures=(BenchError, BrokerError),
         stopped="broker, hub and workers",
     )

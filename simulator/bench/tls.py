@@ -28,11 +28,9 @@ Rules:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -42,13 +40,13 @@ from typing import Any
 
 import httpx
 
-from driftless import logs
 from hub.broker_config import hub_identities, write_secure_files
-from hub.devbroker import BrokerError, MosquittoBroker
+from hub.devbroker import BrokerError, MosquittoBroker, hub_broker_args
 from hub.identity import CertificateAuthority
 from simulator.bench.common import (
     BenchError,
     HubChild,
+    add_run_arguments,
     cpu_seconds,
     host_info,
     poll,
@@ -206,11 +204,7 @@ async def run_mode(mode: str, cfg: TlsBenchConfig, work: Path, ids: Sequence[str
         def make_hub() -> HubChild:
             hub = HubChild(hub_dir, broker.url, log_level=cfg.hub_log_level)
             if files is not None:
-                hub.argv += [
-                    "--public-broker-url", broker.url,
-                    "--broker-crl", str(files.crl), "--broker-acl", str(files.acl),
-                    "--broker-pid-file", str(broker.pid_path),
-                ]  # fmt: skip
+                hub.argv += hub_broker_args(broker, hub_dir / "identity")
             return hub
 
         hub, api = await start_hub(stack, make_hub, timeout_s=cfg.deadline_s)
@@ -303,18 +297,11 @@ async def run_mode(mode: str, cfg: TlsBenchConfig, work: Path, ids: Sequence[str
 
 
 async def run_bench(cfg: TlsBenchConfig) -> TlsBenchResult:
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     result = TlsBenchResult(config=cfg)
     ids = device_ids(cfg.devices, PREFIX)
-    try:
-        with workdir(cfg.workdir, "driftless-tls-") as work:
-            for mode in cfg.modes:
-                result.modes.append(await run_mode(mode, cfg, work / mode, ids))
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+    with workdir(cfg.workdir, "driftless-tls-") as work:
+        for mode in cfg.modes:
+            result.modes.append(await run_mode(mode, cfg, work / mode, ids))
     return result
 
 
@@ -327,17 +314,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--enroll-concurrency", type=int, default=8)
     parser.add_argument("--max-concurrent-connects", type=int, default=64, help="per worker")
     parser.add_argument("--modes", default="plain,tls", help="plain, tls or both (default)")
-    parser.add_argument("--json", type=Path, default=None, help="default bench-results/tls-N.json")
-    parser.add_argument("--deadline-s", type=float, default=300.0, help="limit on every wait")
-    parser.add_argument("--hub-log-level", default="warning")
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
-    parser.add_argument("--log-level", default="warning")
+    add_run_arguments(parser, result="tls-N.json", deadline_s=300.0, hub_log_level="warning")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, fmt="console")
     return run_bench_main(
         "tls",
         argv,
@@ -355,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table=format_table,
         result_file=lambda cfg: f"tls-{cfg.devices}.json",
         json_path=args.json,
+        log_level=args.log_level,
         failures=(BenchError, BrokerError),
         stopped="brokers, hubs and workers",
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.pki import TestBroker
+from tests.support import HubProcess
 
 
 @pytest.fixture
@@ -21,6 +22,19 @@ def broker(tmp_path: Path) -> Iterator[TestBroker]:
         yield instance
     finally:
         instance.kill()
+
+
+@pytest.fixture
+def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
+    """A hub on ``broker`` (its MQTT link up), killed afterwards; files that need another
+    hub (a fleet root, signing keys) define their own."""
+    instance = HubProcess(tmp_path / "hub", broker)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.kill()
+        instance.api.close()
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +61,6 @@ mean_online_s = 8.0
 mean_offline_s = 2.0
 max_offline_s = 10.0
 """
-
-
-@pytest.fixture
-def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.kill()
-        instance.api.close()
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:

@@ -21,17 +21,6 @@ from tests.support import AgentProcess, HubProcess, wait_until
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.kill()
-        instance.api.close()
-
-
 class Fleet:
     def __init__(self, tmp_path: Path, broker: TestBroker, hub: HubProcess, n: int) -> None:
         self.hub = hub

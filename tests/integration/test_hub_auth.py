@@ -11,27 +11,14 @@ import hashlib
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 def token_create(hub: HubProcess, role: str, name: str) -> subprocess.CompletedProcess[str]:

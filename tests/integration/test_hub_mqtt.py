@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -138,17 +137,6 @@ def report(device_id: str = "d1", **kw: Any) -> Reported:
 
 def status(device_id: str = "d1", **kw: Any) -> Status:
     return Status(device_id=device_id, **{"online": True, "session": 1, "ts": time.time(), **kw})
-
-
-@pytest.fixture
-def hub(broker: TestBroker, tmp_path: Path) -> Iterator[HubProcess]:
-    instance = HubProcess(tmp_path / "hub", broker)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.kill()
-        instance.api.close()
 
 
 @pytest.fixture

@@ -28,16 +28,6 @@ from tests.support import HubProcess, wait_until
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def hub(tmp_path: Path, broker: TestBroker) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path / "hub", broker)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.close()
-
-
 def sim_run(
     tmp_path: Path, broker: TestBroker, hub: HubProcess, *args: str
 ) -> tuple[subprocess.Popen[bytes], Path]:

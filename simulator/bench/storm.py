@@ -329,6 +329,9 @@ async def run_storm(
             what=f"storm {index}: hub shows all online and in sync",
         )
         t_connected, t_online = await t_connected_task, await t_online_task
+        # Two pollers: the one that saw "all online and in sync" may have seen it
+        # before the "all online" poller's next look, and it implies all online.
+        t_online = min(t_online, t_sync)
     finally:
         t_connected_task.cancel()
         t_online_task.cancel()

@@ -88,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker-acl-admin",
         action="append",
         default=[],
-        help="a certificate name given the hub's broker rights in the ACL (repeatable)",
+        help="an 'admin:NAME' certificate name given the hub's broker rights in the ACL "
+        "(repeatable; issue its certificate with 'driftless broker identity')",
+    )
+    serve.add_argument(
+        "--broker-cutoff",
+        choices=("dynsec", "none"),
+        default=_env("DRIFTLESS_BROKER_CUTOFF", "dynsec"),
+        help="how a decommissioned device's open connections are closed: through the "
+        "broker's dynamic security plugin (default), or not at all (ACL reload only)",
     )
     serve.add_argument(
         "--cert-renew-min-interval-s",
@@ -169,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     bconf.add_argument("--port", type=int, default=8883)
     bconf.add_argument("--hub-client-id", default="driftless-hub")
     bconf.add_argument("--db", default=None, help="the hub's DB: revocations so far go in")
+    bident = broker.add_parser(
+        "identity",
+        help="issue a client certificate for an 'admin:NAME' (an operations console, a bridge)",
+    )
+    bident.add_argument(
+        "--identity-dir", type=Path, required=True, help="the hub's fleet CA (made if missing)"
+    )
+    bident.add_argument(
+        "--name", required=True, help="'admin:NAME'; give it to hub serve --broker-acl-admin"
+    )
+    bident.add_argument("--out", type=Path, required=True, help="where NAME.crt and NAME.key go")
     brun = broker.add_parser("run", help="run Mosquitto with a generated config until Ctrl-C")
     brun.add_argument("--data-dir", type=Path, default=Path(".driftless/broker"))
     brun.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -243,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker_pid_file=args.broker_pid_file,
                 cert_renew_min_interval_s=args.cert_renew_min_interval_s,
                 broker_acl_admins=tuple(args.broker_acl_admin),
+                broker_cutoff=args.broker_cutoff,
                 run_link=not args.no_link,
                 desired_poll_s=args.desired_poll_s,
                 api_tls_cert_path=args.api_tls_cert,
@@ -309,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags = hub_broker_args(written, args.identity_dir, url=f"mqtts://HOST:{args.port}")
         print("hub flags: " + " ".join(flags))
         return 0
+    if args.command == "broker" and args.broker_cmd == "identity":
+        return _broker_identity(args.identity_dir, args.name, args.out)
     if args.command == "broker":
         from driftless.demo import run_broker
 
@@ -333,6 +355,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain=args.plain,
         )
     raise AssertionError(args.command)
+
+
+def _broker_identity(identity_dir: Path, name: str, out: Path) -> int:
+    """``broker identity``: a key and certificate for an admin name, from the fleet CA."""
+    import datetime as dt
+
+    from hub.identity import (
+        CertificateAuthority,
+        IdentityError,
+        check_service_name,
+        client_identity,
+    )
+
+    try:
+        check_service_name(name, kinds=("admin",))
+        now = dt.datetime.now(dt.UTC)
+        ca = CertificateAuthority.load_or_create(identity_dir, now=now)
+        cert, key = client_identity(ca, out, name, now=now)
+    except (IdentityError, OSError, ValueError) as exc:
+        print(f"driftless broker identity: {exc}", file=sys.stderr)
+        return 1
+    print(f"certificate {cert}\nkey         {key} (0600; it holds fleet-wide broker rights)")
+    print(f"hub flag: --broker-acl-admin {name}")
+    return 0
 
 
 if __name__ == "__main__":

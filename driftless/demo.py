@@ -100,7 +100,7 @@ def _wait(predicate: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
 
 
 # A broker-level identity in the ACL beside the hub's: scene 4's "someone with broker access".
-BROKER_ADMIN = "demo-broker-admin"
+BROKER_ADMIN = "admin:demo-console"
 
 
 class Demo:
@@ -298,6 +298,8 @@ class Demo:
     def table(self) -> None:
         for d in self.devices():
             state = "in sync" if d["in_sync"] else "behind"
+            if d["state"] == "decommissioned":
+                state = "decommissioned"
             print(
                 f"    {d['id']:10} online={d['online']!s:5} "
                 f"desired=g{d['desired_generation']:<3} "
@@ -366,16 +368,16 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
         say(f"scene 5   {gone} is stolen: decommission it (DELETE /devices/{gone})")
         demo.decommission(gone)
         _wait(
-            lambda: (
-                '"event": "disconnected"' in demo.agents[gone].log()
-                or "disconnected" in demo.agents[gone].log()
-            ),
+            lambda: demo.api.get(f"/devices/{gone}").json()["broker_cut_off_at"] is not None,
             timeout_s=20,
-            what=f"{gone} cut off",
+            what=f"the broker's confirmation that {gone} is cut off",
         )
+        said = "Administrative action" in demo.agents[gone].log()
         say(
-            f"          its certificate is revoked (CRL), the broker reloaded: {gone} was cut "
-            "off and cannot connect again; the rest of the fleet carries on:"
+            f"          its certificate is revoked (CRL) and the broker closed its open "
+            f"connection{' (the agent heard: Administrative action)' if said else ''}; it "
+            "cannot connect again, the hub refuses anything from it, and it stays listed "
+            "as decommissioned. The rest of the fleet carries on:"
         )
         demo.set_fleet_config({"sample_rate_hz": 70, "message": "after the decommission"})
         say(f"          converged in {demo.converge():.2f}s")

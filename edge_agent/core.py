@@ -102,6 +102,8 @@ class Connected:
     session_present: bool
     # What the device is and has left, collected by the driver; sent in the birth.
     inventory: Inventory | None = None
+    # The serial (hex) of the certificate this connection presented, under mutual TLS.
+    cert_serial: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,9 +265,9 @@ class AgentCore:
                 return self._booted(now)
             case Connecting(now=now):
                 return self._connecting(now)
-            case Connected(now=now, inventory=inventory):
+            case Connected(now=now, inventory=inventory, cert_serial=cert_serial):
                 self._ready = False
-                return [self._status(True, now), self._birth(now, inventory)]
+                return [self._status(True, now), self._birth(now, inventory, cert_serial)]
             case Subscribed():
                 self._ready = True
                 return self._maybe_start()
@@ -410,7 +412,7 @@ class AgentCore:
         )
         return Publish(self._topic(Channel.STATUS), payload, retain=True)
 
-    def _birth(self, now: float, inventory: Inventory | None) -> Publish:
+    def _birth(self, now: float, inventory: Inventory | None, cert_serial: str | None) -> Publish:
         birth = Birth(
             device_id=self.device_id,
             session=self.state.session,
@@ -420,6 +422,7 @@ class AgentCore:
             failed_generation=self.state.failed_generation,
             agent_version=self.agent_version,
             inventory=inventory,
+            cert_serial=cert_serial,
             ts=now,
         )
         return Publish(self._topic(Channel.BIRTH), encode(birth))

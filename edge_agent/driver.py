@@ -123,10 +123,12 @@ class AgentDriver:
         trusted_root: TrustedRoot | None = None,
         clock: Callable[[], float] = time.time,
         tls_factory: Callable[[], ssl.SSLContext] | None = None,
+        cert_serial: Callable[[], str] | None = None,
         renewal: Renewal | None = None,
     ) -> None:
         """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
-        switched certificates (None: plain MQTT, or TLS trusting the system's CAs)."""
+        switched certificates (None: plain MQTT, or TLS trusting the system's CAs);
+        ``cert_serial`` reads the serial of the certificate it presents, for births."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
@@ -161,6 +163,8 @@ class AgentDriver:
         self.cert_topic = topic(device_id, Channel.CERT)
         self.renewal = renewal
         self._tls_factory = tls_factory
+        self._read_cert_serial = cert_serial
+        self._cert_serial = cert_serial() if cert_serial is not None else None
         self._new_tls = False  # set after a renewal: reconnect with the new certificate
         self.rejected: dict[str, int] = {}
         self.fetcher: Fetcher | None = None
@@ -204,7 +208,7 @@ class AgentDriver:
                     },
                 )
                 inventory = collect_inventory(self.data_dir, arch=self.bundle_settings.architecture)
-                self.feed(Connected(now, present, inventory))
+                self.feed(Connected(now, present, inventory, self._cert_serial))
                 self.transport.subscribe(self._topics())
             case TSubscribed(granted=granted):
                 if granted:
@@ -393,6 +397,8 @@ class AgentDriver:
         while not self._stop.is_set():
             if self._new_tls and self._tls_factory is not None:
                 self._new_tls = False
+                if self._read_cert_serial is not None:
+                    self._cert_serial = self._read_cert_serial()
                 self.transport = MqttTransport(
                     self.device_id,
                     self.broker_url,
@@ -473,6 +479,12 @@ class AgentDriver:
         log.info("agent stopped", extra={"device": self.device_id})
 
 
+def _certificate_serial(identity: Identity) -> str:
+    from edge_agent.identity import certificate_serial  # cryptography: only with TLS
+
+    return certificate_serial(identity.cert.read_bytes())
+
+
 def run_agent(
     *,
     device_id: str,
@@ -545,6 +557,7 @@ def run_agent(
         bundles=settings,
         trusted_root=trusted_root,
         tls_factory=(lambda: tls_context(identity)) if tls else None,
+        cert_serial=(lambda: _certificate_serial(identity)) if tls else None,
         renewal=renewal,
     )
     log.info(

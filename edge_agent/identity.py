@@ -67,6 +67,24 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key if key is not None else create_key(path)
 
 
+def certificate_serial(pem: bytes) -> str:
+    """The serial of a PEM certificate as the hub records it (lowercase hex): births
+    name the certificate their connection presented. Raises ValueError if unreadable."""
+    return format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+
+
+def sign_proof(key_path: Path, message: bytes) -> str:
+    """The base64 signature of ``message`` by the key at ``key_path`` (ECDSA P-256 with
+    SHA-256): proof that this device holds its current key. Raises ValueError when
+    there is no usable key there."""
+    import base64
+
+    key = load_key(key_path)
+    if key is None:
+        raise ValueError(f"{key_path} is missing: no current key to prove possession with")
+    return base64.b64encode(key.sign(message, ec.ECDSA(hashes.SHA256()))).decode()
+
+
 def public_key_der(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
     """The SubjectPublicKeyInfo of ``key`` (its public half), to compare keys by."""
     public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key

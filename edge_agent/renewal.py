@@ -6,7 +6,10 @@ Rules:
   its life, so a device that is offline for a while, or misses an answer,
   has time to ask again (every ``retry_s``, or when the hub's refusal says).
 - The new key is made on the device (``identity/device.key.next``, 0600) and
-  reused by every retry until a certificate for it arrives; only a CSR leaves.
+  reused by every retry until a certificate for it arrives; only a CSR leaves,
+  with the current certificate and the current key's signature over the request
+  (:func:`protocols.renewal_proof_bytes`): the hub renews only for the holder of
+  the current key.
 - An answer is taken only if it is for the request in flight, for this
   device's id and the new key, and signed by the fleet CA the device already
   trusts; anything else is logged and changes nothing.
@@ -29,7 +32,16 @@ from pathlib import Path
 
 from edge_agent.enroll import Identity
 from edge_agent.store import atomic_write_bytes
-from protocols import CertIssued, CertRequest, Channel, ProtocolError, decode, encode, topic
+from protocols import (
+    CertIssued,
+    CertRequest,
+    Channel,
+    ProtocolError,
+    decode,
+    encode,
+    renewal_proof_bytes,
+    topic,
+)
 
 log = logging.getLogger("driftless.agent")
 
@@ -106,15 +118,22 @@ class Renewal:
         ):
             self._next_at = now + self.check_s
             return False
-        from edge_agent.identity import load_or_create_key, make_csr
+        from edge_agent.identity import load_or_create_key, make_csr, sign_proof
 
         key = load_or_create_key(self.next_key)
-        self._pending = max(1, int(now * 1000))
+        request_id = max(1, int(now * 1000))
+        csr_pem = make_csr(key, self.device_id).decode()
+        proof = sign_proof(
+            self.identity.key, renewal_proof_bytes(self.device_id, request_id, csr_pem)
+        )
+        self._pending = request_id
         self._next_at = now + self.retry_s  # unless an answer comes first
         request = CertRequest(
             device_id=self.device_id,
-            request_id=self._pending,
-            csr_pem=make_csr(key, self.device_id).decode(),
+            request_id=request_id,
+            csr_pem=csr_pem,
+            certificate_pem=self.identity.cert.read_text(),
+            proof=proof,
             ts=now,
         )
         self.publish(topic(self.device_id, Channel.CERT_REQ), encode(request))

@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.broker_config import TlsFiles, render_tls_listener
+from hub.broker_config import (
+    NoDynsecPlugin,
+    TlsFiles,
+    find_dynsec_plugin,
+    render_tls_listener,
+)
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -127,7 +132,11 @@ class MosquittoBroker:
     def _listener_lines(self) -> list[str]:
         if self.tls is None:
             return [f"listener {self.port} {self.host}", "allow_anonymous true"]
-        return render_tls_listener(self.port, self.host, self.tls)
+        try:
+            plugin = find_dynsec_plugin()
+        except NoDynsecPlugin as exc:
+            raise BrokerError(str(exc)) from None
+        return render_tls_listener(self.port, self.host, self.tls, dynsec_plugin=plugin)
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads its config, ACL and CRL without dropping sessions."""

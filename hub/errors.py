@@ -53,3 +53,37 @@ class UnknownBundles(HubError):
             "(upload them first: POST /api/v1/bundles)"
         )
         self.missing = missing
+
+
+class DeviceDecommissioned(HubError):
+    """The device was decommissioned: it gets no desired state and cannot be registered
+    again under its id until it is purged or enrolled again."""
+
+    def __init__(self, device_id: str, detail: str = "") -> None:
+        super().__init__(
+            f"device {device_id!r} is decommissioned" + (f"; {detail}" if detail else "")
+        )
+        self.device_id = device_id
+
+
+class CutOffPending(HubError):
+    """The broker has not yet confirmed that a decommissioned device's live connections
+    are closed; re-using or forgetting its id must wait for that."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(
+            f"the broker has not confirmed yet that decommissioned device {device_id!r} is "
+            "cut off (its live connection closed); try again in a few seconds, and check "
+            "that the hub is connected to the broker"
+        )
+        self.device_id = device_id
+
+
+class DeviceActive(HubError):
+    """Only a decommissioned device can be purged."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(
+            f"device {device_id!r} is active: decommission it first (DELETE without purge)"
+        )
+        self.device_id = device_id

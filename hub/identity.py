@@ -12,6 +12,11 @@ Rules:
   the device, and no device can get a certificate in another's name.
 - The certificate's common name is the device's MQTT username on the broker
   (``use_identity_as_username``), so the ACL pattern ``%u`` confines it.
+- Names with rights beyond one device (the hub's connections, admin consoles)
+  are *service names*, ``hub:NAME`` or ``admin:NAME``. No device id can hold a
+  ``:`` (:data:`protocols.DEVICE_ID_PATTERN`), so enrollment, renewal and the
+  API, which only ever issue certificates for device ids, cannot mint one: the
+  two name spaces are disjoint by construction, not by a deny list.
 - Time is a parameter (``now``) so issuance and the CRL are testable.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,11 +39,38 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 import protocols
 
 CA_COMMON_NAME = "Driftless fleet CA"
-HUB_IDENTITY = "driftless-hub"
+SERVICE_KINDS = ("hub", "admin")
+# X.509 caps a common name at 64 characters; a service name is "<kind>:<name>".
+_SERVICE_NAME_RE = re.compile(r"(hub|admin):[A-Za-z0-9][A-Za-z0-9_.-]{0,57}")
 
 
 class IdentityError(Exception):
     """A CSR, certificate or CA file that cannot be used; the message says why."""
+
+
+def service_name(kind: str, name: str) -> str:
+    """``kind:name``, the certificate (and MQTT user) name of a hub connection or an
+    admin console; raises ValueError unless it is a legal service name."""
+    return check_service_name(f"{kind}:{name}")
+
+
+def is_service_name(name: str) -> bool:
+    """Pure: whether ``name`` is in the service name space (never a device id)."""
+    return _SERVICE_NAME_RE.fullmatch(name) is not None
+
+
+def check_service_name(name: str, *, kinds: tuple[str, ...] = SERVICE_KINDS) -> str:
+    """Return ``name`` unchanged; raise ValueError unless it is ``<kind>:NAME`` for one of
+    ``kinds`` (NAME: letters, digits, '_', '.', '-'; at most 64 characters in all)."""
+    kind = name.partition(":")[0]
+    if not is_service_name(name) or kind not in kinds:
+        wanted = " or ".join(f"'{k}:NAME'" for k in kinds)
+        raise ValueError(
+            f"{name[:80]!r} is not a service name: it must be {wanted} (NAME: letters, "
+            "digits, '_', '.', '-'; 64 characters at most). The ':' keeps it apart from "
+            "device ids, which can never hold one."
+        )
+    return name
 
 
 def write_new_private(path: Path, data: bytes) -> None:
@@ -234,6 +267,49 @@ class CertificateAuthority:
                 .build()
             )
         return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def proven_certificate(
+    ca: CertificateAuthority, *, certificate_pem: str, device_id: str, message: bytes, proof: str
+) -> x509.Certificate:
+    """The certificate a device presents with a signature over ``message`` by its key,
+    after checking that the fleet CA issued it, that it names ``device_id``, and that
+    ``proof`` (base64) verifies with its key: proof of possession, so no one but the
+    holder of that key gets anything for it. Raises IdentityError saying which failed.
+    Whether the certificate is still current (not revoked, not expired) is the
+    caller's to check against its records.
+    """
+    import base64
+    import binascii
+
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+    except ValueError as exc:
+        raise IdentityError(f"the presented certificate is unreadable: {exc}") from None
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise IdentityError("the presented certificate is not from this fleet's CA") from None
+    names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [device_id]:
+        raise IdentityError(f"the presented certificate is not {device_id!r}'s")
+    try:
+        signature = base64.b64decode(proof, validate=True)
+    except (binascii.Error, ValueError):
+        raise IdentityError("the proof is not base64") from None
+    key = cert.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        else:
+            raise IdentityError("the presented certificate's key is neither P-256 nor Ed25519")
+    except InvalidSignature:
+        raise IdentityError("the proof does not verify with the certificate's key") from None
+    return cert
 
 
 def client_identity(

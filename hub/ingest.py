@@ -25,6 +25,13 @@ Rules (the contract; ARCHITECTURE invariants 3 and 5):
 - **Reported.** ``(boot_epoch, seq) <= (last_report_epoch, last_report_seq)``: stale,
   dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken.
 - Duplicates and out-of-order deliveries therefore change nothing.
+- **Decommissioned** device: every message is refused (``decommissioned``).
+- **Revoked certificate**: a birth naming a certificate of the device that was
+  revoked (``cert_serial``) comes from a session that began before a revocation
+  (queued, or from a connection the broker has not closed yet): refused.
+- **Awaiting birth** (a decommissioned id enrolled again): nothing counts until a
+  birth names one of the device's current certificates; until then status and
+  reports, which may be the old unit's, are dropped (``awaiting_birth``).
 - A message must arrive on the channel of its kind, name the device of its topic,
   and decode under :mod:`protocols`; otherwise it is rejected with a reason.
 """
@@ -57,6 +64,7 @@ class Stale(enum.StrEnum):
     BIRTH = "stale_birth"
     STATUS = "stale_status"
     REPORT = "stale_report"
+    AWAITING_BIRTH = "awaiting_birth"
 
 
 class Reject(enum.StrEnum):
@@ -65,6 +73,17 @@ class Reject(enum.StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     UNKNOWN_DEVICE = "unknown_device"
     UNEXPECTED_CHANNEL = "unexpected_channel"
+    DECOMMISSIONED = "decommissioned"
+    REVOKED_CERTIFICATE = "revoked_certificate"
+
+
+class CertFact(enum.StrEnum):
+    """What the hub's records say of the certificate a birth names (``cert_serial``)."""
+
+    NONE = "none"  # the birth names none (plain broker, or an agent that does not say)
+    CURRENT = "current"  # one of this device's certificates, not revoked
+    REVOKED = "revoked"  # one of this device's certificates, revoked
+    UNKNOWN = "unknown"  # not on the hub's record for this device
 
 
 class Rejected(Exception):
@@ -94,6 +113,8 @@ class Tracking:
     last_report_epoch: int = -1
     last_report_seq: int = -1
     inventory: dict[str, Any] | None = None  # the newest birth's, as plain JSON
+    decommissioned_at: datetime | None = None  # read only
+    awaiting_birth: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,7 @@ class Decision:
     tracking: Tracking
     republish: bool = False
     stale: Stale | None = None
+    reject: Reject | None = None  # refused: nothing changes, counted as a rejection
     # The device reports a generation past the hub's desired one: the hub's count was
     # reset (device deleted and registered again, DB restored from a backup). The
     # store re-issues the hub's desired config under a generation past the device's.
@@ -208,10 +230,25 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
     return Decision(new, republish=rekey, rekey=rekey)
 
 
-def decide(t: Tracking, message: DeviceMessage, *, now: datetime) -> Decision:
-    """Pure: dispatch ``message`` to its rule."""
+def decide(
+    t: Tracking, message: DeviceMessage, *, now: datetime, cert: CertFact = CertFact.NONE
+) -> Decision:
+    """Pure: admit ``message`` (decommissioned, revoked, awaiting birth), then dispatch it
+    to its rule. ``cert``: what the hub's records say of the certificate a birth names."""
+    if t.decommissioned_at is not None:
+        return Decision(t, reject=Reject.DECOMMISSIONED)
     if isinstance(message, Birth):
-        return on_birth(t, message, now=now)
+        if cert is CertFact.REVOKED:
+            return Decision(t, reject=Reject.REVOKED_CERTIFICATE)
+        if t.awaiting_birth and cert is not CertFact.CURRENT:
+            return Decision(t, stale=Stale.AWAITING_BIRTH)
+        decision = on_birth(t, message, now=now)
+        if t.awaiting_birth and decision.stale is None:
+            tracking = dataclasses.replace(decision.tracking, awaiting_birth=False)
+            return dataclasses.replace(decision, tracking=tracking)
+        return decision
+    if t.awaiting_birth:
+        return Decision(t, stale=Stale.AWAITING_BIRTH)
     if isinstance(message, Status):
         return on_status(t, message, now=now)
     return on_reported(t, message, now=now)

@@ -43,6 +43,11 @@ Rules:
 - With the fleet CA, the link also answers certificate renewals
   (``$share/hub/.../+/cert_req``, :mod:`hub.enrollment.renewal`): each request is
   answered on the device's ``cert`` topic and acknowledged after the answer went out.
+- Over TLS (``HubSettings.cuts_off_sessions``), the link also asks the broker to
+  close decommissioned devices' open connections (:mod:`hub.enrollment.cutoff`):
+  after every connect and whenever it is told of a change, it sends the command
+  for every device whose cut-off the database says is unconfirmed (again only
+  after a growing pause), and records each confirmation from the broker's answer.
 - aiomqtt's ``publish()`` does not surface PUBACK reason codes (FIELD-NOTES), so a
   publish the broker refused (e.g. by ACL) looks like success here.
 """
@@ -69,6 +74,7 @@ import protocols
 from driftless.net import Backoff, BrokerAddress
 from hub import store
 from hub.db import new_session
+from hub.enrollment import cutoff
 from hub.enrollment.renewal import renew
 from hub.identity import CertificateAuthority
 from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
@@ -81,6 +87,13 @@ from protocols.topics import TOPIC_ROOT, shared_subscription, subscription
 log = logging.getLogger(__name__)
 
 _STALE_KEYS = {s.value for s in Stale}
+_REJECT_DETAILS = {
+    Reject.UNKNOWN_DEVICE.value: "device is not registered",
+    Reject.DECOMMISSIONED.value: "device is decommissioned",
+    Reject.REVOKED_CERTIFICATE.value: "birth from a session of a revoked certificate",
+}
+_CUTOFF_MAX_WAIT_S = 300.0
+_CUTOFF_BATCH = 100
 
 
 class LinkClosed(aiomqtt.MqttError):
@@ -176,6 +189,8 @@ class BrokerLink:
         self._deferred: dict[str, int] = {}  # feed changes seen for ids being read
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._cutoff_wake: asyncio.Event | None = None
+        self._cutoff_asked: dict[str, float] = {}  # device -> loop time last asked
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -190,6 +205,7 @@ class BrokerLink:
             raise RuntimeError("link already started")
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._cutoff_wake = asyncio.Event()
         self._task = self._loop.create_task(self._run(), name=f"mqtt-link {self.broker.url}")
         self._task.add_done_callback(self._on_task_done)
 
@@ -229,6 +245,8 @@ class BrokerLink:
         self.stats.pending_desired = len(self._pending)
         if self._wake is not None and self._pending:
             self._wake.set()
+        if self._cutoff_wake is not None:  # a decommission is a desired change too
+            self._cutoff_wake.set()
 
     # -- connect loop --------------------------------------------------------------------
 
@@ -310,6 +328,8 @@ class BrokerLink:
         ]
         if self._settings.desired_poll_s > 0:
             tasks.append(asyncio.create_task(self._poll_changes(), name="desired-feed"))
+        if self._settings.cuts_off_sessions:
+            tasks.append(asyncio.create_task(self._cutoff_loop(client), name="broker-cutoff"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -332,6 +352,8 @@ class BrokerLink:
         ]
         if self._ca is not None:
             filters.append(shared_subscription(group, Channel.CERT_REQ))
+        if self._settings.cuts_off_sessions:
+            filters.append(cutoff.DYNSEC_RESPONSE_TOPIC)
         codes = await client.subscribe([(f, qos1) for f in filters])
         for topic_filter, code in zip(filters, codes, strict=True):
             if getattr(code, "is_failure", False) or (isinstance(code, int) and code >= 0x80):
@@ -365,6 +387,13 @@ class BrokerLink:
                 batch = [m for m in batch if not m.topic.value.endswith(_CERT_REQ_SUFFIX)]
                 for message in renewals:
                     await self._renew(client, message)
+                    if message.qos > 0:
+                        ack(message.mid, message.qos)
+            answers = [m for m in batch if m.topic.value == cutoff.DYNSEC_RESPONSE_TOPIC]
+            if answers:
+                batch = [m for m in batch if m.topic.value != cutoff.DYNSEC_RESPONSE_TOPIC]
+                for message in answers:
+                    await self._on_cutoff_answer(_payload_bytes(message.payload))
                     if message.qos > 0:
                         ack(message.mid, message.qos)
             if batch:
@@ -405,8 +434,8 @@ class BrokerLink:
                     "stale device message ignored",
                     extra={"device": message.device_id, "topic": topic_name, "reason": outcome},
                 )
-            elif outcome == Reject.UNKNOWN_DEVICE:
-                self._reject(topic_name, message.device_id, outcome, "device is not registered")
+            elif outcome is not None and outcome in _REJECT_DETAILS:
+                self._reject(topic_name, message.device_id, outcome, _REJECT_DETAILS[outcome])
         if republish:
             log.info("republishing desired after birth", extra={"devices": republish})
             self._mark_pending(republish)
@@ -499,6 +528,70 @@ class BrokerLink:
             return store.desired_changes_since(
                 session, seq=mark, limit=self._settings.publish_batch_max * 20
             )
+
+    # -- cutting off decommissioned devices ----------------------------------------------
+
+    async def _cutoff_loop(self, client: aiomqtt.Client) -> None:
+        """Ask the broker to close the connections of every decommissioned device whose
+        cut-off is unconfirmed: at once on connect, then when woken (at most twice a
+        second), asking again for one device only after a pause that doubles."""
+        assert self._cutoff_wake is not None
+        loop = asyncio.get_running_loop()
+        self._cutoff_asked.clear()  # a new connection: ask again for everything pending
+        pause_s = self._settings.broker_cutoff_retry_s
+        while True:
+            self._cutoff_wake.clear()
+            pending = await asyncio.to_thread(self._pending_cutoffs)
+            now = loop.time()
+            due = [d for d in pending if now - self._cutoff_asked.get(d, -1e9) >= pause_s]
+            if due:
+                for device_id in due:
+                    self._cutoff_asked[device_id] = now
+                await client.publish(cutoff.DYNSEC_TOPIC, cutoff.commands(due), qos=1)
+                self.stats.cutoffs_requested += len(due)
+                log.info(
+                    "asked the broker to cut off decommissioned devices", extra={"devices": due}
+                )
+            if pending and not due:
+                pause_s = min(pause_s * 2, _CUTOFF_MAX_WAIT_S)
+            elif not pending:
+                pause_s = self._settings.broker_cutoff_retry_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cutoff_wake.wait(), pause_s if pending else None)
+            await asyncio.sleep(0.5)  # a burst of changes costs one look, not one each
+
+    def _pending_cutoffs(self) -> list[str]:
+        with new_session(self._engine) as session:
+            return store.pending_cut_offs(session, limit=_CUTOFF_BATCH)
+
+    async def _on_cutoff_answer(self, payload: bytes) -> None:
+        """Record what the broker confirmed; count and log what it refused."""
+        try:
+            answer = cutoff.read_answer(payload)
+        except ValueError as exc:
+            self.stats.rejected["bad_control_response"] += 1
+            log.warning("broker control answer not understood", extra={"error": str(exc)})
+            return
+        for device_id, error in answer.failed.items():
+            self.stats.cutoff_errors[error] += 1
+            log.warning(
+                "broker refused to cut off a device; will ask again",
+                extra={"device": device_id, "error": error},
+            )
+        if not answer.cut_off:
+            return
+        now = datetime.now(UTC)
+        confirmed = await asyncio.to_thread(self._confirm_cutoffs, answer.cut_off, now)
+        self.stats.cutoffs_confirmed += len(confirmed)
+        for device_id in confirmed:
+            self._cutoff_asked.pop(device_id, None)
+            log.info(
+                "broker closed the decommissioned device's connections", extra={"device": device_id}
+            )
+
+    def _confirm_cutoffs(self, device_ids: list[str], now: datetime) -> list[str]:
+        with new_session(self._engine) as session:
+            return store.confirm_cut_offs(session, device_ids=device_ids, now=now)
 
     # -- certificate renewal -------------------------------------------------------------
 

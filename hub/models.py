@@ -95,6 +95,19 @@ class Device(SQLModel, table=True):
     # The newest birth's inventory (protocols.Inventory as JSON); None until one arrives.
     inventory: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
+    # decommissioning (hub.enrollment): the row stays visible until an operator purges it.
+    # Set: the device's certificates are revoked and every message from it is refused.
+    decommissioned_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    # When the broker confirmed it closed the device's live connections (the hub asks
+    # Mosquitto's dynamic security plugin); None while that is pending.
+    cut_off_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    # Set when a decommissioned id is enrolled again: nothing from the device counts until
+    # a birth names one of its current certificates (the old unit's queued or still
+    # delivered messages must not pass for the replacement's).
+    awaiting_birth: bool = Field(default=False, nullable=False)
+
 
 class DeviceDeletion(SQLModel, table=True):
     """A deleted device in the change feed: the link clears its retained desired document.
@@ -170,6 +183,8 @@ class InventoryPublic(SQLModel):
 
 _PHASES = frozenset({"applied", "applying", "failed"})
 
+DeviceState = Literal["active", "decommissioned"]
+
 
 class DevicePublic(SQLModel):
     """A device as the API shows it."""
@@ -194,6 +209,11 @@ class DevicePublic(SQLModel):
     inventory: InventoryPublic | None
     in_sync: bool
     status: ReportStatus
+    # "decommissioned": revoked, refused, kept visible until purged (DELETE ?purge=true).
+    state: DeviceState
+    decommissioned_at: datetime | None
+    # When the broker confirmed the decommissioned device's live connections closed.
+    broker_cut_off_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Device) -> DevicePublic:
@@ -237,6 +257,9 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
             "generation": row["report_generation"],
             "error": row["report_error"],
         },
+        "state": "active" if row["decommissioned_at"] is None else "decommissioned",
+        "decommissioned_at": row["decommissioned_at"],
+        "broker_cut_off_at": row["cut_off_at"],
     }
 
 
@@ -288,12 +311,15 @@ class FleetDesiredResult(SQLModel):
 
 
 class FleetSummary(SQLModel):
+    """Counts over active devices; decommissioned ones are counted apart."""
+
     total: int
     online: int
     in_sync: int
     out_of_sync: int
     failed: int
     by_generation: dict[int, int]
+    decommissioned: int
 
 
 class Health(SQLModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -101,8 +102,18 @@ class HubSettings:
     # The broker's ACL file: rewritten with the CRL (hub identities, revoked devices denied).
     broker_acl_path: Path | None = None
     # More certificate names with the hub's rights in that ACL (an operations console, a
-    # bridge); each is one more holder of fleet-wide broker access.
+    # bridge); each is one more holder of fleet-wide broker access. Each must be an
+    # ``admin:NAME`` service name, which no device id can be (hub.identity).
     broker_acl_admins: tuple[str, ...] = ()
+    # How a decommissioned device's open connections are closed: "dynsec" asks the
+    # broker's dynamic security plugin (Mosquitto 2, loaded by ``broker run``/``broker
+    # config``) to kick its username, and re-enrolling or purging the id waits for the
+    # broker's confirmation; "none" relies on the ACL reload alone (a live session then
+    # keeps its socket, with every topic denied). Only over TLS: a plain broker has no
+    # identities to cut off.
+    broker_cutoff: Literal["dynsec", "none"] = "dynsec"
+    # While a cut-off is unconfirmed, it is asked again after this long (doubling to 5 min).
+    broker_cutoff_retry_s: float = 5.0
 
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.
@@ -130,6 +141,16 @@ class HubSettings:
         self.broker()
         if not self.mqtt_client_id:
             raise ValueError("mqtt_client_id must not be empty (the session is keyed by it)")
+        from hub.broker_config import hub_identities
+        from hub.identity import check_service_name
+
+        hub_identities(self.mqtt_client_id)  # its certificate names must be service names
+        for name in self.broker_acl_admins:
+            check_service_name(name, kinds=("admin",))
+        if self.broker_cutoff not in ("dynsec", "none"):
+            raise ValueError("broker_cutoff must be 'dynsec' or 'none'")
+        if self.broker_cutoff_retry_s <= 0:
+            raise ValueError("broker_cutoff_retry_s must be positive")
         if not self.db_url:
             raise ValueError("db_url must not be empty (e.g. sqlite:///driftless-hub.db)")
         for name in (
@@ -201,6 +222,12 @@ class HubSettings:
     def broker(self) -> BrokerAddress:
         """The parsed broker address; raises ValueError on a bad URL."""
         return parse_broker_url(self.broker_url)
+
+    @property
+    def cuts_off_sessions(self) -> bool:
+        """Whether the hub closes decommissioned devices' sessions at the broker (and so
+        waits for that before an id is enrolled again or purged)."""
+        return self.broker_cutoff == "dynsec" and self.broker().tls
 
     def bundle_directory(self) -> Path:
         """Where bundle files live: ``bundles_dir``, else ``bundles`` beside the SQLite file.

@@ -34,6 +34,9 @@ class LinkStats:
     sweeps: int = 0
     pending_desired: int = 0
     feed_changes: int = 0  # devices queued from the database's change feed
+    cutoffs_requested: int = 0  # decommissioned devices the broker was asked to cut off
+    cutoffs_confirmed: int = 0
+    cutoff_errors: Counter[str] = field(default_factory=Counter)  # per broker error text
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,4 +58,7 @@ class LinkStats:
             "sweeps": self.sweeps,
             "pending_desired": self.pending_desired,
             "feed_changes": self.feed_changes,
+            "cutoffs_requested": self.cutoffs_requested,
+            "cutoffs_confirmed": self.cutoffs_confirmed,
+            "cutoff_errors": dict(self.cutoff_errors),
         }

@@ -11,6 +11,9 @@ Rules:
   concurrent changes never hand out the same generation twice.
 - The per-message rules live in :mod:`hub.ingest` (pure); :func:`apply_messages`
   only loads rows, runs the rules and writes the result back.
+- A decommissioned device keeps its row (visible, refused) until it is purged: it
+  gets no desired document, no fleet-wide change and no place in the fleet's
+  counts, and its certificates are revoked in the same transaction that marks it.
 """
 
 from __future__ import annotations
@@ -42,12 +45,22 @@ from sqlmodel import Session, col, select
 import protocols
 from hub.bundles.models import Bundle
 from hub.db import begin_write
-from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound, UnknownBundles
-from hub.ingest import DeviceMessage, Reject, Tracking, decide
-from hub.models import Device, DeviceDeletion
+from hub.enrollment.models import DeviceCertificate
+from hub.errors import (
+    ConfigTooLarge,
+    CutOffPending,
+    DeviceActive,
+    DeviceDecommissioned,
+    DeviceExists,
+    DeviceNotFound,
+    UnknownBundles,
+)
+from hub.ingest import CertFact, DeviceMessage, Reject, Tracking, decide
+from hub.models import Device, DeviceDeletion, DeviceState
 
 _TRACKING_FIELDS = tuple(f.name for f in dataclasses.fields(Tracking))
-_WRITTEN = tuple(name for name in _TRACKING_FIELDS if name != "desired_generation")
+_READ_ONLY = frozenset({"desired_generation", "decommissioned_at"})  # the rules never write them
+_WRITTEN = tuple(name for name in _TRACKING_FIELDS if name not in _READ_ONLY)
 _DEVICES: Table = Device.__table__  # type: ignore[attr-defined]
 _TRACKING_COLUMNS = tuple(_DEVICES.c[name] for name in _TRACKING_FIELDS)
 # executemany statements; bind names must differ from column names in SET clauses
@@ -67,9 +80,16 @@ _json = msgspec.json.Encoder()
 def register_device(
     session: Session, *, device_id: str, labels: Mapping[str, str], now: datetime
 ) -> Device:
-    """Insert a new device; raises DeviceExists."""
+    """Insert a new device; raises DeviceExists (DeviceDecommissioned for a
+    decommissioned id: enroll it again, or purge it first)."""
     begin_write(session)
-    if session.get(Device, device_id) is not None:
+    existing = session.get(Device, device_id)
+    if existing is not None:
+        session.rollback()
+        if existing.decommissioned_at is not None:
+            raise DeviceDecommissioned(
+                device_id, "enroll it again, or purge it (DELETE ?purge=true) to reuse the id"
+            )
         raise DeviceExists(device_id)
     row = Device(id=device_id, labels=dict(labels), created_at=now)
     session.add(row)
@@ -114,11 +134,32 @@ def _label_filter(labels: Mapping[str, str] | None) -> list[ColumnElement[bool]]
     return [labels_column[key].as_string() == value for key, value in (labels or {}).items()]
 
 
-def list_devices(
-    session: Session, *, limit: int, offset: int, labels: Mapping[str, str] | None = None
-) -> tuple[list[Device], int]:
-    """One page of devices ordered by id, and the total matching ``labels`` (all given pairs)."""
+def _active() -> ColumnElement[bool]:
+    return col(Device.decommissioned_at).is_(None)
+
+
+def _device_filter(
+    labels: Mapping[str, str] | None, state: DeviceState | None
+) -> list[ColumnElement[bool]]:
     where = _label_filter(labels)
+    if state == "active":
+        where.append(_active())
+    elif state == "decommissioned":
+        where.append(col(Device.decommissioned_at).is_not(None))
+    return where
+
+
+def list_devices(
+    session: Session,
+    *,
+    limit: int,
+    offset: int,
+    labels: Mapping[str, str] | None = None,
+    state: DeviceState | None = None,
+) -> tuple[list[Device], int]:
+    """One page of devices ordered by id, and the total matching ``labels`` (all given
+    pairs) and ``state`` (None: every state)."""
+    where = _device_filter(labels, state)
     total = session.exec(select(func.count()).select_from(Device).where(*where)).one()
     rows = session.exec(
         select(Device).where(*where).order_by(col(Device.id)).limit(limit).offset(offset)
@@ -127,14 +168,19 @@ def list_devices(
 
 
 def device_page(
-    session: Session, *, limit: int, offset: int, labels: Mapping[str, str] | None = None
+    session: Session,
+    *,
+    limit: int,
+    offset: int,
+    labels: Mapping[str, str] | None = None,
+    state: DeviceState | None = None,
 ) -> tuple[list[RowMapping], int]:
     """:func:`list_devices` as plain rows (SQL Core): the API's hot read path.
 
     Loading ORM objects cost more than the query (identity map, instrumentation);
     the API builds its answer from these mappings directly (``hub.api.views``).
     """
-    where = _label_filter(labels)
+    where = _device_filter(labels, state)
     total = session.exec(select(func.count()).select_from(Device).where(*where)).one()
     rows = (
         session.connection()
@@ -160,16 +206,124 @@ def device_row(session: Session, *, device_id: str) -> RowMapping:
     return row
 
 
-def delete_device(session: Session, *, device_id: str, now: datetime) -> None:
-    """Delete the row and record the deletion in the change feed. Raises DeviceNotFound."""
+@dataclass(frozen=True)
+class Decommissioned:
+    """What :func:`decommission_device` did."""
+
+    revoked_serials: list[int]
+    already: bool  # it was decommissioned before (its cut-off is asked for again)
+
+
+def decommission_device(session: Session, *, device_id: str, now: datetime) -> Decommissioned:
+    """Decommission in one transaction: revoke every certificate, clear the desired
+    document (a new generation, so the link clears the broker's retained copy) and
+    queue the broker cut-off (``cut_off_at`` None). Idempotent: decommissioning again
+    revokes what was issued since and asks the broker to cut it off again.
+
+    Raises DeviceNotFound.
+    """
+    begin_write(session)
+    row = session.exec(select(Device).where(Device.id == device_id).with_for_update()).first()
+    if row is None:
+        raise DeviceNotFound(device_id)
+    already = row.decommissioned_at is not None
+    certificates = session.exec(
+        select(DeviceCertificate).where(
+            DeviceCertificate.device_id == device_id, col(DeviceCertificate.revoked_at).is_(None)
+        )
+    ).all()
+    for certificate in certificates:
+        certificate.revoked_at = now
+        session.add(certificate)
+    if not already:
+        row.decommissioned_at = now
+        _bump(row, {}, now, _next_desired_seq(session))
+    row.cut_off_at = None
+    row.awaiting_birth = False
+    session.add(row)
+    session.commit()
+    return Decommissioned([int(c.serial, 16) for c in certificates], already)
+
+
+def purge_device(session: Session, *, device_id: str, now: datetime, require_cut_off: bool) -> None:
+    """Forget a decommissioned device: delete the row and record that in the change feed.
+
+    Raises DeviceNotFound; DeviceActive (decommission it first); CutOffPending while
+    ``require_cut_off`` and the broker has not confirmed the cut-off (forgetting the
+    row would forget that the broker still owes it).
+    """
     begin_write(session)
     row = session.get(Device, device_id)
     if row is None:
         raise DeviceNotFound(device_id)
+    if row.decommissioned_at is None:
+        session.rollback()
+        raise DeviceActive(device_id)
+    if require_cut_off and row.cut_off_at is None:
+        session.rollback()
+        raise CutOffPending(device_id)
     seq = _next_desired_seq(session)  # before the row goes: it may hold the newest value
     session.delete(row)
     session.add(DeviceDeletion(seq=seq, device_id=device_id, deleted_at=now))
     session.commit()
+
+
+def reactivate_for_enrollment(
+    session: Session, row: Device, *, now: datetime, require_cut_off: bool
+) -> None:
+    """A decommissioned id enrolled again (inside the caller's write transaction).
+
+    Everything learnt from the old unit is forgotten (sessions, reports, inventory),
+    and nothing counts until the replacement's birth names one of its current
+    certificates (``awaiting_birth``). Raises CutOffPending while ``require_cut_off``
+    and the broker has not confirmed the old unit's connections closed: until then
+    the old session could get the id's topics back.
+    """
+    if require_cut_off and row.cut_off_at is None:
+        raise CutOffPending(row.id)
+    fresh = Tracking()
+    for name in _WRITTEN:
+        setattr(row, name, getattr(fresh, name))
+    row.decommissioned_at = None
+    row.cut_off_at = None
+    row.awaiting_birth = True
+    row.desired_seq = _next_desired_seq(session)
+    row.desired_updated_at = row.desired_updated_at or now
+    session.add(row)
+
+
+def pending_cut_offs(session: Session, *, limit: int) -> list[str]:
+    """Decommissioned devices whose live connections the broker has not confirmed closed."""
+    return list(
+        session.exec(
+            select(Device.id)
+            .where(col(Device.decommissioned_at).is_not(None), col(Device.cut_off_at).is_(None))
+            .order_by(col(Device.id))
+            .limit(limit)
+        )
+    )
+
+
+def confirm_cut_offs(session: Session, *, device_ids: Sequence[str], now: datetime) -> list[str]:
+    """Record the broker's confirmation: the devices are offline for good. Returns the
+    ids that were still waiting for it (a confirmation for a device enrolled again
+    since, or already confirmed, changes nothing)."""
+    begin_write(session)
+    rows = session.exec(
+        select(Device)
+        .where(
+            col(Device.id).in_(list(device_ids)),
+            col(Device.decommissioned_at).is_not(None),
+            col(Device.cut_off_at).is_(None),
+        )
+        .with_for_update()
+    ).all()
+    for row in rows:
+        row.cut_off_at = now
+        row.online = False
+        session.add(row)
+    session.commit()
+    return [row.id for row in rows]
 
 
 # -- desired state -----------------------------------------------------------------------
@@ -277,6 +431,9 @@ def set_desired(
     row = session.exec(select(Device).where(Device.id == device_id).with_for_update()).first()
     if row is None:
         raise DeviceNotFound(device_id)
+    if row.decommissioned_at is not None:
+        session.rollback()
+        raise DeviceDecommissioned(device_id, "it gets no desired state")
     _check_bundles(session, document)
     _bump(row, document, now, _next_desired_seq(session))
     session.commit()
@@ -291,8 +448,8 @@ def set_desired_for_selector(
     now: datetime,
     max_config_bytes: int,
 ) -> list[tuple[str, int]]:
-    """Set the same desired config on every device whose labels include ``labels``
-    (every device when ``labels`` is None or empty), in one transaction.
+    """Set the same desired config on every active device whose labels include ``labels``
+    (every active device when ``labels`` is None or empty), in one transaction.
 
     Returns ``(device_id, new_generation)`` for each device, ordered by id.
     Raises ConfigTooLarge or UnknownBundles.
@@ -301,7 +458,10 @@ def set_desired_for_selector(
     begin_write(session)
     _check_bundles(session, document)
     rows = session.exec(
-        select(Device).where(*_label_filter(labels)).order_by(col(Device.id)).with_for_update()
+        select(Device)
+        .where(*_device_filter(labels, "active"))
+        .order_by(col(Device.id))
+        .with_for_update()
     ).all()
     seq = _next_desired_seq(session)  # one value: the rows commit together
     for row in rows:
@@ -312,6 +472,7 @@ def set_desired_for_selector(
 
 def _out_of_sync() -> ColumnElement[bool]:
     return and_(
+        _active(),
         col(Device.desired_generation) > 0,
         col(Device.desired_generation) > col(Device.reported_generation),
     )
@@ -328,14 +489,19 @@ def desired_documents(
     """The current desired document of each device, read now so the newest generation wins.
 
     ``None`` means "nothing to deliver: clear the retained copy" (the device was
-    deleted, or was re-registered and has no desired state yet).
+    decommissioned or deleted, or was re-registered and has no desired state yet).
     """
     wanted = sorted(set(device_ids))
     rows = {row.id: row for row in session.exec(select(Device).where(col(Device.id).in_(wanted)))}
     out: dict[str, protocols.Desired | None] = {}
     for device_id in wanted:
         row = rows.get(device_id)
-        if row is None or row.desired_generation <= 0 or row.desired_updated_at is None:
+        if (
+            row is None
+            or row.decommissioned_at is not None
+            or row.desired_generation <= 0
+            or row.desired_updated_at is None
+        ):
             out[device_id] = None
         else:
             out[device_id] = protocols.Desired(
@@ -358,10 +524,12 @@ class Summary:
     out_of_sync: int
     failed: int
     by_generation: dict[int, int]
+    decommissioned: int
 
 
 def fleet_summary(session: Session) -> Summary:
-    """Counts over the whole fleet; ``by_generation`` counts devices per desired generation."""
+    """Counts over the active fleet; ``by_generation`` counts devices per desired
+    generation; decommissioned devices are only counted, apart."""
 
     def _count(condition: ColumnElement[bool]) -> Any:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
@@ -373,11 +541,18 @@ def fleet_summary(session: Session) -> Summary:
             _count(col(Device.desired_generation) == col(Device.reported_generation)),
             _count(_out_of_sync()),
             _count(col(Device.report_phase) == "failed"),
-        ).select_from(Device)
+        )
+        .select_from(Device)
+        .where(_active())
     ).one()
     by_generation = session.exec(
-        select(Device.desired_generation, func.count()).group_by(col(Device.desired_generation))
+        select(Device.desired_generation, func.count())
+        .where(_active())
+        .group_by(col(Device.desired_generation))
     ).all()
+    decommissioned = session.exec(
+        select(func.count()).select_from(Device).where(col(Device.decommissioned_at).is_not(None))
+    ).one()
     return Summary(
         total=int(total),
         online=int(online),
@@ -385,6 +560,7 @@ def fleet_summary(session: Session) -> Summary:
         out_of_sync=int(out_of_sync),
         failed=int(failed),
         by_generation={int(g): int(n) for g, n in by_generation},
+        decommissioned=int(decommissioned),
     )
 
 
@@ -396,7 +572,7 @@ APPLIED = "applied"
 @dataclass(frozen=True)
 class ApplyResult:
     """``outcomes[i]`` says what happened to ``batch[i]``: ``applied``, a ``Stale`` value,
-    or ``unknown_device``. ``republish`` lists devices whose desired document must be
+    or a ``Reject`` value. ``republish`` lists devices whose desired document must be
     published again, in first-seen order."""
 
     outcomes: list[str]
@@ -422,6 +598,7 @@ def apply_messages(
     )
     loaded = {row[0]: Tracking(*row[1:]) for row in rows}
     tracking = dict(loaded)
+    certificates = _certificate_facts(connection, batch)
     changed: dict[str, Tracking] = {}
     rekeyed: dict[str, int] = {}
     outcomes: list[str] = []
@@ -432,9 +609,12 @@ def apply_messages(
         if current is None:
             outcomes.append(Reject.UNKNOWN_DEVICE.value)
             continue
-        decision = decide(current, message, now=now)
+        cert = certificates.get((device_id, getattr(message, "cert_serial", None)), CertFact.NONE)
+        decision = decide(current, message, now=now, cert=cert)
         new = current
-        if decision.stale is not None:
+        if decision.reject is not None:
+            outcomes.append(decision.reject.value)
+        elif decision.stale is not None:
             outcomes.append(decision.stale.value)
         else:
             new = decision.tracking
@@ -474,6 +654,39 @@ def apply_messages(
         )
     session.commit()
     return ApplyResult(outcomes=outcomes, republish=list(republish))
+
+
+_CERTIFICATES: Table = DeviceCertificate.__table__  # type: ignore[attr-defined]
+
+
+def _certificate_facts(
+    connection: Connection, batch: Sequence[DeviceMessage]
+) -> dict[tuple[str, str | None], CertFact]:
+    """What the records say of each certificate a birth in ``batch`` names (one SELECT,
+    only when a birth names one)."""
+    named = {
+        (m.device_id, m.cert_serial)
+        for m in batch
+        if isinstance(m, protocols.Birth) and m.cert_serial is not None
+    }
+    if not named:
+        return {}
+    rows = connection.execute(
+        sa_select(
+            _CERTIFICATES.c.serial, _CERTIFICATES.c.device_id, _CERTIFICATES.c.revoked_at
+        ).where(_CERTIFICATES.c.serial.in_(sorted({serial for _, serial in named})))
+    )
+    on_record = {serial: (device_id, revoked_at) for serial, device_id, revoked_at in rows}
+    facts: dict[tuple[str, str | None], CertFact] = {}
+    for device_id, serial in named:
+        owner, revoked_at = on_record.get(serial or "", (None, None))
+        if owner != device_id:
+            facts[(device_id, serial)] = CertFact.UNKNOWN
+        else:
+            facts[(device_id, serial)] = (
+                CertFact.CURRENT if revoked_at is None else CertFact.REVOKED
+            )
+    return facts
 
 
 @functools.lru_cache(maxsize=256)

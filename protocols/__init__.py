@@ -31,6 +31,7 @@ from protocols.messages import (
     Message,
     Reported,
     Status,
+    renewal_proof_bytes,
 )
 from protocols.topics import (
     DEVICE_ID_PATTERN,
@@ -71,6 +72,7 @@ __all__ = [
     "is_sha256",
     "is_valid_device_id",
     "parse_topic",
+    "renewal_proof_bytes",
     "topic",
     "validate_device_id",
 ]

@@ -28,6 +28,8 @@ Positive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Timestamp = Annotated[float, msgspec.Meta(ge=0)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=2048)]
 ShortText = Annotated[str, msgspec.Meta(max_length=64)]
+ProofText = Annotated[str, msgspec.Meta(max_length=256, pattern="^[A-Za-z0-9+/=]+$")]
+CertSerial = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{1,40}$")]  # X.509: 20 bytes at most
 
 Phase = Literal["applied", "applying", "failed"]
 
@@ -72,6 +74,9 @@ class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
     agent_version: ShortText
     # Collected at each connect; None from a device that does not report it.
     inventory: Inventory | None = None
+    # The serial (lowercase hex) of the certificate this connection was made with, under
+    # mutual TLS: the hub refuses a birth from a revoked certificate's session.
+    cert_serial: CertSerial | None = None
     ts: Timestamp
 
 
@@ -102,13 +107,24 @@ PemText = Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
 class CertRequest(_Base, kw_only=True, frozen=True, tag="cert_req"):
     """Renewal: a CSR for a new key made on the device, sent over its own connection.
 
-    The broker's ACL lets only the device itself publish here (its certificate's
-    name is its MQTT user), which is what authenticates the request.
+    The broker's ACL lets only the device itself publish here, and the request also
+    proves possession of the device's current key: ``certificate_pem`` is the
+    certificate it holds now and ``proof`` (base64) its key's signature over
+    :func:`renewal_proof_bytes` (ECDSA P-256 with SHA-256, DER; or Ed25519). The hub
+    refuses a request without them, so arriving on the device's topic is not enough.
     """
 
     request_id: Positive
     csr_pem: PemText
+    certificate_pem: PemText | None = None
+    proof: ProofText | None = None
     ts: Timestamp
+
+
+def renewal_proof_bytes(device_id: str, request_id: int, csr_pem: str) -> bytes:
+    """Pure: the bytes a renewal's ``proof`` signs: a fixed label, the device id, the
+    request id (decimal) and the CSR exactly as sent, joined by newlines."""
+    return "\n".join(("driftless-cert-renewal-v1", device_id, str(request_id), csr_pem)).encode()
 
 
 class CertIssued(_Base, kw_only=True, frozen=True, tag="cert"):

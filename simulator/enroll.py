@@ -100,6 +100,20 @@ class DeviceIdentities:
                 "(driftless sim run --enroll)"
             ) from None
 
+    def serial(self, device_id: str) -> str:
+        """The serial of the device's certificate (hex), which its births name.
+
+        Raises EnrollError when the certificate is missing or unreadable.
+        """
+        from edge_agent.identity import certificate_serial
+
+        try:
+            return certificate_serial(self.cert(device_id).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise EnrollError(
+                f"{device_id}: no readable certificate in {self.directory}: {exc}"
+            ) from None
+
     def tls_context(self, device_id: str, ca_pem: str) -> ssl.SSLContext:
         """Mutual TLS as the device: trust only the fleet CA, present its own certificate.
 

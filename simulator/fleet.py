@@ -451,9 +451,11 @@ class VirtualDevice:
         persist: Callable[[str, AgentState], None] | None = None,
         transfer_settings: TransferSettings | None = None,
         tls_context: ssl.SSLContext | None = None,
+        cert_serial: str | None = None,
     ) -> None:
         self.device_id = device_id
         self._tls_context = tls_context  # its own certificate, for mqtts:// (one per device)
+        self._cert_serial = cert_serial  # named in births, as an agent does
         self.core = AgentCore(
             device_id,
             state or AgentState(),
@@ -691,7 +693,9 @@ class VirtualDevice:
             report, self._unsent_report = self._unsent_report, None
             if report is not None:
                 await self._publish(report)
-        await self.feed(Connected(self._clock(), session_present, self.inventory.reading()))
+        await self.feed(
+            Connected(self._clock(), session_present, self.inventory.reading(), self._cert_serial)
+        )
         # One SUBSCRIBE for both channels, as the agent does: a transfer hears "link up"
         # only once bundle frames can flow.
         if not await link.subscribe(self.desired_topic, self.bundle_data_topic, qos=1):
@@ -913,7 +917,8 @@ class Fleet:
                 state=self._states.pop(device_id, None),
                 persist=self._persist,
                 transfer_settings=transfers,
-                tls_context=contexts.get(device_id),
+                tls_context=contexts[device_id][0] if device_id in contexts else None,
+                cert_serial=contexts[device_id][1] if device_id in contexts else None,
             )
             self.devices[device_id] = device
             self._tasks.append(asyncio.create_task(device.run(), name=f"device:{device_id}"))
@@ -939,9 +944,10 @@ class Fleet:
             },
         )
 
-    def _tls_contexts(self) -> dict[str, ssl.SSLContext]:
-        """Every device's own TLS context; empty without identities. Raises FleetError
-        naming the first device whose identity is missing or unusable."""
+    def _tls_contexts(self) -> dict[str, tuple[ssl.SSLContext, str]]:
+        """Every device's own TLS context and certificate serial; empty without
+        identities. Raises FleetError naming the first device whose identity is
+        missing or unusable."""
         if self.config.identity_dir is None:
             return {}
         from simulator.enroll import DeviceIdentities, EnrollError
@@ -949,7 +955,10 @@ class Fleet:
         identities = DeviceIdentities(self.config.identity_dir)
         try:
             ca_pem = identities.ca_pem()
-            return {d: identities.tls_context(d, ca_pem) for d in self.config.device_ids}
+            return {
+                d: (identities.tls_context(d, ca_pem), identities.serial(d))
+                for d in self.config.device_ids
+            }
         except EnrollError as exc:
             raise FleetError(str(exc)) from None
 

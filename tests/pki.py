@@ -12,8 +12,8 @@ client id, the per-device ACL and a CRL, made from a fleet CA of its own
 - simulated devices get the identity directory ``sim run --enroll`` leaves
   (:meth:`FleetPki.sim_identities`);
 - a raw test peer (playing the hub, an operator's console, or devices seen
-  from outside) is one of :data:`PEERS` identities the ACL grants the hub's
-  rights, as ``hub serve --broker-acl-admin`` would. A test names its peers
+  from outside) is one of :data:`PEERS` ``admin:`` identities the ACL grants
+  the hub's rights, as ``hub serve --broker-acl-admin`` would. A test names its peers
   by role ("d1-old"); the same name always gets the same certificate, hence
   the same client id, so persistent sessions resume as they would.
 
@@ -46,7 +46,7 @@ class FleetPki:
         self.directory = directory.resolve()
         self.now = dt.datetime.now(dt.UTC)
         self.ca = CertificateAuthority.load_or_create(self.identity_dir, now=self.now)
-        self.peer_names = tuple(f"peer-{n:02d}" for n in range(PEERS))
+        self.peer_names = tuple(f"admin:peer-{n:02d}" for n in range(PEERS))
         hubs = [name for client_id in HUB_CLIENT_IDS for name in hub_identities(client_id)]
         self.files: TlsFiles = write_secure_files(
             self.ca,

@@ -4,7 +4,10 @@ Rules:
 - ``POST /enroll`` is open (no API token): the enrollment token in the body is
   the credential, checked in one write transaction that also consumes it
   (``hub.enrollment.store.redeem``). Every refusal is 403 with the reason and
-  consumes nothing; a malformed body is 422.
+  consumes nothing; a malformed body is 422. A decommissioned id enrolled again
+  answers 409 (nothing consumed) until the broker confirmed the old unit cut off.
+- Device ids only: a certificate is issued for a name a device id may take
+  (:func:`protocols.validate_device_id`), never for a ``hub:``/``admin:`` name.
 - The answer carries what a device needs and nothing secret: its certificate,
   the fleet CA, the fleet root (if the hub has one) and the broker URL devices
   should use (``HubSettings.public_broker_url``).
@@ -29,6 +32,7 @@ from hub.auth.api import require
 from hub.auth.models import Role
 from hub.enrollment import store
 from hub.enrollment.revocation import current_crl, publish_crl
+from hub.errors import CutOffPending
 from hub.identity import CertificateAuthority
 from hub.models import Labels
 
@@ -106,9 +110,12 @@ def enroll(
             csr_pem=body.csr_pem.encode(),
             ca=ca,
             now=now,
+            require_cut_off=settings.cuts_off_sessions,
         )
     except store.EnrollmentRefused as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
+    except CutOffPending as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     if settings.broker_acl_path is not None and store.was_revoked(session, body.device_id):
         # A device decommissioned before and enrolled again: the broker's ACL still
         # denies it everything until the hub rewrites it (and the broker reloads).

@@ -1,14 +1,18 @@
 """Certificate renewal over MQTT: a device sends a CSR for a new key, the hub answers.
 
 Rules:
-- The broker authenticates the request: only the device itself may publish on
-  its ``cert_req`` topic (the ACL, with the certificate's name as MQTT user).
-  The hub still checks the body names the topic's device.
+- Proof of possession, not the topic, authenticates the request: it carries the
+  device's current certificate and a signature by that certificate's key over
+  the request (:func:`protocols.renewal_proof_bytes`). The certificate must be
+  from the fleet CA, name the device, and be one of the device's certificates
+  on record, not revoked, not expired. So a request that merely arrives on a
+  device's ``cert_req`` topic (the broker's ACL lets only the device and the
+  hub's identities publish there) gets nothing for its sender's key.
 - Refused with an answer saying why, nothing issued, when: the device is not
-  registered; it holds no unrevoked, unexpired certificate (never enrolled, or
-  decommissioned); the CSR does not name it or is not self-signed; or it was
-  issued one less than ``min_interval_s`` ago, so a stolen device cannot make
-  the CA mint certificates in a loop.
+  registered or is decommissioned; the proof is missing or fails any check
+  above; the CSR does not name the device or is not self-signed; or a
+  certificate was issued one less than ``min_interval_s`` ago, so a stolen
+  device cannot make the CA mint certificates in a loop.
 - Issued as at enrollment (CN = device id, client authentication only) and
   recorded. Older certificates stay valid until they expire: the overlap lets
   a device that missed the answer keep working and ask again.
@@ -24,9 +28,9 @@ from sqlmodel import Session, col, select
 from hub.db import begin_write
 from hub.enrollment.models import DeviceCertificate
 from hub.enrollment.store import record_certificate
-from hub.identity import CertificateAuthority, IdentityError
+from hub.identity import CertificateAuthority, IdentityError, proven_certificate
 from hub.models import Device
-from protocols import CertIssued, CertRequest
+from protocols import CertIssued, CertRequest, renewal_proof_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +85,37 @@ def _issue(
 ) -> str:
     device_id = request.device_id
     begin_write(session)
-    if session.get(Device, device_id) is None:
+    device = session.get(Device, device_id)
+    if device is None:
         raise RenewalRefused(f"device {device_id!r} is not registered")
+    if device.decommissioned_at is not None:
+        raise RenewalRefused(f"device {device_id!r} is decommissioned")
+    if request.certificate_pem is None or request.proof is None:
+        raise RenewalRefused(
+            "no proof of possession: a renewal carries the current certificate and a "
+            "signature by its key (update the agent, or enroll again)"
+        )
+    message = renewal_proof_bytes(device_id, request.request_id, request.csr_pem)
+    try:
+        presented = proven_certificate(
+            ca,
+            certificate_pem=request.certificate_pem,
+            device_id=device_id,
+            message=message,
+            proof=request.proof,
+        )
+    except IdentityError as exc:
+        raise RenewalRefused(f"proof of possession refused: {exc}") from None
     certificates = session.exec(
         select(DeviceCertificate).where(col(DeviceCertificate.device_id) == device_id)
     ).all()
-    current = [c for c in certificates if c.revoked_at is None and c.not_after > now]
-    if not current:
-        raise RenewalRefused("no valid certificate to renew (enroll again)")
+    serial = format(presented.serial_number, "x")
+    record = next((c for c in certificates if c.serial == serial), None)
+    if record is None or record.revoked_at is not None or record.not_after <= now:
+        raise RenewalRefused(
+            "proof of possession refused: the presented certificate is not a current "
+            f"certificate of {device_id!r} (revoked, expired or not on record; enroll again)"
+        )
     newest = max(c.issued_at for c in certificates)
     elapsed_s = (now - newest).total_seconds()
     if elapsed_s < min_interval_s:

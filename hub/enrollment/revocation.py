@@ -1,13 +1,17 @@
 """Revocation reaches the broker: the CRL is rewritten and the broker told to re-read it.
 
 Rules:
+- Decommissioning is one transaction (:func:`hub.store.decommission_device`):
+  the certificates are revoked and the device marked, then the CRL and ACL
+  reach the broker as below, and the link asks the broker to close the
+  device's open connections (:mod:`hub.enrollment.cutoff`), which neither the
+  CRL nor the ACL reload does.
 - Only for a broker beside the hub (``HubSettings.broker_crl_path``): the hub
   writes the CRL there by rename (a broker re-reading never sees half a file),
   and the ACL (``broker_acl_path``) with every device whose certificates are
   all revoked denied everything, then sends SIGHUP to the pid in
-  ``broker_pid_file``: Mosquitto re-reads both without dropping sessions. The
-  revoked device's open connection keeps its socket but loses every topic; it
-  cannot connect again (its certificate is refused in the handshake).
+  ``broker_pid_file``: Mosquitto re-reads both without dropping sessions. A
+  revoked certificate is refused at every later handshake.
 - A broker elsewhere reads the CRL from the API (``GET /api/v1/crl``) or from
   ``driftless broker config``; the hub does not reach into other machines.
 - Failing to signal the broker is logged, not raised: the revocation is
@@ -23,6 +27,7 @@ import signal
 
 from sqlmodel import Session
 
+from hub import store as device_store
 from hub.broker_config import hub_identities, render_acl, replace_file
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
@@ -68,20 +73,27 @@ def reload_broker(settings: HubSettings) -> None:
     log.info("broker reloaded", extra={"pid": pid})
 
 
-def revoke_device(
+def decommission(
     session: Session,
     ca: CertificateAuthority | None,
     settings: HubSettings,
     *,
     device_id: str,
     now: dt.datetime,
-) -> list[int]:
-    """Revoke every certificate of ``device_id`` and push the CRL; returns the serials."""
-    serials = store.revoke_device_certificates(session, device_id=device_id, now=now)
-    if serials and ca is not None:
+) -> device_store.Decommissioned:
+    """Decommission ``device_id`` (revoked, refused, cut-off queued) and push the CRL.
+
+    Raises DeviceNotFound.
+    """
+    done = device_store.decommission_device(session, device_id=device_id, now=now)
+    if done.revoked_serials and ca is not None:
         publish_crl(session, ca, settings, now=now)
     log.info(
-        "device certificates revoked",
-        extra={"device": device_id, "serials": [format(s, "x") for s in serials]},
+        "device decommissioned",
+        extra={
+            "device": device_id,
+            "serials": [format(s, "x") for s in done.revoked_serials],
+            "again": done.already,
+        },
     )
-    return serials
+    return done

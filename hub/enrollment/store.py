@@ -71,8 +71,15 @@ def redeem(
     csr_pem: bytes,
     ca: CertificateAuthority,
     now: datetime,
+    require_cut_off: bool = True,
 ) -> Enrolled:
-    """Enroll ``device_id`` with its CSR; raises EnrollmentRefused (nothing consumed then)."""
+    """Enroll ``device_id`` with its CSR; raises EnrollmentRefused (nothing consumed then).
+
+    A decommissioned id enrolled again is a replacement unit: the row is reactivated
+    (:func:`hub.store.reactivate_for_enrollment`), once the broker confirmed the old
+    unit's connections closed (else CutOffPending, nothing consumed) when
+    ``require_cut_off``.
+    """
     if not protocols.is_valid_device_id(device_id):
         raise EnrollmentRefused(f"device id {device_id[:80]!r} is not valid")
     begin_write(session)
@@ -92,9 +99,14 @@ def redeem(
             raise EnrollmentRefused(f"CSR refused: {exc}") from None
         token.uses_left -= 1
         session.add(token)
-        created = session.get(Device, device_id) is None
-        if created:
+        existing = session.get(Device, device_id)
+        created = existing is None
+        if existing is None:
             session.add(Device(id=device_id, labels=dict(token.labels), created_at=now))
+        elif existing.decommissioned_at is not None:
+            from hub.store import reactivate_for_enrollment
+
+            reactivate_for_enrollment(session, existing, now=now, require_cut_off=require_cut_off)
         record_certificate(session, device_id=device_id, issued=issued, now=now)
         session.commit()
     except BaseException:
@@ -113,21 +125,6 @@ def record_certificate(session: Session, *, device_id: str, issued: Issued, now:
             issued_at=now,
         )
     )
-
-
-def revoke_device_certificates(session: Session, *, device_id: str, now: datetime) -> list[int]:
-    """Mark every unrevoked certificate of ``device_id`` revoked; returns their serials."""
-    begin_write(session)
-    rows = session.exec(
-        select(DeviceCertificate).where(
-            DeviceCertificate.device_id == device_id, col(DeviceCertificate.revoked_at).is_(None)
-        )
-    ).all()
-    for row in rows:
-        row.revoked_at = now
-        session.add(row)
-    session.commit()
-    return [int(row.serial, 16) for row in rows]
 
 
 def revoked(session: Session) -> list[tuple[int, datetime]]:

@@ -171,17 +171,26 @@ def desired(device_id: str) -> bytes:
     )  # fmt: skip
 
 
-def cert_request(device_id: str, *, csr_for: str) -> bytes:
-    """A renewal request from ``device_id`` carrying a CSR that names ``csr_for``."""
+def cert_request(
+    device_id: str, *, csr_for: str, proof_with: tuple[Path, Path] | None = None
+) -> bytes:
+    """A renewal request from ``device_id`` carrying a CSR that names ``csr_for``;
+    ``proof_with`` (certificate, key): a valid proof of possession of that pair."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from edge_agent.identity import make_csr
+    from edge_agent.identity import make_csr, sign_proof
+    from protocols import renewal_proof_bytes
 
     csr = make_csr(ec.generate_private_key(ec.SECP256R1()), csr_for).decode()
-    return _json(
-        {"v": 1, "kind": "cert_req", "device_id": device_id, "request_id": 1,
-         "csr_pem": csr, "ts": time.time()}
-    )  # fmt: skip
+    body: dict[str, object] = {
+        "v": 1, "kind": "cert_req", "device_id": device_id, "request_id": 1,
+        "csr_pem": csr, "ts": time.time(),
+    }  # fmt: skip
+    if proof_with is not None:
+        cert, key = proof_with
+        body["certificate_pem"] = cert.read_text()
+        body["proof"] = sign_proof(key, renewal_proof_bytes(device_id, 1, csr))
+    return _json(body)
 
 
 def garbage(me: str, victim: str) -> list[tuple[str, bytes, str]]:

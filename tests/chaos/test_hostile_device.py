@@ -13,9 +13,14 @@ own in hostile hands -- does its worst:
 - impersonation: births, reports, a retained offline status, a retained
   desired document, a bundle request and a certificate request in other
   devices' names on their topics; a certificate renewal on its own topic with
-  a CSR naming another device; subscriptions to other devices' desired,
-  bundle and certificate topics (and to ``#``) held across fleet-wide
-  changes; connections with another device's client id and with the hub's.
+  a valid proof of possession and a CSR naming another device; subscriptions
+  to other devices' desired, bundle and certificate topics (and to ``#``) held
+  across fleet-wide changes; connections with another device's client id and
+  with the hub's;
+- with a claim token stolen beside it: enrollment as the hub (``hub:…``, the
+  hub's certificate names, refused) and under the hub's former names
+  (``driftless-hub``, ``driftless-hub-bundles``: plain devices), whose
+  certificates then forge on a victim's topics.
 
 At the end:
 
@@ -50,7 +55,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.enroll import enroll
+from edge_agent.enroll import EnrollError, enroll
+from hub.broker_config import hub_identities
 from protocols import Channel, topic
 from simulator.fleet import device_ids
 from simulator.journal import read_all
@@ -163,10 +169,12 @@ def test_a_stolen_device_cannot_disturb_the_fleet_or_the_hub(tmp_path: Path) -> 
             assert all(code < 0x80 for code in own.values()), own
             sent["garbage"] += len(mids)
 
-            # A renewal of its own carrying a CSR in a victim's name: answered, not issued.
+            # A renewal of its own, with a valid proof of possession, carrying a CSR in a
+            # victim's name: answered, not issued.
             mine = topic(HOSTILE, Channel.CERT)
             attacker.publish(
-                topic(HOSTILE, Channel.CERT_REQ), cert_request(HOSTILE, csr_for=victims[0])
+                topic(HOSTILE, Channel.CERT_REQ),
+                cert_request(HOSTILE, csr_for=victims[0], proof_with=(identity.cert, identity.key)),
             )
             sent["cert_req"] += 1
             wait_until(
@@ -214,24 +222,51 @@ def test_a_stolen_device_cannot_disturb_the_fleet_or_the_hub(tmp_path: Path) -> 
             attacker.close()
             received = list(attacker.received)
 
-            # Another device's client id, then the hub's: the certificate's name wins.
-            taken_over = []
-            for client_id in (victims[1], "driftless-hub"):
-                impostor = HostileDevice(port, client_id=client_id, **creds)
+            def forge_as(client_id: str, victim: str, files: dict[str, Path]) -> None:
+                """Connect as ``client_id`` with ``files``, forge on ``victim``'s topics: every
+                publish refused, nothing received, the hub's link undisturbed."""
+                nonlocal refused
+                impostor = HostileDevice(port, client_id=client_id, **files)
                 try:
                     assert impostor.connect() == 0
+                    impostor.subscribe(["driftless/v1/devices/+/reported"])
                     mids = [
                         impostor.publish(name, payload, retain=retain)
-                        for name, payload, retain in forgeries(victims[1])
+                        for name, payload, retain in forgeries(victim)
                     ]
                     codes = impostor.wait_acked(mids, timeout_s=30)
                     sent["forged"] += len(mids)
                     refused += sum(code == NOT_AUTHORIZED for code in codes.values())
                     assert set(codes.values()) == {NOT_AUTHORIZED}, codes
                     taken_over.append(hub.stats()["mqtt_connected"])
-                    received += impostor.received
+                    received.extend(impostor.received)
                 finally:
                     impostor.close()
+
+            # Another device's client id, then the hub's: the certificate's name wins.
+            taken_over: list[bool] = []
+            for client_id in (victims[1], *hub_identities("driftless-hub"), "driftless-hub"):
+                forge_as(client_id, victims[1], creds)
+
+            # A claim token stolen with the device: enroll as the hub. Service names are
+            # refused; the hub's former names enroll as plain devices, with no more rights.
+            claim = hub.api.post("/enrollment-tokens", json={"uses": 10}).json()["token"]
+            as_hub: dict[str, str] = {}
+            former = ("driftless-hub", "driftless-hub-bundles")
+            for name in (*hub_identities("driftless-hub"), *former):
+                try:
+                    stolen = enroll(
+                        hub_url=hub.base_url, token=claim, device_id=name,
+                        data_dir=tmp_path / f"as-{name.replace(':', '_')}",
+                    )  # fmt: skip
+                except EnrollError as exc:
+                    as_hub[name] = f"refused: {exc}"
+                    continue
+                as_hub[name] = "enrolled as a plain device"
+                sent["enrolled_as_hub"] += 1
+                forge_as(
+                    name, victims[2], {"ca": stolen.ca, "cert": stolen.cert, "key": stolen.key}
+                )
             changes_after_attack = len((read_summary(summary_path) or {}).get("changes", []))
 
             assert sim.wait(timeout=DURATION_S + 240) == 0, (tmp_path / "sim.log").read_text()[
@@ -267,6 +302,7 @@ def test_a_stolen_device_cannot_disturb_the_fleet_or_the_hub(tmp_path: Path) -> 
         "flood_per_s": round(FLOOD / flood_s),
         "hostile_received": len(received),
         "renewal_answer": renewal["error"],
+        "enroll_as_hub": as_hub,
         "hub_rejected": stats["rejected"],
         "enrollment_s": summary["enrollment"]["enroll_s"],
         "sim_disconnects": summary["disconnects"],
@@ -311,5 +347,6 @@ def test_a_stolen_device_cannot_disturb_the_fleet_or_the_hub(tmp_path: Path) -> 
     assert stats["rejected"] == dict(expected_rejects)
     assert thief["last_report_seq"] == FLOOD // 2
     assert thief["labels"] == {}  # not one of the fleet: never targeted by its changes
+    assert [n for n, outcome in as_hub.items() if ":" in n and "refused" not in outcome] == []
     assert all(taken_over) and hub_alive
     assert stats["reconnects"] == 0 and stats["connects"] == 1

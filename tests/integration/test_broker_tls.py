@@ -14,9 +14,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.identity import create_key, make_csr
-from hub.broker_config import TlsFiles, write_secure_files
+from hub.broker_config import TlsFiles, hub_identities, write_secure_files
 from hub.devbroker import MosquittoBroker
-from hub.identity import HUB_IDENTITY, CertificateAuthority, client_identity
+from hub.identity import CertificateAuthority, client_identity
+
+HUB_IDENTITY = hub_identities("driftless-hub")[0]
 
 pytestmark = pytest.mark.integration
 

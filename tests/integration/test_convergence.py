@@ -212,6 +212,11 @@ def test_device_registered_again_still_converges(fleet: Fleet) -> None:
     fleet.converged(gen)
     agent = fleet.agents[0]
     assert fleet.hub.api.delete(f"/devices/{agent.device_id}").status_code == 204
+    wait_until(  # the broker closes the agent's connection; then the id may be forgotten
+        lambda: fleet.hub.device(agent.device_id)["broker_cut_off_at"], what="cut off"
+    )
+    purge = fleet.hub.api.delete(f"/devices/{agent.device_id}", params={"purge": "true"})
+    assert purge.status_code == 204, purge.text
     fleet.hub.api.post("/devices", json={"id": agent.device_id}).raise_for_status()
     response = fleet.hub.api.put(f"/devices/{agent.device_id}/desired", json={"config": {"r": 9}})
     assert response.json()["desired_generation"] == 1  # what a fresh row knows

@@ -16,17 +16,22 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.store import StateStore
 from firmware_bundles.devfleet import DevFleet
-from hub.broker_config import TlsFiles
-from hub.devbroker import MosquittoBroker, find_mosquitto, free_port, wait_for_port
+from hub.devbroker import find_mosquitto, free_port, wait_for_port
 from hub.identity import CertificateAuthority
 from protocols import Channel, topic
-from tests.secure_stack import SecureStack, secure_stack
+from tests.secure_stack import (
+    SecureStack,
+    connects,
+    connects_with,
+    driftless,
+    enroll,
+    enrollment_token,
+    secure_stack,
+)
 from tests.support import AgentProcess, HubProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -42,56 +47,6 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
     hub_args = ["--cert-renew-min-interval-s", str(RENEW_MIN_INTERVAL_S)]
     with secure_stack(tmp_path, hub_args=hub_args) as stack:
         yield stack
-
-
-def driftless(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "driftless.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def enrollment_token(hub: HubProcess, **body: object) -> str:
-    response = hub.api.post("/enrollment-tokens", json=body)
-    assert response.status_code == 201, response.text
-    token: str = response.json()["token"]
-    return token
-
-
-def enroll(
-    hub: HubProcess, token: str, device_id: str, data_dir: Path
-) -> subprocess.CompletedProcess[str]:
-    return driftless(
-        "agent", "enroll", "--hub", hub.base_url, "--token", token,
-        "--device-id", device_id, "--data-dir", str(data_dir),
-    )  # fmt: skip
-
-
-def connects_with(broker: MosquittoBroker, files: TlsFiles, cert: Path, key: Path) -> bool:
-    """Whether a fresh MQTT connection with this certificate is accepted."""
-    return connects(broker.port, files.ca_cert, cert, key)
-
-
-def connects(port: int, ca: Path, cert: Path | None, key: Path | None) -> bool:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    context = ssl.create_default_context(cafile=str(ca))
-    if cert is not None and key is not None:
-        context.load_cert_chain(cert, key)
-    client.tls_set_context(context)
-    try:
-        client.connect("127.0.0.1", port, keepalive=5)
-        for _ in range(50):
-            client.loop(timeout=0.1)
-            if client.is_connected():
-                return True
-    except (OSError, ssl.SSLError):
-        return False
-    finally:
-        client.disconnect()
-    return False
 
 
 def test_enroll_run_converge_then_decommission_cuts_the_device_off(
@@ -127,22 +82,24 @@ def test_enroll_run_converge_then_decommission_cuts_the_device_off(
             what="pump-1 applied its signed document over mTLS",
         )
         cert, key = identity / "device.crt", identity / "device.key"
-        assert connects_with(secure.broker, secure.files, cert, key)
 
-        # Decommission: the row, the certificate (CRL) and the live connection's rights (ACL).
+        # Decommission: the certificate (CRL), the topics (ACL), and the live connection,
+        # which the broker closes itself (nothing else connects as the device here).
         assert hub.api.delete("/devices/pump-1").status_code == 204
+        wait_until(
+            lambda: '"event": "disconnected"' in agent.log(),
+            timeout_s=10,
+            what="the revoked device's live connection closed by the broker",
+        )
+        assert "Administrative action" in agent.log()
         wait_until(
             lambda: not connects_with(secure.broker, secure.files, cert, key),
             timeout_s=20,
             what="the revoked certificate refused",
         )
         assert "user pump-1\ntopic deny #" in secure.files.acl.read_text()
-        # Mosquitto re-applies security to live clients on reload: the open session ends.
-        wait_until(
-            lambda: '"event": "disconnected"' in agent.log(),
-            timeout_s=20,
-            what="the revoked device's live connection cut",
-        )
+        device = hub.device("pump-1")  # still listed, for the operator, as decommissioned
+        assert device["state"] == "decommissioned" and not device["online"]
         agent.kill()
         agent.start()  # a restarted agent cannot get back in
         wait_until(
@@ -351,6 +308,9 @@ def test_a_decommissioned_device_enrolled_again_gets_back_in(
     old_key.chmod(0o600)
     assert hub.api.delete("/devices/pump-5").status_code == 204
     assert "user pump-5\ntopic deny #" in secure.files.acl.read_text()
+    wait_until(  # the id is reused only once the broker confirmed the old unit cut off
+        lambda: hub.device("pump-5")["broker_cut_off_at"], what="the broker's confirmation"
+    )
     again = enroll(hub, enrollment_token(hub, device_id="pump-5"), "pump-5", agent.data_dir)
     assert again.returncode == 0, again.stderr
     assert "pump-5" not in secure.files.acl.read_text()

@@ -11,7 +11,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from hub.bundles.chunks import CLIENT_ID_SUFFIX, ChunkServer
+from hub.broker_config import hub_identities
+from hub.bundles.chunks import ChunkServer
 from hub.bundles.files import BundleFiles
 from hub.settings import HubSettings
 from protocols import (
@@ -64,7 +65,7 @@ async def served(
         bundle_chunk_max_bytes=65536,
         mqtt_reconnect_max_s=0.5,
     )
-    hub_tls = broker.pki.client_context(settings.mqtt_client_id + CLIENT_ID_SUFFIX)
+    hub_tls = broker.pki.client_context(hub_identities(settings.mqtt_client_id)[1])
     server = ChunkServer(
         broker=settings.broker(), settings=settings, files=files, tls_context=hub_tls
     )

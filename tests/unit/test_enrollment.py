@@ -11,16 +11,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, select
 
 from edge_agent.identity import make_csr
+from hub import store
 from hub.db import init_db, make_engine, new_session
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.store import (
     EnrollmentRefused,
     create_token,
     redeem,
-    revoke_device_certificates,
     revoked,
     token_hash,
 )
+from hub.errors import CutOffPending, DeviceActive, DeviceDecommissioned, DeviceNotFound
 from hub.identity import CertificateAuthority
 from hub.models import Device
 
@@ -111,8 +112,79 @@ def test_revocation_lists_serials(session: Session, ca: CertificateAuthority) ->
     secret, _ = create_token(session, device_id=None, uses=3, expires_at=LATER, labels={}, now=NOW)
     first = redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
     redeem(session, secret=secret, device_id="d2", csr_pem=csr("d2"), ca=ca, now=NOW)
-    assert revoke_device_certificates(session, device_id="d1", now=LATER) == [
-        first.certificate.serial
-    ]
+    done = store.decommission_device(session, device_id="d1", now=LATER)
+    assert done.revoked_serials == [first.certificate.serial] and not done.already
     assert revoked(session) == [(first.certificate.serial, LATER)]
-    assert revoke_device_certificates(session, device_id="d1", now=LATER) == []
+    again = store.decommission_device(session, device_id="d1", now=LATER)
+    assert again.revoked_serials == [] and again.already
+
+
+def test_decommissioning_keeps_the_device_visible_and_clears_its_document(
+    session: Session, ca: CertificateAuthority
+) -> None:
+    secret, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    store.set_desired(session, device_id="d1", config={"a": 1}, now=NOW, max_config_bytes=1000)
+    store.decommission_device(session, device_id="d1", now=LATER)
+    row = store.get_device(session, device_id="d1")
+    assert row.decommissioned_at == LATER and row.cut_off_at is None
+    assert row.desired_config == {} and row.desired_generation == 2  # a new generation
+    assert store.desired_documents(session, device_ids=["d1"]) == {"d1": None}
+    assert store.pending_cut_offs(session, limit=10) == ["d1"]
+    with pytest.raises(DeviceDecommissioned):
+        store.set_desired(session, device_id="d1", config={}, now=LATER, max_config_bytes=1000)
+    with pytest.raises(DeviceDecommissioned):
+        store.register_device(session, device_id="d1", labels={}, now=LATER)
+    assert store.fleet_summary(session).decommissioned == 1
+    assert store.fleet_summary(session).total == 0
+
+
+def test_a_decommissioned_id_is_enrolled_again_only_once_the_broker_cut_it_off(
+    session: Session, ca: CertificateAuthority
+) -> None:
+    secret, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    session.exec(select(Device)).one().session = 7
+    session.commit()
+    store.decommission_device(session, device_id="d1", now=NOW)
+    again, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    with pytest.raises(CutOffPending):
+        redeem(session, secret=again, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    token = session.get(EnrollmentToken, token_hash(again))
+    assert token is not None and token.uses_left == 1  # nothing consumed
+    assert store.confirm_cut_offs(session, device_ids=["d1", "other"], now=NOW) == ["d1"]
+    assert store.confirm_cut_offs(session, device_ids=["d1"], now=NOW) == []  # once
+    redeem(session, secret=again, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    row = store.get_device(session, device_id="d1")
+    assert row.decommissioned_at is None and row.cut_off_at is None
+    assert row.awaiting_birth and row.session == -1 and not row.online  # a new unit
+
+
+def test_without_broker_cut_offs_an_id_is_enrolled_again_at_once(
+    session: Session, ca: CertificateAuthority
+) -> None:
+    secret, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+    store.decommission_device(session, device_id="d1", now=NOW)
+    again, _ = create_token(session, device_id="d1", uses=1, expires_at=LATER, labels={}, now=NOW)
+    redeem(
+        session, secret=again, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW,
+        require_cut_off=False,
+    )  # fmt: skip
+    assert store.get_device(session, device_id="d1").decommissioned_at is None
+
+
+def test_purge_needs_a_decommissioned_and_cut_off_device(
+    session: Session, ca: CertificateAuthority
+) -> None:
+    store.register_device(session, device_id="d1", labels={}, now=NOW)
+    with pytest.raises(DeviceActive):
+        store.purge_device(session, device_id="d1", now=NOW, require_cut_off=True)
+    store.decommission_device(session, device_id="d1", now=NOW)
+    with pytest.raises(CutOffPending):
+        store.purge_device(session, device_id="d1", now=NOW, require_cut_off=True)
+    store.confirm_cut_offs(session, device_ids=["d1"], now=NOW)
+    store.purge_device(session, device_id="d1", now=NOW, require_cut_off=True)
+    with pytest.raises(DeviceNotFound):
+        store.get_device(session, device_id="d1")
+    store.register_device(session, device_id="d1", labels={}, now=LATER)  # the id is free

@@ -184,9 +184,21 @@ def test_request_body_over_the_http_limit_is_413(client: TestClient) -> None:
     assert response.status_code == 413
 
 
-def test_delete_then_get_is_404(client: TestClient) -> None:
+def test_delete_decommissions_and_purge_forgets(client: TestClient) -> None:
+    """Plain MQTT (no identities to cut off): the purge needs no broker confirmation."""
     register(client, "dev-1")
+    assert client.delete("devices/dev-1?purge=true").status_code == 409  # active: not yet
     assert client.delete("devices/dev-1").status_code == 204
+    device = client.get("devices/dev-1").json()  # still visible, for the operator
+    assert device["state"] == "decommissioned" and device["decommissioned_at"] is not None
+    assert device["broker_cut_off_at"] is None
+    assert client.post("devices", json={"id": "dev-1"}).status_code == 409
+    assert client.put("devices/dev-1/desired", json={"config": {}}).status_code == 409
+    assert client.delete("devices/dev-1").status_code == 204  # again: idempotent
+    listed = client.get("devices", params={"state": "decommissioned"}).json()
+    assert [d["id"] for d in listed["items"]] == ["dev-1"]
+    assert client.get("devices", params={"state": "active"}).json()["total"] == 0
+    assert client.delete("devices/dev-1?purge=true").status_code == 204
     assert client.get("devices/dev-1").status_code == 404
     register(client, "dev-1")  # the id can be registered again
 
@@ -290,6 +302,7 @@ def test_fleet_summary_counts(client: TestClient) -> None:
         "out_of_sync": 0,
         "failed": 0,
         "by_generation": {},
+        "decommissioned": 0,
     }
     register(client, "a")
     register(client, "b")

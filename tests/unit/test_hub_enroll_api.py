@@ -200,3 +200,18 @@ def test_secrets_never_look_like_command_line_options() -> None:
     secrets = {new_token() for _ in range(2000)}
     assert len(secrets) == 2000
     assert all(s.startswith(TOKEN_PREFIX) and len(s) >= 46 for s in secrets)
+
+
+@pytest.mark.parametrize(
+    "name", ["hub:driftless-hub", "hub:driftless-hub-bundles", "admin:peer-00", "admin:x"]
+)
+def test_a_claim_token_never_enrolls_a_reserved_name(
+    admin: TestClient, device: TestClient, name: str
+) -> None:
+    """A claim token (any device id) or a token naming a service identity: refused, and
+    nothing is consumed. The broker grants rights to exactly these names."""
+    claim = new_token(admin, uses=2)
+    response = enroll(device, claim, name)
+    assert response.status_code in (403, 422), response.text
+    assert admin.post("enrollment-tokens", json={"device_id": name}).status_code == 422
+    assert enroll(device, claim, "plain-device").status_code == 200  # the claim still works

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
 
 from hub.ingest import (
+    CertFact,
     Decision,
+    Reject,
     Rejected,
     Stale,
     Tracking,
@@ -440,3 +443,57 @@ def test_rekey_when_device_reports_past_desired(
     decision = decide(t, report, now=NOW)
     assert decision.rekey is rekey
     assert decision.republish is rekey
+
+
+# ---------------------------------------------------------------- admission
+
+
+SEEN = Tracking(session=5, online=True, last_report_epoch=3, last_report_seq=7)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(birth(session=6), id="birth"),
+        pytest.param(status(session=6), id="status"),
+        pytest.param(report(seq=11), id="report"),
+    ],
+)
+def test_everything_from_a_decommissioned_device_is_refused(message: object) -> None:
+    t = dataclasses.replace(SEEN, decommissioned_at=T0)
+    decision = decide(t, message, now=NOW, cert=CertFact.CURRENT)  # type: ignore[arg-type]
+    assert decision.reject is Reject.DECOMMISSIONED and decision.tracking == t
+
+
+def test_a_birth_from_a_revoked_certificates_session_is_refused() -> None:
+    decision = decide(SEEN, birth(session=6), now=NOW, cert=CertFact.REVOKED)
+    assert decision.reject is Reject.REVOKED_CERTIFICATE and decision.tracking == SEEN
+
+
+AWAITING = dataclasses.replace(Tracking(), awaiting_birth=True)  # re-enrolled: a new unit
+
+
+@pytest.mark.parametrize(
+    ("message", "cert"),
+    [
+        pytest.param(status(session=9), CertFact.CURRENT, id="status-before-birth"),
+        pytest.param(report(seq=99), CertFact.CURRENT, id="report-before-birth"),
+        pytest.param(birth(session=9), CertFact.NONE, id="birth-naming-no-certificate"),
+        pytest.param(birth(session=9), CertFact.UNKNOWN, id="birth-naming-unknown-cert"),
+    ],
+)
+def test_a_re_enrolled_id_counts_nothing_before_a_birth_with_a_current_certificate(
+    message: object, cert: CertFact
+) -> None:
+    decision = decide(AWAITING, message, now=NOW, cert=cert)  # type: ignore[arg-type]
+    assert decision.stale is Stale.AWAITING_BIRTH and decision.tracking == AWAITING
+
+
+def test_the_new_units_birth_is_taken_and_ends_the_wait() -> None:
+    decision = decide(AWAITING, birth(session=1, boot_epoch=50), now=NOW, cert=CertFact.CURRENT)
+    assert decision.stale is None and decision.reject is None
+    assert decision.tracking.online and decision.tracking.session == 1
+    assert not decision.tracking.awaiting_birth
+    # Afterwards the old unit's report (older boot epoch) is stale as usual.
+    later = decide(decision.tracking, report(boot_epoch=3, seq=500), now=NOW)
+    assert later.stale is Stale.REPORT

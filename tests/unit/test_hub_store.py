@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from hub import store
 from hub.db import init_db, make_engine, new_session
+from hub.enrollment.models import DeviceCertificate
 from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
 from protocols import Birth, Reported, Status
 
@@ -56,7 +57,9 @@ def test_domain_errors(engine: Engine) -> None:
     with new_session(engine) as s, pytest.raises(ConfigTooLarge):
         store.set_desired(s, device_id="a", config={"x": "y" * 10}, now=NOW, max_config_bytes=10)
     with new_session(engine) as s, pytest.raises(DeviceNotFound):
-        store.delete_device(s, device_id="b", now=NOW)
+        store.decommission_device(s, device_id="b", now=NOW)
+    with new_session(engine) as s, pytest.raises(DeviceNotFound):
+        store.purge_device(s, device_id="b", now=NOW, require_cut_off=False)
 
 
 def test_timestamps_come_back_aware_utc(engine: Engine) -> None:
@@ -135,19 +138,23 @@ def test_apply_messages_is_one_batch_with_outcomes_in_order(engine: Engine) -> N
         assert store.out_of_sync_ids(s) == []
 
 
-def test_out_of_sync_and_documents_for_deleted_devices(engine: Engine) -> None:
-    register(engine, "a", "b", "c")
-    set_desired(engine, "a", v=1)
-    set_desired(engine, "c", v=1)
+def test_out_of_sync_and_documents_for_decommissioned_and_purged_devices(engine: Engine) -> None:
+    register(engine, "a", "b", "c", "d")
+    for device_id in ("a", "c", "d"):
+        set_desired(engine, device_id, v=1)
     with new_session(engine) as s:
-        assert store.out_of_sync_ids(s) == ["a", "c"]
+        assert store.out_of_sync_ids(s) == ["a", "c", "d"]
     with new_session(engine) as s:
-        store.delete_device(s, device_id="c", now=NOW)
+        store.decommission_device(s, device_id="c", now=NOW)
+        store.decommission_device(s, device_id="d", now=NOW)
+        store.purge_device(s, device_id="d", now=NOW, require_cut_off=False)
     with new_session(engine) as s:
-        docs = store.desired_documents(s, device_ids=["a", "b", "c"])
+        assert store.out_of_sync_ids(s) == ["a"]  # a decommissioned device is owed nothing
+        docs = store.desired_documents(s, device_ids=["a", "b", "c", "d"])
     assert docs["a"] is not None and docs["a"].config == {"v": 1}
     assert docs["b"] is None  # nothing desired yet: nothing to deliver
-    assert docs["c"] is None  # deleted: clear the retained copy
+    assert docs["c"] is None  # decommissioned: clear the retained copy
+    assert docs["d"] is None  # purged: likewise
 
 
 def test_failed_summary(engine: Engine) -> None:
@@ -186,16 +193,23 @@ def test_the_change_feed_gives_each_transaction_one_mark_and_only_what_is_newer(
         assert store.desired_changes_since(s, seq=fleet_mark, limit=100)[0] == []
 
 
-def test_a_deletion_is_in_the_change_feed_and_its_mark_is_never_reused(engine: Engine) -> None:
-    """A link following the feed must hear of a deletion (to clear the retained document),
-    and deleting the device with the newest mark must not hand that mark out again: a
-    poller already past it would skip the next change for good."""
+def test_decommission_and_purge_are_in_the_change_feed_and_a_mark_is_never_reused(
+    engine: Engine,
+) -> None:
+    """A link following the feed must hear of a decommission (to clear the retained
+    document and cut the device off) and of a purge, and purging the device with the
+    newest mark must not hand that mark out again: a poller already past it would
+    skip the next change for good."""
     register(engine, "a", "b")
     set_desired(engine, "a", v=1)
     set_desired(engine, "b", v=1)
     with new_session(engine) as s:
         mark = store.desired_seq_now(s)
-        store.delete_device(s, device_id="b", now=NOW)  # b held the newest mark
+        store.decommission_device(s, device_id="b", now=NOW)  # b takes the newest mark
+    with new_session(engine) as s:
+        changes, mark = store.desired_changes_since(s, seq=mark, limit=100)
+        assert changes == [("b", 2)]  # a new generation: the cleared document
+        store.purge_device(s, device_id="b", now=NOW, require_cut_off=False)
     with new_session(engine) as s:
         changes, mark = store.desired_changes_since(s, seq=mark, limit=100)
         assert changes == [("b", None)]
@@ -204,3 +218,37 @@ def test_a_deletion_is_in_the_change_feed_and_its_mark_is_never_reused(engine: E
         changes, newest = store.desired_changes_since(s, seq=mark, limit=100)
         assert changes == [("a", 2)] and newest == mark + 1
         assert store.desired_seq_now(s) == newest
+
+
+def test_a_birth_naming_a_revoked_certificate_is_refused_and_a_current_one_counts(
+    engine: Engine,
+) -> None:
+    """The store looks up what a birth's ``cert_serial`` is on record for that device."""
+    register(engine, "a")
+    with new_session(engine) as s:
+        s.add(DeviceCertificate(serial="ab", device_id="a", not_after=NOW, issued_at=NOW))
+        s.add(
+            DeviceCertificate(
+                serial="cd", device_id="a", not_after=NOW, issued_at=NOW, revoked_at=NOW
+            )
+        )
+        s.add(DeviceCertificate(serial="ef", device_id="other", not_after=NOW, issued_at=NOW))
+        s.commit()
+
+    def birth(session: int, serial: str | None) -> Birth:
+        return Birth(
+            device_id="a", session=session, boot_epoch=session, seq=0, applied_generation=0,
+            agent_version="t", cert_serial=serial, ts=1,
+        )  # fmt: skip
+
+    with new_session(engine) as s:
+        result = store.apply_messages(s, [birth(1, "cd"), birth(2, "ab")], now=NOW)
+    assert result.outcomes == ["revoked_certificate", "applied"]
+    with new_session(engine) as s:
+        row = store.get_device(s, device_id="a")
+        row.awaiting_birth = True  # as after a re-enrollment
+        s.add(row)
+        s.commit()
+    with new_session(engine) as s:  # another device's serial or none: not this unit's
+        result = store.apply_messages(s, [birth(3, "ef"), birth(4, None)], now=NOW)
+    assert result.outcomes == ["awaiting_birth", "awaiting_birth"]

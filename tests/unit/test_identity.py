@@ -11,9 +11,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+import protocols
 from edge_agent.identity import create_key, make_csr
-from hub.broker_config import render_acl
-from hub.identity import CertificateAuthority, IdentityError
+from hub.broker_config import hub_identities, render_acl
+from hub.identity import CertificateAuthority, IdentityError, check_service_name, is_service_name
+from hub.settings import HubSettings
 
 NOW = dt.datetime(2026, 11, 29, tzinfo=dt.UTC)
 
@@ -113,8 +115,78 @@ def test_crl_lists_revoked_serials(ca: CertificateAuthority) -> None:
 
 
 def test_acl_confines_devices_to_their_own_channels() -> None:
-    acl = render_acl(["driftless-hub"])
-    assert "user driftless-hub\ntopic readwrite driftless/v1/devices/#" in acl
+    acl = render_acl(["hub:driftless-hub", "admin:console"])
+    assert "user hub:driftless-hub\ntopic readwrite driftless/v1/devices/#" in acl
+    # Only the hub's own identities may command the broker (cutting off revoked devices).
+    assert (
+        "user hub:driftless-hub\ntopic readwrite driftless/v1/devices/#\n"
+        + (
+            "topic write $CONTROL/dynamic-security/v1\n"
+            "topic read $CONTROL/dynamic-security/v1/response\n"
+        )
+        in acl
+    )
+    assert "user admin:console\ntopic readwrite driftless/v1/devices/#\n\n" in acl
     assert "pattern read driftless/v1/devices/%u/desired" in acl
     assert "pattern write driftless/v1/devices/%u/reported" in acl
     assert "pattern readwrite" not in acl
+
+
+# ---------------------------------------------------------------- reserved names
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("hub:driftless-hub", id="hub"),
+        pytest.param("hub:driftless-hub-bundles", id="hub-chunk-server"),
+        pytest.param("admin:ops-console", id="admin"),
+    ],
+)
+def test_no_device_id_is_a_service_name(name: str) -> None:
+    """By construction: every service name holds a ':', which no device id may hold."""
+    assert is_service_name(name)
+    assert not protocols.is_valid_device_id(name)
+    assert ":" not in protocols.DEVICE_ID_PATTERN
+    bare = name.split(":", 1)[1]
+    assert protocols.is_valid_device_id(bare) and not is_service_name(bare)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("driftless-hub", id="a-device-id"),
+        pytest.param("root:x", id="unknown-kind"),
+        pytest.param("hub:", id="empty-name"),
+        pytest.param("hub:a/b", id="slash"),
+        pytest.param("hub:#", id="wildcard"),
+        pytest.param("admin:" + "x" * 60, id="longer-than-a-common-name"),
+    ],
+)
+def test_anything_else_is_refused_as_a_service_name(name: str) -> None:
+    with pytest.raises(ValueError, match="not a service name"):
+        check_service_name(name)
+
+
+def test_the_acl_refuses_to_give_a_device_id_the_hubs_rights() -> None:
+    with pytest.raises(ValueError, match="not a service name"):
+        render_acl(["driftless-hub"])
+    assert hub_identities("driftless-hub") == ("hub:driftless-hub", "hub:driftless-hub-bundles")
+
+
+def test_hub_settings_take_only_admin_names_as_broker_admins(tmp_path: Path) -> None:
+    base = {"broker_url": "mqtts://127.0.0.1:8883", "db_url": f"sqlite:///{tmp_path}/h.db"}
+    HubSettings(**base, broker_acl_admins=("admin:console",))  # type: ignore[arg-type]
+    for name in ("console", "hub:console", "victim-1"):
+        with pytest.raises(ValueError, match="admin:NAME"):
+            HubSettings(**base, broker_acl_admins=(name,))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["hub:driftless-hub", "admin:console", "hub:x"])
+def test_the_ca_never_issues_a_service_name_from_a_csr(
+    ca: CertificateAuthority, tmp_path: Path, name: str
+) -> None:
+    """The path enrollment and renewal take: device ids only."""
+    csr = csr_with(ec.generate_private_key(ec.SECP256R1()), name)
+    with pytest.raises(ValueError, match="device id"):
+        ca.issue_from_csr(csr, device_id=name, now=NOW)

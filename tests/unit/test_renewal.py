@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from cryptography import x509
 from sqlalchemy import Engine
 from sqlmodel import select
 
 from edge_agent.enroll import Identity
-from edge_agent.identity import create_key, make_csr
+from edge_agent.identity import create_key, make_csr, sign_proof
 from edge_agent.renewal import Renewal, renewal_due
+from hub import store
 from hub.db import init_db, make_engine, new_session
 from hub.enrollment.models import DeviceCertificate
 from hub.enrollment.renewal import renew
-from hub.enrollment.store import revoke_device_certificates
 from hub.identity import CertificateAuthority
 from hub.models import Device
-from protocols import CertIssued, CertRequest, decode, encode
+from protocols import CertIssued, CertRequest, decode, encode, renewal_proof_bytes
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -48,6 +50,7 @@ def engine(tmp_path: Path, ca: CertificateAuthority) -> Engine:
         issued = ca.issue_from_csr(
             csr("pump-1", tmp_path / "k0"), device_id="pump-1", now=NOW - DAY
         )
+        (tmp_path / "k0.crt").write_bytes(issued.pem)
         session.add(
             DeviceCertificate(
                 serial=format(issued.serial, "x"),
@@ -64,16 +67,25 @@ def csr(device_id: str, key_path: Path) -> bytes:
     return make_csr(create_key(key_path), device_id)
 
 
+def request_for(device_id: str, pem: bytes, *, cert: Path | None, key: Path | None) -> CertRequest:
+    """A renewal request proving possession of ``key`` with ``cert`` (None: no proof)."""
+    if cert is None or key is None:
+        return CertRequest(device_id=device_id, request_id=7, csr_pem=pem.decode(), ts=1.0)
+    proof = sign_proof(key, renewal_proof_bytes(device_id, 7, pem.decode()))
+    return CertRequest(
+        device_id=device_id, request_id=7, csr_pem=pem.decode(),
+        certificate_pem=cert.read_text(), proof=proof, ts=1.0,
+    )  # fmt: skip
+
+
 def ask(
     engine: Engine,
     ca: CertificateAuthority,
-    device_id: str,
-    pem: bytes,
+    request: CertRequest,
     *,
     now: dt.datetime = NOW,
     min_interval_s: float = 3600,
 ) -> CertIssued:
-    request = CertRequest(device_id=device_id, request_id=7, csr_pem=pem.decode(), ts=1.0)
     with new_session(engine) as session:
         return renew(
             session, ca, request=request, now=now, validity_days=30, min_interval_s=min_interval_s
@@ -83,7 +95,9 @@ def ask(
 def test_the_hub_issues_a_renewal_and_records_it(
     tmp_path: Path, engine: Engine, ca: CertificateAuthority
 ) -> None:
-    answer = ask(engine, ca, "pump-1", csr("pump-1", tmp_path / "k1"))
+    pem = csr("pump-1", tmp_path / "k1")
+    request = request_for("pump-1", pem, cert=tmp_path / "k0.crt", key=tmp_path / "k0")
+    answer = ask(engine, ca, request)
     assert answer.error is None and answer.request_id == 7 and answer.certificate_pem
     cert = x509.load_pem_x509_certificate(answer.certificate_pem.encode())
     assert cert.not_valid_after_utc - NOW == dt.timedelta(days=30)
@@ -91,28 +105,70 @@ def test_the_hub_issues_a_renewal_and_records_it(
         assert len(session.exec(select(DeviceCertificate)).all()) == 2
 
 
+def csr_name_for(case: str) -> str:
+    return {"unknown-device": "pump-9", "csr-for-another": "pump-2"}.get(case, "pump-1")
+
+
+def _other_ca_cert(tmp_path: Path) -> Path:
+    other = CertificateAuthority.load_or_create(tmp_path / "other-ca", now=NOW - DAY)
+    issued = other.issue_from_csr(csr("pump-1", tmp_path / "ko"), device_id="pump-1", now=NOW)
+    (tmp_path / "ko.crt").write_bytes(issued.pem)
+    return tmp_path / "ko.crt"
+
+
+def _unrecorded_cert(tmp_path: Path, ca: CertificateAuthority, device_id: str) -> Path:
+    """A certificate the fleet CA signed that is not on the hub's record (key: ku)."""
+    issued = ca.issue_from_csr(csr(device_id, tmp_path / "ku"), device_id=device_id, now=NOW)
+    (tmp_path / "ku.crt").write_bytes(issued.pem)
+    return tmp_path / "ku.crt"
+
+
 @pytest.mark.parametrize(
     ("case", "expect"),
     [
-        ("unknown-device", "not registered"),
-        ("csr-for-another", "CSR refused"),
-        ("too-soon", "renewals are at most one per 3600 s"),
-        ("revoked", "no valid certificate"),
+        pytest.param("unknown-device", "not registered", id="unknown-device"),
+        pytest.param("csr-for-another", "CSR refused", id="csr-names-another-device"),
+        pytest.param("too-soon", "renewals are at most one per 3600 s", id="too-soon"),
+        pytest.param("revoked", "not a current certificate", id="revoked-certificate"),
+        pytest.param("decommissioned", "decommissioned", id="decommissioned"),
+        pytest.param("no-proof", "no proof of possession", id="topic-alone-no-proof"),
+        pytest.param("wrong-key", "does not verify", id="device-cert-signed-by-another-key"),
+        pytest.param("other-device", "is not 'pump-1''s", id="another-devices-certificate"),
+        pytest.param("other-ca", "not from this fleet's CA", id="certificate-of-another-ca"),
+        pytest.param("unrecorded", "not on record", id="certificate-not-on-record"),
+        pytest.param("garbled", "unreadable", id="certificate-garbled"),
     ],
 )
 def test_the_hub_refuses_and_says_why(
     tmp_path: Path, engine: Engine, ca: CertificateAuthority, case: str, expect: str
 ) -> None:
+    mine, my_key = tmp_path / "k0.crt", tmp_path / "k0"
     if case == "revoked":
         with new_session(engine) as session:
-            revoke_device_certificates(session, device_id="pump-1", now=NOW)
-    device_id, csr_name, now = {
-        "unknown-device": ("pump-9", "pump-9", NOW),
-        "csr-for-another": ("pump-1", "pump-2", NOW),
-        "too-soon": ("pump-1", "pump-1", NOW - DAY + dt.timedelta(minutes=5)),
-        "revoked": ("pump-1", "pump-1", NOW),
-    }[case]
-    answer = ask(engine, ca, device_id, csr(csr_name, tmp_path / "k2"), now=now)
+            row = session.exec(select(DeviceCertificate)).one()
+            row.revoked_at = NOW - dt.timedelta(minutes=1)
+            session.add(row)
+            session.commit()
+    if case == "decommissioned":
+        with new_session(engine) as session:
+            store.decommission_device(session, device_id="pump-1", now=NOW)
+    presented: dict[str, Callable[[], tuple[Path | None, Path | None]]] = {
+        "no-proof": lambda: (None, None),
+        "wrong-key": lambda: (mine, tmp_path / "k2"),  # k2: the new key, not the current one
+        "other-device": lambda: (_unrecorded_cert(tmp_path, ca, "pump-2"), tmp_path / "ku"),
+        "other-ca": lambda: (_other_ca_cert(tmp_path), tmp_path / "ko"),
+        "unrecorded": lambda: (_unrecorded_cert(tmp_path, ca, "pump-1"), tmp_path / "ku"),
+    }
+    pem = csr(csr_name_for(case), tmp_path / "k2")
+    cert, key = presented.get(case, lambda: (mine, my_key))()
+    device_id, now = {
+        "unknown-device": ("pump-9", NOW),
+        "too-soon": ("pump-1", NOW - DAY + dt.timedelta(minutes=5)),
+    }.get(case, ("pump-1", NOW))
+    request = request_for(device_id, pem, cert=cert, key=key)
+    if case == "garbled":
+        request = msgspec.structs.replace(request, certificate_pem="-----BEGIN nonsense")
+    answer = ask(engine, ca, request, now=now)
     assert answer.certificate_pem is None and answer.error is not None and expect in answer.error
     if case == "too-soon":
         assert answer.retry_after_s == pytest.approx(3300, abs=1)

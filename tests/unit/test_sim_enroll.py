@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from driftless.cli import main
 from edge_agent.identity import make_csr
 from firmware_bundles.devfleet import DevFleet
+from hub import store as device_store
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
@@ -211,8 +212,9 @@ def test_revoked_and_missing_certificates_are_enrolled_again_with_the_same_keys(
     identities = DeviceIdentities(tmp_path / "identities")
     enroll(app, identities)
     keys, certs = files(identities, "key"), files(identities, "crt")
-    with new_session(app.state.engine) as session:
-        store.revoke_device_certificates(session, device_id=IDS[1], now=NOW)
+    with new_session(app.state.engine) as session:  # decommissioned, and the broker cut it off
+        device_store.decommission_device(session, device_id=IDS[1], now=NOW)
+        device_store.confirm_cut_offs(session, device_ids=[IDS[1]], now=NOW)
     identities.cert(IDS[3]).unlink()
     result = enroll(app, identities)
     assert (result.enrolled, result.reused) == (2, 3)

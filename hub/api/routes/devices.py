@@ -2,8 +2,12 @@
 
 Rules:
 - Domain errors from :mod:`hub.store` become HTTP errors here and only here:
-  DeviceNotFound -> 404, DeviceExists -> 409, ConfigTooLarge -> 413,
-  UnknownBundles -> 422 (a config naming a bundle the store does not hold).
+  DeviceNotFound -> 404, DeviceExists/DeviceDecommissioned/DeviceActive/
+  CutOffPending -> 409, ConfigTooLarge -> 413, UnknownBundles -> 422 (a config
+  naming a bundle the store does not hold).
+- ``DELETE`` decommissions: certificates revoked, the broker asked to close the
+  device's connections, the row kept (``state: decommissioned``) so an operator
+  sees it; ``DELETE ?purge=true`` forgets a decommissioned device.
 - A desired change is accepted once committed, whether or not the broker is up;
   the link is only told about it (the DB is the truth, the sweep delivers it).
 - Reads answer from plain rows (``hub.api.views``), not ORM objects and models:
@@ -26,8 +30,16 @@ from hub.api import views
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
 from hub.auth.api import require
 from hub.auth.models import Role
-from hub.enrollment.revocation import revoke_device
-from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound, UnknownBundles
+from hub.enrollment.revocation import decommission
+from hub.errors import (
+    ConfigTooLarge,
+    CutOffPending,
+    DeviceActive,
+    DeviceDecommissioned,
+    DeviceExists,
+    DeviceNotFound,
+    UnknownBundles,
+)
 from hub.models import (
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
@@ -37,6 +49,7 @@ from hub.models import (
     DeviceCreate,
     DevicePage,
     DevicePublic,
+    DeviceState,
 )
 
 router = APIRouter(prefix="/devices", tags=["devices"])
@@ -66,7 +79,7 @@ def parse_label_filters(values: list[str]) -> dict[str, str]:
 def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> DevicePublic:
     try:
         row = store.register_device(session, device_id=body.id, labels=body.labels, now=now)
-    except DeviceExists as exc:
+    except (DeviceExists, DeviceDecommissioned) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return DevicePublic.from_row(row)
 
@@ -91,6 +104,7 @@ def list_devices(
     limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     label: Annotated[list[str], Query(description="KEY=VALUE; repeat to AND")] = [],  # noqa: B006
+    state: Annotated[DeviceState | None, Query(description="only devices in this state")] = None,
 ) -> Response:
     page = settings.page_size_default if limit is None else limit
     if page > settings.page_size_max:
@@ -102,7 +116,7 @@ def list_devices(
         labels = parse_label_filters(label)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    rows, total = store.device_page(session, limit=page, offset=offset, labels=labels)
+    rows, total = store.device_page(session, limit=page, offset=offset, labels=labels, state=state)
     return views.device_page(rows, total=total, limit=page, offset=offset)
 
 
@@ -126,14 +140,29 @@ def delete_device(
     link: LinkDep,
     settings: SettingsDep,
     now: NowDep,
+    purge: Annotated[
+        bool, Query(description="forget a decommissioned device (its row) instead")
+    ] = False,
 ) -> Response:
-    """Decommission: the row goes, and so does the device's way in (its certificates)."""
+    """Decommission: the device's certificates are revoked, its live connections closed by
+    the broker, its desired document cleared; it stays listed as ``decommissioned``.
+    Again: asks the broker again. ``purge=true``: forget a decommissioned device, once the
+    broker confirmed it cut the device off."""
     try:
-        store.delete_device(session, device_id=device_id, now=now)
+        if purge:
+            store.purge_device(
+                session,
+                device_id=device_id,
+                now=now,
+                require_cut_off=settings.cuts_off_sessions,
+            )
+        else:
+            decommission(session, request.app.state.ca, settings, device_id=device_id, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    revoke_device(session, request.app.state.ca, settings, device_id=device_id, now=now)
-    link.desired_changed([device_id])  # best effort: clears the retained desired document
+    except (DeviceActive, CutOffPending) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    link.desired_changed([device_id])  # the retained document is cleared, the cut-off asked
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -163,6 +192,8 @@ def set_desired(
         )
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except DeviceDecommissioned as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     except ConfigTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UnknownBundles as exc:

@@ -64,4 +64,5 @@ def fleet_summary(session: SessionDep) -> FleetSummary:
         out_of_sync=s.out_of_sync,
         failed=s.failed,
         by_generation=s.by_generation,
+        decommissioned=s.decommissioned,
     )

@@ -1,0 +1,79 @@
+"""Closing a decommissioned device's open connections at the broker (pure parts).
+
+Rules:
+- Neither the CRL (checked at handshakes) nor an ACL reload ends a session that is
+  already open, so the hub asks Mosquitto 2's dynamic security plugin: for each
+  device, ``createClient`` then ``deleteClient`` of its username (the certificate's
+  name). Deleting a client kicks every connection of that username (MQTT 5 reason
+  "Administrative action", no Will); the pair leaves the plugin's state as it was,
+  whether or not the client existed before. The plugin's own access rules never
+  apply: it knows no clients afterwards, and its default is to defer to the ACL file.
+- The broker answers on ``$CONTROL/dynamic-security/v1/response``; a device counts
+  as cut off when the ``deleteClient`` carrying its correlation data succeeded.
+  The confirmation is recorded (``device.cut_off_at``) and a device waiting for it
+  is asked again after a while, also after every reconnect of the hub, so a hub
+  restart or a lost answer only delays the cut-off.
+- Only ``hub:`` identities may publish on the command topic (the ACL file).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hub.broker_config import DYNSEC_RESPONSE_TOPIC, DYNSEC_TOPIC
+
+__all__ = ["DYNSEC_RESPONSE_TOPIC", "DYNSEC_TOPIC", "Answer", "commands", "read_answer"]
+
+_PREFIX = "driftless-cutoff:"
+
+
+def commands(device_ids: Sequence[str]) -> bytes:
+    """Pure: one command message cutting off every device in ``device_ids``."""
+    out: list[dict[str, str]] = []
+    for device_id in device_ids:
+        out.append({"command": "createClient", "username": device_id})
+        out.append(
+            {
+                "command": "deleteClient",
+                "username": device_id,
+                "correlationData": _PREFIX + device_id,
+            }
+        )
+    return json.dumps({"commands": out}).encode()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one response message says: devices cut off, and failures by device."""
+
+    cut_off: list[str]
+    failed: dict[str, str]
+
+
+def read_answer(payload: bytes) -> Answer:
+    """Pure: the cut-offs a response confirms or refuses; anything not ours is ignored.
+
+    Raises ValueError when the payload is not a dynamic security response.
+    """
+    try:
+        document = json.loads(payload)
+        responses = document["responses"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a dynamic security response: {exc}") from None
+    cut_off: list[str] = []
+    failed: dict[str, str] = {}
+    for response in responses if isinstance(responses, list) else []:
+        if not isinstance(response, dict) or response.get("command") != "deleteClient":
+            continue
+        correlation = response.get("correlationData")
+        if not isinstance(correlation, str) or not correlation.startswith(_PREFIX):
+            continue
+        device_id = correlation[len(_PREFIX) :]
+        error = response.get("error")
+        if error:
+            failed[device_id] = str(error)[:200]
+        else:
+            cut_off.append(device_id)
+    return Answer(cut_off, failed)

@@ -291,15 +291,31 @@ def add_run_arguments(
 
 
 async def _cancelled_on_sigterm(bench: Callable[[C], Coroutine[Any, Any, R]], cfg: C) -> R:
-    """``await bench(cfg)`` with SIGTERM cancelling this task (so clean-up runs), then removed."""
+    """``await bench(cfg)`` with SIGTERM or SIGINT cancelling this task (so clean-up runs).
+
+    Raises KeyboardInterrupt when a signal came, even if the run then returned: Python
+    3.11's ``asyncio.wait_for`` can lose a cancellation that arrives as the awaited call
+    finishes, and an interrupted run must never record results.
+    """
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    signalled: list[int] = []
+
+    def stop(signum: int) -> None:
+        signalled.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
     try:
-        return await bench(cfg)
+        result = await bench(cfg)
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    if signalled:
+        raise KeyboardInterrupt
+    return result
 
 
 def run_bench_main(
@@ -318,8 +334,9 @@ def run_bench_main(
 ) -> int:
     """The shell every ``simulator.bench.<name>`` main shares: build, run, print, record.
 
-    Logging goes to the console at ``log_level``. While ``bench`` runs, SIGTERM
-    cancels it (as Ctrl-C does), so its own clean-up stops what it started.
+    Logging goes to the console at ``log_level``. While ``bench`` runs, SIGTERM and
+    SIGINT cancel it, so its own clean-up stops what it started; a run that saw either
+    records nothing.
     Exit status 2 for a configuration ``build`` refuses (``bad_config``), 1 when
     the run raises one of ``failures``, 130 when interrupted (``stopped`` says
     what was stopped on the way out), 0 after the table is printed and the JSON

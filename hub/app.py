@@ -24,8 +24,10 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
-from hub.api.main import API_PREFIX, build_api_router
+from hub.api import problems
+from hub.api.main import API_PREFIX, build_api_router, finish_openapi
 from hub.auth.api import AuditMiddleware
 from hub.broker_config import hub_identities
 from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
@@ -142,12 +144,16 @@ def create_app(settings: HubSettings) -> FastAPI:
             await link.stop()
             engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts from the hub itself, not a CDN: a hub on an
+    # air-gapped network (common at the edge) still shows them. No validator badge either
+    # (Swagger UI would fetch it from validator.swagger.io).
+    app = FastAPIOffline(
         title="Driftless hub",
         version="0.1.0",
         description="Admin API of the Driftless device-fleet orchestrator.",
         lifespan=lifespan,
         max_body_size=settings.max_request_body_bytes,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -156,6 +162,8 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.chunk_server = chunk_server
     app.state.fleet_root = fleet_root
     app.state.ca = ca
+    problems.install(app)
     app.include_router(build_api_router())
+    app.openapi = lambda: finish_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(AuditMiddleware, engine=engine, prefix=API_PREFIX)
     return app

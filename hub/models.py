@@ -32,7 +32,12 @@ MAX_LABELS = 32
 
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN)]
-Labels = Annotated[dict[LabelKey, LabelValue], PydanticField(max_length=MAX_LABELS)]
+# additionalProperties false: a key outside LABEL_KEY_PATTERN is refused, and says so in the schema.
+Labels = Annotated[
+    dict[LabelKey, LabelValue],
+    PydanticField(max_length=MAX_LABELS, json_schema_extra={"additionalProperties": False}),
+]
+DEVICE_ID_SCHEMA_PATTERN = f"^{protocols.DEVICE_ID_PATTERN}$"
 
 ReportPhase = Literal["applied", "applying", "failed"]
 
@@ -129,7 +134,7 @@ class DeviceCreate(SQLModel):
 
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    id: str
+    id: str = PydanticField(max_length=64, json_schema_extra={"pattern": DEVICE_ID_SCHEMA_PATTERN})
     labels: Labels = PydanticField(default_factory=dict)
 
     @field_validator("id")

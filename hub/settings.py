@@ -27,6 +27,11 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return net.parse_broker_url(url)
 
 
+# The schema's bounds on paging (a deployment's page_size_max may be lower, not higher).
+API_MAX_PAGE_SIZE = 1000
+API_MAX_OFFSET = 10**9  # past any table the hub keeps; larger is refused, not an SQL error
+
+
 @dataclass(frozen=True)
 class HubSettings:
     """Everything the hub process needs; limits carry their unit in the name."""
@@ -182,6 +187,8 @@ class HubSettings:
             raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
         if self.page_size_default > self.page_size_max:
             raise ValueError("page_size_default must be <= page_size_max")
+        if self.page_size_max > API_MAX_PAGE_SIZE:
+            raise ValueError(f"page_size_max must be <= {API_MAX_PAGE_SIZE}")
         if self.max_config_bytes >= MAX_PAYLOAD_BYTES:
             raise ValueError(
                 f"max_config_bytes must stay below protocols.MAX_PAYLOAD_BYTES "

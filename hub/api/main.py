@@ -14,8 +14,13 @@ Rules:
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import warnings
+from typing import Any
 
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from hub.api.problems import PROBLEM_JSON, PROBLEM_RESPONSES, responses
 from hub.api.routes import admin, bundles, devices, fleet, hub
 from hub.auth.api import authenticated
 from hub.enrollment import api as enrollment
@@ -24,7 +29,7 @@ API_PREFIX = "/api/v1"
 
 
 def build_api_router() -> APIRouter:
-    guarded = APIRouter(dependencies=[Depends(authenticated)])
+    guarded = APIRouter(dependencies=[Depends(authenticated)], responses=responses(401))
     guarded.include_router(devices.router)
     guarded.include_router(fleet.router)
     guarded.include_router(hub.router)
@@ -36,7 +41,47 @@ def build_api_router() -> APIRouter:
     open_router.include_router(hub.open_router)
     open_router.include_router(bundles.files_router)
     open_router.include_router(enrollment.open_router)
-    api_router = APIRouter(prefix=API_PREFIX)
+    api_router = APIRouter(prefix=API_PREFIX, responses=PROBLEM_RESPONSES)
     api_router.include_router(guarded)
     api_router.include_router(open_router)
     return api_router
+
+
+def finish_openapi(app: FastAPI) -> dict[str, Any]:
+    """The schema, with what FastAPI cannot say by itself: error answers are
+    ``application/problem+json``, and a route serving several methods has one
+    operation id per method (clients generated from it need them unique)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+    for warning in caught:  # FastAPI's duplicate-id warning is checked below, once fixed
+        if not str(warning.message).startswith("Duplicate Operation ID"):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    for methods in schema.get("paths", {}).values():
+        seen: set[str] = set()
+        for method, operation in methods.items():
+            operation_id = operation.get("operationId")
+            if operation_id in seen:
+                operation["operationId"] = f"{operation_id}_{method}"
+            elif operation_id is not None:
+                seen.add(operation_id)
+            for code, answer in operation.get("responses", {}).items():
+                content = answer.get("content", {})
+                if code[0] in "45" and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+    ids = [
+        operation["operationId"]
+        for methods in schema.get("paths", {}).values()
+        for operation in methods.values()
+        if "operationId" in operation
+    ]
+    for twice in sorted({i for i in ids if ids.count(i) > 1}):
+        warnings.warn(f"Duplicate Operation ID {twice} on different paths", stacklevel=2)
+    app.openapi_schema = schema
+    return schema

@@ -11,6 +11,7 @@ import anyio
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
+from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub.api.deps import SessionDep
@@ -44,22 +45,52 @@ _bearer = HTTPBearer(
 )
 
 
+def _bearer_secret(request: Request) -> str:
+    """The token in ``Authorization: Bearer <token>``; 401 when there is none."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    return secret
+
+
+def _principal(session: Session, secret: str) -> Principal:
+    row = store.authenticate(session, secret=secret)
+    # End this read: the route shares the session, and a write route's begin_write must
+    # open its own (immediate) transaction, not upgrade a stale read snapshot.
+    session.rollback()
+    if row is None:
+        raise _unauthorized("unknown or revoked token")
+    return Principal(row.name, Role[row.role])
+
+
+async def authenticate_first(request: Request) -> None:
+    """Check the token before anything reads the body (:class:`hub.api.route.HubRoute`);
+    leaves the principal for :func:`authenticated` and the audit middleware. 401 when
+    the token is missing, unknown or revoked."""
+    secret = _bearer_secret(request)
+
+    def lookup() -> Principal:
+        with new_session(request.app.state.engine) as session:
+            return _principal(session, secret)
+
+    request.state.principal = await anyio.to_thread.run_sync(lookup)
+
+
 def authenticated(
     request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
-    """Resolve ``Authorization: Bearer <token>``; 401 when missing, unknown or revoked."""
-    secret = credentials.credentials.strip() if credentials is not None else ""
-    if not secret:
-        raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    row = store.authenticate(session, secret=secret)
-    principal = None if row is None else Principal(row.name, Role[row.role])
-    # End this read: the route shares the session, and a write route's begin_write must
-    # open its own (immediate) transaction, not upgrade a stale read snapshot.
-    session.rollback()
-    if principal is None:
-        raise _unauthorized("unknown or revoked token")
+    """Resolve ``Authorization: Bearer <token>``; 401 when missing, unknown or revoked.
+
+    ``credentials`` is unused but puts the bearer scheme in the OpenAPI schema. Under
+    :class:`hub.api.route.HubRoute` the token was checked before the body was read.
+    """
+    checked = getattr(request.state, "principal", None)
+    if isinstance(checked, Principal):
+        return checked
+    principal = _principal(session, _bearer_secret(request))
     request.state.principal = principal  # read by the audit middleware
     return principal
 

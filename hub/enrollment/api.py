@@ -28,17 +28,24 @@ from pydantic import Field as PydanticField
 from sqlmodel import SQLModel
 
 from hub.api.deps import NowDep, SessionDep, SettingsDep
+from hub.api.problems import responses
+from hub.api.route import HubRoute, OpenRoute
 from hub.auth.api import require
 from hub.auth.models import Role
 from hub.enrollment import store
 from hub.enrollment.revocation import current_crl, publish_crl
 from hub.errors import CutOffPending
 from hub.identity import CertificateAuthority
-from hub.models import Labels
+from hub.models import DEVICE_ID_SCHEMA_PATTERN, Labels
 
-open_router = APIRouter(tags=["enrollment"])
-router = APIRouter(tags=["enrollment"], dependencies=[Depends(require(Role.admin))])
-reader_router = APIRouter(tags=["enrollment"])  # any valid token (viewer)
+open_router = APIRouter(tags=["enrollment"], route_class=OpenRoute)
+router = APIRouter(
+    tags=["enrollment"],
+    dependencies=[Depends(require(Role.admin))],
+    route_class=HubRoute,
+    responses=responses(403),
+)
+reader_router = APIRouter(tags=["enrollment"], route_class=HubRoute)  # any token (viewer)
 
 MAX_CSR_CHARS = 8 * 1024
 PEM = "application/x-pem-file"
@@ -66,7 +73,8 @@ class EnrollResponse(SQLModel):
 class EnrollmentTokenCreate(SQLModel):
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    device_id: str | None = None
+    # A token for one device id (single use), or none: a claim token.
+    device_id: Annotated[str, StringConstraints(pattern=DEVICE_ID_SCHEMA_PATTERN)] | None = None
     uses: int = PydanticField(default=1, ge=1, le=1_000_000)
     expires_in_s: int = PydanticField(default=24 * 3600, ge=60, le=MAX_TOKEN_LIFETIME_S)
     labels: Labels = PydanticField(default_factory=dict)
@@ -93,7 +101,7 @@ def get_ca(request: Request) -> CertificateAuthority:
 CADep = Annotated[CertificateAuthority, Depends(get_ca)]
 
 
-@open_router.post("/enroll", response_model=EnrollResponse)
+@open_router.post("/enroll", response_model=EnrollResponse, responses=responses(403, 409, 503))
 def enroll(
     body: EnrollRequest,
     request: Request,
@@ -163,7 +171,9 @@ def create_enrollment_token(
     )
 
 
-@reader_router.get("/crl", response_class=Response, responses={200: {"content": {PEM: {}}}})
+@reader_router.get(
+    "/crl", response_class=Response, responses={200: {"content": {PEM: {}}}, **responses(503)}
+)
 def certificate_revocation_list(session: SessionDep, ca: CADep, now: NowDep) -> Response:
     """The fleet's CRL (PEM), for a broker that does not run beside the hub."""
     return Response(current_crl(session, ca, now=now), media_type=PEM)

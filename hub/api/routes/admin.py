@@ -8,16 +8,29 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from pydantic import ConfigDict
+from pydantic import Field as PydanticField
 from sqlmodel import SQLModel
 
 from hub.api.deps import NowDep, SessionDep
+from hub.api.problems import responses
+from hub.api.route import HubRoute
 from hub.auth import store
 from hub.auth.api import require
 from hub.auth.models import AuditEntry, Role
+from hub.auth.store import TOKEN_NAME_PATTERN
+from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
-router = APIRouter(tags=["admin"], dependencies=[Depends(require(Role.admin))])
+router = APIRouter(
+    tags=["admin"],
+    dependencies=[Depends(require(Role.admin))],
+    route_class=HubRoute,
+    responses=responses(403),
+)
+TokenName = Annotated[
+    str, PydanticField(max_length=64, json_schema_extra={"pattern": f"^{TOKEN_NAME_PATTERN}$"})
+]
 
 RoleName = Literal["viewer", "operator", "admin"]  # the names of hub.auth.models.Role
 
@@ -25,7 +38,7 @@ RoleName = Literal["viewer", "operator", "admin"]  # the names of hub.auth.model
 class TokenCreate(SQLModel):
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    name: str
+    name: TokenName
     role: RoleName
 
 
@@ -48,7 +61,12 @@ class AuditPage(SQLModel):
     offset: int
 
 
-@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated)
+@router.post(
+    "/tokens",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TokenCreated,
+    responses=responses(409),
+)
 def create_token(body: TokenCreate, session: SessionDep, now: NowDep) -> TokenCreated:
     try:
         secret = store.create_token(session, name=body.name, role=Role[body.role], now=now)
@@ -67,8 +85,12 @@ def list_tokens(session: SessionDep) -> list[TokenPublic]:
     ]
 
 
-@router.delete("/tokens/{name}", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_token(name: str, session: SessionDep, now: NowDep) -> Response:
+@router.delete("/tokens/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=responses(404))
+def revoke_token(
+    name: Annotated[str, Path(max_length=64, pattern=f"^{TOKEN_NAME_PATTERN}$")],
+    session: SessionDep,
+    now: NowDep,
+) -> Response:
     try:
         store.revoke_token(session, name=name, now=now)
     except store.TokenNotFound:
@@ -79,8 +101,8 @@ def revoke_token(name: str, session: SessionDep, now: NowDep) -> Response:
 @router.get("/audit", response_model=AuditPage)
 def read_audit(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=API_MAX_PAGE_SIZE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=API_MAX_OFFSET)] = 0,
 ) -> AuditPage:
     rows, total = store.audit_page(session, limit=limit, offset=offset)
     return AuditPage(items=list(rows), total=total, limit=limit, offset=offset)

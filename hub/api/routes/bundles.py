@@ -35,6 +35,8 @@ from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
 
 from hub.api.deps import SessionDep, SettingsDep, utcnow
+from hub.api.problems import responses
+from hub.api.route import HubRoute, OpenRoute
 from hub.auth.api import require
 from hub.auth.models import Role
 from hub.bundles import store
@@ -51,10 +53,10 @@ from hub.bundles.intake import verify_upload
 from hub.bundles.models import BundlePage, BundlePublic
 from hub.bundles.refs import SHA256_PATTERN
 from hub.bundles.root import FleetRoot
-from hub.settings import HubSettings
+from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE, HubSettings
 
-router = APIRouter(prefix="/bundles", tags=["bundles"])
-files_router = APIRouter(prefix="/bundles", tags=["bundles"])
+router = APIRouter(prefix="/bundles", tags=["bundles"], route_class=HubRoute)
+files_router = APIRouter(prefix="/bundles", tags=["bundles"], route_class=OpenRoute)
 
 Clock = Callable[[], datetime]
 
@@ -82,7 +84,6 @@ Sha256Path = Annotated[
 ]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such bundle stored"}}
 _UPLOAD_BODY = {
     "required": True,
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -127,9 +128,7 @@ async def _receive(request: Request, upload: BundleUpload, settings: HubSettings
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses={
         200: {"model": BundlePublic, "description": "already stored (idempotent)"},
-        413: {"description": "larger than max_bundle_bytes"},
-        422: {"description": "the bundle failed verification; the reason in one line"},
-        503: {"description": "no fleet root configured"},
+        **responses(400, 403, 413, 422, 503),
     },
 )
 async def upload_bundle(
@@ -197,8 +196,8 @@ async def upload_bundle(
 def list_bundles(
     session: SessionDep,
     settings: SettingsDep,
-    limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int | None, Query(ge=1, le=API_MAX_PAGE_SIZE, description="page size")] = None,
+    offset: Annotated[int, Query(ge=0, le=API_MAX_OFFSET)] = 0,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN, description="bundle name")] = None,
 ) -> BundlePage:
     page = settings.page_size_default if limit is None else limit
@@ -213,7 +212,7 @@ def list_bundles(
     )
 
 
-@router.get("/{sha256}", response_model=BundlePublic, responses=_NOT_FOUND)
+@router.get("/{sha256}", response_model=BundlePublic, responses=responses(404))
 def get_bundle(sha256: Sha256Path, session: SessionDep) -> BundlePublic:
     try:
         return BundlePublic.from_row(store.get_bundle(session, sha256=sha256))
@@ -225,7 +224,7 @@ def get_bundle(sha256: Sha256Path, session: SessionDep) -> BundlePublic:
     "/{sha256}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require(Role.operator))],
-    responses={409: {"description": "a device's desired state references it"}, **_NOT_FOUND},
+    responses=responses(403, 404, 409),
 )
 def delete_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep) -> Response:
     try:
@@ -241,17 +240,18 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "the bundle file"},
     206: {"description": "the requested byte range, with Content-Range"},
     416: {"description": "range not satisfiable; Content-Range: bytes */SIZE"},
-    500: {"description": "the bundle is recorded but its file is missing"},
-    **_NOT_FOUND,
+    **responses(404, 500),
 }
 
 
-@files_router.get("/{sha256}/file", response_class=FileResponse, responses=_FILE_RESPONSES)
-@files_router.head(
+# One route for both methods, so a 405 or OPTIONS names both in ``Allow`` (the schema
+# gets an operation id per method: hub.api.main.finish_openapi).
+@files_router.api_route(
     "/{sha256}/file",
+    methods=["GET", "HEAD"],
     response_class=FileResponse,
     responses=_FILE_RESPONSES,
-    operation_id="head_bundle_file",
+    operation_id="download_bundle",
 )
 def download_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep) -> Response:
     """The bundle file, whole or one byte range (``Range: bytes=a-b``); resumable with If-Range."""

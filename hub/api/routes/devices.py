@@ -24,10 +24,13 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from pydantic import StringConstraints
 
 from hub import store
 from hub.api import views
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.api.problems import responses
+from hub.api.route import HubRoute
 from hub.auth.api import require
 from hub.auth.models import Role
 from hub.enrollment.revocation import decommission
@@ -41,6 +44,7 @@ from hub.errors import (
     UnknownBundles,
 )
 from hub.models import (
+    DEVICE_ID_SCHEMA_PATTERN,
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
     DesiredUpdate,
@@ -51,10 +55,14 @@ from hub.models import (
     DevicePublic,
     DeviceState,
 )
+from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
-router = APIRouter(prefix="/devices", tags=["devices"])
+router = APIRouter(prefix="/devices", tags=["devices"], route_class=HubRoute)
+LABEL_FILTER_PATTERN = f"{LABEL_KEY_PATTERN[:-1]}={LABEL_VALUE_PATTERN[1:]}"
 
-DeviceIdPath = Annotated[str, Path(description="device id", max_length=64)]
+DeviceIdPath = Annotated[
+    str, Path(description="device id", max_length=64, pattern=DEVICE_ID_SCHEMA_PATTERN)
+]
 
 
 def parse_label_filters(values: list[str]) -> dict[str, str]:
@@ -75,6 +83,7 @@ def parse_label_filters(values: list[str]) -> dict[str, str]:
     status_code=status.HTTP_201_CREATED,
     response_model=DevicePublic,
     dependencies=[Depends(require(Role.admin))],
+    responses=responses(403, 409),
 )
 def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> DevicePublic:
     try:
@@ -85,7 +94,10 @@ def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> Dev
 
 
 @router.post(
-    "/batch", response_model=DeviceBatchResult, dependencies=[Depends(require(Role.admin))]
+    "/batch",
+    response_model=DeviceBatchResult,
+    dependencies=[Depends(require(Role.admin))],
+    responses=responses(403),
 )
 def register_devices(
     body: DeviceBatchCreate, session: SessionDep, now: NowDep
@@ -101,9 +113,12 @@ def register_devices(
 def list_devices(
     session: SessionDep,
     settings: SettingsDep,
-    limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    label: Annotated[list[str], Query(description="KEY=VALUE; repeat to AND")] = [],  # noqa: B006
+    limit: Annotated[int | None, Query(ge=1, le=API_MAX_PAGE_SIZE, description="page size")] = None,
+    offset: Annotated[int, Query(ge=0, le=API_MAX_OFFSET)] = 0,
+    label: Annotated[
+        list[Annotated[str, StringConstraints(pattern=LABEL_FILTER_PATTERN)]],
+        Query(description="KEY=VALUE; repeat to AND"),
+    ] = [],  # noqa: B006
     state: Annotated[DeviceState | None, Query(description="only devices in this state")] = None,
 ) -> Response:
     page = settings.page_size_default if limit is None else limit
@@ -120,7 +135,7 @@ def list_devices(
     return views.device_page(rows, total=total, limit=page, offset=offset)
 
 
-@router.get("/{device_id}", response_model=DevicePublic)
+@router.get("/{device_id}", response_model=DevicePublic, responses=responses(404))
 def get_device(device_id: DeviceIdPath, session: SessionDep) -> Response:
     try:
         return views.json_response(views.device(store.device_row(session, device_id=device_id)))
@@ -132,6 +147,7 @@ def get_device(device_id: DeviceIdPath, session: SessionDep) -> Response:
     "/{device_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require(Role.admin))],
+    responses=responses(403, 404, 409),
 )
 def delete_device(
     device_id: DeviceIdPath,
@@ -169,7 +185,7 @@ def delete_device(
 @router.put(
     "/{device_id}/desired",
     response_model=DevicePublic,
-    responses={413: {"description": "config larger than max_config_bytes"}},
+    responses=responses(403, 404, 409, 413),
     dependencies=[Depends(require(Role.operator))],
 )
 def set_desired(

@@ -12,18 +12,20 @@ from fastapi import APIRouter, Depends, HTTPException, status
 
 from hub import store
 from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.api.problems import responses
+from hub.api.route import HubRoute
 from hub.auth.api import require
 from hub.auth.models import Role
 from hub.errors import ConfigTooLarge, UnknownBundles
 from hub.models import DeviceGeneration, FleetDesiredResult, FleetDesiredUpdate, FleetSummary
 
-router = APIRouter(prefix="/fleet", tags=["fleet"])
+router = APIRouter(prefix="/fleet", tags=["fleet"], route_class=HubRoute)
 
 
 @router.put(
     "/desired",
     response_model=FleetDesiredResult,
-    responses={413: {"description": "config larger than max_config_bytes"}},
+    responses=responses(403, 413),
     dependencies=[Depends(require(Role.operator))],
 )
 def set_fleet_desired(

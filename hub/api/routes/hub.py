@@ -14,11 +14,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from hub.api.deps import LinkDep
+from hub.api.route import HubRoute, OpenRoute
 from hub.bundles.chunks import ChunkServer
 from hub.models import Health
 
-router = APIRouter(tags=["hub"])
-open_router = APIRouter(tags=["hub"])
+router = APIRouter(tags=["hub"], route_class=HubRoute)
+open_router = APIRouter(tags=["hub"], route_class=OpenRoute)
 
 
 @open_router.get("/health", response_model=Health)

@@ -14,6 +14,9 @@ Two defences per writer, each a test:
   torn file;
 - the directory is fsynced after the rename, else a power cut can forget the
   rename (the old file, or none, comes back).
+
+Files created once and never replaced (private keys) need the same two fsyncs,
+without the rename: the file's, then its directory's.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from edge_agent.runtime import ConfigFileApplier
 from edge_agent.store import StateStore
 from firmware_bundles import archive, keydir
 from firmware_bundles.extract import extract
+from firmware_bundles.keys import SigningKey, write_private_key
 from firmware_bundles.model import RunSpec
 from hub.bundles.files import BundleFiles
 from protocols import Desired
@@ -265,3 +269,61 @@ def test_the_directory_is_fsynced_after_the_rename(
     log, targets = run(writer, tmp_path, monkeypatch)
     for target in targets:
         assert_directory_fsynced_after_rename(log, target)
+
+
+# --- files created once: private keys
+
+
+def assert_created_durably(log: DiskLog, path: Path) -> None:
+    st = os.stat(path)
+    synced = [
+        i
+        for i, op in enumerate(log.ops)
+        if op.kind == "fsync" and op.inode == inode_of(st) and op.size == st.st_size
+    ]
+    assert synced, f"{path.name} was not fsynced with all of its {st.st_size} bytes"
+    directory = inode_of(os.stat(path.parent))
+    assert any(op.kind == "fsync-dir" and op.inode == directory for op in log.ops[synced[0] :]), (
+        f"{path.parent.name}/ was not fsynced after {path.name} was created in it"
+    )
+
+
+def private_key(tmp_path: Path, record: Callable[[], DiskLog]) -> list[Path]:
+    path = tmp_path / "keys" / "release.pem"
+    path.parent.mkdir()
+    record()
+    write_private_key(path, SigningKey.generate(), b"correct horse")
+    return [path]
+
+
+def keydir_root_keys(tmp_path: Path, record: Callable[[], DiskLog]) -> list[Path]:
+    directory = tmp_path / "keydir"
+    record()
+    keydir.init_root(directory, threshold=2, count=2, now=NOW, expires=NOW + 365 * DAY)
+    return sorted((directory / keydir.KEYS_DIR).glob("root-*.pem"))
+
+
+def keydir_added_key(tmp_path: Path, record: Callable[[], DiskLog]) -> list[Path]:
+    directory, out = tmp_path / "keydir", tmp_path / "operator" / "release.pem"
+    keydir.init_root(directory, threshold=1, count=1, now=NOW, expires=NOW + 365 * DAY)
+    out.parent.mkdir()
+    record()
+    keydir.add_key(directory, role="release", out=out, now=NOW, expires=NOW + 365 * DAY)
+    return [out]
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        pytest.param(private_key, id="private-key"),
+        pytest.param(keydir_root_keys, id="keydir-root-keys"),
+        pytest.param(keydir_added_key, id="keydir-add-key-out"),
+    ],
+)
+def test_a_new_key_file_and_then_its_directory_are_fsynced(
+    writer: Writer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, paths = run(writer, tmp_path, monkeypatch)
+    assert paths
+    for path in paths:
+        assert_created_durably(log, path)

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from firmware_bundles import canonical
-from firmware_bundles._fs import fsync_dir
+from firmware_bundles.atomic import fsync_dir
 from firmware_bundles.errors import KeyFileError, PassphraseError
 from firmware_bundles.limits import DEFAULT_LIMITS, Limits
 from firmware_bundles.model import KeyInfo, Signature, decode_envelope, encode_envelope, key_id

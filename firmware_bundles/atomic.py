@@ -1,11 +1,15 @@
-"""Atomic, durable file replacement: the only way this package writes a file.
+"""Atomic, durable file replacement: how this package, the agent and the hub replace files.
 
 Rules:
 - Data goes to a temporary file in the target's directory (same filesystem),
   is flushed and fsynced, then ``os.replace``-d over the target, and the
-  directory is fsynced: a crash leaves the old file or the new, never a mix.
+  directory is fsynced: a crash, even a power cut, leaves the old file or the
+  new, never a mix, and a rename that returned is not undone.
 - On any error the temporary file is removed and the target is untouched.
-- Temporary names start with ``.`` and end with ``.tmp``.
+- Temporary names start with ``.`` and end with ``.tmp``, and are unique, so
+  concurrent writers of one target never share one.
+- Standard library only: the agent imports this on every start
+  (``edge_agent.store``), and the hub (``hub.bundles.files``) too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames) durable."""
+    """Make a directory's entries (creations, renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

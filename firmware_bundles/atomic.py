@@ -8,6 +8,9 @@ Rules:
 - On any error the temporary file is removed and the target is untouched.
 - Temporary names start with ``.`` and end with ``.tmp``, and are unique, so
   concurrent writers of one target never share one.
+- ``durable=False`` (atomic for readers, nothing fsynced) is for files derived
+  from a truth kept elsewhere and rewritten at start, and only with a reason
+  in the caller's docstring.
 - Standard library only: the agent imports this on every start
   (``edge_agent.store``), and the hub (``hub.bundles.files``) too.
 """
@@ -32,24 +35,34 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(target: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """A temporary file beside ``target`` that replaces it only if the block succeeds."""
+def atomic_output(target: Path, mode: int = 0o644, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A temporary file beside ``target`` that replaces it only if the block succeeds.
+
+    ``durable=False`` skips both fsyncs: readers still see the old file or the
+    new, but a power cut may lose the new one (or, on some filesystems, leave it
+    empty). Only for files rebuilt from elsewhere after a restart.
+    """
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
 
 
-def atomic_write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``target`` with ``data`` atomically and durably; raises OSError."""
-    with atomic_output(target, mode) as handle:
+def atomic_write_bytes(
+    target: Path, data: bytes, mode: int = 0o644, *, durable: bool = True
+) -> None:
+    """Replace ``target`` with ``data`` atomically (and durably unless told not to, see
+    :func:`atomic_output`); raises OSError."""
+    with atomic_output(target, mode, durable=durable) as handle:
         handle.write(data)

@@ -17,6 +17,9 @@ Two defences per writer, each a test:
 
 Files created once and never replaced (private keys) need the same two fsyncs,
 without the rename: the file's, then its directory's.
+
+The broker's CRL and ACL are atomic but deliberately not durable (see
+:func:`hub.broker_config.replace_file`): only the rename is checked there.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from firmware_bundles import archive, keydir
 from firmware_bundles.extract import extract
 from firmware_bundles.keys import SigningKey, write_private_key
 from firmware_bundles.model import RunSpec
+from hub.broker_config import replace_file
 from hub.bundles.files import BundleFiles
 from protocols import Desired
 from tests.unit.test_bundles_support import DAY, NOW, Fleet, entry, tar_gz
@@ -327,3 +331,42 @@ def test_a_new_key_file_and_then_its_directory_are_fsynced(
     assert paths
     for path in paths:
         assert_created_durably(log, path)
+
+
+# --- atomic, not durable: the files the broker re-reads on SIGHUP
+
+
+def test_a_broker_file_is_replaced_by_a_rename_never_written_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crl = tmp_path / "crl.pem"
+    replace_file(crl, b"old CRL")
+    log = DiskLog(monkeypatch)
+    replace_file(crl, b"new CRL")
+    monkeypatch.undo()
+    log.rename_into(crl)
+    assert crl.read_bytes() == b"new CRL"
+    assert stat.S_IMODE(crl.stat().st_mode) == 0o644  # Mosquitto may run as another user
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crl.pem"]
+
+
+def test_two_writers_of_a_broker_file_never_share_a_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two decommissions in the API's thread pool each publish the CRL: the second
+    writes while the first is between its write and its rename."""
+    crl = tmp_path / "crl.pem"
+    real_replace = os.replace
+    interleaved: list[bytes] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        if not interleaved:
+            interleaved.append(b"second")
+            replace_file(crl, b"second")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    replace_file(crl, b"first")  # before: FileNotFoundError, the second took its temporary
+    monkeypatch.undo()
+    assert crl.read_bytes() == b"first"  # the last rename wins, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crl.pem"]

@@ -11,8 +11,7 @@ Rules:
 - ``durable=False`` (atomic for readers, nothing fsynced) is for files derived
   from a truth kept elsewhere and rewritten at start, and only with a reason
   in the caller's docstring.
-- Standard library only: the agent imports this on every start
-  (``edge_agent.store``), and the hub (``hub.bundles.files``) too.
+- Standard library only: the agent imports this on every start (``edge_agent.store``).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from edge_agent.store import atomic_write_bytes
+from firmware_bundles.atomic import fsync_dir
 from protocols.bundles import BUNDLE_KEY, WORKLOADS_KEY, is_sha256
 
 if TYPE_CHECKING:
@@ -103,14 +104,6 @@ def workload_specs(config: Mapping[str, object]) -> list[WorkloadSpec]:
     return specs
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BundleCache:
     """``<data>/bundles``: verified files by SHA-256, and partial downloads."""
 
@@ -145,8 +138,8 @@ class BundleCache:
             os.close(fd)
         target = self.path(sha256)
         os.replace(partial, target)
-        _fsync_dir(self.directory)
-        _fsync_dir(self.partial_dir)
+        fsync_dir(self.directory)
+        fsync_dir(self.partial_dir)
         return target
 
     def discard_partial(self, sha256: str) -> None:
@@ -316,4 +309,4 @@ class Workloads:
             os.unlink(tmp)
         os.symlink(prepared.directory.name, tmp)
         os.replace(tmp, link)
-        _fsync_dir(parent)
+        fsync_dir(parent)

@@ -2,8 +2,9 @@
 
 Rules:
 - Every write goes to a temporary file in the same directory, is fsynced, then
-  renamed over the target, and the directory is fsynced: a crash at any instant
-  leaves the old file or the new one, never a torn mix (invariant 4).
+  renamed over the target, and the directory is fsynced
+  (:mod:`firmware_bundles.atomic`): a crash at any instant leaves the old file
+  or the new one, never a torn mix (invariant 4). Files are mode 0600.
 - A state file that cannot be read is moved aside (``.corrupt``), never deleted,
   and the agent starts from defaults; the core's clock-based boot epoch keeps
   report ordering intact.
@@ -14,36 +15,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import msgspec
 
 from edge_agent.core import AgentState, HistoryEntry
+from firmware_bundles import atomic
 
 log = logging.getLogger("driftless.agent.store")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably; raises OSError."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` (mode 0600) with ``data`` atomically and durably, creating its
+    directory if needed; raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.atomic_write_bytes(path, data, mode=0o600)
 
 
 def remove_stale_temporaries(directory: Path) -> int:

@@ -3,6 +3,8 @@
 Layers, each importing only those above it (as in python-tuf's ngclient):
 
 - ``errors``, ``limits``: the exception tree (bad data vs local trouble) and every limit.
+- ``atomic``: atomic, durable file replacement (standard library only); the agent
+  and the hub replace their files with it too.
 - ``canonical``, ``model``: the exact bytes that are signed, and the typed formats.
 - ``keys``: Ed25519 keys and private key files.
 - ``trust``: pure decisions (thresholds, root rotation, expiry, rollback); time is a parameter.

@@ -41,7 +41,7 @@ from typing import IO, BinaryIO, Protocol
 import msgspec
 
 from firmware_bundles import canonical
-from firmware_bundles._fs import atomic_output
+from firmware_bundles.atomic import atomic_output
 from firmware_bundles.errors import (
     BundleError,
     FormatError,

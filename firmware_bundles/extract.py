@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol, cast
 
-from firmware_bundles._fs import fsync_dir
+from firmware_bundles.atomic import fsync_dir
 from firmware_bundles.errors import ArchiveLimitError, FormatError, UnsafeArchiveError
 from firmware_bundles.limits import DEFAULT_LIMITS, Limits
 

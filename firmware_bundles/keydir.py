@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from firmware_bundles._fs import atomic_write_bytes, fsync_dir
+from firmware_bundles.atomic import atomic_write_bytes
 from firmware_bundles.errors import KeyFileError, LocalError
 from firmware_bundles.keys import SigningKey, load_private_key, sign_document, write_private_key
 from firmware_bundles.model import RoleInfo, RoleName, RootMetadata
@@ -63,7 +63,6 @@ def _new_root_keys(
     except BaseException:
         _remove([path for _, path in created])
         raise
-    fsync_dir(keys_dir)
     return created
 
 

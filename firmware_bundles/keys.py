@@ -7,6 +7,7 @@ Rules:
   (the best encryption ``cryptography`` offers). It is created with
   ``O_CREAT | O_EXCL`` and mode 0600 in the same call, so it is never readable
   by others, not even for an instant; an existing file is never overwritten.
+  It is durable when the call returns: the file and then its directory are fsynced.
 - Loading refuses a key file that group or others may read or write (as ssh
   does), and says clearly whether a passphrase was missing or wrong.
 - Signing is pure (Ed25519 is deterministic); only the two file functions do I/O.
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from firmware_bundles import canonical
+from firmware_bundles.atomic import fsync_dir
 from firmware_bundles.errors import KeyFileError, PassphraseError
 from firmware_bundles.limits import DEFAULT_LIMITS, Limits
 from firmware_bundles.model import KeyInfo, Signature, decode_envelope, encode_envelope, key_id
@@ -90,7 +92,9 @@ def write_private_key(path: Path, key: SigningKey, passphrase: bytes | None = No
     """Create ``path`` holding ``key`` with mode 0600; raises KeyFileError if it exists.
 
     The file is created and its mode set in one ``open`` (``O_CREAT | O_EXCL``),
-    written, and fsynced; on any failure the partial file is removed.
+    written, and fsynced, then its directory is fsynced: a key survives a power
+    cut once this returns (a root naming it may be published next). On any
+    failure the partial file is removed.
     """
     data = key.private_pem(passphrase)
     try:
@@ -105,6 +109,7 @@ def write_private_key(path: Path, key: SigningKey, passphrase: bytes | None = No
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> SigningKey:

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware_bundles.atomic import atomic_write_bytes
 from hub.identity import CertificateAuthority, check_service_name, service_name
 from protocols import Channel
 from protocols.topics import TOPIC_ROOT
@@ -169,16 +170,25 @@ def write_secure_files(
         files.server_cert.write_bytes(issued.pem)
     replace_file(files.crl, ca.crl(revoked, now=now))
     replace_file(files.acl, render_acl(hub_identities, cut_off).encode())
-    if not files.dynsec.exists():  # the broker owns it after the first start
-        replace_file(files.dynsec, json.dumps(DYNSEC_INITIAL_STATE, indent=2).encode())
+    if not files.dynsec.exists():  # written once, durably: the broker owns it after its start
+        atomic_write_bytes(files.dynsec, json.dumps(DYNSEC_INITIAL_STATE, indent=2).encode())
     return files
 
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Write by rename, so a broker re-reading on SIGHUP never sees half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    """Replace ``path`` (mode 0644: the broker may run as another user) by a rename, so a
+    broker re-reading on SIGHUP never sees half a file; raises OSError.
+
+    Atomic for the reload, deliberately not durable (nothing is fsynced): the CRL and
+    the ACL are derived from the database and the CA, and rewritten whenever the
+    broker's config is written and at every start of a hub that has a broker CRL
+    path, before it signals the broker (:func:`hub.app.create_app`). A power cut
+    that loses the newest copy loses nothing the next start does not rebuild, and
+    the revocation it carried is only as durable as the database's commit
+    (``synchronous=NORMAL``). Each call writes its own temporary file, so two
+    requests publishing the CRL at once cannot trip each other.
+    """
+    atomic_write_bytes(path, data, mode=0o644, durable=False)
 
 
 def render_tls_listener(port: int, host: str, files: TlsFiles, *, dynsec_plugin: Path) -> list[str]:

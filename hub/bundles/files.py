@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from firmware_bundles.archive import HEADER_BYTES
+from firmware_bundles.atomic import fsync_dir
 from firmware_bundles.limits import DEFAULT_LIMITS
 from hub.bundles.errors import BundleTooLarge
 from hub.bundles.refs import is_sha256
@@ -39,15 +40,6 @@ MAX_BUNDLE_FILE_BYTES = (
     HEADER_BYTES + DEFAULT_LIMITS.max_metadata_bytes + DEFAULT_LIMITS.max_payload_bytes
 )
 """The largest bundle file the format allows: header, largest manifest, largest payload."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BundleUpload:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, select
 
@@ -14,6 +15,7 @@ from edge_agent.identity import make_csr
 from hub import store
 from hub.db import init_db, make_engine, new_session
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
+from hub.enrollment.revocation import current_crl
 from hub.enrollment.store import (
     EnrollmentRefused,
     create_token,
@@ -117,6 +119,33 @@ def test_revocation_lists_serials(session: Session, ca: CertificateAuthority) ->
     assert revoked(session) == [(first.certificate.serial, LATER)]
     again = store.decommission_device(session, device_id="d1", now=LATER)
     assert again.revoked_serials == [] and again.already
+
+
+def test_decommissioning_puts_exactly_the_device_s_serials_on_the_crl(
+    session: Session, ca: CertificateAuthority
+) -> None:
+    """What the broker refuses at the next handshake: every certificate the device was
+    issued (here two, as after a re-enrollment), signed by the fleet CA, and no other."""
+    secret, _ = create_token(session, device_id=None, uses=3, expires_at=LATER, labels={}, now=NOW)
+    issued = [
+        redeem(session, secret=secret, device_id="d1", csr_pem=csr("d1"), ca=ca, now=NOW)
+        for _ in range(2)
+    ]
+    other = redeem(session, secret=secret, device_id="d2", csr_pem=csr("d2"), ca=ca, now=NOW)
+
+    def crl_now() -> x509.CertificateRevocationList:
+        crl = x509.load_pem_x509_crl(current_crl(session, ca, now=LATER))
+        assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
+        return crl
+
+    assert list(crl_now()) == []
+    store.decommission_device(session, device_id="d1", now=LATER)
+    crl = crl_now()
+    assert sorted(entry.serial_number for entry in crl) == sorted(
+        enrolled.certificate.serial for enrolled in issued
+    )
+    assert {entry.revocation_date_utc for entry in crl} == {LATER}
+    assert crl.get_revoked_certificate_by_serial_number(other.certificate.serial) is None
 
 
 def test_decommissioning_keeps_the_device_visible_and_clears_its_document(

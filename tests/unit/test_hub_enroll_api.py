@@ -1,13 +1,17 @@
 """Enrollment over the API: tokens made by an admin, redeemed by a device with its CSR.
 
-The refusals each named: unknown, expired, used up, for another device, a CSR
-naming another device, a malformed CSR, a body that is not the schema, and no
-admin role for making tokens. A refusal consumes nothing.
+The refusals each named: unknown, expired, used up (also when two devices race
+for the last use), for another device, a CSR naming another device, a malformed
+CSR, a body that is not the schema, and no admin role for making tokens. A
+refusal consumes nothing.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,9 @@ from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
 from hub.devbroker import free_port
-from hub.enrollment.models import EnrollmentToken
+from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.store import token_hash
+from hub.models import Device
 from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, api_client, bearer, mint
 
@@ -109,6 +114,44 @@ def test_a_claim_token_serves_its_count_and_no_more(admin: TestClient, device: T
     assert enroll(device, token, "line-a-2").status_code == 200
     third = enroll(device, token, "line-a-3")
     assert third.status_code == 403 and "used up" in third.json()["detail"]
+
+
+def test_a_single_use_token_redeemed_twice_at_once_enrolls_once_and_refuses_once(
+    app: FastAPI, admin: TestClient, device: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write lock around redemption (``begin_write`` in ``store.redeem``): two devices
+    race with one single-use token. Without it both pass the token check, and the
+    loser's commit fails on SQLite's stale snapshot: a raw 500 (or, on a database
+    without that check, two enrollments). With it the second waits, then is refused."""
+    token = new_token(admin, uses=1)
+    ca = app.state.ca
+    sign = ca.issue_from_csr
+
+    def slow_sign(csr_pem: bytes, **kwargs: Any) -> Any:
+        time.sleep(0.2)  # a slow signer (a hardware key, a busy host) widens the window
+        return sign(csr_pem, **kwargs)
+
+    monkeypatch.setattr(ca, "issue_from_csr", slow_sign)
+    racers = {name: csr(name)[1] for name in ("racer-1", "racer-2")}
+    client = TestClient(app, base_url=API_BASE_URL, raise_server_exceptions=False)
+    start = threading.Barrier(len(racers))
+
+    def race(name: str) -> Any:
+        start.wait(timeout=10)
+        return enroll(client, token, name, racers[name])
+
+    with ThreadPoolExecutor(len(racers)) as pool:
+        answers = dict(zip(racers, pool.map(race, racers), strict=True))
+    codes = sorted(answer.status_code for answer in answers.values())
+    assert codes == [200, 403], {name: (a.status_code, a.text[:60]) for name, a in answers.items()}
+    (winner,) = [name for name, answer in answers.items() if answer.status_code == 200]
+    (loser,) = set(racers) - {winner}
+    assert "used up" in answers[loser].json()["detail"]
+    with new_session(app.state.engine) as session:
+        assert [row.id for row in session.exec(select(Device)).all()] == [winner]
+        assert [row.device_id for row in session.exec(select(DeviceCertificate)).all()] == [winner]
+        row = session.get(EnrollmentToken, token_hash(token))
+        assert row is not None and row.uses_left == 0
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle-cache-max-bytes", type=int, default=2 * 1024**3)
     run.add_argument("--fetch-window", type=int, default=8, help="MQTT chunk requests in flight")
     run.add_argument("--fetch-chunk-bytes", type=int, default=64 * 1024, help="MQTT chunk size")
-    run.add_argument("--clock-skew-s", type=int, default=300, help="expiry allowance, seconds")
+    run.add_argument(
+        "--clock-skew-s",
+        type=int,
+        default=300,
+        help="expiry allowance, seconds, for this device's clock running ahead",
+    )
     run.add_argument(
         "--renew-at-fraction",
         type=float,

@@ -65,7 +65,8 @@ class BundleSettings:
     http_timeout_s: float = 30.0
     """Socket timeout of one HTTP range request."""
     clock_skew_s: int = DEFAULT_LIMITS.default_clock_skew_s
-    """Allowance for this device's clock running behind when checking expiry."""
+    """Allowance for this device's clock running ahead when checking expiry: metadata is
+    taken until its ``expires`` plus this many seconds, by the device's clock."""
     architecture: str = field(default_factory=default_architecture)
     frame_queue_max: int = 64
     """Chunk frames waiting for the fetch thread; more are dropped (and asked for again)."""

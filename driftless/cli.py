@@ -155,7 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle-cache-max-bytes", type=int, default=2 * 1024**3)
     run.add_argument("--fetch-window", type=int, default=8, help="MQTT chunk requests in flight")
     run.add_argument("--fetch-chunk-bytes", type=int, default=64 * 1024, help="MQTT chunk size")
-    run.add_argument("--clock-skew-s", type=int, default=300, help="expiry allowance, seconds")
+    run.add_argument(
+        "--clock-skew-s",
+        type=int,
+        default=300,
+        help="expiry allowance, seconds, for this device's clock running ahead",
+    )
+    run.add_argument(
+        "--keepalive-s",
+        type=int,
+        default=_env("DRIFTLESS_KEEPALIVE_S", "30"),
+        help="MQTT keepalive, 5..3600 s: the broker publishes this device's Last Will (offline) "
+        "after 1.5 times it without traffic; keep it below a cellular link's NAT idle timeout",
+    )
     run.add_argument(
         "--renew-at-fraction",
         type=float,
@@ -286,9 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("driftless agent run: --device-id is required", file=sys.stderr)
             return 2
         from edge_agent.driver import run_agent
-        from edge_agent.settings import BundleSettings, FetchConfig
+        from edge_agent.settings import BundleSettings, FetchConfig, MqttSettings
 
         try:
+            mqtt = MqttSettings(keepalive_s=args.keepalive_s)
             bundles = BundleSettings(
                 root_path=args.root,
                 hub_url=args.hub_url,
@@ -308,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bundles=bundles,
             insecure_unsigned=args.insecure_unsigned,
             renew_at_fraction=args.renew_at_fraction,
+            mqtt=mqtt,
         )
     if args.command == "broker" and args.broker_cmd == "config":
         from hub.devbroker import hub_broker_args, write_secure_broker

@@ -235,7 +235,7 @@ class AgentCore:
     agent_version: str = "0"
     # The fleet's root: desired documents must be signed by its hub role. None: unverified.
     trusted_root: TrustedRoot | None = None
-    # Allowance for this device's clock being behind when checking the root's expiry.
+    # Allowance for this device's clock running ahead when checking the root's expiry.
     clock_skew_s: int = 300
     _seq: int = 0
     _ready: bool = False

@@ -4,8 +4,9 @@ Rules:
 - The core is touched under one lock, from the network thread (MQTT callbacks)
   and the apply worker; actions are executed in order under that lock, so a
   state is persisted before the report that announces it is published.
-- Reconnects use jittered exponential backoff and a fresh session number, hence
-  a fresh Last Will, on every attempt.
+- Reconnects use jittered exponential backoff (``MqttSettings``: 0.2 s doubling
+  to 30 s, reset once a connection is accepted) and a fresh session number,
+  hence a fresh Last Will, on every attempt.
 - SIGTERM/SIGINT: publish "offline" for the current session, disconnect, exit 0.
 - One subscription request covers ``desired`` and ``bundle_data``; the core
   hears ``Subscribed`` (and a bundle transfer hears "link up") only once both
@@ -66,7 +67,7 @@ from edge_agent.enroll import Identity, tls_context
 from edge_agent.inventory import collect as collect_inventory
 from edge_agent.renewal import DEFAULT_RENEW_AT_FRACTION, Renewal
 from edge_agent.runtime import Applier, ApplyError, WorkloadApplier
-from edge_agent.settings import BundleSettings
+from edge_agent.settings import BundleSettings, MqttSettings
 from edge_agent.store import StateStore, remove_stale_temporaries
 from edge_agent.transport import (
     MqttTransport,
@@ -125,10 +126,12 @@ class AgentDriver:
         tls_factory: Callable[[], ssl.SSLContext] | None = None,
         cert_serial: Callable[[], str] | None = None,
         renewal: Renewal | None = None,
+        mqtt: MqttSettings | None = None,
     ) -> None:
         """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
         switched certificates (None: plain MQTT, or TLS trusting the system's CAs);
-        ``cert_serial`` reads the serial of the certificate it presents, for births."""
+        ``cert_serial`` reads the serial of the certificate it presents, for births;
+        ``mqtt``: keepalive, session expiry, connect timeout and backoff (defaults if None)."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
@@ -152,11 +155,13 @@ class AgentDriver:
             clock_skew_s=self.bundle_settings.clock_skew_s,
         )
         self.broker_url = broker_url
+        self.mqtt_settings = mqtt or MqttSettings()
         self.transport = MqttTransport(
             device_id,
             broker_url,
             self._on_transport,
             tls_context=tls_factory() if tls_factory is not None else None,
+            settings=self.mqtt_settings,
         )
         self.desired_topic = topic(device_id, Channel.DESIRED)
         self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
@@ -393,7 +398,9 @@ class AgentDriver:
             self.feed(ApplyDone(desired.generation, ok, error, self.clock()))
 
     def _network_loop(self) -> None:
-        backoff = Backoff()
+        backoff = Backoff(
+            min_s=self.mqtt_settings.reconnect_min_s, max_s=self.mqtt_settings.reconnect_max_s
+        )
         while not self._stop.is_set():
             if self._new_tls and self._tls_factory is not None:
                 self._new_tls = False
@@ -404,6 +411,7 @@ class AgentDriver:
                     self.broker_url,
                     self._on_transport,
                     tls_context=self._tls_factory(),
+                    settings=self.mqtt_settings,
                 )
             self.feed(Connecting(self.clock()))
             try:
@@ -493,6 +501,7 @@ def run_agent(
     bundles: BundleSettings | None = None,
     insecure_unsigned: bool = False,
     renew_at_fraction: float = DEFAULT_RENEW_AT_FRACTION,
+    mqtt: MqttSettings | None = None,
 ) -> int:
     """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor.
 
@@ -559,6 +568,7 @@ def run_agent(
         tls_factory=(lambda: tls_context(identity)) if tls else None,
         cert_serial=(lambda: _certificate_serial(identity)) if tls else None,
         renewal=renewal,
+        mqtt=mqtt,
     )
     log.info(
         "agent starting",
@@ -567,6 +577,7 @@ def run_agent(
             "broker": broker_url,
             "certificate": str(identity.cert) if tls else None,
             "root": str(settings.root_path) if settings.root_path else None,
+            "keepalive_s": driver.mqtt_settings.keepalive_s,
         },
     )
 

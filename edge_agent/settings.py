@@ -1,12 +1,15 @@
-"""The agent's bundle settings: one frozen object, limits with their unit in the name.
+"""The agent's settings: frozen objects, limits with their unit in the name.
 
 Rules:
 - Built once by whoever starts the agent (``driftless agent run``) and passed
   down; nothing here reads the environment or the disk.
 - Light to import (no cryptography): an agent that never sees a bundle does not
   pay for the verification stack.
-- Construction validates: a non-positive limit or a chunk that would not fit a
-  frame raises ValueError at start-up, not in the middle of a transfer.
+- Construction validates: a non-positive limit, a chunk that would not fit a
+  frame or a keepalive outside its range raises ValueError at start-up, not in
+  the middle of a transfer or at the first connect.
+- :class:`MqttSettings` holds the connection timings ``docs/protocol.md``
+  ("Liveness and timing") states; the transport and the driver read them here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,49 @@ MiB = 1024 * 1024
 def default_architecture() -> str:
     """This machine's architecture as manifests spell it (``x86_64``, ``aarch64`` …)."""
     return platform.machine().lower().replace("-", "_") or "unknown"
+
+
+KEEPALIVE_MIN_S = 5
+KEEPALIVE_MAX_S = 3600
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """How the agent holds its broker connection.
+
+    ``keepalive_s`` is the MQTT keepalive sent in CONNECT: the broker closes a
+    silent connection, and publishes the device's Last Will, after 1.5 times it;
+    the agent pings after ``keepalive_s`` without traffic and gives up on the
+    connection after as long again without an answer. Below a cellular
+    network's NAT idle timeout it keeps the mapping open; shorter also means a
+    dead device shows offline sooner, for more pings.
+    """
+
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    """MQTT 5 Session Expiry Interval: how long the broker queues for an absent device."""
+    connect_timeout_s: float = 5.0
+    """TCP connect plus TLS handshake of one attempt."""
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 30.0
+    """Reconnect backoff: doubles from ``reconnect_min_s`` to this cap, with equal jitter."""
+
+    def __post_init__(self) -> None:
+        keepalive = self.keepalive_s
+        if (
+            isinstance(keepalive, bool)
+            or not isinstance(keepalive, int)
+            or not KEEPALIVE_MIN_S <= keepalive <= KEEPALIVE_MAX_S
+        ):
+            raise ValueError(
+                f"keepalive must be a whole number of seconds within "
+                f"{KEEPALIVE_MIN_S}..{KEEPALIVE_MAX_S}, got {keepalive!r}"
+            )
+        for name in ("session_expiry_s", "connect_timeout_s", "reconnect_min_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
 
 
 @dataclass(frozen=True)
@@ -65,7 +111,8 @@ class BundleSettings:
     http_timeout_s: float = 30.0
     """Socket timeout of one HTTP range request."""
     clock_skew_s: int = DEFAULT_LIMITS.default_clock_skew_s
-    """Allowance for this device's clock running behind when checking expiry."""
+    """Allowance for this device's clock running ahead when checking expiry: metadata is
+    taken until its ``expires`` plus this many seconds, by the device's clock."""
     architecture: str = field(default_factory=default_architecture)
     frame_queue_max: int = 64
     """Chunk frames waiting for the fetch thread; more are dropped (and asked for again)."""

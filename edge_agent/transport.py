@@ -3,6 +3,8 @@
 Rules:
 - Callbacks run on the network thread and are turned into plain transport events.
 - ``connect`` raises TransportError (never a paho return code) so the caller can back off.
+- Keepalive, session expiry and the connect timeout come from
+  :class:`edge_agent.settings.MqttSettings`; nothing here has its own.
 - TCP_NODELAY on the connection: paho leaves Nagle's algorithm on, and small
   messages (bundle chunk requests, PUBACKs) would otherwise wait for the
   peer's delayed ACK, tens of milliseconds per round trip.
@@ -29,9 +31,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from driftless.net import parse_broker_url
+from edge_agent.settings import MqttSettings
 
-SESSION_EXPIRY_S = 7 * 24 * 3600
-KEEPALIVE_S = 30
 MAX_QUEUED_OUTGOING = 1000
 
 
@@ -81,13 +82,17 @@ class MqttTransport:
         broker_url: str,
         on_event: Callable[[TransportEvent], None],
         tls_context: ssl.SSLContext | None = None,
+        settings: MqttSettings | None = None,
     ) -> None:
+        """``settings``: keepalive, session expiry and connect timeout (defaults if None)."""
         address = parse_broker_url(broker_url)
         self.host, self.port, tls = address.host, address.port, address.tls
+        self.settings = settings or MqttSettings()
         self._on_event = on_event
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
+        self._client.connect_timeout = self.settings.connect_timeout_s
         self._client.max_queued_messages_set(MAX_QUEUED_OUTGOING)
         if tls:
             self._client.tls_set_context(tls_context or ssl.create_default_context())
@@ -105,10 +110,14 @@ class MqttTransport:
 
     def connect(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.SessionExpiryInterval = self.settings.session_expiry_s
         try:
             self._client.connect(
-                self.host, self.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
+                self.host,
+                self.port,
+                keepalive=self.settings.keepalive_s,
+                clean_start=False,
+                properties=props,
             )
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot reach {self.host}:{self.port}: {exc}") from exc

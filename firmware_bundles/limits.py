@@ -8,7 +8,8 @@ Rules:
   a payload byte past the declared size is refused as it arrives, an archive is
   measured as it expands.
 - ``max_clock_skew_s`` bounds the allowance a caller may grant for a device's
-  clock being behind: an allowance above it is a programming error
+  clock running ahead (metadata is taken until ``expires`` plus the allowance,
+  by the device's clock): an allowance above it is a programming error
   (``ValueError``), not a way to accept old metadata.
 """
 
@@ -45,7 +46,7 @@ class Limits:
     max_path_bytes: int = 1024
     """Longest entry name or symlink target in an archive."""
     default_clock_skew_s: int = 300
-    """Allowance for a device clock that runs behind, when the caller gives none."""
+    """Allowance for a device clock that runs ahead, when the caller gives none."""
     max_clock_skew_s: int = 24 * 3600
     """Largest allowance a caller may grant."""
 

@@ -12,11 +12,15 @@ Pure: no I/O. Rules:
 - The envelope is ``{"signatures": [...], "signed": {...}}``. Its ``signed``
   part is kept as the raw bytes that were received (:class:`Envelope`), because
   signatures are checked over those exact bytes before any field is read.
+- No object in an envelope, the ``signed`` part included, may hold a member
+  twice: with two ``signed`` members one reader could check the signatures over
+  one copy while another reads the other, so an envelope is never ambiguous.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -187,10 +191,20 @@ def encode_envelope(signed_bytes: bytes, signatures: list[Signature]) -> bytes:
     return b'{"signatures":' + canonical.encode(ordered) + b',"signed":' + signed_bytes + b"}"
 
 
+def _refuse_repeated_members(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise FormatError(f"member {name[:40]!r} appears twice in one object of the envelope")
+        seen.add(name)
+
+
 def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Pure: split an envelope into its raw signed bytes and signatures; raises FormatError.
 
-    The size is checked before parsing; the ``signed`` part is not interpreted.
+    The size is checked before parsing; the ``signed`` part is not interpreted,
+    but no object anywhere in the envelope may hold a member twice (a second
+    ``signed`` would make "the signed bytes" depend on the reader).
     """
     if len(data) > limits.max_metadata_bytes:
         raise FormatError(
@@ -210,6 +224,10 @@ def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Envelope
         )
     if not bytes(envelope.signed).startswith(b"{"):
         raise FormatError("the signed part of an envelope must be a canonical JSON object")
+    try:  # msgspec keeps the last of two equal members; find them with the stdlib's parser
+        json.loads(data, object_pairs_hook=_refuse_repeated_members)
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"envelope is not valid JSON: {exc}") from None
     return envelope
 
 

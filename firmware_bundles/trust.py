@@ -12,8 +12,9 @@ Rules, in the order they are applied:
 3. Only then are the bytes parsed, and they must be canonical and complete
    (:func:`firmware_bundles.model.decode_signed`).
 4. Expiry: metadata is expired when ``now - clock_skew_s >= expires``. The
-   allowance is for a device clock that runs behind and is bounded by
-   ``Limits.max_clock_skew_s``.
+   allowance is for a device clock that runs ahead (fast): such a clock would
+   see metadata expire early, so it is taken until ``expires + clock_skew_s``.
+   It is bounded by ``Limits.max_clock_skew_s``.
 5. A new root must have version exactly ``trusted + 1`` and be signed by a
    threshold of the *old* root's root keys and of its *own* root keys. In a
    chain of new roots only the last must be unexpired (as in TUF), and the

@@ -142,6 +142,27 @@ def _given_queue(
     return cast(type[asyncio.Queue[aiomqtt.Message]], make)
 
 
+def link_subscriptions(settings: HubSettings, *, renews: bool) -> list[str]:
+    """Pure: the filters the link subscribes to (QoS 1) on every connect.
+
+    ``renews``: the hub holds the fleet CA and answers certificate renewals. The
+    list is the one ``docs/protocol.md`` ("Topics") gives; a test compares them.
+    """
+    group = settings.mqtt_shared_group
+    filters = [
+        shared_subscription(group, Channel.BIRTH),
+        shared_subscription(group, Channel.REPORTED),
+        # Not shared: retained status never reaches shared subscriptions (MQTT 5
+        # §4.8.2); status is session-guarded, so every replica applying it is harmless.
+        subscription(Channel.STATUS),
+    ]
+    if renews:
+        filters.append(shared_subscription(group, Channel.CERT_REQ))
+    if settings.cuts_off_sessions:
+        filters.append(cutoff.DYNSEC_RESPONSE_TOPIC)
+    return filters
+
+
 def _payload_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
@@ -341,19 +362,8 @@ class BrokerLink:
         raise LinkClosed("a link task ended")
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        group = self._settings.mqtt_shared_group
         qos1 = SubscribeOptions(qos=1)
-        filters = [
-            shared_subscription(group, Channel.BIRTH),
-            shared_subscription(group, Channel.REPORTED),
-            # Not shared: retained status never reaches shared subscriptions (MQTT 5
-            # §4.8.2); status is session-guarded, so every replica applying it is harmless.
-            subscription(Channel.STATUS),
-        ]
-        if self._ca is not None:
-            filters.append(shared_subscription(group, Channel.CERT_REQ))
-        if self._settings.cuts_off_sessions:
-            filters.append(cutoff.DYNSEC_RESPONSE_TOPIC)
+        filters = link_subscriptions(self._settings, renews=self._ca is not None)
         codes = await client.subscribe([(f, qos1) for f in filters])
         for topic_filter, code in zip(filters, codes, strict=True):
             if getattr(code, "is_failure", False) or (isinstance(code, int) and code >= 0x80):

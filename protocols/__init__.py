@@ -19,7 +19,7 @@ from protocols.bundles import (
     encode_chunk_error,
     is_sha256,
 )
-from protocols.codec import MAX_PAYLOAD_BYTES, decode, encode
+from protocols.codec import MAX_PAYLOAD_BYTES, MESSAGE_TYPES, decode, encode
 from protocols.errors import ProtocolError, Reason
 from protocols.messages import (
     PROTOCOL_VERSION,
@@ -36,6 +36,7 @@ from protocols.messages import (
 from protocols.topics import (
     DEVICE_ID_PATTERN,
     Channel,
+    Direction,
     is_valid_device_id,
     parse_topic,
     topic,
@@ -46,6 +47,7 @@ __all__ = [
     "DEVICE_ID_PATTERN",
     "MAX_CHUNK_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "Birth",
     "BundleRequest",
@@ -56,6 +58,7 @@ __all__ = [
     "ChunkError",
     "ChunkErrorCode",
     "Desired",
+    "Direction",
     "Frame",
     "Inventory",
     "Message",

@@ -29,10 +29,20 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 
 M = TypeVar("M", Desired, Birth, Status, Reported, BundleRequest, CertRequest, CertIssued)
 
+MESSAGE_TYPES: tuple[type[Message | BundleRequest], ...] = (
+    Desired,
+    Birth,
+    Status,
+    Reported,
+    BundleRequest,
+    CertRequest,
+    CertIssued,
+)
+"""Every JSON message type; each one's ``kind`` (its tag) is the name of its channel."""
+
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[object]] = {
-    cls: msgspec.json.Decoder(cls)
-    for cls in (Desired, Birth, Status, Reported, BundleRequest, CertRequest, CertIssued)
+    cls: msgspec.json.Decoder(cls) for cls in MESSAGE_TYPES
 }
 
 

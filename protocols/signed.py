@@ -10,6 +10,9 @@ Rules (the normative text is ``docs/protocol.md``, "Signed desired documents"):
   authorised keys must verify (:func:`firmware_bundles.trust.verify_signed_bytes`).
   The bytes are never re-encoded, so no canonical form is needed and configs
   may hold fractions.
+- An envelope holds ``signatures`` and ``signed`` once each, and no object in
+  it (the signed message included) holds a member twice
+  (:func:`firmware_bundles.model.decode_envelope`): otherwise ``malformed``.
 - The signed bytes are the whole message, ``kind`` and ``device_id`` included:
   a signature cannot be moved to another device's topic (the agent checks the
   id after opening) nor read as another kind of document.

@@ -4,6 +4,8 @@ Rules:
 - A device id matches ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``, so it can never hold
   ``+``, ``#`` or ``/`` and cannot widen a subscription or escape its subtree.
 - Every topic this module builds round-trips through :func:`parse_topic`.
+- Every channel has a direction: a device publishes only on its own
+  ``device -> hub`` channels and subscribes only to its ``hub -> device`` ones.
 """
 
 from __future__ import annotations
@@ -18,17 +20,47 @@ DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 
 
-class Channel(enum.StrEnum):
-    """Per-device channels; the comment says who publishes and how."""
+class Direction(enum.StrEnum):
+    """Who publishes on a channel (the other side subscribes)."""
 
-    DESIRED = "desired"  # hub -> device, QoS 1, retained
-    BIRTH = "birth"  # device -> hub on every connect, QoS 1
-    STATUS = "status"  # device -> hub, QoS 1, retained; the Last Will sets it offline
-    REPORTED = "reported"  # device -> hub, QoS 1
-    BUNDLE_REQ = "bundle_req"  # device -> hub, QoS 1: JSON BundleRequest
-    BUNDLE_DATA = "bundle_data"  # hub -> device, QoS 1: binary chunk frames
-    CERT_REQ = "cert_req"  # device -> hub, QoS 1: CertRequest (renewal)
-    CERT = "cert"  # hub -> device, QoS 1: CertIssued
+    HUB_TO_DEVICE = "hub -> device"
+    DEVICE_TO_HUB = "device -> hub"
+
+
+class Channel(enum.StrEnum):
+    """Per-device channels, all QoS 1; :attr:`direction` and :attr:`retained` say how."""
+
+    DESIRED = "desired"  # retained
+    BIRTH = "birth"  # on every connect
+    STATUS = "status"  # retained; the Last Will sets it offline
+    REPORTED = "reported"
+    BUNDLE_REQ = "bundle_req"  # JSON BundleRequest
+    BUNDLE_DATA = "bundle_data"  # binary chunk frames
+    CERT_REQ = "cert_req"  # CertRequest (renewal)
+    CERT = "cert"  # CertIssued
+
+    @property
+    def direction(self) -> Direction:
+        """Pure: who publishes on this channel."""
+        return _DIRECTIONS[self]
+
+    @property
+    def retained(self) -> bool:
+        """Pure: whether messages on this channel are published retained."""
+        return self in _RETAINED
+
+
+_DIRECTIONS: dict[Channel, Direction] = {
+    Channel.DESIRED: Direction.HUB_TO_DEVICE,
+    Channel.BIRTH: Direction.DEVICE_TO_HUB,
+    Channel.STATUS: Direction.DEVICE_TO_HUB,
+    Channel.REPORTED: Direction.DEVICE_TO_HUB,
+    Channel.BUNDLE_REQ: Direction.DEVICE_TO_HUB,
+    Channel.BUNDLE_DATA: Direction.HUB_TO_DEVICE,
+    Channel.CERT_REQ: Direction.DEVICE_TO_HUB,
+    Channel.CERT: Direction.HUB_TO_DEVICE,
+}
+_RETAINED = frozenset({Channel.DESIRED, Channel.STATUS})
 
 
 def is_valid_device_id(device_id: str) -> bool:

@@ -193,6 +193,8 @@ def test_manifest_declaring_a_payload_over_the_device_limit_is_refused() -> None
         pytest.param(b'{"signatures":[]}', id="no-signed-part"),
         pytest.param(b'{"signatures":[],"signed":[1]}', id="signed-part-not-object"),
         pytest.param(b'{"signatures":[{"keyid":"x","sig":"y"}],"signed":{}}', id="bad-hex"),
+        pytest.param(b'{"signatures":[],"signed":{},"signed":{}}', id="signed-twice"),
+        pytest.param(b'{"signatures":[],"signatures":[],"signed":{}}', id="signatures-twice"),
     ],
 )
 def test_malformed_envelopes_are_refused(data: bytes) -> None:

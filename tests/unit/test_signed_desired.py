@@ -2,7 +2,8 @@
 
 Each bad case is named: unsigned, a flipped byte, a key outside the hub role,
 a threshold not met (one signature, or one key signing twice), a signature
-moved to another device, an expired root, a malformed envelope, oversized.
+moved to another device, an expired root, a malformed envelope, a member
+written twice (two ``signed`` parts: which one is "the signed bytes"?), oversized.
 """
 
 from __future__ import annotations
@@ -89,6 +90,28 @@ def _twice(raw: bytes) -> bytes:
 TWO_OF_THREE = Fleet(hub_keys=new_keys(3), hub_threshold=2)
 
 
+def _signatures(raw: bytes) -> bytes:
+    return json.dumps(json.loads(seal(raw, FLEET.hub_keys))["signatures"]).encode()
+
+
+def _signed_twice(raw: bytes, *, forged_first: bool) -> bytes:
+    """A valid envelope for ``raw`` with a second, unsigned ``signed`` member (generation 9)."""
+    forged = message(9, x=666)
+    first, second = (forged, raw) if forged_first else (raw, forged)
+    signatures = _signatures(raw)
+    return b'{"signatures":' + signatures + b',"signed":' + first + b',"signed":' + second + b"}"
+
+
+def _member_twice_inside(raw: bytes) -> bytes:
+    """Signed by the hub key, but the signed message names two generations."""
+    return seal(raw[:-1] + b',"generation":9}', FLEET.hub_keys)
+
+
+def _signatures_twice(raw: bytes) -> bytes:
+    sealed = seal(raw, FLEET.hub_keys)
+    return b'{"signatures":[],' + sealed[1:]
+
+
 @pytest.mark.parametrize(
     ("fleet", "make", "reason"),
     [
@@ -119,6 +142,22 @@ TWO_OF_THREE = Fleet(hub_keys=new_keys(3), hub_threshold=2)
             "malformed",
             id="malformed-envelope",
         ),
+        pytest.param(
+            FLEET,
+            lambda raw: _signed_twice(raw, forged_first=False),
+            "malformed",
+            id="signed-twice-forged-last",
+        ),
+        pytest.param(
+            FLEET,
+            lambda raw: _signed_twice(raw, forged_first=True),
+            "malformed",
+            id="signed-twice-forged-first",
+        ),
+        pytest.param(FLEET, _signatures_twice, "malformed", id="signatures-twice"),
+        pytest.param(FLEET, _member_twice_inside, "malformed", id="member-twice-inside-signed"),
+        pytest.param(FLEET, lambda raw: b"not json at all", "unsigned", id="not-json"),
+        pytest.param(FLEET, lambda raw: b"[1, 2]", "unsigned", id="json-but-not-an-object"),
     ],
 )
 def test_a_document_that_does_not_verify_is_rejected_and_changes_nothing(

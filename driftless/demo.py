@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,9 +60,29 @@ def run_broker(
     Mutual TLS from the fleet CA in ``identity_dir`` (the hub's) unless it is None
     (``--plain``); then it prints the flags that let the hub keep its CRL and ACL.
     """
-    # sigwait needs the signals blocked, or their default action (exit) comes first and
-    # the broker outlives us.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Handlers, installed before the broker starts, so a signal never finds the default
+    # action (exit, leaving the broker behind). Not a blocked mask with sigwait: Mosquitto
+    # would inherit the mask and ignore SIGTERM (MosquittoBroker.start refuses that).
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_broker_until(stop, data_dir, port, identity_dir, hub_client_id)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_broker_until(
+    stop: threading.Event,
+    data_dir: Path,
+    port: int | None,
+    identity_dir: Path | None,
+    hub_client_id: str,
+) -> int:
     try:
         if identity_dir is None:
             broker = MosquittoBroker(data_dir, port=port)
@@ -78,11 +99,17 @@ def run_broker(
     except (BrokerError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"mosquitto listening on {broker.url} (config {broker.config_path}); Ctrl-C stops it")
-    if identity_dir is not None:
-        print("hub flags: " + " ".join(hub_broker_args(broker, identity_dir)))
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print(
+            f"mosquitto listening on {broker.url} (config {broker.config_path}); Ctrl-C stops it",
+            flush=True,
+        )
+        if identity_dir is not None:
+            print("hub flags: " + " ".join(hub_broker_args(broker, identity_dir)), flush=True)
+        while not stop.wait(1.0):
+            if not broker.running():
+                print("error: mosquitto exited", file=sys.stderr)
+                return 1
     finally:
         broker.stop()
     return 0

@@ -7,6 +7,11 @@ Rules:
   (reports from a whole fleet) while the hub restarts.
 - ``stop()`` lets Mosquitto save its persistence file; ``kill()`` is SIGKILL and
   loses whatever was not saved, as a crash would.
+- Mosquitto must not start with SIGTERM or SIGINT blocked: a child inherits the
+  blocked-signal mask (not the handlers: exec resets those), and a Mosquitto
+  started under such a mask never sees SIGTERM, is SIGKILLed after the grace
+  period and loses its persistence. ``start()`` refuses to, with BrokerError;
+  launchers catch signals with handlers instead of blocking them.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
                     f"nothing listening on {host}:{port} after {timeout_s}s"
                 ) from None
             time.sleep(0.02)
+
+
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,13 @@ class MosquittoBroker:
         """Start Mosquitto and wait until it accepts connections."""
         if self.running():
             return
+        blocked = _STOP_SIGNALS & signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        if blocked:
+            names = ", ".join(sorted(signal.Signals(s).name for s in blocked))
+            raise BrokerError(
+                f"{names} blocked in this thread: Mosquitto would inherit the mask and never "
+                "stop on SIGTERM (catch the signals with a handler instead)"
+            )
         binary = find_mosquitto()
         self.write_config()
         self._proc = subprocess.Popen(

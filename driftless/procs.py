@@ -10,6 +10,7 @@ Rules:
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import subprocess
@@ -25,6 +26,7 @@ class DriftlessChild:
     def __init__(self, args: list[str], log_path: Path, *, log_level: str = "info") -> None:
         self.argv = [sys.executable, "-m", "driftless.cli", "--log-level", log_level, *args]
         self.log_path = log_path
+        self.env: dict[str, str] = {}  # added to this process's environment for the child
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -38,6 +40,7 @@ class DriftlessChild:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
 
     def running(self) -> bool:

@@ -1,0 +1,311 @@
+"""Agent footprint: the edge agent's memory and idle CPU as devices run it.
+
+``python -m simulator.bench.footprint --agents 3 --idle-s 30`` starts its own
+Mosquitto with mutual TLS, the device ACL and a CRL from a fresh fleet CA, and a
+throw-away fleet root; enrolls ``--agents`` data directories the way
+``driftless agent enroll`` leaves them (key, certificate, CA, root); runs each
+as devices do (``python -m driftless.cli agent run``, ``mqtts://``, the root
+from its data directory) until it is connected and idle, then measures over
+``--idle-s``:
+
+- resident memory (``VmRSS``), proportional set size (``Pss``: shared pages
+  split between the agents) and unique set size (private pages) from
+  ``/proc/<pid>/smaps_rollup``;
+- CPU seconds at idle, as a share of one core;
+- the modules the agent loaded (one more agent run under ``PYTHONPROFILEIMPORTTIME``,
+  grouped by top-level package, with each one's cumulative import time).
+
+The baselines, measured in the same run: Python processes that only import what
+an MQTT client over TLS needs (the bare interpreter; ``paho.mqtt.client``, which
+brings ``ssl``; plus ``cryptography``'s Ed25519, for verifying signed documents),
+idling the same way. The ratio agent / floor is the headline.
+
+Rules: loopback only; every wait has a deadline; broker and agents are stopped on
+exit, on error and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from driftless.procs import AgentChild
+from edge_agent.enroll import Identity
+from firmware_bundles.devfleet import DevFleet
+from hub.broker_config import hub_identities, write_secure_files
+from hub.devbroker import BrokerError, MosquittoBroker
+from hub.identity import CertificateAuthority, write_new_private
+from simulator.bench.common import (
+    BenchError,
+    add_run_arguments,
+    cpu_seconds,
+    host_info,
+    median,
+    ratio,
+    run_bench_main,
+    workdir,
+)
+
+MiB = 1024 * 1024
+# What an MQTT client over TLS that verifies signed documents cannot do without.
+FLOORS: tuple[tuple[str, str], ...] = (
+    ("python", "pass"),
+    ("python + paho (ssl)", "import paho.mqtt.client"),
+    (
+        "python + paho + Ed25519",
+        "import paho.mqtt.client\nfrom cryptography.hazmat.primitives.asymmetric import ed25519",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class FootprintConfig:
+    agents: int = 3
+    idle_s: float = 30.0
+    deadline_s: float = 60.0
+    workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.agents < 1 or self.idle_s <= 0 or self.deadline_s <= 0:
+            raise ValueError("agents must be at least 1, idle_s and deadline_s positive")
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_mib: float
+    pss_mib: float
+    uss_mib: float
+
+
+@dataclass
+class FootprintResult:
+    config: FootprintConfig
+    agents: list[Memory] = field(default_factory=list)
+    idle_cpu_share: list[float] = field(default_factory=list)  # of one core, per agent
+    floors: dict[str, Memory] = field(default_factory=dict)
+    modules: dict[str, float] = field(default_factory=dict)  # top-level package -> import ms
+    module_count: int = 0
+
+    def medians(self) -> dict[str, float]:
+        return {
+            "rss_mib": median([m.rss_mib for m in self.agents]),
+            "pss_mib": median([m.pss_mib for m in self.agents]),
+            "uss_mib": median([m.uss_mib for m in self.agents]),
+            "idle_cpu_percent": 100 * median(self.idle_cpu_share),
+        }
+
+    def floor(self) -> Memory:
+        return self.floors[FLOORS[-1][0]]
+
+    def as_json(self, command: str) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["workdir"] = str(config["workdir"]) if config["workdir"] else None
+        return {
+            "benchmark": "footprint",
+            "command": command,
+            "config": config,
+            "host": host_info(),
+            "agents": [asdict(m) for m in self.agents],
+            "idle_cpu_share": self.idle_cpu_share,
+            "floors": {name: asdict(m) for name, m in self.floors.items()},
+            "median": {k: round(v, 3) for k, v in self.medians().items()},
+            "ratio_rss_over_floor": round(
+                ratio(self.medians()["rss_mib"], self.floor().rss_mib), 3
+            ),
+            "modules_import_ms": self.modules,
+            "module_count": self.module_count,
+        }
+
+
+def memory_of(pid: int) -> Memory:
+    """Pure over /proc: a live process's RSS, PSS and USS in MiB."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            fields[name.strip()] = int(parts[0]) * 1024  # kB
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return Memory(
+        rss_mib=round(fields["Rss"] / MiB, 2),
+        pss_mib=round(fields["Pss"] / MiB, 2),
+        uss_mib=round(uss / MiB, 2),
+    )
+
+
+def imported_packages(log: str) -> tuple[dict[str, float], int]:
+    """Pure: ``PYTHONPROFILEIMPORTTIME`` lines -> (top-level package -> cumulative ms, count).
+
+    A package's figure is the largest cumulative time among its modules (the time its
+    first import took, submodules included).
+    """
+    packages: dict[str, float] = defaultdict(float)
+    count = 0
+    for line in log.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = (part.strip() for part in line[len("import time:") :].split("|"))
+        if not cumulative.isdigit():
+            continue  # the header line
+        count += 1
+        top = name.strip().split(".")[0]
+        packages[top] = max(packages[top], int(cumulative) / 1000)
+    return dict(sorted(packages.items(), key=lambda item: -item[1])), count
+
+
+def enroll_locally(
+    ca: CertificateAuthority, data_dir: Path, device_id: str, *, broker_url: str, root: Path
+) -> None:
+    """Leave ``data_dir`` as ``driftless agent enroll`` would (here the CA is at hand)."""
+    identity = Identity(data_dir)
+    key_pem, issued = ca.issue_keypair(device_id, server=False, now=dt.datetime.now(dt.UTC))
+    write_new_private(identity.key, key_pem)
+    identity.cert.write_bytes(issued.pem)
+    identity.ca.write_bytes(ca.cert_pem)
+    identity.root.write_bytes(root.read_bytes())
+    identity.record.write_text(json.dumps({"device_id": device_id, "broker_url": broker_url}))
+
+
+async def wait_connected(agent: AgentChild, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while '"event": "connected"' not in agent.log():
+        if agent.exited() is not None:
+            raise BenchError(f"{agent.device_id} exited: {agent.log()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{agent.device_id} not connected after {deadline_s}s")
+        await asyncio.sleep(0.1)
+
+
+async def measure_floor(code: str, idle_s: float) -> Memory:
+    """A Python process that imports ``code`` and idles; its memory after a moment."""
+    script = f"{code}\nimport time\nprint('ready', flush=True)\ntime.sleep(600)"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise BenchError(f"floor process for {code!r} did not start: {line!r}")
+        await asyncio.sleep(min(idle_s, 2.0))
+        return memory_of(proc.pid)
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def run_bench(cfg: FootprintConfig) -> FootprintResult:
+    """The whole benchmark; raises BenchError or BrokerError."""
+    result = FootprintResult(config=cfg)
+    with workdir(cfg.workdir, "driftless-footprint-") as work:
+        now = dt.datetime.now(dt.UTC)
+        ca = CertificateAuthority.load_or_create(work / "identity", now=now)
+        files = write_secure_files(
+            ca, work / "broker-tls", hub_identities=hub_identities("driftless-hub"),
+            revoked=[], now=now,
+        )  # fmt: skip
+        fleet = DevFleet(work / "fleet")
+        with contextlib.ExitStack() as stack:
+            broker = MosquittoBroker(work / "broker", tls=files)
+            stack.callback(broker.stop)
+            broker.start()
+            agents = []
+            for n in range(cfg.agents + 1):  # the last one only lists what it imports
+                device_id = f"footprint-{n:02d}"
+                agent = AgentChild(work, device_id, broker.url, enrolled=True)
+                enroll_locally(ca, agent.data_dir, device_id, broker_url=broker.url,
+                               root=fleet.root_path)  # fmt: skip
+                stack.callback(agent.terminate)
+                agents.append(agent)
+            measured, lister = agents[:-1], agents[-1]
+            lister.env["PYTHONPROFILEIMPORTTIME"] = "1"
+            for agent in measured:
+                agent.start()
+            for agent in measured:
+                await wait_connected(agent, cfg.deadline_s)
+            await asyncio.sleep(2.0)  # past the post-connect work (birth, first report)
+            pids = [agent.proc.pid for agent in measured if agent.proc is not None]
+            cpu0 = [cpu_seconds(pid) for pid in pids]
+            started = time.monotonic()
+            await asyncio.sleep(cfg.idle_s)
+            elapsed = time.monotonic() - started
+            result.idle_cpu_share = [
+                round((cpu_seconds(pid) - before) / elapsed, 5)
+                for pid, before in zip(pids, cpu0, strict=True)
+            ]
+            result.agents = [memory_of(pid) for pid in pids]
+            for agent in measured:
+                agent.terminate()
+            lister.start()
+            await wait_connected(lister, cfg.deadline_s)
+            await asyncio.sleep(2.0)
+            lister.terminate()
+            result.modules, result.module_count = imported_packages(lister.log())
+        for name, code in FLOORS:
+            result.floors[name] = await measure_floor(code, cfg.idle_s)
+    return result
+
+
+def format_table(result: FootprintResult) -> str:
+    """Pure: the table printed at the end of a run."""
+    m, floor = result.medians(), result.floor()
+    lines = [
+        f"footprint: {result.config.agents} idle agents over mutual TLS with --root, "
+        f"{result.config.idle_s:g} s idle, loopback",
+        f"{'(MiB)':<34}{'RSS':>8}{'PSS':>8}{'USS':>8}",
+        f"{'agent (median)':<34}{m['rss_mib']:>8.1f}{m['pss_mib']:>8.1f}{m['uss_mib']:>8.1f}",
+    ]
+    for name, mem in result.floors.items():
+        lines.append(
+            f"{'floor: ' + name:<34}{mem.rss_mib:>8.1f}{mem.pss_mib:>8.1f}{mem.uss_mib:>8.1f}"
+        )
+    lines.append(f"idle CPU: {m['idle_cpu_percent']:.3f} % of one core (median)")
+    lines.append(f"ratio agent RSS / floor RSS: {ratio(m['rss_mib'], floor.rss_mib):.2f}x")
+    top = ", ".join(f"{k} {v:.0f} ms" for k, v in list(result.modules.items())[:12])
+    lines.append(f"modules: {result.module_count} imported; slowest packages: {top}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator.bench.footprint", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--idle-s", type=float, default=30.0)
+    add_run_arguments(parser, result="footprint.json", deadline_s=60.0, hub_log_level="warning")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_bench_main(
+        "footprint",
+        argv,
+        build=lambda: FootprintConfig(
+            agents=args.agents,
+            idle_s=args.idle_s,
+            deadline_s=args.deadline_s,
+            workdir=args.workdir,
+        ),
+        bench=run_bench,
+        table=format_table,
+        result_file=lambda cfg: "footprint.json",
+        json_path=args.json,
+        log_level=args.log_level,
+        failures=(BenchError, BrokerError, OSError),
+        stopped="the broker and the agents",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

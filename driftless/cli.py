@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     token_create.add_argument("--name", required=True, help="who holds it (shown in the audit log)")
     token_create.add_argument("--db", default=_env("DRIFTLESS_DB", "sqlite:///driftless-hub.db"))
 
+    migrate = hub.add_parser(
+        "migrate", help="bring the hub's database to the newest schema (the hub does at start)"
+    )
+    migrate.add_argument("--db", default=_env("DRIFTLESS_DB", "sqlite:///driftless-hub.db"))
+    migrate.add_argument("--revision", default="head", help="a revision id (default: newest)")
+
     agent = top.add_parser("agent", help="the edge agent").add_subparsers(
         dest="agent_cmd", required=True
     )
@@ -250,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hub.admin_cli import create_token
 
         return create_token(db_url=args.db, name=args.name, role=args.role)
+    if args.command == "hub" and args.hub_cmd == "migrate":
+        from hub.admin_cli import migrate_db
+
+        return migrate_db(db_url=args.db, revision=args.revision)
     if args.command == "hub":
         from hub.serve import serve
         from hub.settings import HubSettings

@@ -9,6 +9,10 @@ Rules:
   :func:`begin_write` first, which starts ``BEGIN IMMEDIATE`` (the write lock is
   taken up front and waits ``busy_timeout`` instead of failing on upgrade).
   Read-modify-write sequences such as "generation + 1" are therefore atomic.
+- The schema is Alembic's (``hub/migrations``): :func:`migrate` brings any
+  database to the newest revision, and is the only thing that creates tables.
+  The hub migrates at start (embedded SQLite included); ``driftless hub
+  migrate`` does it on its own, before starting replicas for instance.
 """
 
 from __future__ import annotations
@@ -19,9 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, make_url
-from sqlmodel import Session, SQLModel, create_engine
-
-from hub import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from sqlmodel import Session, create_engine
 
 _WRITE_OPTION = "driftless_write"
 
@@ -56,9 +58,80 @@ def make_engine(db_url: str, *, busy_timeout_ms: int) -> Engine:
     return engine
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# The revision a database made by ``create_all`` (before migrations existed) is at.
+_LEGACY_BEFORE_DECOMMISSION = "0001"
+_LEGACY_WITH_DECOMMISSION = "0002"
+
+
+def register_tables() -> None:
+    """Import every model module, so ``SQLModel.metadata`` holds every table."""
+    import hub.auth.models
+    import hub.bundles.models
+    import hub.enrollment.models
+    import hub.models  # noqa: F401
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest revision in ``hub/migrations``."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None: never migrated)."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Engine, *, revision: str = "head") -> str:
+    """Bring the database to ``revision`` (default: the newest) and return where it is.
+
+    An empty database gets every revision. One that ``create_all`` made before
+    migrations existed (tables, no ``alembic_version``) is first stamped with the
+    revision its columns show, so nothing is created twice and no row is touched.
+    Raises whatever the database raises; a failed revision leaves it where it was
+    (each runs in one transaction).
+    """
+    from alembic import command
+    from sqlalchemy import inspect
+
+    register_tables()
+    config = _alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        inspector = inspect(connection)
+        tables = set(inspector.get_table_names())
+        if "alembic_version" not in tables and "device" in tables:
+            columns = {column["name"] for column in inspector.get_columns("device")}
+            legacy = (
+                _LEGACY_WITH_DECOMMISSION
+                if "decommissioned_at" in columns
+                else _LEGACY_BEFORE_DECOMMISSION
+            )
+            command.stamp(config, legacy)
+        command.upgrade(config, revision)
+    now = current_revision(engine)
+    assert now is not None
+    return now
+
+
 def init_db(engine: Engine) -> None:
-    """Create missing tables (no migrations yet)."""
-    SQLModel.metadata.create_all(engine)
+    """The database at the newest revision (:func:`migrate`)."""
+    migrate(engine)
 
 
 def new_session(engine: Engine) -> Session:

@@ -1,4 +1,8 @@
-"""FastAPI side of authentication: bearer-token dependency, role checks, audit middleware."""
+"""FastAPI side of authentication: bearer-token dependency, role checks, audit middleware.
+
+Every refusal (401, 403) is counted by reason in the app's metrics
+(``driftless_api_auth_failures_total``).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub.api.deps import SessionDep
+from hub.api.deps import SessionDep, get_metrics
 from hub.auth import store
 from hub.auth.models import AuditEntry, Role
 from hub.db import new_session
+from hub.metrics import AuthFailure
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -52,6 +57,7 @@ def authenticated(
     """Resolve ``Authorization: Bearer <token>``; 401 when missing, unknown or revoked."""
     secret = credentials.credentials.strip() if credentials is not None else ""
     if not secret:
+        get_metrics(request).auth_failed(AuthFailure.MISSING_TOKEN)
         raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
     row = store.authenticate(session, secret=secret)
     principal = None if row is None else Principal(row.name, Role[row.role])
@@ -59,6 +65,7 @@ def authenticated(
     # open its own (immediate) transaction, not upgrade a stale read snapshot.
     session.rollback()
     if principal is None:
+        get_metrics(request).auth_failed(AuthFailure.INVALID_TOKEN)
         raise _unauthorized("unknown or revoked token")
     request.state.principal = principal  # read by the audit middleware
     return principal
@@ -67,11 +74,12 @@ def authenticated(
 PrincipalDep = Annotated[Principal, Depends(authenticated)]
 
 
-def require(role: Role) -> Callable[[Principal], Principal]:
+def require(role: Role) -> Callable[[Principal, Request], Principal]:
     """A dependency that lets through ``role`` and above; 403 otherwise."""
 
-    def check(principal: PrincipalDep) -> Principal:
+    def check(principal: PrincipalDep, request: Request) -> Principal:
         if principal.role < role:
+            get_metrics(request).auth_failed(AuthFailure.INSUFFICIENT_ROLE)
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
                 f"{role.name} role required; token {principal.name!r} is {principal.role.name}",

@@ -29,6 +29,7 @@ from hub.devbroker import free_port
 from hub.enrollment.models import EnrollmentToken
 from hub.enrollment.store import token_hash
 from hub.settings import HubSettings
+from tests.support import Scrape
 from tests.unit.auth_support import API_BASE_URL, api_client, bearer, mint
 
 
@@ -109,6 +110,20 @@ def test_a_claim_token_serves_its_count_and_no_more(admin: TestClient, device: T
     assert enroll(device, token, "line-a-2").status_code == 200
     third = enroll(device, token, "line-a-3")
     assert third.status_code == 403 and "used up" in third.json()["detail"]
+
+
+def test_enrollments_are_counted_by_outcome(admin: TestClient, device: TestClient) -> None:
+    token = new_token(admin, uses=2)
+    assert enroll(device, token, "line-b-1").status_code == 200
+    assert enroll(device, token, "line-b-2").status_code == 200
+    assert enroll(device, token, "line-b-3").status_code == 403  # used up
+    assert enroll(device, "no-such-token", "line-b-4").status_code == 403
+    assert device.post("enroll", json={"token": token}).status_code == 422  # not counted
+    metrics = Scrape(admin.get("http://hub/metrics").text)
+    enrollments = "driftless_enrollments_total"
+    assert metrics.value(enrollments, outcome="granted") == 2
+    assert metrics.value(enrollments, outcome="refused") == 2
+    assert metrics.value(enrollments, outcome="cut_off_pending") == 0
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ Each test has its own hub app on a fresh SQLite file (broker unreachable, as in
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +35,7 @@ from tests.unit.auth_support import bearer, mint
 from tests.unit.hub_bundles_support import bundle_hub, upload
 
 HUB = "http://hub"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> HubSettings:
@@ -269,6 +272,31 @@ def test_every_family_appears_once_and_follows_the_naming_conventions(
         if family.type == "histogram":
             assert family.name.endswith(("_seconds", "_messages")), family.name
     assert "process_resident_memory_bytes" in metrics.families
+
+
+def test_the_docs_and_the_dashboard_name_only_metrics_the_hub_serves(
+    client: TestClient, tokens: dict[Role, dict[str, str]]
+) -> None:
+    metrics = scrape(client, tokens[Role.viewer])
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    served = {  # by family, so that families with no sample yet count too
+        family.name + suffix
+        for family in metrics.families.values()
+        for suffix in ("", *suffixes.get(family.type, ()))
+    }
+    dashboard = (REPO / "docs" / "grafana" / "driftless-hub.json").read_text()
+    expressions = [
+        target["expr"]
+        for panel in json.loads(dashboard)["panels"]
+        for target in panel.get("targets", [])
+    ]
+    assert len(expressions) > 20
+    operations = (REPO / "docs" / "operations.md").read_text()
+    metrics_section = operations[operations.index("## Metrics") : operations.index("## Logs")]
+    named = re.compile(r"\bdriftless_[a-z_]*[a-z](?![a-z_*])")  # not prefixes like driftless_mqtt_*
+    for source, text in (("dashboard", "\n".join(expressions)), ("operations.md", metrics_section)):
+        unknown = sorted(set(named.findall(text)) - served)
+        assert not unknown, f"{source} names metrics the hub does not serve: {unknown}"
 
 
 def test_an_api_only_process_shows_no_link_counters(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ Rules:
 - Every mutating ``/api/v1`` request goes through the audit middleware, which
   records it once it has finished (refusals included); the token and audit
   tables are registered with the routes that use them, before tables are created.
+- One metrics registry per app (:class:`hub.metrics.HubMetrics`), served at
+  ``GET /metrics`` (any API token); every HTTP request is counted and timed by the
+  metrics middleware, inside the audit middleware.
 - The link and the bundle chunk server (its own MQTT connection) start and stop
   with the app's lifespan; the API works while the broker is unreachable (both
   keep retrying in the background).
@@ -26,6 +29,7 @@ from datetime import UTC, datetime
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from hub.api import metrics as metrics_api
 from hub.api import problems
 from hub.api.main import API_PREFIX, build_api_router, finish_openapi
 from hub.auth.api import AuditMiddleware
@@ -39,6 +43,7 @@ from hub.db import init_db, make_engine, new_session
 from hub.enrollment.revocation import publish_crl
 from hub.identity import CertificateAuthority, IdentityError, client_identity
 from hub.link import BrokerLink
+from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner
 
@@ -102,10 +107,12 @@ def create_app(settings: HubSettings) -> FastAPI:
     signer = _signer(settings)
     ca = _certificate_authority(settings)
     link_tls, chunks_tls = _broker_tls(settings, ca)
+    metrics = HubMetrics(engine=engine)
     link = BrokerLink(
         broker=settings.broker(),
         engine=engine,
         settings=settings,
+        metrics=metrics,
         signer=signer,
         tls_context=link_tls,
         ca=ca,
@@ -162,8 +169,13 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.chunk_server = chunk_server
     app.state.fleet_root = fleet_root
     app.state.ca = ca
+    app.state.metrics = metrics
     problems.install(app)
     app.include_router(build_api_router())
+    app.include_router(metrics_api.router)
     app.openapi = lambda: finish_openapi(app)  # type: ignore[method-assign]
+    # Inside the audit middleware: a request's time ends with its answer, before the
+    # audit row is written.
+    app.add_middleware(metrics_api.MetricsMiddleware, metrics=metrics)
     app.add_middleware(AuditMiddleware, engine=engine, prefix=API_PREFIX)
     return app

@@ -48,6 +48,11 @@ Rules:
   after every connect and whenever it is told of a change, it sends the command
   for every device whose cut-off the database says is unconfirmed (again only
   after a growing pause), and records each confirmation from the broker's answer.
+- Metrics (:mod:`hub.metrics`) cost per batch, not per message: each ingest batch
+  observes its size and its duration once. Each document published for a change
+  heard of (in-process or from the change feed) observes its delivery lag, from the
+  change's ``desired_updated_at`` to the PUBACK; republishes (the sweep, a birth
+  behind) observe nothing, as they deliver no new change.
 - aiomqtt's ``publish()`` does not surface PUBACK reason codes (FIELD-NOTES), so a
   publish the broker refused (e.g. by ACL) looks like success here.
 """
@@ -59,6 +64,7 @@ import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,6 +84,7 @@ from hub.enrollment import cutoff
 from hub.enrollment.renewal import renew
 from hub.identity import CertificateAuthority
 from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
+from hub.metrics import HubMetrics, Renewal
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner
 from hub.stats import LinkStats
@@ -175,6 +182,7 @@ class _Outgoing:
 
     generation: int
     payload: bytes
+    changed_at: float  # the row's desired_updated_at (unix seconds)
 
 
 class BrokerLink:
@@ -191,10 +199,12 @@ class BrokerLink:
         engine: Engine,
         settings: HubSettings,
         signer: DocumentSigner | None = None,
+        metrics: HubMetrics,
         tls_context: ssl.SSLContext | None = None,
         ca: CertificateAuthority | None = None,
     ) -> None:
         self.broker = broker
+        self._metrics = metrics
         self._signer = signer
         self._tls_context = tls_context
         self._ca = ca  # set: devices renew their certificates over MQTT (cert_req)
@@ -202,6 +212,9 @@ class BrokerLink:
         self._engine = engine
         self._settings = settings
         self._pending: set[str] = set()
+        # Pending because their desired state changed (not a sweep or a birth): their
+        # next publish observes the delivery lag.
+        self._changed: set[str] = set()
         # With the change feed on: the newest generation read for publishing, per device.
         # Set when the publisher reads the row (a worker thread), so a change the feed
         # sees is skipped only if the publisher read that generation or a newer one.
@@ -259,7 +272,11 @@ class BrokerLink:
         if not ids or loop is None:
             return
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            loop.call_soon_threadsafe(self._mark_pending, ids)
+            loop.call_soon_threadsafe(self._mark_changed, ids)
+
+    def _mark_changed(self, device_ids: Sequence[str]) -> None:
+        self._changed.update(device_ids)
+        self._mark_pending(device_ids)
 
     def _mark_pending(self, device_ids: Iterable[str]) -> None:
         self._pending.update(device_ids)
@@ -413,6 +430,7 @@ class BrokerLink:
                     ack(message.mid, message.qos)
 
     async def _ingest(self, batch: Sequence[aiomqtt.Message]) -> None:
+        started = time.perf_counter()
         now = datetime.now(UTC)
         decoded: list[tuple[str, DeviceMessage]] = []
         received = self.stats.received
@@ -429,6 +447,9 @@ class BrokerLink:
         self.stats.ingest_batches += 1
         self.stats.ingest_batch_max_seen = max(self.stats.ingest_batch_max_seen, len(decoded))
         outcomes, republish = await self._apply(decoded, now)
+        self._metrics.observe_ingest_batch(
+            messages=len(decoded), duration_s=time.perf_counter() - started
+        )
         debug = log.isEnabledFor(logging.DEBUG)
         for (topic_name, message), outcome in zip(decoded, outcomes, strict=True):
             if outcome == store.APPLIED:
@@ -527,7 +548,7 @@ class BrokerLink:
                     fresh.append(device_id)
             if fresh:
                 self.stats.feed_changes += len(fresh)
-                self._mark_pending(fresh)
+                self._mark_changed(fresh)
 
     def _feed_mark(self) -> int:
         with new_session(self._engine) as session:
@@ -623,6 +644,8 @@ class BrokerLink:
             return
         assert self._ca is not None
         answer = await asyncio.to_thread(self._renew_sync, request)
+        outcome = Renewal.REFUSED if answer.error is not None else Renewal.GRANTED
+        self.stats.renewals[outcome.value] += 1
         await client.publish(
             protocols.topic(device_id, Channel.CERT), protocols.encode(answer), qos=1
         )
@@ -688,7 +711,7 @@ class BrokerLink:
             payload = protocols.encode(document)
             if self._signer is not None:
                 payload = self._signer.seal(payload)
-            out[device_id] = _Outgoing(document.generation, payload)
+            out[device_id] = _Outgoing(document.generation, payload, document.issued_at)
         return out
 
     async def _publish_documents(
@@ -702,6 +725,10 @@ class BrokerLink:
                 await client.publish(
                     protocols.topic(device_id, Channel.DESIRED), payload, qos=1, retain=True
                 )
+            if device_id in self._changed:
+                self._changed.discard(device_id)
+                if document is not None:
+                    self._metrics.observe_delivery_lag(time.time() - document.changed_at)
             if document is None:
                 self.stats.desired_cleared += 1
                 log.info("retained desired cleared", extra={"device": device_id})

@@ -5,6 +5,8 @@ Rules:
   route handlers), so they need no lock.
 - Keys are stable strings: channels, ``protocols.Reason`` values, ``hub.ingest`` reasons.
 - These are observations, not state: losing them on restart loses nothing.
+- Other threads read them only through a copy :meth:`LinkStats.as_dict` made on the
+  event loop (``/metrics`` takes one there before it renders, :mod:`hub.metrics`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class LinkStats:
     cutoffs_requested: int = 0  # decommissioned devices the broker was asked to cut off
     cutoffs_confirmed: int = 0
     cutoff_errors: Counter[str] = field(default_factory=Counter)  # per broker error text
+    renewals: Counter[str] = field(default_factory=Counter)  # granted / refused
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,4 +64,5 @@ class LinkStats:
             "cutoffs_requested": self.cutoffs_requested,
             "cutoffs_confirmed": self.cutoffs_confirmed,
             "cutoff_errors": dict(self.cutoff_errors),
+            "renewals": dict(self.renewals),
         }

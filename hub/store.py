@@ -517,6 +517,40 @@ def desired_documents(
 
 
 @dataclass(frozen=True)
+class DeviceCounts:
+    """Devices per state. The active fleet's states overlap (a device is ``online``
+    and ``in_sync`` at once); ``decommissioned`` devices are counted apart."""
+
+    total: int  # active devices
+    online: int
+    in_sync: int
+    out_of_sync: int  # behind: desired generation ahead of the reported one
+    failed: int  # the newest report says its apply failed
+    decommissioned: int
+
+
+def device_counts(session: Session) -> DeviceCounts:
+    """One aggregate query over the device table (a scan, no rows loaded): what the
+    fleet summary and the metrics' device gauges show."""
+
+    def _count(condition: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    active = _active()
+    row = session.execute(
+        sa_select(
+            _count(active),
+            _count(and_(active, col(Device.online).is_(True))),
+            _count(and_(active, col(Device.desired_generation) == col(Device.reported_generation))),
+            _count(_out_of_sync()),
+            _count(and_(active, col(Device.report_phase) == "failed")),
+            _count(col(Device.decommissioned_at).is_not(None)),
+        ).select_from(Device)
+    ).one()
+    return DeviceCounts(*(int(n) for n in row))
+
+
+@dataclass(frozen=True)
 class Summary:
     total: int
     online: int
@@ -528,39 +562,22 @@ class Summary:
 
 
 def fleet_summary(session: Session) -> Summary:
-    """Counts over the active fleet; ``by_generation`` counts devices per desired
-    generation; decommissioned devices are only counted, apart."""
-
-    def _count(condition: ColumnElement[bool]) -> Any:
-        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-    total, online, in_sync, out_of_sync, failed = session.execute(
-        sa_select(
-            func.count(),
-            _count(col(Device.online).is_(True)),
-            _count(col(Device.desired_generation) == col(Device.reported_generation)),
-            _count(_out_of_sync()),
-            _count(col(Device.report_phase) == "failed"),
-        )
-        .select_from(Device)
-        .where(_active())
-    ).one()
+    """Counts over the active fleet (:func:`device_counts`); ``by_generation`` counts
+    devices per desired generation; decommissioned devices are only counted, apart."""
+    counts = device_counts(session)
     by_generation = session.exec(
         select(Device.desired_generation, func.count())
         .where(_active())
         .group_by(col(Device.desired_generation))
     ).all()
-    decommissioned = session.exec(
-        select(func.count()).select_from(Device).where(col(Device.decommissioned_at).is_not(None))
-    ).one()
     return Summary(
-        total=int(total),
-        online=int(online),
-        in_sync=int(in_sync),
-        out_of_sync=int(out_of_sync),
-        failed=int(failed),
+        total=counts.total,
+        online=counts.online,
+        in_sync=counts.in_sync,
+        out_of_sync=counts.out_of_sync,
+        failed=counts.failed,
         by_generation={int(g): int(n) for g, n in by_generation},
-        decommissioned=int(decommissioned),
+        decommissioned=counts.decommissioned,
     )
 
 

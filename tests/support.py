@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from driftless.procs import AgentChild, HubChild
 from hub.devbroker import wait_for_port
@@ -45,6 +46,32 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}")
         time.sleep(interval_s)
+
+
+class Scrape:
+    """A ``/metrics`` answer parsed with prometheus_client's parser of the text format."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in self.families.values()
+            for s in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sample with exactly these labels; AssertionError naming what there is."""
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self.samples:
+            seen = sorted(k for k in self.samples if k[0] == name)
+            raise AssertionError(f"no sample {name}{labels}; samples of that name: {seen}")
+        return self.samples[key]
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples named ``name`` whose labels include ``labels``."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= set(ls))
 
 
 def run_bench(

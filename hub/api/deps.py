@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from hub.db import new_session
 from hub.link import BrokerLink
+from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 
 
@@ -33,6 +34,11 @@ def get_link(request: Request) -> BrokerLink:
     return link
 
 
+def get_metrics(request: Request) -> HubMetrics:
+    metrics: HubMetrics = request.app.state.metrics
+    return metrics
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -40,4 +46,5 @@ def utcnow() -> datetime:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[HubSettings, Depends(get_settings)]
 LinkDep = Annotated[BrokerLink, Depends(get_link)]
+MetricsDep = Annotated[HubMetrics, Depends(get_metrics)]
 NowDep = Annotated[datetime, Depends(utcnow)]

@@ -1,4 +1,8 @@
-"""FastAPI side of authentication: bearer-token dependency, role checks, audit middleware."""
+"""FastAPI side of authentication: bearer-token dependency, role checks, audit middleware.
+
+Every refusal (401, 403) is counted by reason in the app's metrics
+(``driftless_api_auth_failures_total``).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub.api.deps import SessionDep
+from hub.api.deps import SessionDep, get_metrics
 from hub.auth import store
 from hub.auth.models import AuditEntry, Role
 from hub.db import new_session
+from hub.metrics import AuthFailure
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -46,20 +51,23 @@ _bearer = HTTPBearer(
 
 
 def _bearer_secret(request: Request) -> str:
-    """The token in ``Authorization: Bearer <token>``; 401 when there is none."""
+    """The token in ``Authorization: Bearer <token>``; 401 (counted) when there is none."""
     scheme, _, secret = request.headers.get("authorization", "").partition(" ")
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
+        get_metrics(request).auth_failed(AuthFailure.MISSING_TOKEN)
         raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
     return secret
 
 
-def _principal(session: Session, secret: str) -> Principal:
+def _principal(request: Request, session: Session, secret: str) -> Principal:
+    """The token's holder; 401 (counted) for an unknown or revoked token."""
     row = store.authenticate(session, secret=secret)
     # End this read: the route shares the session, and a write route's begin_write must
     # open its own (immediate) transaction, not upgrade a stale read snapshot.
     session.rollback()
     if row is None:
+        get_metrics(request).auth_failed(AuthFailure.INVALID_TOKEN)
         raise _unauthorized("unknown or revoked token")
     return Principal(row.name, Role[row.role])
 
@@ -72,7 +80,7 @@ async def authenticate_first(request: Request) -> None:
 
     def lookup() -> Principal:
         with new_session(request.app.state.engine) as session:
-            return _principal(session, secret)
+            return _principal(request, session, secret)
 
     request.state.principal = await anyio.to_thread.run_sync(lookup)
 
@@ -90,7 +98,7 @@ def authenticated(
     checked = getattr(request.state, "principal", None)
     if isinstance(checked, Principal):
         return checked
-    principal = _principal(session, _bearer_secret(request))
+    principal = _principal(request, session, _bearer_secret(request))
     request.state.principal = principal  # read by the audit middleware
     return principal
 
@@ -98,11 +106,12 @@ def authenticated(
 PrincipalDep = Annotated[Principal, Depends(authenticated)]
 
 
-def require(role: Role) -> Callable[[Principal], Principal]:
+def require(role: Role) -> Callable[[Principal, Request], Principal]:
     """A dependency that lets through ``role`` and above; 403 otherwise."""
 
-    def check(principal: PrincipalDep) -> Principal:
+    def check(principal: PrincipalDep, request: Request) -> Principal:
         if principal.role < role:
+            get_metrics(request).auth_failed(AuthFailure.INSUFFICIENT_ROLE)
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
                 f"{role.name} role required; token {principal.name!r} is {principal.role.name}",

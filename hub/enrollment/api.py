@@ -13,6 +13,8 @@ Rules:
   should use (``HubSettings.public_broker_url``).
 - ``POST /enrollment-tokens`` needs the ``admin`` role (devices and keys are
   admin business); the secret appears once, in that answer.
+- Each redeemed, refused (403) or deferred (409) enrollment is counted
+  (``driftless_enrollments_total``).
 - ``GET /crl`` (any token) is the fleet's certificate revocation list, for a
   broker that does not run beside the hub.
 """
@@ -27,7 +29,7 @@ from pydantic import ConfigDict, StringConstraints
 from pydantic import Field as PydanticField
 from sqlmodel import SQLModel
 
-from hub.api.deps import NowDep, SessionDep, SettingsDep
+from hub.api.deps import MetricsDep, NowDep, SessionDep, SettingsDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
 from hub.auth.api import require
@@ -36,6 +38,7 @@ from hub.enrollment import store
 from hub.enrollment.revocation import current_crl, publish_crl
 from hub.errors import CutOffPending
 from hub.identity import CertificateAuthority
+from hub.metrics import Enrollment
 from hub.models import DEVICE_ID_SCHEMA_PATTERN, Labels
 
 open_router = APIRouter(tags=["enrollment"], route_class=OpenRoute)
@@ -109,6 +112,7 @@ def enroll(
     settings: SettingsDep,
     ca: CADep,
     now: NowDep,
+    metrics: MetricsDep,
 ) -> EnrollResponse:
     try:
         enrolled = store.redeem(
@@ -121,9 +125,12 @@ def enroll(
             require_cut_off=settings.cuts_off_sessions,
         )
     except store.EnrollmentRefused as exc:
+        metrics.enrollment(Enrollment.REFUSED)
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
     except CutOffPending as exc:
+        metrics.enrollment(Enrollment.CUT_OFF_PENDING)
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    metrics.enrollment(Enrollment.GRANTED)
     if settings.broker_acl_path is not None and store.was_revoked(session, body.device_id):
         # A device decommissioned before and enrolled again: the broker's ACL still
         # denies it everything until the hub rewrites it (and the broker reloads).

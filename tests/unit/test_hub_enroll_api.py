@@ -34,6 +34,7 @@ from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.store import token_hash
 from hub.models import Device
 from hub.settings import HubSettings
+from tests.support import Scrape
 from tests.unit.auth_support import API_BASE_URL, api_client, bearer, mint
 
 
@@ -152,6 +153,20 @@ def test_a_single_use_token_redeemed_twice_at_once_enrolls_once_and_refuses_once
         assert [row.device_id for row in session.exec(select(DeviceCertificate)).all()] == [winner]
         row = session.get(EnrollmentToken, token_hash(token))
         assert row is not None and row.uses_left == 0
+
+
+def test_enrollments_are_counted_by_outcome(admin: TestClient, device: TestClient) -> None:
+    token = new_token(admin, uses=2)
+    assert enroll(device, token, "line-b-1").status_code == 200
+    assert enroll(device, token, "line-b-2").status_code == 200
+    assert enroll(device, token, "line-b-3").status_code == 403  # used up
+    assert enroll(device, "no-such-token", "line-b-4").status_code == 403
+    assert device.post("enroll", json={"token": token}).status_code == 422  # not counted
+    metrics = Scrape(admin.get("http://hub/metrics").text)
+    enrollments = "driftless_enrollments_total"
+    assert metrics.value(enrollments, outcome="granted") == 2
+    assert metrics.value(enrollments, outcome="refused") == 2
+    assert metrics.value(enrollments, outcome="cut_off_pending") == 0
 
 
 @pytest.mark.parametrize(

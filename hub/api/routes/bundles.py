@@ -19,6 +19,8 @@ Rules:
   HEAD) is on ``files_router``, open without a token: agents fetch bundles
   with no API token, and every device verifies what it fetched against the
   fleet root (docs/security.md, "Open routes").
+- The bytes a download sends count in the hub's metrics
+  (``driftless_bundle_served_bytes_total{transport="http"}``), as they leave.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
-from hub.api.deps import SessionDep, SettingsDep, utcnow
+from hub.api.deps import MetricsDep, SessionDep, SettingsDep, utcnow
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
 from hub.auth.api import require
@@ -53,6 +56,7 @@ from hub.bundles.intake import verify_upload
 from hub.bundles.models import BundlePage, BundlePublic
 from hub.bundles.refs import SHA256_PATTERN
 from hub.bundles.root import FleetRoot
+from hub.metrics import HubMetrics
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE, HubSettings
 
 router = APIRouter(prefix="/bundles", tags=["bundles"], route_class=HubRoute)
@@ -244,6 +248,44 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class _CountedFileResponse(FileResponse):
+    """A bundle file download that counts the bytes it sends (on the event loop)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        stat_result: os.stat_result,
+        filename: str,
+        headers: dict[str, str],
+        metrics: HubMetrics,
+    ) -> None:
+        super().__init__(
+            path,
+            stat_result=stat_result,
+            media_type="application/octet-stream",
+            filename=filename,
+            headers=headers,
+        )
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        announced = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal announced
+            await send(message)
+            kind = message["type"]
+            if kind == "http.response.body":
+                self._metrics.count_http_bundle_bytes(len(message.get("body", b"")))
+            elif kind == "http.response.start":
+                announced = int(dict(message.get("headers", [])).get(b"content-length", 0))
+            elif kind == "http.response.pathsend":  # the server sends the whole file itself
+                self._metrics.count_http_bundle_bytes(announced)
+
+        await super().__call__(scope, receive, counted)
+
+
 # One route for both methods, so a 405 or OPTIONS names both in ``Allow`` (the schema
 # gets an operation id per method: hub.api.main.finish_openapi).
 @files_router.api_route(
@@ -253,7 +295,9 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=_FILE_RESPONSES,
     operation_id="download_bundle",
 )
-def download_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep) -> Response:
+def download_bundle(
+    sha256: Sha256Path, session: SessionDep, files: BundleFilesDep, metrics: MetricsDep
+) -> Response:
     """The bundle file, whole or one byte range (``Range: bytes=a-b``); resumable with If-Range."""
     try:
         row, path = store.bundle_path(session, sha256=sha256, files=files)
@@ -264,13 +308,13 @@ def download_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesD
         raise HTTPException(
             status.HTTP_500_INTERNAL_SERVER_ERROR, str(BundleFileMissing(sha256))
         ) from None
-    return FileResponse(
+    return _CountedFileResponse(
         path,
         stat_result=stat_result,
-        media_type="application/octet-stream",
         filename=f"{row.name}-{row.version}.bundle",
         headers={
             "ETag": f'"{row.sha256}"',
             "Cache-Control": "private, max-age=31536000, immutable",
         },
+        metrics=metrics,
     )

@@ -1,3 +1,5 @@
-"""Driftless: the command line and shared process plumbing (logging)."""
+"""Driftless's command line (``driftless``): each package contributes its own subcommands."""
 
-__version__ = "0.1.0"
+from plumbing import __version__
+
+__all__ = ["__version__"]

@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-import driftless
-from driftless.net import Backoff
+import plumbing
 from edge_agent.core import (
     AgentCore,
     Apply,
@@ -79,6 +78,7 @@ from edge_agent.transport import (
     TransportEvent,
     TSubscribed,
 )
+from plumbing.net import Backoff
 from protocols import Channel, Desired, bundle_references, topic
 
 if TYPE_CHECKING:
@@ -144,13 +144,13 @@ class AgentDriver:
             data_dir,
             settings=self.bundle_settings,
             trusted_root=trusted_root,
-            agent_version=driftless.__version__,
+            agent_version=plumbing.__version__,
             clock=clock,
         )
         self.core = AgentCore(
             device_id,
             self.store.load(),
-            driftless.__version__,
+            plumbing.__version__,
             trusted_root=trusted_root,
             clock_skew_s=self.bundle_settings.clock_skew_s,
         )
@@ -338,7 +338,7 @@ class AgentDriver:
             security=SecurityVersions(self.data_dir),
             settings=settings,
             trusted_root=self.trusted_root,
-            agent_version=driftless.__version__,
+            agent_version=plumbing.__version__,
             source=source,
             on_done=self._fetch_done,
             applied_references=self._applied_references,

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from driftless.net import Backoff
 from edge_agent.bundles import BundleCache, CacheFull, SecurityVersions
 from edge_agent.fetch import (
     BundleFetch,
@@ -68,6 +67,7 @@ from edge_agent.settings import BundleSettings, FetchConfig
 from firmware_bundles import archive
 from firmware_bundles.errors import BundleError
 from firmware_bundles.trust import TrustedRoot
+from plumbing.net import Backoff
 from protocols import (
     BundleRequest,
     Channel,

@@ -30,8 +30,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from driftless.net import parse_broker_url
 from edge_agent.settings import MqttSettings
+from plumbing.net import parse_broker_url
 
 MAX_QUEUED_OUTGOING = 1000
 

@@ -220,6 +220,7 @@ def add_subcommands(subparsers: Any) -> None:
     :func:`dispatch`.
     """
     keys = subparsers.add_parser("keys", help="fleet root metadata and signing keys")
+    keys.set_defaults(dispatch=dispatch, plain_output=True)
     keys_sub = keys.add_subparsers(dest="keys_cmd", required=True)
 
     init = keys_sub.add_parser("init-root", help="create root keys and root version 1")
@@ -250,6 +251,7 @@ def add_subcommands(subparsers: Any) -> None:
     rotate.set_defaults(bundles_handler=_keys_rotate_root)
 
     bundle = subparsers.add_parser("bundle", help="build, sign, verify and inspect bundles")
+    bundle.set_defaults(dispatch=dispatch, plain_output=True)
     bundle_sub = bundle.add_subparsers(dest="bundle_cmd", required=True)
 
     build = bundle_sub.add_parser("build", help="pack a directory into an unsigned bundle")

@@ -19,7 +19,7 @@ from hub.db import current_revision, head_revision, init_db, make_engine, migrat
 def mint_token(*, db_url: str, name: str, role: Role) -> str:
     """Create a token in the DB at ``db_url`` (tables created if missing); return its secret.
 
-    For callers that hand the secret on themselves (``driftless.procs``, the demo).
+    For callers that hand the secret on themselves (``devtools.procs``, the demo).
     Raises store.TokenNameTaken, or ValueError for a bad name.
     """
     engine = make_engine(db_url, busy_timeout_ms=5000)

@@ -77,7 +77,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import Engine
 
 import protocols
-from driftless.net import Backoff, BrokerAddress
 from hub import store
 from hub.db import new_session
 from hub.enrollment import cutoff
@@ -88,6 +87,7 @@ from hub.metrics import HubMetrics, Renewal
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner
 from hub.stats import LinkStats
+from plumbing.net import Backoff, BrokerAddress
 from protocols import Channel
 from protocols.topics import TOPIC_ROOT, shared_subscription, subscription
 

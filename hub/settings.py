@@ -15,10 +15,10 @@ from typing import Literal
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from driftless import net
-from driftless.net import BrokerAddress
 from firmware_bundles.limits import DEFAULT_LIMITS as BUNDLE_LIMITS
 from hub.bundles.files import MAX_BUNDLE_FILE_BYTES
+from plumbing import net
+from plumbing.net import BrokerAddress
 from protocols import MAX_CHUNK_BYTES, MAX_PAYLOAD_BYTES
 
 

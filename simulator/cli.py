@@ -17,6 +17,7 @@ from typing import Any
 def add_subcommands(top: Any) -> None:
     """Add ``sim run`` and ``sim profile`` to the top-level subparsers."""
     sim = top.add_parser("sim", help="the fleet simulator (real agent cores, real MQTT)")
+    sim.set_defaults(dispatch=dispatch)
     commands = sim.add_subparsers(dest="sim_cmd", required=True)
 
     run = commands.add_parser(
@@ -129,7 +130,7 @@ def dispatch(args: argparse.Namespace) -> int:
             root=args.root,
             enroll=args.enroll,
         )
-        from driftless.net import parse_broker_url
+        from plumbing.net import parse_broker_url
         from protocols import validate_device_id
 
         parse_broker_url(args.broker)

@@ -27,7 +27,7 @@ Rules:
 - Reports are state, so only the newest unsent one is kept for the next
   connection (ARCHITECTURE invariant 5); births and status are per session and
   are rebuilt by the core on every connect.
-- Reconnects wait a jittered backoff (``driftless.net``). At most
+- Reconnects wait a jittered backoff (``plumbing.net``). At most
   ``max_concurrent_connects`` connection attempts are in flight at once, so a
   large fleet ramps up instead of stampeding the broker.
 - Randomness is seeded per device (``seed`` + device id + purpose), so a run is
@@ -68,8 +68,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import driftless
-from driftless.net import Backoff
+import plumbing
 from edge_agent.core import (
     Action,
     AgentCore,
@@ -95,6 +94,7 @@ from edge_agent.core import (
 )
 from edge_agent.runtime import ApplyError
 from edge_agent.settings import FetchConfig
+from plumbing.net import Backoff
 from protocols import Channel, Desired, bundle_references, topic, validate_device_id
 from simulator.inventory import DeviceInventory
 from simulator.link import DeviceLink, Incoming, LinkError, LinkSettings
@@ -178,7 +178,7 @@ class FleetConfig:
     session_expiry_s: int = 3600
     op_timeout_s: float = 10.0
     stop_timeout_s: float = 15.0
-    agent_version: str = f"sim-{driftless.__version__}"
+    agent_version: str = f"sim-{plumbing.__version__}"
     flaky: FlakySpec | None = None
     storm: StormSpec | None = None
     slow: SlowSpec | None = None

@@ -47,7 +47,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from driftless.net import parse_broker_url
+from plumbing.net import parse_broker_url
 from simulator.profiles import (
     ACK_WIRE_BYTES,
     CONNECT_WIRE_BYTES,

@@ -106,7 +106,7 @@ class RunConfig:
     enroll_concurrency: int = 8  # enrollments in flight
 
     def __post_init__(self) -> None:
-        from driftless.net import parse_broker_url
+        from plumbing.net import parse_broker_url
 
         tls = parse_broker_url(self.broker_url).tls
         if self.enroll and not tls:

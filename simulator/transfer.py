@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import driftless
+import plumbing
 from edge_agent.fetch import (
     BundleFetch,
     Done,
@@ -148,7 +148,7 @@ class TransferSettings:
     frame_queue_max: int = 64
     clock_skew_s: int = DEFAULT_LIMITS.default_clock_skew_s
     architecture: str = field(default_factory=default_architecture)
-    agent_version: str = driftless.__version__
+    agent_version: str = plumbing.__version__
     """Compared with a manifest's ``min_agent_version``: the driftless version simulated."""
     max_transfer_s: float = 3600.0
     max_transfer_events: int = 10_000_000

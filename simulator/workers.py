@@ -269,7 +269,7 @@ async def _serve(out: _Out) -> int:
 def worker_main() -> int:
     """``python -m simulator.workers``: run one slice until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from driftless import logs
+    from plumbing import logs
 
     logs.configure("info", fmt="json")
     out = _Out()

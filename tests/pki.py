@@ -29,9 +29,9 @@ import shutil
 import ssl
 from pathlib import Path
 
+from devtools.broker import MosquittoBroker, hub_broker_args
 from edge_agent.enroll import Identity
 from hub.broker_config import TlsFiles, hub_identities, write_secure_files
-from hub.devbroker import MosquittoBroker, hub_broker_args
 from hub.identity import CertificateAuthority, client_identity, write_new_private
 from simulator.enroll import DeviceIdentities
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools.broker import MosquittoBroker
 from firmware_bundles.devfleet import DevFleet
 from hub.broker_config import TlsFiles
-from hub.devbroker import MosquittoBroker
 from hub.identity import CertificateAuthority
 from tests.pki import TestBroker
 from tests.support import HubProcess

@@ -1,4 +1,4 @@
-"""Test plumbing: the real hub and agent processes (driftless.procs), deadlines instead of sleeps.
+"""Test plumbing: the real hub and agent processes (devtools.procs), deadlines instead of sleeps.
 
 Rule: every helper here waits for an observable event with a deadline and says
 what it was waiting for when the deadline passes.
@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftless.procs import AgentChild, HubChild
-from hub.devbroker import wait_for_port
+from devtools.broker import wait_for_port
+from devtools.procs import AgentChild, HubChild
 from tests.pki import TestBroker
 
 T = TypeVar("T")

@@ -47,9 +47,9 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from driftless.net import Backoff, BrokerAddress
 from hub.bundles.files import BundleFiles
 from hub.settings import HubSettings
+from plumbing.net import Backoff, BrokerAddress
 from protocols import (
     BundleRequest,
     Channel,

@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from hub.devbroker import BrokerError, MosquittoBroker, wait_for_port
+from devtools.broker import BrokerError, MosquittoBroker, wait_for_port
 from simulator.bench.common import (
     BenchError,
     HubChild,

@@ -62,6 +62,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from devtools.broker import BrokerError, MosquittoBroker
 from firmware_bundles import archive
 from firmware_bundles.devfleet import DevFleet
 from firmware_bundles.keys import sign_document
@@ -71,7 +72,6 @@ from firmware_bundles.model import (
     RunSpec,
     Targets,
 )
-from hub.devbroker import BrokerError, MosquittoBroker
 from protocols.bundles import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from simulator.bench.common import (
     BenchError,

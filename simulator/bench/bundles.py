@@ -48,7 +48,8 @@ from typing import Any
 
 import httpx
 
-from driftless.procs import AgentChild, HubChild
+from devtools.broker import MosquittoBroker, wait_for_port
+from devtools.procs import AgentChild, HubChild
 from firmware_bundles import archive
 from firmware_bundles.devfleet import DevFleet
 from firmware_bundles.keys import sign_document
@@ -58,7 +59,6 @@ from firmware_bundles.model import (
     RunSpec,
     Targets,
 )
-from hub.devbroker import MosquittoBroker, wait_for_port
 from simulator.bench.common import (
     command_line,
     cpu_seconds,

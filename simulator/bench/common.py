@@ -31,8 +31,9 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from driftless import logs, procs
-from hub.devbroker import wait_for_port
+from devtools import procs
+from devtools.broker import wait_for_port
+from plumbing import logs
 
 T = TypeVar("T")
 H = TypeVar("H", bound="HubChild")

@@ -40,8 +40,8 @@ from typing import Any
 import aiomqtt
 import httpx
 
+from devtools.broker import BrokerError, MosquittoBroker
 from firmware_bundles.devfleet import DevFleet
-from hub.devbroker import BrokerError, MosquittoBroker
 from protocols import Desired, encode
 from simulator.bench.common import (
     BenchError,

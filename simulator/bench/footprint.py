@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftless.procs import AgentChild
+from devtools.broker import BrokerError, MosquittoBroker
+from devtools.procs import AgentChild
 from edge_agent.enroll import Identity
 from firmware_bundles.devfleet import DevFleet
 from hub.broker_config import hub_identities, write_secure_files
-from hub.devbroker import BrokerError, MosquittoBroker
 from hub.identity import CertificateAuthority, write_new_private
 from simulator.bench.common import (
     BenchError,

@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 import httpx
 
-from hub.devbroker import BrokerError, MosquittoBroker
+from devtools.broker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
     BenchError,
     HubWorker,

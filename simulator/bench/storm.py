@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from hub.devbroker import BrokerError, MosquittoBroker
+from devtools.broker import BrokerError, MosquittoBroker
 from simulator.bench.common import (
     BenchError,
     HubChild,

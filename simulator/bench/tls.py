@@ -40,8 +40,8 @@ from typing import Any
 
 import httpx
 
+from devtools.broker import BrokerError, MosquittoBroker, hub_broker_args
 from hub.broker_config import hub_identities, write_secure_files
-from hub.devbroker import BrokerError, MosquittoBroker, hub_broker_args
 from hub.identity import CertificateAuthority
 from simulator.bench.common import (
     BenchError,

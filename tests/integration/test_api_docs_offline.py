@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from fastapi.openapi.docs import get_swagger_ui_html
 
-from hub.devbroker import free_port
+from devtools.broker import free_port
 from tests.support import HubProcess
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.broker import free_port
 from firmware_bundles.devfleet import DevFleet
-from hub.devbroker import free_port
 from tests.support import HubProcess
 
 pytestmark = pytest.mark.integration

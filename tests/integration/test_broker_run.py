@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.devbroker import BrokerError, MosquittoBroker, free_port
+from devtools.broker import BrokerError, MosquittoBroker, free_port
 
 pytestmark = pytest.mark.integration
 

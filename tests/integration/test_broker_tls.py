@@ -13,9 +13,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools.broker import MosquittoBroker
 from edge_agent.identity import create_key, make_csr
 from hub.broker_config import TlsFiles, hub_identities, write_secure_files
-from hub.devbroker import MosquittoBroker
 from hub.identity import CertificateAuthority, client_identity
 
 HUB_IDENTITY = hub_identities("driftless-hub")[0]

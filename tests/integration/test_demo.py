@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hub.devbroker import free_port
+from devtools.broker import free_port
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration

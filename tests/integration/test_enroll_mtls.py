@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.broker import find_mosquitto, free_port, wait_for_port
 from edge_agent.store import StateStore
 from firmware_bundles.devfleet import DevFleet
-from hub.devbroker import find_mosquitto, free_port, wait_for_port
 from hub.identity import CertificateAuthority
 from protocols import Channel, topic
 from tests.secure_stack import (
@@ -267,7 +267,7 @@ def test_the_api_can_be_served_over_https(tmp_path: Path) -> None:
     """``--api-tls-cert/--api-tls-key``: tokens no longer travel in clear."""
     import httpx
 
-    from driftless.procs import HubChild
+    from devtools.procs import HubChild
 
     now = dt.datetime.now(dt.UTC)
     ca = CertificateAuthority.load_or_create(tmp_path / "ca", now=now)

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from driftless.procs import HubChild
+from devtools.broker import free_port, wait_for_port
+from devtools.procs import HubChild
 from firmware_bundles import archive
 from firmware_bundles.keys import load_private_key, sign_document
 from firmware_bundles.model import Manifest, PayloadInfo, RunSpec, Targets
-from hub.devbroker import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 

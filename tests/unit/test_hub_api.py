@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from devtools.broker import free_port
 from hub.app import create_app
-from hub.devbroker import free_port
 from hub.settings import HubSettings, parse_broker_url
 from tests.unit.auth_support import api_client
 

@@ -15,9 +15,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from devtools.broker import free_port
 from hub.app import create_app
 from hub.auth.models import Role
-from hub.devbroker import free_port
 from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, bearer, mint
 

@@ -24,12 +24,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from devtools.broker import free_port
 from edge_agent.identity import make_csr
 from firmware_bundles.devfleet import DevFleet
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
-from hub.devbroker import free_port
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.store import token_hash
 from hub.models import Device

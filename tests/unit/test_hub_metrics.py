@@ -21,11 +21,11 @@ from prometheus_client import generate_latest
 from prometheus_client.core import Metric
 from sqlmodel import Session
 
+from devtools.broker import free_port
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.bundles.chunks import ChunkServerStats
 from hub.db import new_session
-from hub.devbroker import free_port
 from hub.metrics import StatsSnapshot, stats_families
 from hub.models import Device
 from hub.settings import HubSettings

@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, inspect, text
 from sqlmodel import SQLModel
 
+from devtools.broker import free_port
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import current_revision, head_revision, make_engine, migrate, register_tables
-from hub.devbroker import free_port
 from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, bearer, mint
 

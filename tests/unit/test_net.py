@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from driftless.net import Backoff, parse_broker_url
+from plumbing.net import Backoff, parse_broker_url
 
 
 def test_delays_grow_with_jitter_up_to_the_cap_and_reset() -> None:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
+from devtools.broker import free_port
 from driftless.cli import main
 from edge_agent.identity import make_csr
 from firmware_bundles.devfleet import DevFleet
@@ -26,7 +27,6 @@ from hub import store as device_store
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
-from hub.devbroker import free_port
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
 from hub.settings import HubSettings

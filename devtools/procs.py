@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub.devbroker import free_port
+from devtools.broker import free_port
 
 
 class DriftlessChild:

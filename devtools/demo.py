@@ -31,12 +31,7 @@ from typing import Any
 import httpx
 from paho.mqtt import publish
 
-from driftless.procs import AgentChild, HubChild
-from edge_agent.enroll import Identity
-from edge_agent.store import StateStore
-from firmware_bundles.devfleet import DevFleet
-from hub.broker_config import TlsFiles, hub_identities, write_secure_files
-from hub.devbroker import (
+from devtools.broker import (
     BrokerError,
     MosquittoBroker,
     free_port,
@@ -44,6 +39,11 @@ from hub.devbroker import (
     wait_for_port,
     write_secure_broker,
 )
+from devtools.procs import AgentChild, HubChild
+from edge_agent.enroll import Identity
+from edge_agent.store import StateStore
+from firmware_bundles.devfleet import DevFleet
+from hub.broker_config import TlsFiles, hub_identities, write_secure_files
 from hub.identity import CertificateAuthority, client_identity
 from protocols import Channel, Desired, encode, topic
 

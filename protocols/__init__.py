@@ -31,6 +31,7 @@ from protocols.messages import (
     Message,
     Reported,
     Status,
+    WorkloadStatus,
     renewal_proof_bytes,
 )
 from protocols.topics import (
@@ -66,6 +67,7 @@ __all__ = [
     "Reason",
     "Reported",
     "Status",
+    "WorkloadStatus",
     "bundle_references",
     "decode",
     "decode_frame",

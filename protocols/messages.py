@@ -31,7 +31,22 @@ ShortText = Annotated[str, msgspec.Meta(max_length=64)]
 ProofText = Annotated[str, msgspec.Meta(max_length=256, pattern="^[A-Za-z0-9+/=]+$")]
 CertSerial = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{1,40}$")]  # X.509: 20 bytes at most
 
-Phase = Literal["applied", "applying", "failed"]
+Phase = Literal["applied", "applying", "failed", "rolled_back"]
+WorkloadState = Literal[
+    "pending",
+    "downloading",
+    "installing",
+    "starting",
+    "healthy",
+    "unhealthy",
+    "failed",
+    "rolled_back",
+    "stopped",
+    "removed",
+]
+WorkloadName = Annotated[str, msgspec.Meta(pattern="^[a-z0-9][a-z0-9._-]{0,63}$")]
+MAX_REPORTED_WORKLOADS = 256
+"""Most workloads one report lists."""
 
 
 class _Base(msgspec.Struct, kw_only=True, frozen=True, tag_field="kind"):
@@ -77,6 +92,8 @@ class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
     # The serial (lowercase hex) of the certificate this connection was made with, under
     # mutual TLS: the hub refuses a birth from a revoked certificate's session.
     cert_serial: CertSerial | None = None
+    # Events the device's outbox dropped (oldest first, while offline) since it was made.
+    events_dropped: NonNegative = 0
     ts: Timestamp
 
 
@@ -88,8 +105,21 @@ class Status(_Base, kw_only=True, frozen=True, tag="status"):
     ts: Timestamp
 
 
+class WorkloadStatus(msgspec.Struct, kw_only=True, frozen=True):
+    """One workload as the device sees it: its state, restarts and last exit."""
+
+    name: WorkloadName
+    state: WorkloadState
+    restarts: NonNegative = 0
+    last_exit_code: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] | None = None
+    last_exit_at: Timestamp | None = None
+
+
+WorkloadList = Annotated[list[WorkloadStatus], msgspec.Meta(max_length=MAX_REPORTED_WORKLOADS)]
+
+
 class Reported(_Base, kw_only=True, frozen=True, tag="reported"):
-    """The device's actual state after an apply started, finished or failed."""
+    """The device's actual state after an apply started, finished, failed or rolled back."""
 
     boot_epoch: NonNegative
     seq: NonNegative
@@ -98,6 +128,8 @@ class Reported(_Base, kw_only=True, frozen=True, tag="reported"):
     applied_generation: NonNegative
     failed_generation: NonNegative = 0
     error: ErrorText | None = None
+    # Per-workload states; None (absent) from a device that does not report them.
+    workloads: WorkloadList | None = None
     ts: Timestamp
 
 

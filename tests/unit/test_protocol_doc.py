@@ -159,6 +159,8 @@ def test_every_json_example_decodes_under_its_model(line: int, block: str) -> No
     assert not unknown, f"line {line}: fields the {kind} model does not have: {unknown}"
     if isinstance(value.get("inventory"), dict):
         assert set(value["inventory"]) <= field_names(protocols.Inventory)
+    for workload in value.get("workloads") or ():
+        assert set(workload) <= field_names(protocols.WorkloadStatus)
 
 
 def field_names(model: type[Any]) -> set[str]:
@@ -179,6 +181,19 @@ def test_the_examples_show_every_field_of_every_message() -> None:
         assert shown[kind] == field_names(model), (
             f"{kind}: examples lack {field_names(model) - shown[kind]}"
         )
+    nested = {
+        "inventory": protocols.Inventory,  # objects inside messages: every field shown too
+        "workloads": protocols.WorkloadStatus,
+    }
+    for key, model in nested.items():
+        seen: set[str] = set()
+        for _, block in json_blocks():
+            value = json.loads(block)
+            found = value.get(key)
+            for item in found if isinstance(found, list) else [found]:
+                if isinstance(item, dict):
+                    seen |= set(item)
+        assert seen == field_names(model), f"{key}: examples lack {field_names(model) - seen}"
 
 
 def test_a_broken_example_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,6 +257,7 @@ TYPE_NAMES: dict[type[Any], str] = {
     msgspec.inspect.DictType: "object",
     msgspec.inspect.StructType: "object",
     msgspec.inspect.LiteralType: "string",
+    msgspec.inspect.ListType: "array",
 }
 
 
@@ -277,6 +293,10 @@ def rule_fragments(info: msgspec.inspect.Type) -> list[str]:
         return fragments
     if isinstance(info, msgspec.inspect.LiteralType):
         return [f"`{value}`" for value in info.values]
+    if isinstance(info, msgspec.inspect.ListType):
+        item = info.item_type
+        named = [f"`{item.cls.__name__}`"] if isinstance(item, msgspec.inspect.StructType) else []
+        return named + ([f"at most {info.max_length:,}"] if info.max_length is not None else [])
     return []
 
 
@@ -287,7 +307,7 @@ def _table_params() -> list[Any]:
 
 def test_every_model_has_one_field_table() -> None:
     names = re.findall(r"^Fields of `(\w+)`", DOC, re.M)
-    expected = [cls.__name__ for cls in MESSAGE_TYPES] + ["Inventory"]
+    expected = [cls.__name__ for cls in MESSAGE_TYPES] + ["Inventory", "WorkloadStatus"]
     assert sorted(names) == sorted(expected)
 
 

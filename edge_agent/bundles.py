@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from edge_agent.plan import WorkloadSpec
 from edge_agent.store import atomic_write_bytes
 from firmware_bundles.atomic import fsync_dir
-from protocols.bundles import BUNDLE_KEY, WORKLOADS_KEY, is_sha256
+from protocols.bundles import is_sha256
 
 if TYPE_CHECKING:
     from firmware_bundles.model import Manifest
@@ -55,53 +55,10 @@ log = logging.getLogger("driftless.agent.bundles")
 BUNDLE_SUFFIX = ".bundle"
 PARTIAL_SUFFIX = ".part"
 CURRENT = "current"
-WORKLOAD_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class CacheFull(Exception):
     """The budget cannot hold a bundle even after evicting everything unreferenced."""
-
-
-class WorkloadSpecError(ValueError):
-    """A desired config whose ``workloads`` list cannot be installed as written."""
-
-
-@dataclass(frozen=True)
-class WorkloadSpec:
-    """One entry of ``config["workloads"]``: a slot name and the bundle it runs."""
-
-    name: str
-    bundle: str
-
-
-def workload_specs(config: Mapping[str, object]) -> list[WorkloadSpec]:
-    """Pure: the bundle workloads of a desired config; raises WorkloadSpecError.
-
-    Entries with a ``bundle`` (the reference rule of :mod:`protocols.bundles`)
-    must have a ``name`` usable as a directory name, unique in the list, and a
-    SHA-256 in hex as ``bundle``.
-    """
-    workloads = config.get(WORKLOADS_KEY)
-    if not isinstance(workloads, list):
-        return []
-    specs: list[WorkloadSpec] = []
-    for index, entry in enumerate(workloads):
-        if not isinstance(entry, dict) or not isinstance(entry.get(BUNDLE_KEY), str):
-            continue
-        bundle = entry[BUNDLE_KEY].lower()
-        name = entry.get("name")
-        if not isinstance(name, str) or not WORKLOAD_NAME.fullmatch(name):
-            raise WorkloadSpecError(
-                f"workloads[{index}].name must match {WORKLOAD_NAME.pattern}, got {name!r}"
-            )
-        if not is_sha256(bundle):
-            raise WorkloadSpecError(
-                f"workloads[{index}].bundle must be a SHA-256 in hex, got {bundle[:80]!r}"
-            )
-        if any(spec.name == name for spec in specs):
-            raise WorkloadSpecError(f"workloads[{index}].name {name!r} appears twice")
-        specs.append(WorkloadSpec(name, bundle))
-    return specs
 
 
 class BundleCache:
@@ -300,13 +257,22 @@ class Workloads:
 
     def switch(self, prepared: Prepared) -> None:
         """Point ``<name>/current`` at the prepared version: a new symlink renamed over it."""
-        parent = prepared.directory.parent
+        self.point(prepared.spec.name, prepared.directory.name)
+
+    def point(self, name: str, version: str | None) -> None:
+        """Point ``<name>/current`` at ``version`` atomically (None: remove the pointer)."""
+        parent = self.directory / name
         link = parent / CURRENT
-        if self.current(prepared.spec.name) == prepared.directory.name:
+        if self.current(name) == version:
+            return
+        if version is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            fsync_dir(parent)
             return
         tmp = parent / f".{CURRENT}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        os.symlink(prepared.directory.name, tmp)
+        os.symlink(version, tmp)
         os.replace(tmp, link)
         fsync_dir(parent)

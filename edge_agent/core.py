@@ -3,39 +3,73 @@
 Rules:
 - A desired document is applied only if its generation is newer than every
   generation applied, failed, in flight or already waiting (invariant 4).
+- Applying is planned (:func:`edge_agent.plan.plan`): the core runs one step
+  at a time (a :class:`edge_agent.plan.Step` is an action), records the
+  driver's :class:`StepDone` / :class:`StepFailed` in the rollout and plans
+  again, until the plan is a :class:`edge_agent.plan.NoOp`. A generation is
+  recorded as applied only after its ``Commit`` step succeeded; the state is
+  persisted (``PersistState``) before it is reported.
+- A failed generation (a step failed, or after the switch a workload exited
+  or failed its health check, or missed the health deadline: then it is
+  rolled back and reported ``rolled_back``) is recorded as failed and not
+  retried until a newer one arrives.
 - Documents that arrive before the post-connect subscription is acknowledged
   are coalesced: only the newest is applied (invariant 2). This is what turns a
   backlog of queued deliveries into one apply after an offline period.
-- A generation is recorded as applied only after the applier said it succeeded;
-  the state is persisted (``PersistState``) before it is reported.
+- A newer document supersedes a rollout still fetching its bundles
+  (:class:`CancelFetch`, then its own plan); once the fetch is done it waits
+  for the rollout to finish.
 - A document *older* than the newest finished generation is answered with a
   report of the current state, so a hub whose count was reset can catch up.
+- The connection lifecycle is decided here for every driver: the session
+  number grows before every connect and the Last Will set for it
+  (:class:`SetWill`) and the birth sent after it carry it; on every CONNACK
+  the outbox is drained, then status online, birth and one
+  :class:`Subscribe`; a granted SUBACK opens the coalescing window's end and
+  the bundle transfer's link (:class:`TransferLink`). Incoming messages are
+  routed by topic (:class:`MessageIn`): desired documents here, bundle frames
+  and certificate answers to their consumers.
 - Every birth and report carries ``(boot_epoch, seq)``; ``boot_epoch`` grows on
   every start and ``seq`` within a boot, so the hub can drop stale reports.
-- The session number grows before every connect; the Last Will set for that
-  connect and the birth sent after it carry the same number.
-- A desired document whose config references bundles
-  (``config["workloads"][i]["bundle"]``, :func:`protocols.bundle_references`)
-  is preceded by a fetch step: :class:`Fetch` first, and :class:`Apply` only
-  after :class:`FetchDone` said every referenced bundle is present and
-  verified. A fetch that fails records the generation as failed, exactly like
-  a failed apply. A newer document supersedes a fetch in progress
-  (:class:`CancelFetch`, then its own step); it never interrupts an apply,
-  it waits for it.
+- A report made while the device cannot publish goes into the outbox
+  (:mod:`edge_agent.outbox`; :class:`SaveOutbox` asks the driver to keep it):
+  generation reports as state (newest wins), workload events in order.
 - A desired payload is opened first (:func:`protocols.signed.open_sealed`):
   with a trusted root only a document signed by a threshold of the root's
   ``hub`` keys is read at all (invariant 9); without one (``--insecure-unsigned``)
   it is taken unverified. Then its device id must be ours.
 - Time is an input (``now`` on every event); nothing here reads a clock.
+  A timer is asked for with :class:`SetTimer` and comes back as :class:`TimerFired`.
 
 The same core runs in the paho driver on devices and in the simulator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from msgspec import structs
+
+from edge_agent.outbox import Lane, Outbox, OutboxLimits, OutboxSnapshot
+from edge_agent.plan import (
+    Commit,
+    Current,
+    FetchBundles,
+    Install,
+    NoOp,
+    RollBack,
+    Rollout,
+    StartWorkload,
+    Step,
+    StopWorkload,
+    Switch,
+    WaitForHealth,
+    WorkloadSpecError,
+    plan,
+    step_generation,
+    workload_specs,
+)
 from protocols import (
     Birth,
     Channel,
@@ -45,18 +79,33 @@ from protocols import (
     Reason,
     Reported,
     Status,
-    bundle_references,
+    WorkloadStatus,
     decode,
     encode,
     topic,
     validate_device_id,
 )
+from protocols.messages import Phase, WorkloadState
 from protocols.signed import open_sealed
 
 if TYPE_CHECKING:
     from firmware_bundles.trust import TrustedRoot
 
+__all__ = [  # the steps are actions too; importable from here
+    "Commit",
+    "FetchBundles",
+    "Install",
+    "NoOp",
+    "RollBack",
+    "StartWorkload",
+    "Step",
+    "StopWorkload",
+    "Switch",
+    "WaitForHealth",
+]
+
 HISTORY_LIMIT = 32
+REPORT_KEY = "reported"  # the outbox's state key of generation reports
 
 
 # ---------------------------------------------------------------- persisted state
@@ -108,13 +157,23 @@ class Connected:
 
 @dataclass(frozen=True)
 class Subscribed:
-    """The broker acknowledged the desired-topic subscription made after connect."""
+    """The broker answered the post-connect SUBSCRIBE; ``granted``: every filter."""
 
     now: float
+    granted: bool = True
 
 
 @dataclass(frozen=True)
 class Disconnected:
+    now: float
+
+
+@dataclass(frozen=True)
+class MessageIn:
+    """A message on one of the topics :class:`Subscribe` asked for."""
+
+    topic: str
+    payload: bytes
     now: float
 
 
@@ -125,20 +184,56 @@ class DesiredPayload:
 
 
 @dataclass(frozen=True)
-class ApplyDone:
-    generation: int
-    ok: bool
-    error: str | None
+class StepDone:
+    """The driver executed ``step`` (the very object the core handed out)."""
+
+    step: Step
     now: float
 
 
 @dataclass(frozen=True)
-class FetchDone:
-    """Every bundle of ``generation`` is present and verified (``ok``), or why not."""
+class StepFailed:
+    step: Step
+    error: str
+    now: float
 
-    generation: int
-    ok: bool
-    error: str | None
+
+@dataclass(frozen=True)
+class TimerFired:
+    """A timer asked for with :class:`SetTimer` is due."""
+
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class WorkloadExited:
+    """A supervised workload's process ended; ``restarting``: the supervisor starts it again."""
+
+    name: str
+    exit_code: int
+    restarting: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class HealthPassed:
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class HealthFailed:
+    name: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class PublishFailed:
+    """The connection did not take ``publish``; what the outbox keeps goes there."""
+
+    publish: Publish
     now: float
 
 
@@ -155,9 +250,15 @@ Event = (
     | Connected
     | Subscribed
     | Disconnected
+    | MessageIn
     | DesiredPayload
-    | ApplyDone
-    | FetchDone
+    | StepDone
+    | StepFailed
+    | TimerFired
+    | WorkloadExited
+    | HealthPassed
+    | HealthFailed
+    | PublishFailed
     | Stopping
 )
 
@@ -171,6 +272,13 @@ class PersistState:
 
 
 @dataclass(frozen=True)
+class SaveOutbox:
+    """Keep the outbox as it is now (on disk on a device)."""
+
+    snapshot: OutboxSnapshot
+
+
+@dataclass(frozen=True)
 class SetWill:
     topic: str
     payload: bytes
@@ -178,23 +286,43 @@ class SetWill:
 
 @dataclass(frozen=True)
 class Publish:
+    """Publish at QoS ``qos``; ``lane`` (None: not worth keeping) says how the outbox
+    keeps it if the connection does not take it."""
+
     topic: str
     payload: bytes
     retain: bool = False
     qos: int = 1
+    lane: Lane | None = None
+    key: str = ""
 
 
 @dataclass(frozen=True)
-class Apply:
-    desired: Desired
+class Subscribe:
+    """One SUBSCRIBE for all ``topics`` at QoS 1; answer with :class:`Subscribed`."""
+
+    topics: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class Fetch:
-    """Make every bundle in ``bundles`` (file SHA-256s) present and verified, then say FetchDone."""
+class TransferLink:
+    """Bundle frames can flow (``up``) or cannot (a transfer sends nothing, times out nothing)."""
 
-    generation: int
-    bundles: tuple[str, ...]
+    up: bool
+
+
+@dataclass(frozen=True)
+class DeliverFrame:
+    """A ``bundle_data`` frame for the bundle transfer."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class DeliverCertAnswer:
+    """A ``cert`` message for the certificate renewal."""
+
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -202,6 +330,19 @@ class CancelFetch:
     """Stop fetching for ``generation`` (superseded); partial files stay for a later resume."""
 
     generation: int
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Feed ``TimerFired(name)`` at ``at`` (the clock ``now`` comes from); replaces one so named."""
+
+    name: str
+    at: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    name: str
 
 
 @dataclass(frozen=True)
@@ -220,10 +361,32 @@ class Ignored:
     why: str
 
 
-Action = PersistState | SetWill | Publish | Apply | Fetch | CancelFetch | Rejected | Ignored
+Action = (
+    PersistState
+    | SaveOutbox
+    | SetWill
+    | Publish
+    | Subscribe
+    | TransferLink
+    | DeliverFrame
+    | DeliverCertAnswer
+    | CancelFetch
+    | SetTimer
+    | CancelTimer
+    | Rejected
+    | Ignored
+    | Step
+)
 
 
 # ---------------------------------------------------------------- the core
+
+_RUNNING: frozenset[WorkloadState] = frozenset({"starting", "healthy", "unhealthy"})
+
+
+def health_timer(generation: int) -> str:
+    """Pure: the name of the timer that ends a generation's wait for health."""
+    return f"health:{generation}"
 
 
 @dataclass
@@ -237,26 +400,54 @@ class AgentCore:
     trusted_root: TrustedRoot | None = None
     # Allowance for this device's clock running ahead when checking the root's expiry.
     clock_skew_s: int = 300
+    # Whether the runtime starts workloads and checks their health (the runtime issue).
+    supervises: bool = False
+    health_timeout_s: float = 60.0
+    # The channels subscribed after every connect (``cert`` where the device renews).
+    channels: tuple[Channel, ...] = (Channel.DESIRED, Channel.BUNDLE_DATA)
+    outbox: Outbox = field(default_factory=lambda: Outbox(OutboxLimits()))
     _seq: int = 0
+    _online: bool = False
     _ready: bool = False
-    _applying: int | None = None
-    _fetching: Desired | None = None
+    _rollout: Rollout | None = None
+    _step: Step | None = None
     _candidate: Desired | None = None
+    _workloads: dict[str, WorkloadStatus] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
+        self._desired_topic = self._topic(Channel.DESIRED)
+        self._frames_topic = self._topic(Channel.BUNDLE_DATA)
+        self._cert_topic = self._topic(Channel.CERT)
+
+    @property
+    def desired_topic(self) -> str:
+        return self._desired_topic
 
     @property
     def applying(self) -> int | None:
-        return self._applying
+        """The generation past its fetch and not finished, if any."""
+        if self._rollout is None or isinstance(self._step, FetchBundles):
+            return None
+        return self._rollout.generation
 
     @property
     def fetching(self) -> int | None:
-        return self._fetching.generation if self._fetching else None
+        return self._step.generation if isinstance(self._step, FetchBundles) else None
 
     @property
     def waiting(self) -> int | None:
         return self._candidate.generation if self._candidate else None
+
+    @property
+    def step(self) -> Step | None:
+        """The step handed to the driver and not answered yet."""
+        return self._step
+
+    @property
+    def workloads(self) -> dict[str, WorkloadStatus]:
+        """The applied generation's workloads as the device last saw them (a copy)."""
+        return dict(self._workloads)
 
     def handle(self, event: Event) -> list[Action]:
         """Pure with respect to the outside world: updates this object and returns actions."""
@@ -264,24 +455,40 @@ class AgentCore:
             case Booted(now=now):
                 return self._booted(now)
             case Connecting(now=now):
+                self._online = self._ready = False
                 return self._connecting(now)
             case Connected(now=now, inventory=inventory, cert_serial=cert_serial):
-                self._ready = False
-                return [self._status(True, now), self._birth(now, inventory, cert_serial)]
-            case Subscribed():
+                self._online, self._ready = True, False
+                return [
+                    *self._flush(),
+                    self._status(True, now),
+                    self._birth(now, inventory, cert_serial),
+                    Subscribe(tuple(self._topic(c) for c in self.channels)),
+                ]
+            case Subscribed(granted=granted, now=now):
+                if not granted or not self._online:
+                    return []
                 self._ready = True
-                return self._maybe_start()
+                return [TransferLink(True), *self._advance(now)]
             case Disconnected():
-                self._ready = False
-                return []
+                self._online = self._ready = False
+                return [TransferLink(False)]
+            case MessageIn(topic=name, payload=payload, now=now):
+                return self._message(name, payload, now)
             case DesiredPayload(payload=payload, now=now):
                 return self._desired(payload, now)
-            case ApplyDone():
-                return self._apply_done(event)
-            case FetchDone():
-                return self._fetch_done(event)
+            case StepDone(step=step, now=now):
+                return self._step_done(step, None, now)
+            case StepFailed(step=step, error=error, now=now):
+                return self._step_done(step, error, now)
+            case TimerFired(name=name, now=now):
+                return self._timer(name, now)
+            case WorkloadExited() | HealthPassed() | HealthFailed():
+                return self._workload_event(event)
+            case PublishFailed(publish=publish):
+                return self._keep(publish)
             case Stopping(now=now):
-                self._ready = False
+                self._online = self._ready = False
                 return [self._status(False, now)]
         raise TypeError(f"unknown event {event!r}")
 
@@ -300,6 +507,38 @@ class AgentCore:
             Status(device_id=self.device_id, online=False, session=self.state.session, ts=now)
         )
         return [PersistState(self.state), SetWill(self._topic(Channel.STATUS), will)]
+
+    def _message(self, name: str, payload: bytes, now: float) -> list[Action]:
+        if name == self._desired_topic:
+            return self._desired(payload, now)
+        if name == self._frames_topic:
+            return [DeliverFrame(payload)]
+        if name == self._cert_topic:
+            return [DeliverCertAnswer(payload)]
+        return []
+
+    # -- the outbox
+
+    def _flush(self) -> list[Action]:
+        """Everything kept while offline, oldest first (before the birth that outdates it)."""
+        if not len(self.outbox):
+            return []
+        sent: list[Action] = [
+            Publish(e.topic, e.payload, e.retain, lane=e.lane, key=e.key)
+            for e in self.outbox.drain()
+        ]
+        return [*sent, SaveOutbox(self.outbox.snapshot())]
+
+    def _emit(self, publish: Publish) -> list[Action]:
+        return [publish] if self._online else self._keep(publish)
+
+    def _keep(self, publish: Publish) -> list[Action]:
+        if publish.lane is None:
+            return []
+        self.outbox.put(
+            publish.lane, publish.key, publish.topic, publish.payload, retain=publish.retain
+        )
+        return [SaveOutbox(self.outbox.snapshot())]
 
     # -- desired state
 
@@ -323,8 +562,7 @@ class AgentCore:
         newest_known = max(
             self.state.applied_generation,
             self.state.failed_generation,
-            self._applying or 0,
-            self.fetching or 0,
+            self._rollout.generation if self._rollout else 0,
             self.waiting or 0,
         )
         if desired.generation <= newest_known:
@@ -336,66 +574,156 @@ class AgentCore:
             ):
                 # Older than what we finished: the hub's count was reset (device registered
                 # again, DB restored). Tell it where we are so it can re-issue past it.
-                ignored.append(self._state_report(now))
+                ignored += self._emit(self._state_report(now))
             return ignored
         superseded = self.waiting
         self._candidate = desired
         actions: list[Action] = []
         if superseded is not None:
             actions.append(Ignored(superseded, f"superseded by generation {desired.generation}"))
-        return actions + self._maybe_start()
+        return actions + self._advance(now)
 
-    def _maybe_start(self) -> list[Action]:
-        if not self._ready or self._applying is not None or self._candidate is None:
-            return []
+    # -- plan and execute
+
+    def _current(self) -> Current:
+        running = frozenset(n for n, w in self._workloads.items() if w.state in _RUNNING)
+        return Current(
+            self.state.applied_generation,
+            supervises=self.supervises,
+            running=running,
+            health_timeout_s=self.health_timeout_s,
+        )
+
+    def _advance(self, now: float) -> list[Action]:
+        """Start the next step: of the rollout in flight, or of a new one when ready."""
         actions: list[Action] = []
-        desired, self._candidate = self._candidate, None
-        if self._fetching is not None:  # the candidate is newer by construction
-            superseded, self._fetching = self._fetching.generation, None
+        if self._ready and self._candidate is not None and isinstance(self._step, FetchBundles):
+            superseded = self._step.generation  # the candidate is newer by construction
+            self._rollout = self._step = None
             actions += [
                 CancelFetch(superseded),
-                Ignored(superseded, f"fetch superseded by generation {desired.generation}"),
+                Ignored(superseded, f"fetch superseded by generation {self._candidate.generation}"),
             ]
-        bundles = bundle_references(desired.config)
-        if bundles:
-            self._fetching = desired
-            actions.append(Fetch(desired.generation, tuple(sorted(bundles))))
-        else:
-            self._applying = desired.generation
-            actions.append(Apply(desired))
+        if self._step is not None:
+            return actions
+        if self._rollout is None:
+            if not self._ready or self._candidate is None:
+                return actions
+            desired, self._candidate = self._candidate, None
+            try:
+                self._rollout = Rollout(desired, tuple(workload_specs(desired.config)))
+            except WorkloadSpecError as exc:
+                self._rollout = Rollout(desired).failed(None, str(exc))
+        steps = plan(self._current(), self._rollout)
+        if not steps:
+            return actions  # waiting for the workloads' health
+        step = steps[0]
+        if isinstance(step, NoOp):
+            return actions + self._finish(step, now)
+        self._step = step
+        if isinstance(step, WaitForHealth):
+            actions.append(SetTimer(health_timer(step.generation), now + step.timeout_s))
+        actions.append(step)
         return actions
 
-    def _fetch_done(self, done: FetchDone) -> list[Action]:
-        if self._fetching is None or done.generation != self._fetching.generation:
-            return [Ignored(done.generation, "fetch result for a generation not in flight")]
-        desired, self._fetching = self._fetching, None
-        if done.ok:
-            self._applying = desired.generation
-            return [Apply(desired)]
-        return self._finished(done.generation, False, done.error or "fetch failed", done.now)
+    def _step_done(self, step: Step, error: str | None, now: float) -> list[Action]:
+        if self._rollout is None or step != self._step:
+            return [Ignored(step_generation(step), "step result for a step not in flight")]
+        self._step = None
+        if error is None:
+            self._rollout = self._rollout.done(step)
+        else:
+            self._rollout = self._rollout.failed(step, error or f"{type(step).__name__} failed")
+        return self._advance(now)
 
-    def _apply_done(self, done: ApplyDone) -> list[Action]:
-        if done.generation != self._applying:
-            return [Ignored(done.generation, "apply result for a generation not in flight")]
-        self._applying = None
-        return self._finished(done.generation, done.ok, done.error, done.now)
+    def _timer(self, name: str, now: float) -> list[Action]:
+        rollout = self._rollout
+        if rollout is None or name != health_timer(rollout.generation) or rollout.failure:
+            return [Ignored(0, f"timer {name!r} is not wanted any more")]
+        waiting = [n for n in rollout.names if n not in rollout.healthy]
+        reason = f"workloads {', '.join(waiting)} not healthy within {self.health_timeout_s:g} s"
+        self._rollout = rollout.failed(None, reason)
+        return self._advance(now)
 
-    def _finished(self, generation: int, ok: bool, error: str | None, now: float) -> list[Action]:
+    def _workload_event(self, event: WorkloadExited | HealthPassed | HealthFailed) -> list[Action]:
+        name, now = event.name, event.now
+        rollout = self._rollout
+        if rollout is not None and name in rollout.started and rollout.failure is None:
+            match event:
+                case HealthPassed():
+                    self._rollout = replace(rollout, healthy=rollout.healthy | {name})
+                    done = set(rollout.names) <= self._rollout.healthy
+                    cancel: list[Action] = [CancelTimer(health_timer(rollout.generation))]
+                    return (cancel if done else []) + self._advance(now)
+                case HealthFailed(reason=reason):
+                    self._rollout = rollout.failed(None, f"workload {name}: {reason}")
+                case WorkloadExited(exit_code=code):
+                    self._rollout = rollout.failed(None, f"workload {name} exited with code {code}")
+            return [CancelTimer(health_timer(rollout.generation)), *self._advance(now)]
+        known = self._workloads.get(name)
+        if known is None:
+            return [Ignored(0, f"event for workload {name!r}, which this device does not run")]
+        match event:
+            case HealthPassed():
+                changed = structs.replace(known, state="healthy")
+            case HealthFailed():
+                changed = structs.replace(known, state="unhealthy")
+            case WorkloadExited(exit_code=code, restarting=restarting):
+                changed = structs.replace(
+                    known,
+                    state="starting" if restarting else "failed",
+                    restarts=known.restarts + (1 if restarting else 0),
+                    last_exit_code=code,
+                    last_exit_at=now,
+                )
+        if changed == known:
+            return []
+        self._workloads[name] = changed
+        return self._emit(self._workload_report(changed, now))
+
+    def _finish(self, noop: NoOp, now: float) -> list[Action]:
+        rollout = self._rollout
+        assert rollout is not None
+        self._rollout = None
+        generation, ok = rollout.generation, rollout.committed
         entry = HistoryEntry(generation, ok, now)
         history = (*self.state.history, entry)[-HISTORY_LIMIT:]
+        statuses = self._outcome_statuses(rollout)
         if ok:
             self.state = replace(
                 self.state, applied_generation=generation, last_error=None, history=history
             )
+            phase: Phase = "applied"
         else:
             self.state = replace(
                 self.state,
                 failed_generation=generation,
-                last_error=(error or "apply failed")[:2048],
+                last_error=(rollout.failure or "apply failed")[:2048],
                 history=history,
             )
-        report = self._report(phase="applied" if ok else "failed", generation=generation, now=now)
-        return [PersistState(self.state), report, *self._maybe_start()]
+            phase = (
+                "rolled_back" if rollout.rolled_back and not rollout.rollback_failed else "failed"
+            )
+        actions: list[Action] = [noop]
+        if self.supervises and rollout.names:
+            actions.append(CancelTimer(health_timer(generation)))
+        report = self._report(phase=phase, generation=generation, now=now, workloads=statuses)
+        return [*actions, PersistState(self.state), *self._emit(report), *self._advance(now)]
+
+    def _outcome_statuses(self, rollout: Rollout) -> list[WorkloadStatus] | None:
+        """The workloads a finished rollout reports; updates the applied generation's table."""
+        if rollout.committed:
+            before = self._workloads
+            healthy: WorkloadState = "healthy"
+            self._workloads = {n: WorkloadStatus(name=n, state=healthy) for n in rollout.names}
+            removed = [
+                WorkloadStatus(name=n, state="removed") for n in before if n not in self._workloads
+            ]
+            statuses = [*self._workloads.values(), *removed]
+        else:
+            state: WorkloadState = "rolled_back" if rollout.rolled_back else "failed"
+            statuses = [WorkloadStatus(name=n, state=state) for n in rollout.names]
+        return statuses or None
 
     # -- messages
 
@@ -423,28 +751,46 @@ class AgentCore:
             agent_version=self.agent_version,
             inventory=inventory,
             cert_serial=cert_serial,
+            events_dropped=self.outbox.dropped,
             ts=now,
         )
         return Publish(self._topic(Channel.BIRTH), encode(birth))
 
-    def _state_report(self, now: float) -> Publish:
+    def _state_phase(self) -> tuple[Phase, int]:
         failed = self.state.failed_generation > self.state.applied_generation
+        generation = max(self.state.applied_generation, self.state.failed_generation)
+        return ("failed" if failed else "applied"), generation
+
+    def _state_report(self, now: float) -> Publish:
+        phase, generation = self._state_phase()
+        return self._report(phase=phase, generation=generation, now=now)
+
+    def _workload_report(self, status: WorkloadStatus, now: float) -> Publish:
+        """An event: one workload's state changed (each occurrence kept, in order)."""
+        phase, generation = self._state_phase()
         return self._report(
-            phase="failed" if failed else "applied",
-            generation=max(self.state.applied_generation, self.state.failed_generation),
-            now=now,
+            phase=phase, generation=generation, now=now, workloads=[status], lane=Lane.EVENT
         )
 
-    def _report(self, *, phase: str, generation: int, now: float) -> Publish:
+    def _report(
+        self,
+        *,
+        phase: Phase,
+        generation: int,
+        now: float,
+        workloads: list[WorkloadStatus] | None = None,
+        lane: Lane = Lane.STATE,
+    ) -> Publish:
         report = Reported(
             device_id=self.device_id,
             boot_epoch=self.state.boot_epoch,
             seq=self._next_seq(),
-            phase=phase,  # type: ignore[arg-type]
+            phase=phase,
             generation=generation,
             applied_generation=self.state.applied_generation,
             failed_generation=self.state.failed_generation,
-            error=self.state.last_error if phase == "failed" else None,
+            error=self.state.last_error if phase in ("failed", "rolled_back") else None,
+            workloads=workloads,
             ts=now,
         )
-        return Publish(self._topic(Channel.REPORTED), encode(report))
+        return Publish(self._topic(Channel.REPORTED), encode(report), lane=lane, key=REPORT_KEY)

@@ -1,20 +1,30 @@
-"""The agent process: feeds transport events and apply results to the core, runs its actions.
+"""The agent process: feeds transport events, step results and timers to the core, runs its actions.
 
 Rules:
-- The core is touched under one lock, from the network thread (MQTT callbacks)
-  and the apply worker; actions are executed in order under that lock, so a
-  state is persisted before the report that announces it is published.
+- The core is touched under one lock, from the network thread (MQTT
+  callbacks), the step thread and the fetch thread; actions are executed in
+  order under that lock through one executor table
+  (:class:`edge_agent.executors.ExecutorTable`), so a state is persisted
+  before the report that announces it is published. An executor that
+  finishes at once answers with the next event, fed after the batch.
+- What the core decides about the connection (Will, birth, the one SUBSCRIBE
+  after every connect, when bundle frames may flow, where an incoming message
+  goes) it says in actions; this module only carries them out.
 - Reconnects use jittered exponential backoff (``MqttSettings``: 0.2 s doubling
   to 30 s, reset once a connection is accepted) and a fresh session number,
   hence a fresh Last Will, on every attempt.
 - SIGTERM/SIGINT: publish "offline" for the current session, disconnect, exit 0.
-- One subscription request covers ``desired`` and ``bundle_data``; the core
-  hears ``Subscribed`` (and a bundle transfer hears "link up") only once both
-  are granted.
-- The fetch step (``Fetch``/``CancelFetch``) runs in its own thread
-  (``edge_agent.fetcher``), created the first time a desired document
+- Steps that take time (install, switch, commit, roll back, and the
+  supervisor's start, stop and health watch) run one at a time in the step
+  thread, which also fires the core's timers; each result comes back as
+  ``StepDone`` or ``StepFailed``.
+- The fetch step (``FetchBundles``/``CancelFetch``) runs in its own thread
+  (``edge_agent.fetch_thread``), created the first time a desired document
   references bundles, so an agent that never sees a bundle never loads the
-  verification stack. Its result comes back to the core as ``FetchDone``.
+  verification stack.
+- The outbox (reports made while the broker cannot be reached) is kept in
+  ``outbox.json`` (``edge_agent.store.OutboxStore``), loaded at start, so it
+  survives a restart.
 - An agent connected with its enrolled certificate renews it over MQTT when due
   (``edge_agent.renewal``: its dates are looked at once a minute while subscribed),
   then reconnects with the new one.
@@ -43,31 +53,52 @@ import msgspec
 import plumbing
 from edge_agent.core import (
     AgentCore,
-    Apply,
-    ApplyDone,
     Booted,
     CancelFetch,
+    CancelTimer,
+    Commit,
     Connected,
     Connecting,
-    DesiredPayload,
+    DeliverCertAnswer,
+    DeliverFrame,
     Disconnected,
     Event,
-    Fetch,
-    FetchDone,
+    FetchBundles,
     Ignored,
+    Install,
+    MessageIn,
+    NoOp,
     PersistState,
     Publish,
+    PublishFailed,
     Rejected,
+    RollBack,
+    SaveOutbox,
+    SetTimer,
     SetWill,
+    StartWorkload,
+    Step,
+    StepDone,
+    StepFailed,
     Stopping,
+    StopWorkload,
+    Subscribe,
     Subscribed,
+    Switch,
+    TimerFired,
+    TransferLink,
+    WaitForHealth,
 )
 from edge_agent.enroll import Identity, tls_context
+from edge_agent.executors import ExecutorTable
 from edge_agent.inventory import collect as collect_inventory
+from edge_agent.outbox import Outbox, OutboxLimits
+from edge_agent.plan import step_generation
 from edge_agent.renewal import DEFAULT_RENEW_AT_FRACTION, Renewal
-from edge_agent.runtime import Applier, ApplyError, WorkloadApplier
+from edge_agent.root import RootFileError, load_trusted_root
+from edge_agent.runtime import ApplyError, Runtime, WorkloadApplier
 from edge_agent.settings import BundleSettings, MqttSettings
-from edge_agent.store import StateStore, remove_stale_temporaries
+from edge_agent.store import OutboxStore, StateStore, remove_stale_temporaries
 from edge_agent.transport import (
     MqttTransport,
     TConnected,
@@ -79,39 +110,27 @@ from edge_agent.transport import (
     TSubscribed,
 )
 from plumbing.net import Backoff
-from protocols import Channel, Desired, bundle_references, topic
+from protocols import Channel, bundle_references
 
 if TYPE_CHECKING:
-    from edge_agent.fetcher import Fetcher, FetchStats, MqttSource
+    from edge_agent.fetch_thread import Fetcher, FetchStats, MqttSource
     from firmware_bundles.trust import TrustedRoot
 
 log = logging.getLogger("driftless.agent")
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+__all__ = ["AgentDriver", "RootFileError", "load_trusted_root", "run_agent"]
 
 
-class RootFileError(Exception):
-    """The ``--root`` file cannot be read or is not a valid, self-signed root."""
+class _Wake:
+    """Put on the step queue to make the step thread look at its timers again."""
 
 
-def load_trusted_root(path: Path) -> TrustedRoot:
-    """Read the device's trust anchor; raises RootFileError with a one-line reason."""
-    from firmware_bundles.errors import BundleError
-    from firmware_bundles.limits import DEFAULT_LIMITS
-    from firmware_bundles.trust import TrustedRoot
-
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(DEFAULT_LIMITS.max_metadata_bytes + 1)
-    except OSError as exc:
-        raise RootFileError(f"cannot read root {path}: {exc.strerror or exc}") from None
-    try:
-        return TrustedRoot.from_bytes(data)
-    except BundleError as exc:
-        raise RootFileError(f"root {path} is invalid: {type(exc).__name__}: {exc}") from None
+_WAKE = _Wake()
+RuntimeStep = Install | Switch | Commit | RollBack | StartWorkload | StopWorkload | WaitForHealth
 
 
 class AgentDriver:
-    """One device's agent: core + store + applier + MQTT transport."""
+    """One device's agent: core + store + runtime + MQTT transport."""
 
     def __init__(
         self,
@@ -119,7 +138,7 @@ class AgentDriver:
         device_id: str,
         broker_url: str,
         data_dir: Path,
-        applier: Applier | None = None,
+        runtime: Runtime | None = None,
         bundles: BundleSettings | None = None,
         trusted_root: TrustedRoot | None = None,
         clock: Callable[[], float] = time.time,
@@ -127,32 +146,40 @@ class AgentDriver:
         cert_serial: Callable[[], str] | None = None,
         renewal: Renewal | None = None,
         mqtt: MqttSettings | None = None,
+        outbox: OutboxLimits | None = None,
     ) -> None:
         """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
         switched certificates (None: plain MQTT, or TLS trusting the system's CAs);
         ``cert_serial`` reads the serial of the certificate it presents, for births;
-        ``mqtt``: keepalive, session expiry, connect timeout and backoff (defaults if None)."""
+        ``mqtt``: keepalive, session expiry, connect timeout and backoff (defaults if None);
+        ``outbox``: the bounds of what is kept while offline (defaults if None)."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
+        self.outbox_store = OutboxStore(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(data_dir)  # a crash mid-write leaves them; we own the dir
         self.bundle_settings = bundles or BundleSettings()
         self.trusted_root = trusted_root
         self.clock = clock
-        self.applier = applier or WorkloadApplier(
+        self.runtime: Runtime = runtime or WorkloadApplier(
             data_dir,
             settings=self.bundle_settings,
             trusted_root=trusted_root,
             agent_version=plumbing.__version__,
             clock=clock,
         )
+        self.renewal = renewal
+        channels = (Channel.DESIRED, Channel.BUNDLE_DATA)
         self.core = AgentCore(
             device_id,
             self.store.load(),
             plumbing.__version__,
             trusted_root=trusted_root,
             clock_skew_s=self.bundle_settings.clock_skew_s,
+            supervises=self.runtime.supervises,
+            channels=(*channels, Channel.CERT) if renewal is not None else channels,
+            outbox=Outbox(outbox or OutboxLimits(), self.outbox_store.load()),
         )
         self.broker_url = broker_url
         self.mqtt_settings = mqtt or MqttSettings()
@@ -163,10 +190,6 @@ class AgentDriver:
             tls_context=tls_factory() if tls_factory is not None else None,
             settings=self.mqtt_settings,
         )
-        self.desired_topic = topic(device_id, Channel.DESIRED)
-        self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
-        self.cert_topic = topic(device_id, Channel.CERT)
-        self.renewal = renewal
         self._tls_factory = tls_factory
         self._read_cert_serial = cert_serial
         self._cert_serial = cert_serial() if cert_serial is not None else None
@@ -176,28 +199,56 @@ class AgentDriver:
         self.fetch_stats: FetchStats | None = None
         self._mqtt_source: MqttSource | None = None
         self._fetch_thread: threading.Thread | None = None
+        self._fetching: dict[int, FetchBundles] = {}
         self._subscribed = False
+        self._topics: tuple[str, ...] = ()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._connected = False
-        self._applies: queue.Queue[Desired | None] = queue.Queue()
-        self._executors: dict[type, Callable[[object], None]] = {
-            PersistState: self._persist,  # type: ignore[dict-item]
-            SetWill: self._set_will,  # type: ignore[dict-item]
-            Publish: self._publish,  # type: ignore[dict-item]
-            Apply: self._apply,  # type: ignore[dict-item]
-            Fetch: self._fetch,  # type: ignore[dict-item]
-            CancelFetch: self._cancel_fetch,  # type: ignore[dict-item]
-            Rejected: self._rejected,  # type: ignore[dict-item]
-            Ignored: self._ignored,  # type: ignore[dict-item]
-        }
+        self._steps: queue.Queue[RuntimeStep | _Wake | None] = queue.Queue()
+        self._timers: dict[str, float] = {}
+        self._executors = self._executor_table()
+
+    def _executor_table(self) -> ExecutorTable[Event | None]:
+        table: ExecutorTable[Event | None] = ExecutorTable()
+        table.register(PersistState, lambda a: self.store.save(a.state))
+        table.register(SaveOutbox, lambda a: self.outbox_store.save(a.snapshot))
+        table.register(SetWill, lambda a: self.transport.set_will(a.topic, a.payload))
+        table.register(Publish, self._publish)
+        table.register(Subscribe, self._subscribe)
+        table.register(TransferLink, self._transfer_link)
+        table.register(DeliverFrame, self._deliver_frame)
+        table.register(DeliverCertAnswer, lambda a: self._on_cert_answer(a.payload))
+        table.register(CancelFetch, self._cancel_fetch)
+        table.register(SetTimer, self._set_timer)
+        table.register(CancelTimer, self._cancel_timer)
+        table.register(Rejected, self._rejected)
+        table.register(Ignored, self._ignored)
+        table.register(NoOp, self._no_op)
+        table.register(FetchBundles, self._fetch)
+        table.register(Install, self._queue_step)
+        table.register(Switch, self._queue_step)
+        table.register(Commit, self._queue_step)
+        table.register(RollBack, self._queue_step)
+        table.register(StartWorkload, self._queue_step)
+        table.register(StopWorkload, self._queue_step)
+        table.register(WaitForHealth, self._queue_step)
+        missing = table.missing()
+        if missing:
+            raise TypeError(f"no executor for {', '.join(missing)}")
+        return table
 
     # -- event plumbing
 
     def feed(self, event: Event) -> None:
+        """Hand ``event`` to the core and carry out its actions, then the events they answer."""
         with self._lock:
-            for action in self.core.handle(event):
-                self._executors[type(action)](action)
+            pending = [event]
+            while pending:
+                for action in self.core.handle(pending.pop(0)):
+                    follow = self._executors.run(action)
+                    if follow is not None:
+                        pending.append(follow)
 
     def _on_transport(self, event: TransportEvent) -> None:
         now = self.clock()
@@ -214,39 +265,28 @@ class AgentDriver:
                 )
                 inventory = collect_inventory(self.data_dir, arch=self.bundle_settings.architecture)
                 self.feed(Connected(now, present, inventory, self._cert_serial))
-                self.transport.subscribe(self._topics())
             case TSubscribed(granted=granted):
-                if granted:
-                    self._subscribed = True
-                    if self._mqtt_source is not None:
-                        self._mqtt_source.link_up()
-                    self.feed(Subscribed(now))
-                    self._check_renewal()
-                else:
+                if not granted:
                     log.error(
                         "subscription refused",
-                        extra={"device": self.device_id, "topics": self._topics()},
+                        extra={"device": self.device_id, "topics": list(self._topics)},
                     )
+                self.feed(Subscribed(now, granted))
+                if granted:
+                    self._check_renewal()
             case TMessage(topic=name, payload=payload):
-                if name == self.desired_topic:
-                    self.feed(DesiredPayload(payload, now))
-                elif name == self.bundle_data_topic and self._mqtt_source is not None:
-                    self._mqtt_source.on_frame(payload)
-                elif name == self.cert_topic and self.renewal is not None:
-                    self._on_cert_answer(payload)
+                self.feed(MessageIn(name, payload, now))
             case TConnectRefused(reason=reason):
                 log.error("connection refused", extra={"device": self.device_id, "reason": reason})
             case TDisconnected(reason=reason):
                 if self._connected and not self._stop.is_set():
                     log.warning("disconnected", extra={"device": self.device_id, "reason": reason})
                 self._connected = False
-                self._subscribed = False
-                if self._mqtt_source is not None:
-                    self._mqtt_source.link_down()
                 self.feed(Disconnected(now))
 
     def _on_cert_answer(self, payload: bytes) -> None:
-        assert self.renewal is not None
+        if self.renewal is None:
+            return
         try:
             switched = self.renewal.on_answer(payload)
         except Exception:  # a renewal problem must never take the agent down
@@ -255,10 +295,6 @@ class AgentDriver:
         if switched and self._tls_factory is not None:
             self._new_tls = True
             self.transport.request_disconnect()  # the network loop reconnects with the new pair
-
-    def _topics(self) -> list[str]:
-        topics = [self.desired_topic, self.bundle_data_topic]
-        return [*topics, self.cert_topic] if self.renewal is not None else topics
 
     def _check_renewal(self) -> None:
         """Ask for a new certificate when due (the network thread; cheap when not)."""
@@ -271,22 +307,43 @@ class AgentDriver:
 
     # -- executors
 
-    def _persist(self, action: PersistState) -> None:
-        self.store.save(action.state)
-
-    def _set_will(self, action: SetWill) -> None:
-        self.transport.set_will(action.topic, action.payload)
-
-    def _publish(self, action: Publish) -> None:
-        self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
-
-    def _apply(self, action: Apply) -> None:
-        log.info(
-            "applying", extra={"device": self.device_id, "generation": action.desired.generation}
+    def _publish(self, action: Publish) -> Event | None:
+        taken = self.transport.publish(
+            action.topic, action.payload, qos=action.qos, retain=action.retain
         )
-        self._applies.put(action.desired)
+        return None if taken else PublishFailed(action, self.clock())
 
-    def _fetch(self, action: Fetch) -> None:
+    def _subscribe(self, action: Subscribe) -> None:
+        self._topics = action.topics
+        self.transport.subscribe(list(action.topics))
+
+    def _transfer_link(self, action: TransferLink) -> None:
+        self._subscribed = action.up
+        if self._mqtt_source is not None:
+            if action.up:
+                self._mqtt_source.link_up()
+            else:
+                self._mqtt_source.link_down()
+
+    def _deliver_frame(self, action: DeliverFrame) -> None:
+        if self._mqtt_source is not None:
+            self._mqtt_source.on_frame(action.payload)
+
+    def _queue_step(self, step: RuntimeStep) -> None:
+        log.info(
+            "step",
+            extra={"device": self.device_id, "step": type(step).__name__, "generation": _gen(step)},
+        )
+        self._steps.put(step)
+
+    def _set_timer(self, action: SetTimer) -> None:
+        self._timers[action.name] = action.at
+        self._steps.put(_WAKE)  # the step thread re-reads its timers
+
+    def _cancel_timer(self, action: CancelTimer) -> None:
+        self._timers.pop(action.name, None)
+
+    def _fetch(self, action: FetchBundles) -> None:
         log.info(
             "fetching bundles",
             extra={
@@ -295,12 +352,14 @@ class AgentDriver:
                 "bundles": list(action.bundles),
             },
         )
+        self._fetching[action.generation] = action
         self._ensure_fetcher().submit(action.generation, action.bundles)
 
     def _cancel_fetch(self, action: CancelFetch) -> None:
         log.info(
             "fetch superseded", extra={"device": self.device_id, "generation": action.generation}
         )
+        self._fetching.pop(action.generation, None)
         if self.fetcher is not None:
             self.fetcher.cancel(action.generation)
 
@@ -309,7 +368,7 @@ class AgentDriver:
         if self.fetcher is not None:
             return self.fetcher
         from edge_agent.bundles import BundleCache, SecurityVersions
-        from edge_agent.fetcher import (
+        from edge_agent.fetch_thread import (
             ChunkSource,
             Fetcher,
             FetchStats,
@@ -352,7 +411,12 @@ class AgentDriver:
         return fetcher
 
     def _fetch_done(self, generation: int, ok: bool, error: str | None) -> None:
-        self.feed(FetchDone(generation, ok, error, self.clock()))
+        with self._lock:
+            step = self._fetching.pop(generation, None)
+        if step is None:
+            return  # superseded meanwhile: the core is not waiting for it
+        now = self.clock()
+        self.feed(StepDone(step, now) if ok else StepFailed(step, error or "fetch failed", now))
 
     def _applied_references(self) -> frozenset[str]:
         """Bundles the applied configuration references (``config.json``); never evicted."""
@@ -376,26 +440,73 @@ class AgentDriver:
             extra={"device": self.device_id, "generation": action.generation, "why": action.why},
         )
 
+    def _no_op(self, action: NoOp) -> None:
+        log.debug(
+            "plan done",
+            extra={"device": self.device_id, "generation": action.generation, "why": action.why},
+        )
+
     # -- threads
 
-    def _apply_worker(self) -> None:
-        while (desired := self._applies.get()) is not None:
-            ok, error = True, None
+    def _run_step(self, step: RuntimeStep) -> None:
+        """Carry out one runtime step; raises ApplyError."""
+        match step:
+            case Install(desired=desired):
+                self.runtime.install(desired)
+            case Switch(desired=desired):
+                self.runtime.switch(desired)
+            case Commit(generation=generation):
+                self.runtime.commit(generation)
+            case RollBack(generation=generation, to_generation=to):
+                self.runtime.roll_back(generation, to)
+            case StartWorkload() | StopWorkload() | WaitForHealth():
+                raise ApplyError(f"this agent's runtime does not supervise workloads: {step!r}")
+
+    def _step_worker(self) -> None:
+        """Runs runtime steps one at a time, and fires the core's timers when due."""
+        while True:
+            due = min(self._timers.values(), default=None)
+            wait_s = None if due is None else max(0.0, min(due - self.clock(), 1.0))
             try:
-                self.applier.apply(desired)
+                step = self._steps.get(timeout=wait_s)
+            except queue.Empty:
+                self._fire_timers()
+                continue
+            if step is None:
+                return
+            self._fire_timers()
+            if isinstance(step, _Wake):
+                continue
+            error = None
+            try:
+                self._run_step(step)
             except ApplyError as exc:
-                ok, error = False, str(exc)
-            except Exception as exc:  # an applier bug must not kill the agent
+                error = str(exc)
+            except Exception as exc:  # a runtime bug must not kill the agent
                 log.exception(
-                    "applier crashed",
-                    extra={"device": self.device_id, "generation": desired.generation},
+                    "step crashed", extra={"device": self.device_id, "generation": _gen(step)}
                 )
-                ok, error = False, f"internal error: {exc!r}"
+                error = f"internal error: {exc!r}"
             log.info(
-                "applied" if ok else "apply failed",
-                extra={"device": self.device_id, "generation": desired.generation, "error": error},
+                "step done" if error is None else "step failed",
+                extra={
+                    "device": self.device_id,
+                    "step": type(step).__name__,
+                    "generation": _gen(step),
+                    "error": error,
+                },
             )
-            self.feed(ApplyDone(desired.generation, ok, error, self.clock()))
+            now = self.clock()
+            self.feed(StepDone(step, now) if error is None else StepFailed(step, error, now))
+
+    def _fire_timers(self) -> None:
+        now = self.clock()
+        with self._lock:
+            due = sorted((at, name) for name, at in self._timers.items() if at <= now)
+            for _, name in due:
+                del self._timers[name]
+        for _, name in due:
+            self.feed(TimerFired(name, now))
 
     def _network_loop(self) -> None:
         backoff = Backoff(
@@ -455,9 +566,10 @@ class AgentDriver:
                 "device": self.device_id,
                 "boot_epoch": self.core.state.boot_epoch,
                 "applied_generation": self.core.state.applied_generation,
+                "outbox": len(self.core.outbox),
             },
         )
-        worker = threading.Thread(target=self._apply_worker, name="apply", daemon=True)
+        worker = threading.Thread(target=self._step_worker, name="steps", daemon=True)
         network = threading.Thread(target=self._network_loop, name="mqtt", daemon=True)
         worker.start()
         network.start()
@@ -465,7 +577,7 @@ class AgentDriver:
         if self.fetcher is not None:
             self.fetcher.stop()
         network.join(timeout=5)
-        self._applies.put(None)
+        self._steps.put(None)
         worker.join(timeout=30)
         if self._fetch_thread is not None:
             self._fetch_thread.join(timeout=10)
@@ -485,6 +597,10 @@ class AgentDriver:
                 self.transport.publish_and_wait(action.topic, action.payload, timeout_s=2.0)
         self.transport.disconnect()
         log.info("agent stopped", extra={"device": self.device_id})
+
+
+def _gen(step: Step) -> int:
+    return step_generation(step)
 
 
 def _certificate_serial(identity: Identity) -> str:

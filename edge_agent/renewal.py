@@ -60,7 +60,7 @@ class Renewal:
 
     identity: Identity
     device_id: str
-    publish: Callable[[str, bytes], None]
+    publish: Callable[[str, bytes], object]
     at_fraction: float = DEFAULT_RENEW_AT_FRACTION
     retry_s: float = DEFAULT_RETRY_S
     clock: Callable[[], float] = time.time

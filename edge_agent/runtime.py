@@ -1,13 +1,20 @@
-"""Appliers: what "apply a desired document" does on this device.
+"""The workload runtime's steps: what install, switch, commit and roll back do on this device.
 
-Rule: an applier is idempotent (applying the same generation twice is harmless)
-and atomic (a crash leaves the old or the new result). It raises ApplyError
-with a reason the operator can act on; the core turns that into a ``failed`` report.
+The core plans steps (:mod:`edge_agent.plan`); the driver's executor table
+calls the :class:`Runtime` method for each in its step thread.
 
-``ConfigFileApplier`` writes the configuration; ``WorkloadApplier`` first
-installs the bundle workloads the configuration references (verified, unpacked
-into ``<data>/workloads/<name>/<version>/``, ``current`` switched atomically).
-The process supervisor plugs in here later.
+Rule: every step is idempotent (running it twice is harmless) and atomic (a
+crash leaves the old or the new result). It raises ApplyError with a reason
+the operator can act on; the core turns that into a ``failed`` report (or,
+after the switch, a rollback).
+
+``ConfigFileApplier`` writes the configuration; ``WorkloadApplier`` installs
+the bundle workloads the configuration references (verified, unpacked into
+``<data>/workloads/<name>/<version>/``) and switches them (``current``
+pointers, then the configuration). It supervises nothing yet
+(``supervises = False``): the process supervisor of the runtime issue plugs
+in here with start, stop and health watching, and produces the core's
+``WorkloadExited`` / ``HealthPassed`` / ``HealthFailed`` events.
 """
 
 from __future__ import annotations
@@ -18,16 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from edge_agent.bundles import (
-    BundleCache,
-    InstallError,
-    Prepared,
-    SecurityVersions,
-    Workloads,
-    WorkloadSpec,
-    WorkloadSpecError,
-    workload_specs,
-)
+from edge_agent.bundles import BundleCache, InstallError, Prepared, SecurityVersions, Workloads
+from edge_agent.plan import WorkloadSpec, WorkloadSpecError, workload_specs
 from edge_agent.settings import BundleSettings
 from edge_agent.store import atomic_write_bytes
 from protocols import Desired
@@ -43,6 +42,25 @@ class ApplyError(Exception):
 class Applier(Protocol):
     def apply(self, desired: Desired) -> None:
         """Make ``desired`` the device's running state; raise ApplyError on failure."""
+
+
+class Runtime(Protocol):
+    """The step executors' side of the workload runtime; every method raises ApplyError."""
+
+    supervises: bool
+    """Whether it starts workloads and watches their health (plans then include those steps)."""
+
+    def install(self, desired: Desired) -> None:
+        """Verify and unpack the generation's workloads; nothing running changes."""
+
+    def switch(self, desired: Desired) -> None:
+        """Make the generation current: security versions, pointers, the configuration."""
+
+    def commit(self, generation: int) -> None:
+        """The generation is good: make it the one to come back to."""
+
+    def roll_back(self, generation: int, to_generation: int) -> None:
+        """Undo :meth:`switch` of ``generation``: the versions and configuration it replaced."""
 
 
 class ConfigFileApplier:
@@ -98,18 +116,66 @@ class WorkloadApplier:
         self.agent_version = agent_version
         self.clock = clock
         self.config_applier = config_applier or ConfigFileApplier(data_dir)
+        self.config_path = Path(data_dir) / "config.json"
+        self._prepared: dict[int, list[Prepared]] = {}
+        # What a switch replaced, per generation, until it is committed or rolled back.
+        self._undo: dict[int, tuple[dict[str, str | None], bytes | None]] = {}
+
+    supervises = False
 
     def apply(self, desired: Desired) -> None:
+        """Install, then switch (the two steps in one, for callers without a plan)."""
+        self.install(desired)
+        self.switch(desired)
+
+    def install(self, desired: Desired) -> None:
+        self._prepared[desired.generation] = self._install(self._specs(desired))
+
+    def switch(self, desired: Desired) -> None:
+        prepared = self._prepared.pop(desired.generation, None)
+        if prepared is None:  # installed before a restart: unpacking again reuses the directories
+            prepared = self._install(self._specs(desired))
+        previous_config = self._read_config()
+        previous = {p.spec.name: self.workloads.current(p.spec.name) for p in prepared}
+        self._switch(prepared)
+        self.config_applier.apply(desired)
+        self._undo[desired.generation] = (previous, previous_config)
+
+    def commit(self, generation: int) -> None:
+        self._undo.clear()  # nothing to go back to once it is good
+
+    def roll_back(self, generation: int, to_generation: int) -> None:
+        undo = self._undo.pop(generation, None)
+        if undo is None:
+            raise ApplyError(f"generation {generation} was not switched by this agent run")
+        pointers, config = undo
         try:
-            specs = workload_specs(desired.config)
+            for name, version in pointers.items():
+                self.workloads.point(name, version)
+            if config is not None:
+                atomic_write_bytes(self.config_path, config)
+        except OSError as exc:
+            raise ApplyError(f"cannot roll back: {exc.strerror or exc}") from None
+
+    def _read_config(self) -> bytes | None:
+        try:
+            return self.config_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ApplyError(f"cannot read {self.config_path}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _specs(desired: Desired) -> list[WorkloadSpec]:
+        try:
+            return workload_specs(desired.config)
         except WorkloadSpecError as exc:
             raise ApplyError(str(exc)) from None
-        if specs:
-            self._install(specs)
-        self.config_applier.apply(desired)
 
-    def _install(self, specs: list[WorkloadSpec]) -> None:
-        from edge_agent.fetch import Expectations, check_manifest
+    def _install(self, specs: list[WorkloadSpec]) -> list[Prepared]:
+        if not specs:
+            return []
+        from edge_agent.bundle_transfer import Expectations, check_manifest
         from firmware_bundles import archive
         from firmware_bundles.errors import BundleError
         from firmware_bundles.trust import verify_manifest
@@ -151,6 +217,9 @@ class WorkloadApplier:
                 raise ApplyError(
                     f"workload {spec.name}: cannot install: {exc.strerror or exc}"
                 ) from None
+        return prepared
+
+    def _switch(self, prepared: list[Prepared]) -> None:
         highest: dict[str, int] = {}
         for item in prepared:
             name, version = item.manifest.name, item.manifest.security_version

@@ -74,7 +74,7 @@ class MqttSettings:
 
 @dataclass(frozen=True)
 class FetchConfig:
-    """How one transfer (:class:`edge_agent.fetch.BundleFetch`) asks for bytes."""
+    """How one transfer (:class:`edge_agent.bundle_transfer.BundleFetch`) asks for bytes."""
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     window_chunks: int = DEFAULT_WINDOW_CHUNKS

@@ -1,4 +1,4 @@
-"""The agent's on-disk state: atomic writes only.
+"""The agent's on-disk state and outbox: atomic writes only.
 
 Rules:
 - Every write goes to a temporary file in the same directory, is fsynced, then
@@ -7,7 +7,12 @@ Rules:
   or the new one, never a torn mix (invariant 4). Files are mode 0600.
 - A state file that cannot be read is moved aside (``.corrupt``), never deleted,
   and the agent starts from defaults; the core's clock-based boot epoch keeps
-  report ordering intact.
+  report ordering intact. So is an unreadable outbox: it starts empty.
+- ``outbox.json`` holds :class:`edge_agent.outbox.OutboxSnapshot`: every
+  entry with its order, lane, key, topic and payload (base64), the count of
+  dropped events and the next order number. It is rewritten whole on every
+  change (the outbox is bounded: at most ``max_events`` events and one entry
+  per state key).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import msgspec
 
 from edge_agent.core import AgentState, HistoryEntry
+from edge_agent.outbox import Entry, Lane, OutboxSnapshot
 from firmware_bundles import atomic
 
 log = logging.getLogger("driftless.agent.store")
@@ -89,3 +95,55 @@ class StateStore:
             history=[(h.generation, h.ok, h.at) for h in state.history],
         )
         atomic_write_bytes(self.path, msgspec.json.format(msgspec.json.encode(raw)))
+
+
+class _OutboxEntry(msgspec.Struct):
+    order: int
+    lane: Lane
+    key: str
+    topic: str
+    payload: bytes  # base64 in the file
+    retain: bool = False
+
+
+class _OutboxFile(msgspec.Struct):
+    format: int = 1
+    dropped: int = 0
+    next_order: int = 0
+    entries: list[_OutboxEntry] = []
+
+
+class OutboxStore:
+    """``outbox.json`` in the agent's data directory: what waits for a connection."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / "outbox.json"
+
+    def load(self) -> OutboxSnapshot:
+        """The outbox as last saved; a missing file is an empty outbox."""
+        try:
+            raw = msgspec.json.decode(self.path.read_bytes(), type=_OutboxFile)
+        except FileNotFoundError:
+            return OutboxSnapshot()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            aside = self.path.with_suffix(".corrupt")
+            os.replace(self.path, aside)
+            log.error(
+                "outbox file unreadable; moved aside", extra={"path": str(aside), "error": str(exc)}
+            )
+            return OutboxSnapshot()
+        entries = tuple(
+            Entry(e.order, e.lane, e.key, e.topic, e.payload, e.retain) for e in raw.entries
+        )
+        return OutboxSnapshot(entries, raw.dropped, raw.next_order)
+
+    def save(self, snapshot: OutboxSnapshot) -> None:
+        raw = _OutboxFile(
+            dropped=snapshot.dropped,
+            next_order=snapshot.next_order,
+            entries=[
+                _OutboxEntry(e.order, e.lane, e.key, e.topic, e.payload, e.retain)
+                for e in snapshot.entries
+            ],
+        )
+        atomic_write_bytes(self.path, msgspec.json.encode(raw))

@@ -130,8 +130,14 @@ class MqttTransport:
         """Run network I/O for up to ``timeout_s``; False once the connection is gone."""
         return self._client.loop(timeout=timeout_s) == mqtt.MQTT_ERR_SUCCESS
 
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> bool:
+        """Hand a message to the session; False when its queue is full (the message is lost).
+
+        Without a connection a QoS 1 message waits in the session's queue in memory
+        and goes out after the next CONNACK (Session Present).
+        """
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc != mqtt.MQTT_ERR_QUEUE_SIZE
 
     def publish_and_wait(self, topic: str, payload: bytes, *, timeout_s: float) -> bool:
         """Publish QoS 1 and wait for the PUBACK while driving the loop ourselves."""

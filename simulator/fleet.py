@@ -3,20 +3,25 @@
 Rules:
 - Every device runs ``edge_agent.core.AgentCore`` unchanged. This module only
   turns MQTT happenings into core events and carries out the core's actions in
-  order, under one lock per device, as ``edge_agent.driver`` does.
-- Events per connection attempt: ``Connecting`` (the core picks the session
-  and its Will) -> CONNECT with that Will, ``clean_start=False`` -> on CONNACK,
-  resend the newest unsent report, then ``Connected`` (status online + birth) ->
-  one SUBSCRIBE to the desired and bundle_data topics at QoS 1 -> messages that
-  arrived before the SUBACK are fed first (desired documents as
-  ``DesiredPayload``, so the core coalesces them; bundle frames to the transfer)
-  -> the transfer hears "link up" -> ``Subscribed`` -> each later desired
-  message is a ``DesiredPayload``. A lost connection feeds ``Disconnected`` (and
-  "link down" to the transfer); ``Apply`` runs the simulated applier in its own
-  task and feeds ``ApplyDone``; an orderly stop feeds ``Stopping`` (status
-  offline) and disconnects cleanly, so the broker drops the Will.
-- ``Fetch`` runs the real bundle fetch core (``edge_agent.fetch.BundleFetch``)
-  over the device's own link (``simulator.transfer``) and feeds ``FetchDone``;
+  order, under one lock per device, through one executor table
+  (``edge_agent.executors.ExecutorTable``), as ``edge_agent.driver`` does.
+- What happens on a connection is the core's decision, as on a device:
+  ``Connecting`` (the core picks the session and its Will) -> CONNECT with that
+  Will, ``clean_start=False`` -> on CONNACK ``Connected``: the core drains its
+  outbox, publishes status online and the birth, and asks for one
+  ``Subscribe`` -> SUBSCRIBE -> messages that arrived before the SUBACK are
+  fed first (``MessageIn``: the core coalesces desired documents and routes
+  bundle frames to the transfer) -> ``Subscribed`` (the core opens the
+  transfer's link) -> each later message is a ``MessageIn``. A lost
+  connection feeds ``Disconnected``; an orderly stop feeds ``Stopping``
+  (status offline) and disconnects cleanly, so the broker drops the Will.
+- Steps: ``Switch`` runs the simulated applier (a duration, sometimes a
+  failure) in its own task; ``Install``, ``Commit`` and ``RollBack`` are done
+  in place (nothing is unpacked); each answers with ``StepDone`` or
+  ``StepFailed``. The simulated runtime supervises nothing.
+- ``FetchBundles`` runs the real fetch job and transfer cores
+  (``edge_agent.fetch_job``, ``edge_agent.bundle_transfer``) over the
+  device's own link (``simulator.transfer``);
   ``CancelFetch`` stops it, keeping what arrived for a resume. Without a
   trusted root (``FleetConfig.root_path``) a fetch fails at once with a reason,
   as on a device started without ``--root``; the verification stack is loaded
@@ -24,9 +29,10 @@ Rules:
   by the root's hub keys, as on a device; without one they are taken unverified
   (a device's ``--insecure-unsigned``).
 - State lives in memory only: ``PersistState`` replaces the device's saved state.
-- Reports are state, so only the newest unsent one is kept for the next
-  connection (ARCHITECTURE invariant 5); births and status are per session and
-  are rebuilt by the core on every connect.
+- The outbox is the core's (``edge_agent.outbox``), kept in memory: a report
+  the link did not take goes back to it (``PublishFailed``) and out again on
+  the next connection, before the birth; births and status are per session
+  and are rebuilt by the core on every connect.
 - Reconnects wait a jittered backoff (``plumbing.net``). At most
   ``max_concurrent_connects`` connection attempts are in flight at once, so a
   large fleet ramps up instead of stampeding the broker.
@@ -62,7 +68,7 @@ import random
 import resource
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -70,32 +76,49 @@ from typing import TYPE_CHECKING, Any
 
 import plumbing
 from edge_agent.core import (
-    Action,
+    REPORT_KEY,
     AgentCore,
     AgentState,
-    Apply,
-    ApplyDone,
     Booted,
     CancelFetch,
+    CancelTimer,
+    Commit,
     Connected,
     Connecting,
-    DesiredPayload,
+    DeliverCertAnswer,
+    DeliverFrame,
     Disconnected,
     Event,
-    Fetch,
-    FetchDone,
+    FetchBundles,
     Ignored,
+    Install,
+    MessageIn,
+    NoOp,
     PersistState,
     Publish,
+    PublishFailed,
     Rejected,
+    RollBack,
+    SaveOutbox,
+    SetTimer,
     SetWill,
+    StartWorkload,
+    StepDone,
+    StepFailed,
     Stopping,
+    StopWorkload,
+    Subscribe,
     Subscribed,
+    Switch,
+    TimerFired,
+    TransferLink,
+    WaitForHealth,
 )
+from edge_agent.executors import ExecutorTable
 from edge_agent.runtime import ApplyError
 from edge_agent.settings import FetchConfig
 from plumbing.net import Backoff
-from protocols import Channel, Desired, bundle_references, topic, validate_device_id
+from protocols import Desired, bundle_references, validate_device_id
 from simulator.inventory import DeviceInventory
 from simulator.link import DeviceLink, Incoming, LinkError, LinkSettings
 from simulator.profiles import (
@@ -434,6 +457,10 @@ class FleetCounters:
 # ---------------------------------------------------------------- one device
 
 
+async def _nothing(_action: object) -> None:
+    """An action that needs nothing done on a simulated device."""
+
+
 class VirtualDevice:
     """One device: the real core, an in-memory "disk", a simulated applier, one MQTT session."""
 
@@ -465,6 +492,7 @@ class VirtualDevice:
             clock_skew_s=transfer_settings.clock_skew_s if transfer_settings else 0,
         )
         self.saved_state = self.core.state  # what a disk would hold after the last PersistState
+        self.saved_outbox = self.core.outbox.snapshot()  # likewise, for the outbox
         self._persist = persist
         self.applier = SimApplier(
             apply_time_s=config.apply_time_s,
@@ -475,10 +503,7 @@ class VirtualDevice:
         self.backoff = device_backoff(config, device_id)
         self.inventory = DeviceInventory(config.seed, device_id)
         self.session_present: bool | None = None  # the last CONNACK's flag
-        self.desired_topic = topic(device_id, Channel.DESIRED)
-        self.reported_topic = topic(device_id, Channel.REPORTED)
-        self.bundle_data_topic = topic(device_id, Channel.BUNDLE_DATA)
-        self.transfers: DeviceTransfers | None = None  # made at the first Fetch
+        self.transfers: DeviceTransfers | None = None  # made at the first FetchBundles
         self._transfer_settings = transfer_settings
         self._settings = settings
         self._counters = counters
@@ -489,88 +514,190 @@ class VirtualDevice:
         self._stopping = asyncio.Event()
         self._link: DeviceLink | None = None
         self._will: tuple[str, bytes] | None = None
-        self._unsent_report: Publish | None = None
-        self._apply_task: asyncio.Task[None] | None = None
-        self._refusal_task: asyncio.Task[None] | None = None
+        self._subscribe: tuple[str, ...] = ()  # what the core asked to subscribe to
+        self._fetching: dict[int, FetchBundles] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # steps and refusals in flight
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._link_ready = False  # subscribed on the current session (bundle frames flow)
         self._ever_connected = False
         self._offline_depth = 0  # offline windows in force; the network is up at 0
         self._wake = asyncio.Event()  # set when the network returns or stop() is called
+        self._executors = self._executor_table()
 
     # -- the core
 
+    def _executor_table(self) -> ExecutorTable[Awaitable[Event | None]]:
+        table: ExecutorTable[Awaitable[Event | None]] = ExecutorTable()
+        table.register(PersistState, self._persist_state)
+        table.register(SaveOutbox, self._save_outbox)
+        table.register(SetWill, self._set_will)
+        table.register(Publish, self._publish)
+        table.register(Subscribe, self._ask_subscribe)
+        table.register(TransferLink, self._transfer_link)
+        table.register(DeliverFrame, self._deliver_frame)
+        table.register(DeliverCertAnswer, _nothing)  # simulated devices do not renew
+        table.register(CancelFetch, self._cancel_fetch)
+        table.register(SetTimer, self._set_timer)
+        table.register(CancelTimer, self._cancel_timer)
+        table.register(Rejected, self._rejected)
+        table.register(Ignored, self._ignored)
+        table.register(NoOp, _nothing)
+        table.register(FetchBundles, self._fetch)
+        table.register(Install, self._done_in_place)  # nothing is unpacked: Switch stands for it
+        table.register(Switch, self._switch)
+        table.register(Commit, self._done_in_place)
+        table.register(RollBack, self._done_in_place)
+        table.register(StartWorkload, self._unsupervised)
+        table.register(StopWorkload, self._unsupervised)
+        table.register(WaitForHealth, self._unsupervised)
+        missing = table.missing()
+        if missing:
+            raise TypeError(f"no executor for {', '.join(missing)}")
+        return table
+
     async def feed(self, event: Event) -> None:
-        """Hand one event to the core and run its actions in order, one event at a time."""
+        """Hand one event to the core and run its actions in order, one event at a time;
+        then the events that executors answered at once."""
         async with self._lock:
-            for action in self.core.handle(event):
-                await self._execute(action)
+            pending = [event]
+            while pending:
+                for action in self.core.handle(pending.pop(0)):
+                    follow = await self._executors.run(action)
+                    if follow is not None:
+                        pending.append(follow)
 
-    async def _execute(self, action: Action) -> None:
-        match action:
-            case PersistState(state=state):
-                self.saved_state = state
-                if self._persist is not None:
-                    self._persist(self.device_id, state)
-            case SetWill(topic=name, payload=payload):
-                self._will = (name, payload)
-            case Publish():
-                await self._publish(action)
-            case Apply(desired=desired):
-                self._apply_task = asyncio.create_task(
-                    self._apply(desired), name=f"apply:{self.device_id}"
-                )
-            case Fetch(generation=generation, bundles=bundles):
-                self._fetch(generation, bundles)
-            case CancelFetch(generation=generation):
-                if self.transfers is not None:
-                    self.transfers.cancel(generation)
-            case Rejected(reason=reason, detail=detail):
-                _bump(self._counters.rejected, reason)
-                self._changed()
-                log.warning(
-                    "rejected message",
-                    extra={"device": self.device_id, "reason": reason, "detail": detail},
-                )
-            case Ignored():
-                self._counters.ignored += 1
-                self._changed()
-            case _:
-                raise TypeError(f"no executor for {action!r}")
+    async def _persist_state(self, action: PersistState) -> None:
+        before, state = self.saved_state, action.state
+        self.saved_state = state
+        # Counted here, before the report that follows goes out, so whoever sees it sees them.
+        if state.applied_generation > before.applied_generation:
+            _bump(self._counters.applied, state.applied_generation)
+            self._changed()
+        if state.failed_generation > before.failed_generation:
+            _bump(self._counters.failed, state.failed_generation)
+            self._changed()
+        if self._persist is not None:
+            self._persist(self.device_id, state)
 
-    async def _publish(self, action: Publish) -> None:
-        is_report = action.topic == self.reported_topic
+    async def _save_outbox(self, action: SaveOutbox) -> None:
+        kept = action.snapshot.next_order - self.saved_outbox.next_order
+        self.saved_outbox = action.snapshot
+        if kept > 0:  # reports that wait for a later connection
+            self._counters.reports_deferred += kept
+            self._changed()
+
+    async def _set_will(self, action: SetWill) -> None:
+        self._will = (action.topic, action.payload)
+
+    async def _ask_subscribe(self, action: Subscribe) -> None:
+        self._subscribe = action.topics  # the session subscribes once the birth is out
+
+    async def _transfer_link(self, action: TransferLink) -> None:
+        self._link_ready = action.up
+        if self.transfers is not None:
+            if action.up:
+                self.transfers.link_up()
+            else:
+                self.transfers.link_down()
+
+    async def _deliver_frame(self, action: DeliverFrame) -> None:
+        if self.transfers is not None:
+            self.transfers.on_frame(action.payload)
+        else:
+            _bump(self._counters.bundles.dropped, "not_fetching")
+
+    async def _cancel_fetch(self, action: CancelFetch) -> None:
+        self._fetching.pop(action.generation, None)
+        if self.transfers is not None:
+            self.transfers.cancel(action.generation)
+
+    async def _set_timer(self, action: SetTimer) -> None:
+        await self._cancel_timer(CancelTimer(action.name))
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, action.at - self._clock())
+        self._timers[action.name] = loop.call_later(delay, self._timer_due, action.name)
+
+    def _timer_due(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self._spawn(self.feed(TimerFired(name, self._clock())), f"timer:{self.device_id}")
+
+    async def _cancel_timer(self, action: CancelTimer) -> None:
+        handle = self._timers.pop(action.name, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _rejected(self, action: Rejected) -> None:
+        _bump(self._counters.rejected, action.reason)
+        self._changed()
+        log.warning(
+            "rejected message",
+            extra={"device": self.device_id, "reason": action.reason, "detail": action.detail},
+        )
+
+    async def _ignored(self, action: Ignored) -> None:
+        self._counters.ignored += 1
+        self._changed()
+
+    async def _publish(self, action: Publish) -> Event | None:
         link = self._link
         try:
             if link is None:
                 raise LinkError("offline")
             await link.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
         except LinkError:
-            if is_report:  # state: the newest report supersedes any older unsent one
-                self._unsent_report = action
-                self._counters.reports_deferred += 1
-                self._changed()
-            return
+            return PublishFailed(action, self._clock())  # the outbox keeps what matters
         self._counters.messages_out += 1
         self._counters.bytes_out += len(action.payload)
-        if is_report:
+        if action.key == REPORT_KEY:
             self._counters.reports_sent += 1
             self._changed()
+        return None
 
-    def _fetch(self, generation: int, bundles: tuple[str, ...]) -> None:
-        """Run the core's Fetch: the real fetch core over this link, or a refusal."""
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _done_in_place(self, step: Install | Commit | RollBack) -> Event:
+        """A step with nothing to do on a simulated device (no files): done at once."""
+        return StepDone(step, self._clock())
+
+    async def _unsupervised(self, step: StartWorkload | StopWorkload | WaitForHealth) -> Event:
+        """The simulated runtime supervises nothing; the core never plans these for it."""
+        return StepFailed(step, "the simulated runtime does not supervise workloads", self._clock())
+
+    async def _switch(self, step: Switch) -> None:
+        """The simulated apply: its duration and verdict, in a task of its own."""
+        self._spawn(self._apply(step), f"apply:{self.device_id}")
+
+    async def _apply(self, step: Switch) -> None:
+        desired = step.desired
+        try:
+            await self.applier.apply(desired)
+        except ApplyError as exc:
+            await self.feed(StepFailed(step, str(exc), self._clock()))
+            return
+        if self.transfers is not None:  # the install: security versions, what to keep
+            self.transfers.applied(bundle_references(desired.config))
+        await self.feed(StepDone(step, self._clock()))
+
+    async def _fetch(self, step: FetchBundles) -> None:
+        """Run the core's FetchBundles: the real fetch job over this link, or a refusal."""
+        self._fetching[step.generation] = step
         if self._transfer_settings is None:
-            self._refusal_task = asyncio.create_task(
-                self._fetch_done(
-                    generation,
-                    False,
-                    "no trusted root: this simulated device cannot verify bundles; start the "
-                    "simulator with --root ROOT_JSON (the fleet's root.json)",
-                ),
-                name=f"fetch:{self.device_id}",
-            )
             self._counters.bundles.jobs += 1
             self._counters.bundles.jobs_failed += 1
             _bump(self._counters.bundles.errors, "NoTrustedRoot")
+            refusal = self._fetch_done(
+                step.generation,
+                False,
+                "no trusted root: this simulated device cannot verify bundles; start the "
+                "simulator with --root ROOT_JSON (the fleet's root.json)",
+            )
+            self._spawn(refusal, f"fetch:{self.device_id}")
             return
         if self.transfers is None:
             from simulator.transfer import DeviceTransfers
@@ -584,14 +711,14 @@ class VirtualDevice:
                 finished=self._fetch_done,
                 link_up=self._link_ready,
             )
-        self.transfers.start(generation, bundles)
+        self.transfers.start(step.generation, step.bundles)
 
     async def _fetch_done(self, generation: int, ok: bool, error: str | None) -> None:
-        if not ok and self.core.fetching == generation:
-            # A failed fetch fails the generation (counted before the report, as an apply).
-            _bump(self._counters.failed, generation)
-            self._changed()
-        await self.feed(FetchDone(generation, ok, error, self._clock()))
+        step = self._fetching.pop(generation, None)
+        if step is None:
+            return  # superseded meanwhile: the core is not waiting for it
+        now = self._clock()
+        await self.feed(StepDone(step, now) if ok else StepFailed(step, error or "failed", now))
 
     async def _publish_request(self, name: str, payload: bytes) -> bool:
         """A bundle request, QoS 1; False when there is no connection to take it."""
@@ -605,19 +732,6 @@ class VirtualDevice:
         self._counters.messages_out += 1
         self._counters.bytes_out += len(payload)
         return True
-
-    async def _apply(self, desired: Desired) -> None:
-        ok, error = True, None
-        try:
-            await self.applier.apply(desired)
-        except ApplyError as exc:
-            ok, error = False, str(exc)
-        if ok and self.transfers is not None:  # the install: security versions, what to keep
-            self.transfers.applied(bundle_references(desired.config))
-        # Counted before the report goes out, so whoever sees the report sees the count.
-        _bump(self._counters.applied if ok else self._counters.failed, desired.generation)
-        self._changed()
-        await self.feed(ApplyDone(desired.generation, ok, error, self._clock()))
 
     # -- the connection
 
@@ -678,9 +792,6 @@ class VirtualDevice:
             await self._serve(link, present)
         finally:
             self._link = None
-            self._link_ready = False
-            if self.transfers is not None:
-                self.transfers.link_down()
             self._counters.connected -= 1
             if not self._stopping.is_set():
                 self._counters.connections_lost += 1
@@ -689,24 +800,16 @@ class VirtualDevice:
             await link.close()
 
     async def _serve(self, link: DeviceLink, session_present: bool) -> None:
-        async with self._lock:  # an older report goes out before the birth that outdates it
-            report, self._unsent_report = self._unsent_report, None
-            if report is not None:
-                await self._publish(report)
+        # The core drains its outbox, publishes status and birth, and asks for a SUBSCRIBE.
         await self.feed(
             Connected(self._clock(), session_present, self.inventory.reading(), self._cert_serial)
         )
-        # One SUBSCRIBE for both channels, as the agent does: a transfer hears "link up"
-        # only once bundle frames can flow.
-        if not await link.subscribe(self.desired_topic, self.bundle_data_topic, qos=1):
-            raise LinkError(f"{self.device_id}: subscription to {self.desired_topic} refused")
+        if not await link.subscribe(*self._subscribe, qos=1):
+            raise LinkError(f"{self.device_id}: subscription to {self._subscribe} refused")
         # Everything already received arrived before the SUBACK: the core coalesces it,
         # and a transfer handles the frames the broker kept before it hears "link up".
         for _ in range(link.pending()):
             await self._on_message(await link.receive())
-        self._link_ready = True
-        if self.transfers is not None:
-            self.transfers.link_up()
         await self.feed(Subscribed(self._clock()))
         self.backoff.reset()
         while True:
@@ -715,15 +818,10 @@ class VirtualDevice:
     async def _on_message(self, message: Incoming) -> None:
         self._counters.messages_in += 1
         self._counters.bytes_in += len(message.payload)
-        if message.topic == self.desired_topic:
+        if message.topic == self.core.desired_topic:
             self._counters.desired_received += 1
             self._changed()
-            await self.feed(DesiredPayload(message.payload, self._clock()))
-        elif message.topic == self.bundle_data_topic:
-            if self.transfers is not None:
-                self.transfers.on_frame(message.payload)
-            else:
-                _bump(self._counters.bundles.dropped, "not_fetching")
+        await self.feed(MessageIn(message.topic, message.payload, self._clock()))
 
     async def _goodbye(self, link: DeviceLink) -> None:
         if link.is_open:
@@ -733,12 +831,14 @@ class VirtualDevice:
     # -- control
 
     async def stop(self) -> None:
-        """Orderly shutdown: no apply in flight, status offline, clean DISCONNECT."""
+        """Orderly shutdown: no step in flight, status offline, clean DISCONNECT."""
         self._stopping.set()
         self._wake.set()
-        for task in (self._apply_task, self._refusal_task):
-            if task is not None and not task.done():
-                task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
         if self.transfers is not None:
             await self.transfers.close()
         link = self._link
@@ -971,7 +1071,8 @@ class Fleet:
         cfg = self.config
         if cfg.root_path is None:
             return None
-        from simulator.transfer import TransferSettings, load_trusted_root
+        from edge_agent.root import load_trusted_root
+        from simulator.transfer import TransferSettings
 
         try:
             root = load_trusted_root(cfg.root_path)

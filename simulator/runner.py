@@ -839,7 +839,7 @@ async def _run(run: Run, signals: _Signals) -> tuple[int, dict[str, Any]]:
 
 def _check_root(path: Path) -> None:
     """Refuse (RunError, status 2) a root the workers could not use, before they start."""
-    from simulator.transfer import load_trusted_root
+    from edge_agent.root import load_trusted_root
 
     try:
         load_trusted_root(path)

@@ -1,10 +1,13 @@
-"""Bundle transfers of simulated devices: the real fetch core over each device's MQTT link.
+"""Bundle transfers of simulated devices: the real fetch cores over each device's MQTT link.
 
-A simulated device told to ``Fetch`` runs :class:`edge_agent.fetch.BundleFetch`
-unchanged, the way ``edge_agent.fetcher`` runs it on a device: the same
-requests on its ``bundle_req`` channel, the same frames from ``bundle_data``,
-the same link, timeout, refusal and verification rules. Only the disk is
-simulated. ``simulator.fleet`` imports this module only when the fleet has a
+A simulated device told to ``FetchBundles`` runs the agent's own fetch job
+(:class:`edge_agent.fetch_job.FetchJob`: which bundles, room, what each
+failure means) and transfer (:class:`edge_agent.bundle_transfer.BundleFetch`)
+unchanged, the way ``edge_agent.fetch_thread`` runs them on a device: the
+same requests on its ``bundle_req`` channel, the same frames from
+``bundle_data`` (admitted by :func:`edge_agent.fetch_job.admit_frame`), the
+same link, timeout, refusal and verification rules. This module is the I/O
+only; the disk is simulated. ``simulator.fleet`` imports this module only when the fleet has a
 trusted root, so a fleet without bundles never loads the verification stack.
 
 Rules:
@@ -31,7 +34,7 @@ Rules:
   ``edge_agent.driver`` feeds its ``MqttSource``).
 - Frames wait in a bounded queue (``frame_queue_max``); a frame past the bound,
   for another bundle, or with no job running is dropped and counted (the core
-  asks again when it needs it).
+  asks again when it needs it), as on a device.
 - Expiry is checked against the wall clock, timeouts against the monotonic
   clock; both are inputs.
 - Every wait is bounded: a bundle's transfer gives up after ``max_transfer_s``
@@ -49,60 +52,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import platform
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import plumbing
-from edge_agent.fetch import (
+from edge_agent.bundle_transfer import (
     BundleFetch,
     Done,
     Dropped,
     Expectations,
-    Failed,
-    FetchAction,
     FetchEvent,
-    HeadVerified,
     LinkDown,
     LinkUp,
     Received,
     Refused,
     Request,
-    SourceRefused,
     Start,
     Tick,
     Write,
 )
-from edge_agent.settings import FetchConfig
-from firmware_bundles.errors import BundleError
+from edge_agent.fetch_job import (
+    DiscardPartial,
+    FetchFailure,
+    FetchJob,
+    FrameDropped,
+    JobAction,
+    JobFailed,
+    MakeRoom,
+    RestartFromZero,
+    admit_frame,
+)
+from edge_agent.settings import FetchConfig, default_architecture
 from firmware_bundles.limits import DEFAULT_LIMITS
 from firmware_bundles.model import Manifest
 from firmware_bundles.trust import TrustedRoot
-from protocols import (
-    BundleRequest,
-    Channel,
-    ChunkData,
-    ProtocolError,
-    decode_frame,
-    encode,
-    is_sha256,
-    topic,
-)
+from protocols import BundleRequest, Channel, encode, topic
 
 if TYPE_CHECKING:
     from simulator.fleet import BundleCounters
 
-__all__ = [
-    "DeviceTransfers",
-    "DiskFull",
-    "FetchFailure",
-    "SimDisk",
-    "TransferSettings",
-    "load_trusted_root",
-]
+__all__ = ["DeviceTransfers", "DiskFull", "SimDisk", "TransferSettings"]
 
 log = logging.getLogger("driftless.sim.transfer")
 
@@ -112,29 +103,8 @@ Finished = Callable[[int, bool, "str | None"], Awaitable[None]]
 """Feed ``FetchDone(generation, ok, error)`` to the device's core."""
 
 
-class FetchFailure(Exception):
-    """A job cannot make its bundles present; the message goes into the device's report."""
-
-
 class DiskFull(Exception):
     """The simulated disk cannot hold a bundle even after evicting what nothing references."""
-
-
-def load_trusted_root(path: Path) -> TrustedRoot:
-    """Read and check a fleet's ``root.json``; raises ValueError saying why it is unusable."""
-    try:
-        envelope = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the trusted root {path}: {exc.strerror or exc}") from None
-    try:
-        return TrustedRoot.from_bytes(envelope)
-    except BundleError as exc:
-        raise ValueError(f"{path} is not a usable root: {type(exc).__name__}: {exc}") from None
-
-
-def default_architecture() -> str:
-    """This machine's architecture as manifests spell it (as the agent's default)."""
-    return platform.machine().lower().replace("-", "_") or "unknown"
 
 
 @dataclass(frozen=True)
@@ -301,35 +271,33 @@ class DeviceTransfers:
             self._queue.put_nowait(LinkDown())
 
     def on_frame(self, payload: bytes) -> None:
-        """A ``bundle_data`` message: decode it and queue it for the transfer it answers."""
+        """A ``bundle_data`` message: admit it and queue it for the transfer it answers."""
         c = self._counters
-        try:
-            frame = decode_frame(payload)
-        except ProtocolError as exc:
-            _bump(c.frames_rejected, exc.reason.value)
+        event = admit_frame(
+            payload,
+            current=self._current if self._queue is not None else None,
+            queued=self._frames,
+            queue_max=self.settings.frame_queue_max,
+            now=self.settings.monotonic(),
+        )
+        if isinstance(event, FrameDropped) and event.rejected:
+            _bump(c.frames_rejected, event.why)
             log.warning(
                 "bundle frame rejected",
-                extra={"device": self.device_id, "reason": exc.reason.value, "detail": exc.detail},
+                extra={"device": self.device_id, "reason": event.why, "detail": event.detail},
             )
             return
         c.frames += 1
-        if isinstance(frame, ChunkData):
-            c.frame_bytes += len(frame.data)
-        if self._queue is None:
-            _bump(c.dropped, "not_fetching")
+        if isinstance(event, FrameDropped):
+            c.frame_bytes += event.data_bytes
+        elif isinstance(event, Received):
+            c.frame_bytes += len(event.data)
+        if isinstance(event, FrameDropped):
+            _bump(c.dropped, event.why)
             return
-        if frame.bundle != self._current:
-            _bump(c.dropped, "other_bundle")
-            return
-        if self._frames >= self.settings.frame_queue_max:
-            _bump(c.dropped, "queue_full")
-            return
+        assert self._queue is not None
         self._frames += 1
-        now = self.settings.monotonic()
-        if isinstance(frame, ChunkData):
-            self._queue.put_nowait(Received(frame.offset, frame.data, now))
-        else:
-            self._queue.put_nowait(Refused(frame.offset, frame.code, frame.detail, now))
+        self._queue.put_nowait(event)
 
     # -- from the core
 
@@ -376,11 +344,11 @@ class DeviceTransfers:
 
     async def _run_job(self, generation: int, bundles: tuple[str, ...]) -> None:
         c = self._counters
-        ok, error = True, None
+        ok, error, failure_label = True, None, None
         try:
-            await self._fetch_all(bundles)
+            await self._fetch_all(generation, bundles)
         except FetchFailure as exc:
-            ok, error = False, str(exc)
+            ok, error, failure_label = False, str(exc), exc.label
         except Exception as exc:  # a bug here must not take the device down
             log.exception("fetch crashed", extra={"device": self.device_id})
             ok, error = False, f"internal error while fetching bundles: {exc!r}"
@@ -388,21 +356,24 @@ class DeviceTransfers:
             c.jobs_ok += 1
         else:
             c.jobs_failed += 1
+            if error is not None and failure_label is not None:
+                _bump(c.errors, failure_label)
         self._changed()
         if self._task is asyncio.current_task():
             self._task = None  # the result may start the next job (a newer document waits)
         await self._finished(generation, ok, error)
 
-    async def _fetch_all(self, bundles: tuple[str, ...]) -> None:
-        for sha in bundles:
-            if not is_sha256(sha):
-                raise FetchFailure(f"bundle reference {sha[:80]!r} is not a SHA-256 in hex")
-        keep = set(bundles) | self._applied_refs
-        for sha in bundles:
-            if sha in self.disk.verified:
-                self._counters.already_held += 1
-                continue
-            await self._download(sha, keep)
+    async def _fetch_all(self, generation: int, bundles: tuple[str, ...]) -> None:
+        job = FetchJob(
+            generation,
+            bundles,
+            applied=self._applied_refs,
+            expect=self._expectations(),
+            config=self.settings.fetch,
+        )
+        while (sha := job.next_bundle(self.disk.verified.__contains__)) is not None:
+            await self._download(job, sha)
+        self._counters.already_held += job.already_held
 
     def _expectations(self) -> Expectations:
         s = self.settings
@@ -416,16 +387,15 @@ class DeviceTransfers:
             max_bundle_bytes=s.max_bundle_bytes,
         )
 
-    async def _download(self, sha: str, keep: set[str]) -> None:
+    async def _download(self, job: FetchJob, sha: str) -> None:
         s = self.settings
         queue: asyncio.Queue[FetchEvent] = asyncio.Queue()
         self._queue, self._current, self._frames = queue, sha, 0
         partial = self.disk.partials.get(sha)
         now = s.monotonic()
-        if partial is None:
-            core = BundleFetch(sha, self._expectations(), s.fetch)
+        core = job.begin(sha, partial.core if partial is not None else None)
+        if partial is None:  # a partial download is its transfer core: kept for a resume
             partial = self.disk.partials[sha] = Partial(core, at=now)
-        core = partial.core
         if not partial.started:
             partial.started = True
             actions = core.handle(Start(now, self._link_up))
@@ -436,24 +406,24 @@ class DeviceTransfers:
                 self._note_resume(partial)
                 actions += core.handle(LinkUp(now))
         try:
-            await self._transfer(partial, queue, actions, sha, keep)
+            await self._transfer(job, partial, queue, job.handle(actions), sha)
         finally:
             if self._queue is queue:  # a newer job may have its own queue already
                 self._current, self._queue, self._frames = None, None, 0
 
     async def _transfer(
         self,
+        job: FetchJob,
         partial: Partial,
         queue: asyncio.Queue[FetchEvent],
-        actions: list[FetchAction],
+        actions: list[JobAction],
         sha: str,
-        keep: set[str],
     ) -> None:
         s = self.settings
         core = partial.core
         deadline = s.monotonic() + s.max_transfer_s
         for _ in range(s.max_transfer_events):
-            await self._execute(actions, partial, sha, keep)
+            await self._execute(job, actions, partial, sha)
             if core.finished:
                 return
             event = await self._next_event(queue, core, deadline)
@@ -468,7 +438,7 @@ class DeviceTransfers:
             elif isinstance(event, LinkUp) and partial.link_dropped:
                 partial.link_dropped = False
                 self._note_resume(partial)
-            actions = core.handle(event)
+            actions = job.handle(core.handle(event))
         raise FetchFailure(f"bundle {sha[:16]}…: more than {s.max_transfer_events} events")
 
     def _note_resume(self, partial: Partial) -> None:
@@ -504,7 +474,7 @@ class DeviceTransfers:
         return event
 
     async def _execute(
-        self, actions: list[FetchAction], partial: Partial, sha: str, keep: set[str]
+        self, job: FetchJob, actions: list[JobAction], partial: Partial, sha: str
     ) -> None:
         c = self._counters
         for action in actions:
@@ -519,14 +489,13 @@ class DeviceTransfers:
                         c.requests_unsent += 1
                 case Write(data=data):
                     c.bytes_accepted += len(data)
-                case HeadVerified(total_bytes=total):
+                case MakeRoom(need_bytes=need, keep=keep):
                     try:
-                        evicted = self.disk.make_room(max(0, total - partial.core.received), keep)
+                        evicted = self.disk.make_room(need, keep)
                     except DiskFull as exc:
-                        self.disk.discard(sha)
-                        _bump(c.errors, "DiskFull")
-                        raise FetchFailure(f"bundle {sha[:16]}…: {exc}") from None
-                    c.evicted += len(evicted)
+                        await self._execute(job, job.no_room(str(exc), "DiskFull"), partial, sha)
+                    else:
+                        c.evicted += len(evicted)
                 case Dropped(length=length, why=why):
                     _bump(c.dropped, why)
                     if why == "duplicate":
@@ -537,13 +506,12 @@ class DeviceTransfers:
                     if partial.resumed:
                         c.fetched_after_resume += 1
                     self._changed()
-                case Failed(error=error):
-                    self.disk.discard(sha)
-                    label = type(error).__name__
-                    if isinstance(error, SourceRefused):
-                        label = f"SourceRefused:{error.code.label}"
-                    _bump(c.errors, label)
-                    raise FetchFailure(f"bundle {sha[:16]}…: {type(error).__name__}: {error}")
+                case DiscardPartial(sha256=gone):
+                    self.disk.discard(gone)
+                case RestartFromZero():  # never: a kept core's bytes were checked on arrival
+                    raise FetchFailure(f"bundle {sha[:16]}…: resumed bytes were bad")
+                case JobFailed(failure=failure):
+                    raise failure
 
 
 def _bump(table: dict[str, int], key: str) -> None:

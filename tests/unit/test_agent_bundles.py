@@ -17,10 +17,8 @@ from edge_agent.bundles import (
     InstallError,
     SecurityVersions,
     Workloads,
-    WorkloadSpec,
-    WorkloadSpecError,
-    workload_specs,
 )
+from edge_agent.plan import WorkloadSpec, WorkloadSpecError, workload_specs
 from edge_agent.runtime import ApplyError, WorkloadApplier
 from edge_agent.settings import BundleSettings
 from firmware_bundles import archive
@@ -216,7 +214,7 @@ def test_an_agent_that_sees_no_bundle_loads_no_verification_stack() -> None:
     # FIELD-NOTES: cryptography costs a device ~8 MB; only the fetch step needs it.
     code = (
         "import sys, edge_agent.driver\n"
-        "lazy = ('cryptography', 'tarfile', 'firmware_bundles.trust', 'edge_agent.fetcher')\n"
+        "lazy = ('cryptography', 'tarfile', 'firmware_bundles.trust', 'edge_agent.fetch_thread')\n"
         "print(sorted(m for m in lazy if m in sys.modules))\n"
     )
     assert _loaded(code) == "[]"
@@ -224,7 +222,7 @@ def test_an_agent_that_sees_no_bundle_loads_no_verification_stack() -> None:
 
 def test_the_fetch_path_imports_nothing_heavy() -> None:
     code = (
-        "import sys, edge_agent.fetcher, edge_agent.runtime\n"
+        "import sys, edge_agent.fetch_thread, edge_agent.runtime\n"
         "heavy = {'pydantic', 'sqlmodel', 'fastapi', 'sqlalchemy', 'aiomqtt', 'httpx',"
         " 'starlette'}\n"
         "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"

@@ -8,22 +8,27 @@ from pathlib import Path
 import pytest
 
 from edge_agent.core import (
+    Action,
     AgentCore,
     AgentState,
-    Apply,
-    ApplyDone,
     Booted,
+    Commit,
     Connected,
     Connecting,
     DesiredPayload,
     Disconnected,
     Ignored,
+    NoOp,
     PersistState,
     Publish,
     Rejected,
     SetWill,
+    StepDone,
+    StepFailed,
     Stopping,
+    Subscribe,
     Subscribed,
+    Switch,
 )
 from protocols import Birth, Desired, Reported, Status, decode, encode
 
@@ -42,17 +47,43 @@ def online_core(state: AgentState | None = None) -> AgentCore:
     return core
 
 
-def applies(actions: list[object]) -> list[int]:
-    return [a.desired.generation for a in actions if isinstance(a, Apply)]
+def applies(actions: list[Action]) -> list[int]:
+    """The generations whose apply starts: a plain config's plan begins with its Switch."""
+    return [a.desired.generation for a in actions if isinstance(a, Switch)]
+
+
+def apply_done(
+    core: AgentCore, gen: int, ok: bool = True, error: str | None = None, now: float = 20.0
+) -> list[Action]:
+    """The driver's answers to the apply's steps: Switch, then Commit (or Switch failed)."""
+    switch = core.step
+    assert isinstance(switch, Switch) and switch.desired.generation == gen, switch
+    if not ok:
+        return core.handle(StepFailed(switch, error or "failed", now))
+    actions = core.handle(StepDone(switch, now))
+    commit = core.step
+    assert isinstance(commit, Commit) and actions == [commit], actions
+    return actions + core.handle(StepDone(commit, now))
 
 
 def publishes(actions: list[object], suffix: str) -> list[Publish]:
     return [a for a in actions if isinstance(a, Publish) and a.topic.endswith(suffix)]
 
 
-def test_core_imports_no_io() -> None:
-    """Invariant 8: the core is sans-I/O; a test checks its imports."""
-    source = (Path(__file__).parents[2] / "edge_agent" / "core.py").read_text()
+PURE_MODULES = [
+    "core.py",  # the reconciler
+    "plan.py",  # the apply planner
+    "outbox.py",  # the report outbox
+    "executors.py",  # the executor table both drivers build
+    "fetch_job.py",  # the fetch step's policy
+    "bundle_transfer.py",  # one bundle's transfer
+]
+
+
+@pytest.mark.parametrize("name", PURE_MODULES)
+def test_core_imports_no_io(name: str) -> None:
+    """Invariant 8: the cores are sans-I/O; a test checks their imports."""
+    source = (Path(__file__).parents[2] / "edge_agent" / name).read_text()
     banned = {"paho", "aiomqtt", "asyncio", "socket", "subprocess", "threading", "os", "time"}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -86,6 +117,11 @@ def test_each_connect_gets_a_new_session_and_matching_will_and_birth() -> None:
     assert isinstance(will, SetWill) and will.topic == "driftless/v1/devices/d1/status"
     assert decode(will.payload, Status) == Status(device_id="d1", online=False, session=5, ts=2.0)
     out = core.handle(Connected(3.0, session_present=True))
+    assert isinstance(out[-1], Subscribe)  # one SUBSCRIBE after every connect, last
+    assert out[-1].topics == (
+        "driftless/v1/devices/d1/desired",
+        "driftless/v1/devices/d1/bundle_data",
+    )
     status = decode(publishes(out, "/status")[0].payload, Status)
     birth = decode(publishes(out, "/birth")[0].payload, Birth)
     assert status.online and status.session == 5 and publishes(out, "/status")[0].retain
@@ -133,7 +169,7 @@ def test_newer_document_waits_for_apply_in_flight_then_runs() -> None:
     assert applies(core.handle(desired(1))) == [1]
     assert applies(core.handle(desired(2))) == []
     assert applies(core.handle(desired(3))) == []  # 2 is superseded while waiting
-    done = core.handle(ApplyDone(1, True, None, 20.0))
+    done = apply_done(core, 1)
     assert applies(done) == [3]
     assert core.state.applied_generation == 1
 
@@ -141,10 +177,11 @@ def test_newer_document_waits_for_apply_in_flight_then_runs() -> None:
 def test_success_persists_before_reporting() -> None:
     core = online_core()
     core.handle(desired(1, x=1))
-    actions = core.handle(ApplyDone(1, True, None, 20.0))
-    assert isinstance(actions[0], PersistState)
-    assert actions[0].state.applied_generation == 1
-    report = decode(actions[1].payload, Reported)  # type: ignore[union-attr]
+    actions = apply_done(core, 1)
+    assert [type(a) for a in actions] == [Commit, NoOp, PersistState, Publish]
+    assert isinstance(actions[2], PersistState)
+    assert actions[2].state.applied_generation == 1
+    report = decode(actions[3].payload, Reported)  # type: ignore[union-attr]
     assert (report.phase, report.generation, report.applied_generation) == ("applied", 1, 1)
     assert core.state.history[-1].generation == 1 and core.state.history[-1].ok
 
@@ -152,8 +189,9 @@ def test_success_persists_before_reporting() -> None:
 def test_failure_is_recorded_and_reported_and_not_retried_for_same_generation() -> None:
     core = online_core(AgentState(applied_generation=2))
     core.handle(desired(3))
-    actions = core.handle(ApplyDone(3, False, "disk full", 20.0))
-    report = decode(actions[1].payload, Reported)  # type: ignore[union-attr]
+    actions = apply_done(core, 3, ok=False, error="disk full")
+    assert [type(a) for a in actions] == [NoOp, PersistState, Publish]
+    report = decode(actions[2].payload, Reported)  # type: ignore[union-attr]
     assert (report.phase, report.failed_generation, report.applied_generation) == ("failed", 3, 2)
     assert report.error == "disk full"
     assert applies(core.handle(desired(3))) == []
@@ -164,7 +202,7 @@ def test_reports_and_births_are_strictly_ordered() -> None:
     keys = []
     for gen in (1, 2, 3):
         core.handle(desired(gen))
-        for action in core.handle(ApplyDone(gen, True, None, float(gen))):
+        for action in apply_done(core, gen, now=float(gen)):
             if isinstance(action, Publish):
                 r = decode(action.payload, Reported)
                 keys.append((r.boot_epoch, r.seq))
@@ -214,7 +252,7 @@ def test_cleared_retained_document_is_ignored() -> None:
 
 def test_stale_apply_result_is_ignored() -> None:
     core = online_core()
-    assert isinstance(core.handle(ApplyDone(7, True, None, 1.0))[0], Ignored)
+    assert isinstance(core.handle(StepDone(Commit(7), 1.0))[0], Ignored)
     assert core.state.applied_generation == 0
 
 

@@ -5,21 +5,25 @@ from __future__ import annotations
 import pytest
 
 from edge_agent.core import (
+    Action,
     AgentCore,
     AgentState,
-    Apply,
-    ApplyDone,
     Booted,
     CancelFetch,
+    Commit,
     Connected,
     Connecting,
     DesiredPayload,
-    Fetch,
-    FetchDone,
+    FetchBundles,
     Ignored,
+    Install,
     PersistState,
     Publish,
+    StepDone,
+    StepFailed,
     Subscribed,
+    Switch,
+    TransferLink,
 )
 from protocols import Desired, Reported, decode, encode
 
@@ -40,6 +44,21 @@ def online() -> AgentCore:
     return core
 
 
+def fetch_done(core: AgentCore, gen: int, ok: bool = True, error: str = "") -> list[Action]:
+    step = core.step
+    if not isinstance(step, FetchBundles) or step.generation != gen:
+        step = FetchBundles(gen, (A,))  # a result for a fetch no longer in flight
+    return core.handle(StepDone(step, 11.0) if ok else StepFailed(step, error, 11.0))
+
+
+def apply_done(core: AgentCore) -> list[Action]:
+    """Every step after the fetch succeeds: Install, Switch, Commit."""
+    actions: list[Action] = []
+    while isinstance(core.step, Install | Switch | Commit):
+        actions = core.handle(StepDone(core.step, 12.0))
+    return actions
+
+
 def kinds(actions: list[object]) -> list[str]:
     return [type(a).__name__ for a in actions]
 
@@ -50,33 +69,35 @@ def report(actions: list[object]) -> Reported:
 
 
 def test_a_config_without_bundles_is_applied_at_once() -> None:
-    assert kinds(online().handle(desired(1, x=1))) == ["Apply"]
+    assert kinds(online().handle(desired(1, x=1))) == ["Switch"]
 
 
 def test_bundles_are_fetched_before_the_apply() -> None:
     core = online()
     actions = core.handle(desired(1, B, A))
-    assert actions == [Fetch(1, (A, B))]
+    assert actions == [FetchBundles(1, (A, B))]
     assert (core.fetching, core.applying) == (1, None)
-    actions = core.handle(FetchDone(1, True, None, 11.0))
-    assert kinds(actions) == ["Apply"] and isinstance(actions[0], Apply)
+    actions = fetch_done(core, 1)
+    assert kinds(actions) == ["Install"] and isinstance(actions[0], Install)
     assert actions[0].desired.generation == 1
     assert (core.fetching, core.applying) == (None, 1)
-    actions = core.handle(ApplyDone(1, True, None, 12.0))
+    assert kinds(core.handle(StepDone(actions[0], 12.0))) == ["Switch"]
+    assert kinds(core.handle(StepDone(core.step, 12.0))) == ["Commit"]  # type: ignore[arg-type]
+    actions = core.handle(StepDone(core.step, 12.0))  # type: ignore[arg-type]
     assert report(actions).phase == "applied"
 
 
 def test_a_failed_fetch_fails_the_generation_with_its_reason() -> None:
     core = online()
     core.handle(desired(1, A))
-    actions = core.handle(FetchDone(1, False, "bundle aaaa…: ThresholdNotMetError: …", 11.0))
-    assert kinds(actions) == ["PersistState", "Publish"]
-    assert isinstance(actions[0], PersistState)
-    assert actions[0].state.failed_generation == 1
+    actions = fetch_done(core, 1, False, "bundle aaaa…: ThresholdNotMetError: …")
+    assert kinds(actions) == ["NoOp", "PersistState", "Publish"]
+    assert isinstance(actions[1], PersistState)
+    assert actions[1].state.failed_generation == 1
     got = report(actions)
     assert (got.phase, got.generation) == ("failed", 1)
     assert got.error is not None and "ThresholdNotMetError" in got.error
-    assert kinds(core.handle(desired(2, x=1))) == ["Apply"]  # the next one goes ahead
+    assert kinds(core.handle(desired(2, x=1))) == ["Switch"]  # the next one goes ahead
 
 
 def test_a_newer_document_supersedes_a_fetch_in_progress() -> None:
@@ -86,26 +107,26 @@ def test_a_newer_document_supersedes_a_fetch_in_progress() -> None:
     assert actions == [
         CancelFetch(1),
         Ignored(1, "fetch superseded by generation 2"),
-        Fetch(2, (B,)),
+        FetchBundles(2, (B,)),
     ]
-    assert kinds(core.handle(FetchDone(1, True, None, 11.0))) == ["Ignored"]  # too late
-    assert kinds(core.handle(FetchDone(2, True, None, 12.0))) == ["Apply"]
+    assert kinds(fetch_done(core, 1)) == ["Ignored"]  # too late
+    assert kinds(fetch_done(core, 2)) == ["Install"]
 
 
 def test_a_newer_document_without_bundles_supersedes_a_fetch_too() -> None:
     core = online()
     core.handle(desired(1, A))
-    assert kinds(core.handle(desired(2, x=2))) == ["CancelFetch", "Ignored", "Apply"]
+    assert kinds(core.handle(desired(2, x=2))) == ["CancelFetch", "Ignored", "Switch"]
 
 
 def test_a_newer_document_waits_for_an_apply_that_started() -> None:
     core = online()
     core.handle(desired(1, A))
-    core.handle(FetchDone(1, True, None, 11.0))
+    fetch_done(core, 1)
     assert core.handle(desired(2, B)) == []
     assert core.waiting == 2
-    actions = core.handle(ApplyDone(1, True, None, 12.0))
-    assert kinds(actions) == ["PersistState", "Publish", "Fetch"]
+    actions = apply_done(core)
+    assert kinds(actions) == ["NoOp", "PersistState", "Publish", "FetchBundles"]
 
 
 @pytest.mark.parametrize("gen", [pytest.param(1, id="same"), pytest.param(0, id="older")])
@@ -126,7 +147,8 @@ def test_documents_before_the_subscription_coalesce_and_then_supersede_the_fetch
     assert core.handle(desired(3, B)) == [Ignored(2, "superseded by generation 3")]
     actions = core.handle(Subscribed(21.0))
     assert actions == [
+        TransferLink(True),
         CancelFetch(1),
         Ignored(1, "fetch superseded by generation 3"),
-        Fetch(3, (B,)),
+        FetchBundles(3, (B,)),
     ]

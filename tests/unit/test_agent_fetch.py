@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.fetch import (
+from edge_agent.bundle_transfer import (
     BundleFetch,
     Done,
     Dropped,
@@ -161,7 +161,7 @@ def failure(link: Link) -> BaseException:
 
 
 def test_fetch_core_imports_no_io() -> None:
-    source = (Path(__file__).parents[2] / "edge_agent" / "fetch.py").read_text()
+    source = (Path(__file__).parents[2] / "edge_agent" / "bundle_transfer.py").read_text()
     banned = {"paho", "aiomqtt", "asyncio", "socket", "subprocess", "threading", "os", "time"}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

@@ -34,7 +34,6 @@ import protocols
 from edge_agent.core import (
     AgentCore,
     AgentState,
-    Apply,
     Booted,
     Connected,
     Connecting,
@@ -43,6 +42,7 @@ from edge_agent.core import (
     Publish,
     Rejected,
     Subscribed,
+    Switch,
 )
 from edge_agent.settings import KEEPALIVE_MAX_S, KEEPALIVE_MIN_S, MqttSettings
 from firmware_bundles.errors import ThresholdNotMetError
@@ -461,7 +461,7 @@ def outcome(agent: AgentCore, payload: bytes, now: float) -> tuple[str, Any]:
     for action in actions:
         if isinstance(action, Rejected):
             return "reject", action.reason
-        if isinstance(action, Apply):
+        if isinstance(action, Switch):  # the first step of a plain config's apply
             return "apply", action.desired.generation
         if isinstance(action, Publish):
             report = decode(action.payload, Reported)

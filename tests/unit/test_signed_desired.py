@@ -15,7 +15,6 @@ import pytest
 from edge_agent.core import (
     AgentCore,
     AgentState,
-    Apply,
     Booted,
     Connected,
     Connecting,
@@ -23,6 +22,7 @@ from edge_agent.core import (
     Ignored,
     Rejected,
     Subscribed,
+    Switch,
 )
 from firmware_bundles.keys import SigningKey
 from hub.signing import DocumentSigner
@@ -55,7 +55,7 @@ def rejected(actions: list[object]) -> list[str]:
 
 
 def applied(actions: list[object]) -> list[int]:
-    return [a.desired.generation for a in actions if isinstance(a, Apply)]
+    return [a.desired.generation for a in actions if isinstance(a, Switch)]
 
 
 def test_a_sealed_document_opens_to_exactly_the_bytes_the_hub_signed() -> None:

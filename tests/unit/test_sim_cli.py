@@ -107,7 +107,7 @@ def test_root_is_a_path_and_off_by_default() -> None:
     "content, message",
     [
         pytest.param(None, "cannot read the trusted root", id="missing"),
-        pytest.param(b"{not json", "is not a usable root", id="not-a-root"),
+        pytest.param(b"{not json", "is not usable", id="not-a-root"),
     ],
 )
 def test_an_unusable_root_is_refused_with_status_2_before_anything_starts(

@@ -1,26 +1,24 @@
-"""The agent's fetch step: makes a generation's bundles present and verified, in one thread.
+"""The thread that runs the fetch step on a device: the job's I/O, over MQTT or HTTP.
 
-The reconcile core says :class:`edge_agent.core.Fetch` (generation, bundle
-SHA-256s); the driver hands it to :meth:`Fetcher.submit`; this module runs a
-sans-I/O :class:`edge_agent.fetch.BundleFetch` per missing bundle over a
-source (MQTT chunk frames, or HTTP range requests when the agent has a hub
-URL), writes what it accepts into the cache's temporary area, and reports
-back through ``on_done`` (the driver feeds :class:`edge_agent.core.FetchDone`).
+The reconcile core plans :class:`edge_agent.plan.FetchBundles` (generation,
+bundle SHA-256s); the driver hands it to :meth:`Fetcher.submit`; this thread
+runs the sans-I/O :class:`edge_agent.fetch_job.FetchJob` (which bundles, what
+each outcome means) and its per-bundle
+:class:`edge_agent.bundle_transfer.BundleFetch` over a source (MQTT chunk
+frames, or HTTP range requests when the agent has a hub URL), writes what it
+accepts into the cache's temporary area, and reports back through ``on_done``
+(the driver feeds ``StepDone`` or ``StepFailed``).
 
-Rules:
+Rules (the I/O side; the policy is ``edge_agent.fetch_job``'s):
 - Without a trusted root nothing is fetched: the generation fails with a
   reason that says how to provide one (``--root``).
 - A download resumes from its partial file (``bundles/partial/<sha>.part``):
-  the bytes on disk are re-hashed through the core before the first request,
-  so only what is missing is asked for, after a disconnect or a restart alike.
-  If resumed bytes turn out bad (a power cut can leave a torn tail), the
-  partial file is deleted and the download starts once more from zero.
-- Before the payload is asked for, the manifest has been verified against the
-  trusted root and the cache has made room (evicting only what no current
-  desired state references).
+  the bytes on disk are re-hashed through the transfer before the first
+  request, so only what is missing is asked for, after a disconnect or a
+  restart alike.
 - A complete file is fsynced, checked once more from disk with
   :func:`firmware_bundles.archive.verify` and only then renamed to its cache
-  name. A refused bundle's partial file is deleted: nothing of it stays.
+  name.
 - Cancellation (a newer generation) and shutdown stop a download between two
   events; its partial file stays for a later resume and no result is reported.
 - Frames arrive on the network thread (:meth:`MqttSource.on_frame`) and wait in
@@ -43,14 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from edge_agent.bundles import BundleCache, CacheFull, SecurityVersions
-from edge_agent.fetch import (
+from edge_agent.bundle_transfer import (
     BundleFetch,
     Done,
     Dropped,
     Expectations,
-    Failed,
-    FetchAction,
     FetchEvent,
     HeadVerified,
     LinkDown,
@@ -63,31 +58,29 @@ from edge_agent.fetch import (
     Tick,
     Write,
 )
+from edge_agent.bundles import BundleCache, CacheFull, SecurityVersions
+from edge_agent.fetch_job import (
+    DiscardPartial,
+    FetchFailure,
+    FetchJob,
+    FrameDropped,
+    JobAction,
+    JobFailed,
+    MakeRoom,
+    RestartFromZero,
+    admit_frame,
+)
 from edge_agent.settings import BundleSettings, FetchConfig
 from firmware_bundles import archive
 from firmware_bundles.errors import BundleError
 from firmware_bundles.trust import TrustedRoot
 from plumbing.net import Backoff
-from protocols import (
-    BundleRequest,
-    Channel,
-    ChunkData,
-    ChunkErrorCode,
-    ProtocolError,
-    decode_frame,
-    encode,
-    is_sha256,
-    topic,
-)
+from protocols import BundleRequest, Channel, ChunkErrorCode, encode, topic
 
 log = logging.getLogger("driftless.agent.fetch")
 
 RESUME_READ_BYTES = 1024 * 1024
 IDLE_WAIT_S = 0.5
-
-
-class FetchFailure(Exception):
-    """A generation's bundles cannot be made present; the message goes into the report."""
 
 
 class SourceFailure(Exception):
@@ -133,7 +126,7 @@ class MqttSource:
     def __init__(
         self,
         device_id: str,
-        publish: Callable[[str, bytes], None],
+        publish: Callable[[str, bytes], object],
         *,
         queue_max: int,
         stats: FetchStats,
@@ -154,28 +147,27 @@ class MqttSource:
     # network thread
 
     def on_frame(self, payload: bytes) -> None:
-        try:
-            frame = decode_frame(payload)
-        except ProtocolError as exc:
-            self._stats.frames_rejected[exc.reason.value] += 1
-            log.warning(
-                "bundle frame rejected",
-                extra={"device": self.device_id, "reason": exc.reason.value, "detail": exc.detail},
-            )
-            return
         with self._lock:
-            if frame.bundle != self._current:
-                self._stats.dropped["other_bundle"] += 1
-                return
-            if self._frames >= self._queue_max:
-                self._stats.dropped["queue_full"] += 1
-                return
-            self._frames += 1
-        now = self._monotonic()
-        if isinstance(frame, ChunkData):
-            self._events.put(Received(frame.offset, frame.data, now))
-        else:
-            self._events.put(Refused(frame.offset, frame.code, frame.detail, now))
+            event = admit_frame(
+                payload,
+                current=self._current,
+                queued=self._frames,
+                queue_max=self._queue_max,
+                now=self._monotonic(),
+            )
+            if not isinstance(event, FrameDropped):
+                self._frames += 1
+        if isinstance(event, FrameDropped):
+            if event.rejected:
+                self._stats.frames_rejected[event.why] += 1
+                log.warning(
+                    "bundle frame rejected",
+                    extra={"device": self.device_id, "reason": event.why, "detail": event.detail},
+                )
+            else:
+                self._stats.dropped[event.why] += 1
+            return
+        self._events.put(event)
 
     def link_up(self) -> None:
         self._up = True
@@ -419,19 +411,20 @@ class Fetcher:
                 "no trusted root: this agent cannot verify bundles; start it with "
                 "--root ROOT_JSON (the fleet's root.json)"
             )
-        for sha in bundles:
-            if not is_sha256(sha):
-                raise FetchFailure(f"bundle reference {sha[:80]!r} is not a SHA-256 in hex")
-        keep = set(bundles) | set(self._applied_references())
-        for sha in bundles:
-            if self.cache.has(sha):
-                continue
+        job = FetchJob(
+            generation,
+            bundles,
+            applied=self._applied_references(),
+            expect=self._expectations(),
+            config=self._config,
+        )
+        while (sha := job.next_bundle(self.cache.has)) is not None:
             try:
-                self._download(generation, sha, keep)
+                self._download(job, job.begin(sha))
             except _RestartFromZero:
                 self.cache.discard_partial(sha)
                 log.warning("resumed bytes were bad; downloading again", extra={"bundle": sha})
-                self._download(generation, sha, keep, resume=False)
+                self._download(job, job.restart(), resume=False)
 
     # -- one bundle
 
@@ -451,9 +444,9 @@ class Fetcher:
             max_bundle_bytes=self.settings.max_bundle_bytes,
         )
 
-    def _download(self, generation: int, sha: str, keep: set[str], *, resume: bool = True) -> None:
+    def _download(self, job: FetchJob, core: BundleFetch, *, resume: bool = True) -> None:
         self.cache.prepare()
-        core = BundleFetch(sha, self._expectations(), self._config)
+        sha, generation = core.sha256, job.generation
         path = self.cache.partial_path(sha)
         started = self._monotonic()
         requests_before = self.stats.requests_sent
@@ -465,7 +458,7 @@ class Fetcher:
                 if not data:
                     break
                 offset += len(data)
-                self._execute(core.handle(LocalBytes(data)), core, fd, sha, keep, resumed=True)
+                self._execute(job, job.handle(core.handle(LocalBytes(data))), fd, sha)
             if core.resumed_bytes:
                 self.stats.resumed_bytes += core.resumed_bytes
                 log.info(
@@ -476,7 +469,7 @@ class Fetcher:
                 self.source.begin(sha)
                 actions = core.handle(Start(self._monotonic(), self.source.link_is_up()))
                 while True:
-                    self._execute(actions, core, fd, sha, keep, resumed=core.resumed_bytes > 0)
+                    self._execute(job, job.handle(actions), fd, sha)
                     if core.finished:
                         break
                     self._check_running(generation)
@@ -491,7 +484,7 @@ class Fetcher:
                     actions = core.handle(event or Tick(self._monotonic()))
         finally:
             os.close(fd)
-        self._commit(sha, path)
+        self._commit(job, sha, path)
         elapsed = self._monotonic() - started
         size = core.total_bytes or 0
         self.stats.bundles_fetched += 1
@@ -507,16 +500,7 @@ class Fetcher:
             },
         )
 
-    def _execute(
-        self,
-        actions: list[FetchAction],
-        core: BundleFetch,
-        fd: int,
-        sha: str,
-        keep: set[str],
-        *,
-        resumed: bool,
-    ) -> None:
+    def _execute(self, job: FetchJob, actions: list[JobAction], fd: int, sha: str) -> None:
         for action in actions:
             match action:
                 case Request():
@@ -529,11 +513,12 @@ class Fetcher:
                         view, offset = view[written:], offset + written
                     self.stats.chunks_accepted += 1
                     self.stats.bytes_written += len(data)
-                case HeadVerified(manifest=manifest, total_bytes=total):
+                case MakeRoom(need_bytes=need, keep=keep):
                     try:
-                        self.cache.make_room(max(0, total - core.received), keep)
+                        self.cache.make_room(need, keep)
                     except CacheFull as exc:
-                        raise FetchFailure(f"bundle {sha[:16]}…: {exc}") from None
+                        self._execute(job, job.no_room(str(exc), type(exc).__name__), fd, sha)
+                case HeadVerified(manifest=manifest, total_bytes=total):
                     log.info(
                         "bundle manifest verified",
                         extra={
@@ -548,17 +533,17 @@ class Fetcher:
                     log.debug("bundle chunk dropped", extra={"bundle": sha, "why": why})
                 case Done():
                     os.fsync(fd)
-                case Failed(error=error):
-                    if resumed and isinstance(error, BundleError):
-                        raise _RestartFromZero
-                    self.cache.discard_partial(sha)
-                    raise FetchFailure(f"bundle {sha[:16]}…: {type(error).__name__}: {error}")
+                case RestartFromZero():
+                    raise _RestartFromZero
+                case DiscardPartial(sha256=partial):
+                    self.cache.discard_partial(partial)
+                case JobFailed(failure=failure):
+                    raise failure
 
-    def _commit(self, sha: str, path: Path) -> None:
+    def _commit(self, job: FetchJob, sha: str, path: Path) -> None:
         assert self.trusted_root is not None
         try:
             archive.verify(path, self.trusted_root, self._clock(), self.settings.clock_skew_s)
         except BundleError as exc:
-            self.cache.discard_partial(sha)
-            raise FetchFailure(f"bundle {sha[:16]}…: {type(exc).__name__}: {exc}") from None
+            self._execute(job, job.refused_after_done(exc), -1, sha)
         self.cache.commit(sha)

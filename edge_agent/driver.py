@@ -233,9 +233,7 @@ class AgentDriver:
         table.register(StartWorkload, self._queue_step)
         table.register(StopWorkload, self._queue_step)
         table.register(WaitForHealth, self._queue_step)
-        missing = table.missing()
-        if missing:
-            raise TypeError(f"no executor for {', '.join(missing)}")
+        table.require_complete()
         return table
 
     # -- event plumbing

@@ -9,8 +9,8 @@ back to the core after the batch.
 
 Rules:
 - :meth:`ExecutorTable.register` refuses a type registered twice;
-  :meth:`ExecutorTable.missing` names every action type without an executor,
-  and a driver checks it is empty when it starts (a new action type cannot be
+  :meth:`ExecutorTable.require_complete` names every action type without an
+  executor, and a driver calls it when it starts (a new action type cannot be
   forgotten by one driver).
 - Pure: the table holds functions; it runs nothing by itself.
 """
@@ -60,3 +60,9 @@ class ExecutorTable(Generic[R]):
     def missing(self) -> list[str]:
         """Names of the action types that have no executor (empty when complete)."""
         return [t.__name__ for t in action_types() if t not in self._table]
+
+    def require_complete(self) -> None:
+        """Raise TypeError naming every action type without an executor (a driver's bug)."""
+        missing = self.missing()
+        if missing:
+            raise TypeError(f"no executor for {', '.join(missing)}")

@@ -550,9 +550,7 @@ class VirtualDevice:
         table.register(StartWorkload, self._unsupervised)
         table.register(StopWorkload, self._unsupervised)
         table.register(WaitForHealth, self._unsupervised)
-        missing = table.missing()
-        if missing:
-            raise TypeError(f"no executor for {', '.join(missing)}")
+        table.require_complete()
         return table
 
     async def feed(self, event: Event) -> None:

@@ -268,6 +268,8 @@ def test_the_executor_table_is_typed_complete_and_refuses_a_second_entry() -> No
     with pytest.raises(ValueError, match="already"):
         table.register(Commit, lambda step: "again")
     assert "Switch" in table.missing() and "Commit" not in table.missing()
+    with pytest.raises(TypeError, match=r"no executor for .*Switch"):
+        table.require_complete()
     assert {"FetchBundles", "WaitForHealth", "NoOp", "Publish", "SetTimer"} <= {
         t.__name__ for t in action_types()
     }

@@ -586,7 +586,9 @@ class AgentCore:
     # -- plan and execute
 
     def _current(self) -> Current:
-        running = frozenset(n for n, w in self._workloads.items() if w.state in _RUNNING)
+        running: frozenset[str] = frozenset()
+        if self.supervises:  # only a supervising runtime has anything running to stop
+            running = frozenset(n for n, w in self._workloads.items() if w.state in _RUNNING)
         return Current(
             self.state.applied_generation,
             supervises=self.supervises,
@@ -651,7 +653,7 @@ class AgentCore:
         if rollout is not None and name in rollout.started and rollout.failure is None:
             match event:
                 case HealthPassed():
-                    self._rollout = replace(rollout, healthy=rollout.healthy | {name})
+                    self._rollout = structs.replace(rollout, healthy=rollout.healthy | {name})
                     done = set(rollout.names) <= self._rollout.healthy
                     cancel: list[Action] = [CancelTimer(health_timer(rollout.generation))]
                     return (cancel if done else []) + self._advance(now)

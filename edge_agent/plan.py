@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+import msgspec
+from msgspec.structs import replace
 
 from protocols import Desired, bundle_references
 from protocols.bundles import BUNDLE_KEY, WORKLOADS_KEY, is_sha256
@@ -184,9 +187,12 @@ def step_generation(step: Step) -> int:
 # ---------------------------------------------------------------- what the device has
 
 
-@dataclass(frozen=True)
-class Rollout:
-    """One generation on its way in: what is done, and what went wrong."""
+class Rollout(msgspec.Struct, frozen=True):
+    """One generation on its way in: what is done, and what went wrong.
+
+    A frozen struct (not a dataclass): the core replaces it after every step,
+    and ``msgspec.structs.replace`` costs a fraction of ``dataclasses.replace``.
+    """
 
     desired: Desired
     specs: tuple[WorkloadSpec, ...] = ()

@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -28,8 +29,9 @@ A = TypeVar("A")
 R = TypeVar("R")
 
 
+@functools.cache
 def action_types() -> tuple[type, ...]:
-    """Pure: every type in the core's ``Action`` union (steps included)."""
+    """Pure: every type in the core's ``Action`` union (steps included); computed once."""
     found: list[type] = []
     pending: list[Any] = [Action]
     while pending:

@@ -1,4 +1,7 @@
-"""The edge agent: a pure reconcile core, its on-disk store, an applier and the paho driver.
+"""The edge agent: pure cores, its on-disk store, the workload runtime and the paho driver.
 
-Rule: only ``edge_agent/transport.py``/``driver.py`` import paho; ``core.py`` does no I/O.
+Rules: only ``edge_agent/transport.py`` imports paho; the cores do no I/O and are
+shared with the simulator: ``core.py`` (the reconciler and the connection
+lifecycle), ``plan.py`` (the apply planner and its steps), ``outbox.py``,
+``executors.py``, ``fetch_job.py`` and ``bundle_transfer.py``.
 """

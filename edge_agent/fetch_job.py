@@ -51,9 +51,11 @@ from protocols import ChunkData, ProtocolError, decode_frame, is_sha256
 class FetchFailure(Exception):
     """A generation's bundles cannot be made present; the message goes into the report."""
 
-    def __init__(self, message: str, label: str = "FetchFailure") -> None:
+    def __init__(self, message: str, label: str | None = None) -> None:
         super().__init__(message)
-        self.label = label  # what counters group it by: the error type, or the refusal code
+        # A refused bundle's label (its error type, or the source's refusal code), for
+        # counters; None for a job that failed otherwise (a bad reference, a timeout).
+        self.label = label
 
 
 # ---------------------------------------------------------------- frames

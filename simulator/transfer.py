@@ -356,7 +356,7 @@ class DeviceTransfers:
             c.jobs_ok += 1
         else:
             c.jobs_failed += 1
-            if error is not None and failure_label is not None:
+            if failure_label is not None:  # a refused bundle, by why
                 _bump(c.errors, failure_label)
         self._changed()
         if self._task is asyncio.current_task():

@@ -32,7 +32,7 @@ from fastapi_offline import FastAPIOffline
 from hub.api import metrics as metrics_api
 from hub.api import problems
 from hub.api.main import API_PREFIX, build_api_router, finish_openapi
-from hub.auth.api import AuditMiddleware
+from hub.auth.guard import AuditMiddleware
 from hub.broker_config import hub_identities
 from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
 from hub.bundles.chunks import ChunkServer

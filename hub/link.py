@@ -77,12 +77,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import Engine
 
 import protocols
-from hub import store
 from hub.db import new_session
+from hub.devices import store
+from hub.devices.rules import DeviceMessage, Reject, Rejected, Stale, classify
 from hub.enrollment import cutoff
 from hub.enrollment.renewal import renew
 from hub.identity import CertificateAuthority
-from hub.ingest import DeviceMessage, Reject, Rejected, Stale, classify
 from hub.metrics import HubMetrics, Renewal
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner

@@ -3,7 +3,7 @@
 Rules:
 - Counters are touched only on the event loop thread (the link's tasks and async
   route handlers), so they need no lock.
-- Keys are stable strings: channels, ``protocols.Reason`` values, ``hub.ingest`` reasons.
+- Keys are stable strings: channels, ``protocols.Reason`` values, ``hub.devices.rules`` reasons.
 - These are observations, not state: losing them on restart loses nothing.
 - Other threads read them only through a copy :meth:`LinkStats.as_dict` made on the
   event loop (``/metrics`` takes one there before it renders, :mod:`hub.metrics`).

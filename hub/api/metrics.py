@@ -26,7 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub.auth.api import authenticated
+from hub.auth.guard import authenticated
 from hub.bundles.chunks import ChunkServer
 from hub.link import BrokerLink
 from hub.metrics import CONTENT_TYPE, HubMetrics

@@ -26,10 +26,10 @@ import logging
 from sqlmodel import Session, col, select
 
 from hub.db import begin_write
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate
 from hub.enrollment.store import record_certificate
 from hub.identity import CertificateAuthority, IdentityError, proven_certificate
-from hub.models import Device
 from protocols import CertIssued, CertRequest, renewal_proof_bytes
 
 log = logging.getLogger(__name__)

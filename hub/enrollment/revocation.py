@@ -1,7 +1,7 @@
 """Revocation reaches the broker: the CRL is rewritten and the broker told to re-read it.
 
 Rules:
-- Decommissioning is one transaction (:func:`hub.store.decommission_device`):
+- Decommissioning is one transaction (:func:`hub.devices.store.decommission_device`):
   the certificates are revoked and the device marked, then the CRL and ACL
   reach the broker as below, and the link asks the broker to close the
   device's open connections (:mod:`hub.enrollment.cutoff`), which neither the
@@ -27,8 +27,8 @@ import signal
 
 from sqlmodel import Session
 
-from hub import store as device_store
 from hub.broker_config import hub_identities, render_acl, replace_file
+from hub.devices import store as device_store
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
 from hub.settings import HubSettings

@@ -28,9 +28,9 @@ from devtools.broker import free_port
 from firmware_bundles import archive
 from firmware_bundles.keys import SigningKey, sign_document
 from firmware_bundles.model import Manifest, PayloadInfo, RunSpec, Targets
-from hub.api.routes.bundles import get_clock
 from hub.app import create_app
 from hub.auth.models import Role
+from hub.bundles.routes import get_clock
 from hub.settings import HubSettings
 from tests.unit.auth_support import api_client, bearer, mint
 from tests.unit.test_bundles_support import DAY, NOW, Fleet

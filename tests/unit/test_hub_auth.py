@@ -19,9 +19,9 @@ from sqlmodel import select
 
 from devtools.broker import free_port
 from driftless.cli import main
-from hub.api.routes.admin import RoleName
 from hub.app import create_app
 from hub.auth.models import ApiToken, AuditEntry, Role
+from hub.auth.routes import RoleName
 from hub.db import new_session
 from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, bearer, mint

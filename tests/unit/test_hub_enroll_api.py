@@ -30,9 +30,9 @@ from firmware_bundles.devfleet import DevFleet
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.store import token_hash
-from hub.models import Device
 from hub.settings import HubSettings
 from tests.support import Scrape
 from tests.unit.auth_support import API_BASE_URL, api_client, bearer, mint

@@ -26,8 +26,8 @@ from hub.app import create_app
 from hub.auth.models import Role
 from hub.bundles.chunks import ChunkServerStats
 from hub.db import new_session
+from hub.devices.models import Device
 from hub.metrics import StatsSnapshot, stats_families
-from hub.models import Device
 from hub.settings import HubSettings
 from hub.stats import LinkStats
 from tests.support import Scrape

@@ -23,10 +23,10 @@ from devtools.broker import free_port
 from driftless.cli import main
 from edge_agent.identity import make_csr
 from firmware_bundles.devfleet import DevFleet
-from hub import store as device_store
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
+from hub.devices import store as device_store
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
 from hub.settings import HubSettings

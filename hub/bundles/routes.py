@@ -40,7 +40,7 @@ from starlette.types import Message, Receive, Scope, Send
 from hub.api.deps import MetricsDep, SessionDep, SettingsDep, utcnow
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
-from hub.auth.api import require
+from hub.auth.guard import require
 from hub.auth.models import Role
 from hub.bundles import store
 from hub.bundles.errors import (

@@ -32,14 +32,14 @@ from sqlmodel import SQLModel
 from hub.api.deps import MetricsDep, NowDep, SessionDep, SettingsDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
-from hub.auth.api import require
+from hub.auth.guard import require
 from hub.auth.models import Role
+from hub.devices.errors import CutOffPending
+from hub.devices.models import DEVICE_ID_SCHEMA_PATTERN, Labels
 from hub.enrollment import store
 from hub.enrollment.revocation import current_crl, publish_crl
-from hub.errors import CutOffPending
 from hub.identity import CertificateAuthority
 from hub.metrics import Enrollment
-from hub.models import DEVICE_ID_SCHEMA_PATTERN, Labels
 
 open_router = APIRouter(tags=["enrollment"], route_class=OpenRoute)
 router = APIRouter(

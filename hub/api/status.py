@@ -9,17 +9,22 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from sqlmodel import SQLModel
 
 from hub.api.deps import LinkDep
 from hub.api.route import HubRoute, OpenRoute
 from hub.bundles.chunks import ChunkServer
-from hub.models import Health
 
 router = APIRouter(tags=["hub"], route_class=HubRoute)
 open_router = APIRouter(tags=["hub"], route_class=OpenRoute)
+
+
+class Health(SQLModel):
+    status: Literal["ok"]
+    mqtt_connected: bool
 
 
 @open_router.get("/health", response_model=Health)

@@ -2,6 +2,10 @@
 
 Rules:
 - :func:`create_app` is the only place these are created; importing creates nothing.
+  What it builds is kept in one frozen :class:`hub.context.HubContext`
+  (``app.state.context``), which routes reach through :mod:`hub.api.deps`.
+- One clock (``clock``, aware UTC; the system's unless a test gives its own) is
+  "now" for the routes, the link, the audit log and every start-up step.
 - The bundle table is registered before tables are created; the bundle
   directory is created (and crash leftovers swept) and a configured fleet root
   is checked here, so a bad one stops the start; so are the hub's signing keys,
@@ -21,10 +25,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -39,6 +41,7 @@ from hub.bundles.chunks import ChunkServer
 from hub.bundles.errors import NoFleetRoot
 from hub.bundles.files import BundleFiles
 from hub.bundles.root import FleetRoot
+from hub.context import Clock, HubContext, system_clock
 from hub.db import init_db, make_engine, new_session
 from hub.enrollment.revocation import publish_crl
 from hub.identity import CertificateAuthority, IdentityError, client_identity
@@ -62,7 +65,7 @@ def _signer(settings: HubSettings) -> DocumentSigner | None:
     return signer
 
 
-def _certificate_authority(settings: HubSettings) -> CertificateAuthority | None:
+def _certificate_authority(settings: HubSettings, clock: Clock) -> CertificateAuthority | None:
     """The fleet CA, created on first start; None (enrollment off) without a directory."""
     try:
         directory = settings.identity_directory()
@@ -70,13 +73,13 @@ def _certificate_authority(settings: HubSettings) -> CertificateAuthority | None
         log.warning("no identity directory: device enrollment is off (hub serve --identity-dir)")
         return None
     try:
-        return CertificateAuthority.load_or_create(directory, now=datetime.now(UTC))
+        return CertificateAuthority.load_or_create(directory, now=clock())
     except (IdentityError, OSError) as exc:
         raise ValueError(f"fleet CA in {directory}: {exc}") from None
 
 
 def _broker_tls(
-    settings: HubSettings, ca: CertificateAuthority | None
+    settings: HubSettings, ca: CertificateAuthority | None, clock: Clock
 ) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """TLS contexts of the link and the chunk server (each its own certificate name);
     none for an API-only process, which never connects."""
@@ -90,7 +93,7 @@ def _broker_tls(
             ctx.load_cert_chain(settings.broker_tls_cert_path, settings.broker_tls_key_path)
         elif ca is not None:
             directory = settings.identity_directory() / "clients"
-            cert, key = client_identity(ca, directory, name, now=datetime.now(UTC))
+            cert, key = client_identity(ca, directory, name, now=clock())
             ctx.load_cert_chain(cert, key)
         return ctx
 
@@ -101,26 +104,29 @@ def _broker_tls(
         raise ValueError(f"TLS to the broker: {exc}") from None
 
 
-def create_app(settings: HubSettings) -> FastAPI:
+def create_app(settings: HubSettings, *, clock: Clock = system_clock) -> FastAPI:
+    """The hub's app; ``clock`` is the one source of "now" (aware UTC) for all of it."""
     engine = make_engine(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms)
     init_db(engine)
     signer = _signer(settings)
-    ca = _certificate_authority(settings)
-    link_tls, chunks_tls = _broker_tls(settings, ca)
+    ca = _certificate_authority(settings, clock)
+    link_tls, chunks_tls = _broker_tls(settings, ca, clock)
     metrics = HubMetrics(engine=engine)
+    bundle_files = BundleFiles(settings.bundle_directory())
+    bundle_files.prepare(now=clock().timestamp(), stale_after_s=settings.bundle_upload_stale_s)
+    chunk_server = ChunkServer(
+        broker=settings.broker(), settings=settings, files=bundle_files, tls_context=chunks_tls
+    )
     link = BrokerLink(
         broker=settings.broker(),
         engine=engine,
         settings=settings,
+        clock=clock,
         metrics=metrics,
         signer=signer,
         tls_context=link_tls,
         ca=ca,
-    )
-    bundle_files = BundleFiles(settings.bundle_directory())
-    bundle_files.prepare(now=time.time(), stale_after_s=settings.bundle_upload_stale_s)
-    chunk_server = ChunkServer(
-        broker=settings.broker(), settings=settings, files=bundle_files, tls_context=chunks_tls
+        chunk_server=chunk_server,
     )
     fleet_root = FleetRoot(settings.trust_root_path)
     if settings.trust_root_path is not None:
@@ -132,7 +138,7 @@ def create_app(settings: HubSettings) -> FastAPI:
             signer.check_against(trusted.root)
     if ca is not None and settings.broker_crl_path is not None:
         with new_session(engine) as session:  # the broker must never run on a stale CRL
-            publish_crl(session, ca, settings, now=datetime.now(UTC))
+            publish_crl(session, ca, settings, now=clock())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -143,11 +149,9 @@ def create_app(settings: HubSettings) -> FastAPI:
                 engine.dispose()
             return
         link.start()
-        chunk_server.start()
         try:
             yield
         finally:
-            await chunk_server.stop()
             await link.stop()
             engine.dispose()
 
@@ -162,14 +166,17 @@ def create_app(settings: HubSettings) -> FastAPI:
         max_body_size=settings.max_request_body_bytes,
         swagger_ui_parameters={"validatorUrl": None},
     )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.link = link
-    app.state.bundle_files = bundle_files
-    app.state.chunk_server = chunk_server
-    app.state.fleet_root = fleet_root
-    app.state.ca = ca
-    app.state.metrics = metrics
+    app.state.context = HubContext(
+        settings=settings,
+        engine=engine,
+        clock=clock,
+        metrics=metrics,
+        link=link,
+        delivery=link,
+        ca=ca,
+        fleet_root=fleet_root,
+        bundle_files=bundle_files,
+    )
     problems.install(app)
     app.include_router(build_api_router())
     app.include_router(metrics_api.router)
@@ -177,5 +184,5 @@ def create_app(settings: HubSettings) -> FastAPI:
     # Inside the audit middleware: a request's time ends with its answer, before the
     # audit row is written.
     app.add_middleware(metrics_api.MetricsMiddleware, metrics=metrics)
-    app.add_middleware(AuditMiddleware, engine=engine, prefix=API_PREFIX)
+    app.add_middleware(AuditMiddleware, engine=engine, clock=clock, prefix=API_PREFIX)
     return app

@@ -67,7 +67,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 import aiomqtt
@@ -77,6 +77,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import Engine
 
 import protocols
+from hub.bundles.chunks import ChunkServer, ChunkServerStats
+from hub.context import Clock
 from hub.db import new_session
 from hub.devices import store
 from hub.devices.rules import DeviceMessage, Reject, Rejected, Stale, classify
@@ -198,12 +200,16 @@ class BrokerLink:
         broker: BrokerAddress,
         engine: Engine,
         settings: HubSettings,
+        clock: Clock,
         signer: DocumentSigner | None = None,
         metrics: HubMetrics,
         tls_context: ssl.SSLContext | None = None,
         ca: CertificateAuthority | None = None,
+        chunk_server: ChunkServer,
     ) -> None:
         self.broker = broker
+        self._clock = clock
+        self.chunk_server = chunk_server
         self._metrics = metrics
         self._signer = signer
         self._tls_context = tls_context
@@ -233,10 +239,15 @@ class BrokerLink:
     def connected(self) -> bool:
         return self.stats.mqtt_connected
 
+    @property
+    def chunk_stats(self) -> ChunkServerStats:
+        return self.chunk_server.stats
+
     def start(self) -> None:
-        """Start the connect loop on the running event loop."""
+        """Start the connect loops (the link's and the chunk server's) on the running loop."""
         if self._task is not None:
             raise RuntimeError("link already started")
+        self.chunk_server.start()
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._cutoff_wake = asyncio.Event()
@@ -253,6 +264,7 @@ class BrokerLink:
 
     async def stop(self) -> None:
         """Disconnect (gracefully if possible) and stop reconnecting."""
+        await self.chunk_server.stop()
         task, self._task = self._task, None
         self._loop = None
         if task is None:
@@ -431,7 +443,7 @@ class BrokerLink:
 
     async def _ingest(self, batch: Sequence[aiomqtt.Message]) -> None:
         started = time.perf_counter()
-        now = datetime.now(UTC)
+        now = self._clock()
         decoded: list[tuple[str, DeviceMessage]] = []
         received = self.stats.received
         received["total"] += len(batch)
@@ -611,7 +623,7 @@ class BrokerLink:
             )
         if not answer.cut_off:
             return
-        now = datetime.now(UTC)
+        now = self._clock()
         confirmed = await asyncio.to_thread(self._confirm_cutoffs, answer.cut_off, now)
         self.stats.cutoffs_confirmed += len(confirmed)
         for device_id in confirmed:
@@ -658,7 +670,7 @@ class BrokerLink:
                 session,
                 self._ca,
                 request=request,
-                now=datetime.now(UTC),
+                now=self._clock(),
                 validity_days=s.device_cert_validity_days,
                 min_interval_s=s.cert_renew_min_interval_s,
             )
@@ -728,7 +740,9 @@ class BrokerLink:
             if device_id in self._changed:
                 self._changed.discard(device_id)
                 if document is not None:
-                    self._metrics.observe_delivery_lag(time.time() - document.changed_at)
+                    self._metrics.observe_delivery_lag(
+                        self._clock().timestamp() - document.changed_at
+                    )
             if document is None:
                 self.stats.desired_cleared += 1
                 log.info("retained desired cleared", extra={"device": device_id})

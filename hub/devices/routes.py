@@ -28,10 +28,10 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from pydantic import StringConstraints
 
-from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.api.deps import ContextDep, DeliveryDep, NowDep, SessionDep, SettingsDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute
 from hub.auth.guard import require
@@ -160,9 +160,9 @@ def get_device(device_id: DeviceIdPath, session: SessionDep) -> Response:
 )
 def delete_device(
     device_id: DeviceIdPath,
-    request: Request,
+    context: ContextDep,
     session: SessionDep,
-    link: LinkDep,
+    link: DeliveryDep,
     settings: SettingsDep,
     now: NowDep,
     purge: Annotated[
@@ -182,7 +182,7 @@ def delete_device(
                 require_cut_off=settings.cuts_off_sessions,
             )
         else:
-            decommission(session, request.app.state.ca, settings, device_id=device_id, now=now)
+            decommission(session, context.ca, settings, device_id=device_id, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except (DeviceActive, CutOffPending) as exc:
@@ -203,7 +203,7 @@ def set_desired(
     body: DesiredUpdate,
     session: SessionDep,
     settings: SettingsDep,
-    link: LinkDep,
+    link: DeliveryDep,
     now: NowDep,
 ) -> DevicePublic:
     """Replace the device's whole desired config; its desired_generation grows by 1."""
@@ -240,7 +240,7 @@ def set_fleet_desired(
     body: FleetDesiredUpdate,
     session: SessionDep,
     settings: SettingsDep,
-    link: LinkDep,
+    link: DeliveryDep,
     now: NowDep,
 ) -> FleetDesiredResult:
     """Set the same desired config on every device matching the selector (all if omitted)."""

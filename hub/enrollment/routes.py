@@ -24,12 +24,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import ConfigDict, StringConstraints
 from pydantic import Field as PydanticField
 from sqlmodel import SQLModel
 
-from hub.api.deps import MetricsDep, NowDep, SessionDep, SettingsDep
+from hub.api.deps import ContextDep, FleetRootDep, MetricsDep, NowDep, SessionDep, SettingsDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
 from hub.auth.guard import require
@@ -91,8 +91,8 @@ class EnrollmentTokenCreated(SQLModel):
     labels: dict[str, str]
 
 
-def get_ca(request: Request) -> CertificateAuthority:
-    ca: CertificateAuthority | None = request.app.state.ca
+def get_ca(context: ContextDep) -> CertificateAuthority:
+    ca = context.ca
     if ca is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -107,12 +107,12 @@ CADep = Annotated[CertificateAuthority, Depends(get_ca)]
 @open_router.post("/enroll", response_model=EnrollResponse, responses=responses(403, 409, 503))
 def enroll(
     body: EnrollRequest,
-    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     ca: CADep,
     now: NowDep,
     metrics: MetricsDep,
+    root: FleetRootDep,
 ) -> EnrollResponse:
     try:
         enrolled = store.redeem(
@@ -135,7 +135,6 @@ def enroll(
         # A device decommissioned before and enrolled again: the broker's ACL still
         # denies it everything until the hub rewrites it (and the broker reloads).
         publish_crl(session, ca, settings, now=now)
-    root = request.app.state.fleet_root
     root_json = None
     if root.path is not None:
         root_json = root.load().envelope.decode()

@@ -190,7 +190,7 @@ def test_device_gauges_are_read_from_the_database_at_scrape_time(
     register(client, admin, "behind", "idle", "failing", "retired")
     for device_id in ("behind", "failing"):
         client.put(f"/api/v1/devices/{device_id}/desired", json={"config": {}}, headers=admin)
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         _set(session, "behind", online=True)
         _set(session, "failing", report_phase="failed", failed_generation=1)
         _set(session, "retired", decommissioned_at=datetime.now(UTC))

@@ -43,6 +43,7 @@ from hub.bundles.files import BundleFiles
 from hub.bundles.root import FleetRoot
 from hub.context import Clock, HubContext, system_clock
 from hub.db import init_db, make_engine, new_session
+from hub.devices.desired import DesiredState
 from hub.enrollment.revocation import publish_crl
 from hub.identity import CertificateAuthority, IdentityError, client_identity
 from hub.link import BrokerLink
@@ -173,6 +174,7 @@ def create_app(settings: HubSettings, *, clock: Clock = system_clock) -> FastAPI
         metrics=metrics,
         link=link,
         delivery=link,
+        desired=DesiredState(settings=settings, delivery=link),
         ca=ca,
         fleet_root=fleet_root,
         bundle_files=bundle_files,

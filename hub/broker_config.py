@@ -129,11 +129,13 @@ def render_acl(hub_identities: Sequence[str], cut_off: Sequence[str] = ()) -> st
     return "\n".join(lines) + "\n"
 
 
+# The chunk server's connection: client id ``<mqtt_client_id>-bundles``.
+CLIENT_ID_SUFFIX = "-bundles"
+
+
 def hub_identities(client_id: str) -> tuple[str, ...]:
     """The certificate names (= MQTT usernames and client ids) of one hub's two
     connections: ``hub:<client_id>`` and ``hub:<client_id>-bundles``."""
-    from hub.bundles.chunks import CLIENT_ID_SUFFIX
-
     return (service_name("hub", client_id), service_name("hub", client_id + CLIENT_ID_SUFFIX))
 
 

@@ -10,8 +10,9 @@ Rules:
   the controllers and every store they call. Tests give ``create_app`` their own
   clock, and that one override reaches all of them. Durations (``perf_counter``)
   and the reconnect backoff's monotonic time are not "now" and stay local.
-- ``delivery`` is the link as a route may see it: a signal that desired state
-  changed (after the commit), never a way to publish.
+- Nothing in it is a route's way to the MQTT link: a desired change goes through
+  ``desired`` (:class:`hub.devices.desired.DesiredState`), which commits it and
+  then tells ``delivery`` (the link, seen only as that signal).
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import Engine
 
 if TYPE_CHECKING:
-    from hub.bundles.chunks import ChunkServerStats
     from hub.bundles.files import BundleFiles
     from hub.bundles.root import FleetRoot
-    from hub.devices.desired import DeliverySignal
+    from hub.devices.desired import DeliverySignal, DesiredState
     from hub.identity import CertificateAuthority
     from hub.metrics import HubMetrics
     from hub.settings import HubSettings
-    from hub.stats import LinkStats
+    from hub.stats import ChunkServerStats, LinkStats
 
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware UTC."""
@@ -69,6 +69,7 @@ class HubContext:
     metrics: HubMetrics
     link: LinkStatus
     delivery: DeliverySignal
+    desired: DesiredState
     ca: CertificateAuthority | None  # None: enrollment is off (no identity directory)
     fleet_root: FleetRoot
     bundle_files: BundleFiles

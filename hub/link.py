@@ -77,7 +77,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import Engine
 
 import protocols
-from hub.bundles.chunks import ChunkServer, ChunkServerStats
+from hub.bundles.chunks import ChunkServer
 from hub.context import Clock
 from hub.db import new_session
 from hub.devices import store
@@ -88,7 +88,7 @@ from hub.identity import CertificateAuthority
 from hub.metrics import HubMetrics, Renewal
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner
-from hub.stats import LinkStats
+from hub.stats import ChunkServerStats, LinkStats
 from plumbing.net import Backoff, BrokerAddress
 from protocols import Channel
 from protocols.topics import TOPIC_ROOT, shared_subscription, subscription

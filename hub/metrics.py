@@ -47,8 +47,7 @@ from hub.devices.rules import Reject, Stale
 from protocols import Channel, Reason
 
 if TYPE_CHECKING:
-    from hub.bundles.chunks import ChunkServerStats
-    from hub.stats import LinkStats
+    from hub.stats import ChunkServerStats, LinkStats
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""In-memory counters of one broker link, served at ``GET /api/v1/hub/stats``.
+"""In-memory counters of one broker link and its chunk server (``GET /api/v1/hub/stats``).
 
 Rules:
 - Counters are touched only on the event loop thread (the link's tasks and async
@@ -65,4 +65,39 @@ class LinkStats:
             "cutoffs_confirmed": self.cutoffs_confirmed,
             "cutoff_errors": dict(self.cutoff_errors),
             "renewals": dict(self.renewals),
+        }
+
+
+@dataclass
+class ChunkServerStats:
+    """Counters of the chunk server, served under ``bundles`` at ``GET /api/v1/hub/stats``.
+
+    Touched only on the event loop thread.
+    """
+
+    mqtt_connected: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    requests: int = 0
+    chunks_served: int = 0
+    bytes_served: int = 0
+    errors_sent: Counter[str] = field(default_factory=Counter)  # per ChunkErrorCode label
+    rejected: Counter[str] = field(default_factory=Counter)  # per protocols.Reason value
+    dropped: Counter[str] = field(default_factory=Counter)  # overloaded, disconnected, unsent
+    internal_errors: int = 0
+    queued: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mqtt_connected": self.mqtt_connected,
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+            "requests": self.requests,
+            "chunks_served": self.chunks_served,
+            "bytes_served": self.bytes_served,
+            "errors_sent": dict(self.errors_sent),
+            "rejected": dict(self.rejected),
+            "dropped": dict(self.dropped),
+            "internal_errors": self.internal_errors,
+            "queued": self.queued,
         }

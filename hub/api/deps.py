@@ -21,7 +21,7 @@ from hub.bundles.files import BundleFiles
 from hub.bundles.root import FleetRoot
 from hub.context import Clock, HubContext, LinkStatus
 from hub.db import new_session
-from hub.devices.desired import DeliverySignal
+from hub.devices.desired import DesiredState
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 
@@ -52,8 +52,8 @@ def get_link(context: ContextDep) -> LinkStatus:
     return context.link
 
 
-def get_delivery(context: ContextDep) -> DeliverySignal:
-    return context.delivery
+def get_desired(context: ContextDep) -> DesiredState:
+    return context.desired
 
 
 def get_clock(context: ContextDep) -> Clock:
@@ -76,7 +76,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[HubSettings, Depends(get_settings)]
 MetricsDep = Annotated[HubMetrics, Depends(get_metrics)]
 LinkDep = Annotated[LinkStatus, Depends(get_link)]
-DeliveryDep = Annotated[DeliverySignal, Depends(get_delivery)]
+DesiredDep = Annotated[DesiredState, Depends(get_desired)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 NowDep = Annotated[datetime, Depends(get_now)]
 BundleFilesDep = Annotated[BundleFiles, Depends(get_bundle_files)]

@@ -40,15 +40,16 @@ import os
 import random
 import socket
 import ssl
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from dataclasses import dataclass
 
 import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from hub.broker_config import CLIENT_ID_SUFFIX
 from hub.bundles.files import BundleFiles
 from hub.settings import HubSettings
+from hub.stats import ChunkServerStats
 from plumbing.net import Backoff, BrokerAddress
 from protocols import (
     BundleRequest,
@@ -67,43 +68,7 @@ from protocols.topics import shared_subscription
 
 log = logging.getLogger(__name__)
 
-CLIENT_ID_SUFFIX = "-bundles"
 OVERLOADED = "overloaded"
-
-
-@dataclass
-class ChunkServerStats:
-    """Counters of the chunk server, served under ``bundles`` at ``GET /api/v1/hub/stats``.
-
-    Touched only on the event loop thread.
-    """
-
-    mqtt_connected: bool = False
-    connects: int = 0
-    connect_failures: int = 0
-    requests: int = 0
-    chunks_served: int = 0
-    bytes_served: int = 0
-    errors_sent: Counter[str] = field(default_factory=Counter)  # per ChunkErrorCode label
-    rejected: Counter[str] = field(default_factory=Counter)  # per protocols.Reason value
-    dropped: Counter[str] = field(default_factory=Counter)  # overloaded, disconnected, unsent
-    internal_errors: int = 0
-    queued: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "mqtt_connected": self.mqtt_connected,
-            "connects": self.connects,
-            "connect_failures": self.connect_failures,
-            "requests": self.requests,
-            "chunks_served": self.chunks_served,
-            "bytes_served": self.bytes_served,
-            "errors_sent": dict(self.errors_sent),
-            "rejected": dict(self.rejected),
-            "dropped": dict(self.dropped),
-            "internal_errors": self.internal_errors,
-            "queued": self.queued,
-        }
 
 
 class RequestRejected(Exception):

@@ -11,12 +11,15 @@ Rules:
 - ``DELETE`` decommissions: certificates revoked, the broker asked to close the
   device's connections, the row kept (``state: decommissioned``) so an operator
   sees it; ``DELETE ?purge=true`` forgets a decommissioned device.
-- A desired change is accepted once committed, whether or not the broker is up;
-  the link is only told about it (the DB is the truth, the sweep delivers it).
+- Every desired change (one device, a selector, decommission, purge) goes through
+  the desired-state service (:mod:`hub.devices.desired`), which commits it and then
+  signals delivery; no route touches the MQTT link. A change is accepted once
+  committed, whether or not the broker is up (the DB is the truth, the sweep
+  delivers it).
 - Reads answer from plain rows (``hub.devices.views``), not ORM objects and models:
   they are the hot path under load; ``response_model`` still documents them.
-- Handlers are sync: FastAPI runs them in its threadpool, the link is notified
-  thread-safely.
+- Handlers are sync: FastAPI runs them in its threadpool (the service's signal is
+  thread-safe).
 - A bulk change is one transaction; every targeted device's generation grows
   by exactly 1 (ConfigTooLarge -> 413, nothing written).
 - Reading needs any token (``viewer``); setting desired state (one device or by
@@ -31,7 +34,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from pydantic import StringConstraints
 
-from hub.api.deps import ContextDep, DeliveryDep, NowDep, SessionDep, SettingsDep
+from hub.api.deps import ContextDep, DesiredDep, NowDep, SessionDep, SettingsDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute
 from hub.auth.guard import require
@@ -62,7 +65,6 @@ from hub.devices.models import (
     FleetDesiredUpdate,
     FleetSummary,
 )
-from hub.enrollment.revocation import decommission
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
 router = APIRouter(prefix="/devices", tags=["devices"], route_class=HubRoute)
@@ -162,8 +164,7 @@ def delete_device(
     device_id: DeviceIdPath,
     context: ContextDep,
     session: SessionDep,
-    link: DeliveryDep,
-    settings: SettingsDep,
+    desired: DesiredDep,
     now: NowDep,
     purge: Annotated[
         bool, Query(description="forget a decommissioned device (its row) instead")
@@ -175,19 +176,13 @@ def delete_device(
     broker confirmed it cut the device off."""
     try:
         if purge:
-            store.purge_device(
-                session,
-                device_id=device_id,
-                now=now,
-                require_cut_off=settings.cuts_off_sessions,
-            )
+            desired.purge(session, device_id=device_id, now=now)
         else:
-            decommission(session, context.ca, settings, device_id=device_id, now=now)
+            desired.decommission(session, ca=context.ca, device_id=device_id, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except (DeviceActive, CutOffPending) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-    link.desired_changed([device_id])  # the retained document is cleared, the cut-off asked
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -202,19 +197,12 @@ def set_desired(
     device_id: DeviceIdPath,
     body: DesiredUpdate,
     session: SessionDep,
-    settings: SettingsDep,
-    link: DeliveryDep,
+    desired: DesiredDep,
     now: NowDep,
 ) -> DevicePublic:
     """Replace the device's whole desired config; its desired_generation grows by 1."""
     try:
-        row = store.set_desired(
-            session,
-            device_id=device_id,
-            config=body.config,
-            now=now,
-            max_config_bytes=settings.max_config_bytes,
-        )
+        row = desired.set_device(session, device_id=device_id, config=body.config, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except DeviceDecommissioned as exc:
@@ -223,7 +211,6 @@ def set_desired(
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UnknownBundles as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    link.desired_changed([row.id])
     return DevicePublic.from_row(row)
 
 
@@ -239,25 +226,17 @@ def set_desired(
 def set_fleet_desired(
     body: FleetDesiredUpdate,
     session: SessionDep,
-    settings: SettingsDep,
-    link: DeliveryDep,
+    desired: DesiredDep,
     now: NowDep,
 ) -> FleetDesiredResult:
     """Set the same desired config on every device matching the selector (all if omitted)."""
     labels = body.selector.labels if body.selector is not None else None
     try:
-        updated = store.set_desired_for_selector(
-            session,
-            labels=labels,
-            config=body.config,
-            now=now,
-            max_config_bytes=settings.max_config_bytes,
-        )
+        updated = desired.set_selector(session, labels=labels, config=body.config, now=now)
     except ConfigTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UnknownBundles as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    link.desired_changed(device_id for device_id, _ in updated)
     return FleetDesiredResult(
         updated=len(updated),
         devices=[DeviceGeneration(id=i, generation=g) for i, g in updated],

@@ -29,7 +29,15 @@ from pydantic import ConfigDict, StringConstraints
 from pydantic import Field as PydanticField
 from sqlmodel import SQLModel
 
-from hub.api.deps import ContextDep, FleetRootDep, MetricsDep, NowDep, SessionDep, SettingsDep
+from hub.api.deps import (
+    ContextDep,
+    DesiredDep,
+    FleetRootDep,
+    MetricsDep,
+    NowDep,
+    SessionDep,
+    SettingsDep,
+)
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
 from hub.auth.guard import require
@@ -113,16 +121,16 @@ def enroll(
     now: NowDep,
     metrics: MetricsDep,
     root: FleetRootDep,
+    desired: DesiredDep,
 ) -> EnrollResponse:
     try:
-        enrolled = store.redeem(
+        enrolled = desired.enroll(
             session,
+            ca=ca,
             secret=body.token,
             device_id=body.device_id,
             csr_pem=body.csr_pem.encode(),
-            ca=ca,
             now=now,
-            require_cut_off=settings.cuts_off_sessions,
         )
     except store.EnrollmentRefused as exc:
         metrics.enrollment(Enrollment.REFUSED)

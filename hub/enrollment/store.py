@@ -61,6 +61,7 @@ class Enrolled:
     device_id: str
     certificate: Issued
     created_device: bool
+    reactivated: bool = False  # a decommissioned id enrolled again (a desired change)
 
 
 def redeem(
@@ -101,18 +102,25 @@ def redeem(
         session.add(token)
         existing = session.get(Device, device_id)
         created = existing is None
+        reactivated = False
         if existing is None:
             session.add(Device(id=device_id, labels=dict(token.labels), created_at=now))
         elif existing.decommissioned_at is not None:
             from hub.devices.store import reactivate_for_enrollment
 
             reactivate_for_enrollment(session, existing, now=now, require_cut_off=require_cut_off)
+            reactivated = True
         record_certificate(session, device_id=device_id, issued=issued, now=now)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    return Enrolled(device_id=device_id, certificate=issued, created_device=created)
+    return Enrolled(
+        device_id=device_id,
+        certificate=issued,
+        created_device=created,
+        reactivated=reactivated,
+    )
 
 
 def record_certificate(session: Session, *, device_id: str, issued: Issued, now: datetime) -> None:

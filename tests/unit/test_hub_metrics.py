@@ -24,12 +24,11 @@ from sqlmodel import Session
 from devtools.broker import free_port
 from hub.app import create_app
 from hub.auth.models import Role
-from hub.bundles.chunks import ChunkServerStats
 from hub.db import new_session
 from hub.devices.models import Device
 from hub.metrics import StatsSnapshot, stats_families
 from hub.settings import HubSettings
-from hub.stats import LinkStats
+from hub.stats import ChunkServerStats, LinkStats
 from tests.support import Scrape
 from tests.unit.auth_support import bearer, mint
 from tests.unit.hub_bundles_support import bundle_hub, upload

@@ -16,9 +16,9 @@ Rules:
 - One metrics registry per app (:class:`hub.metrics.HubMetrics`), served at
   ``GET /metrics`` (any API token); every HTTP request is counted and timed by the
   metrics middleware, inside the audit middleware.
-- The link and the bundle chunk server (its own MQTT connection) start and stop
-  with the app's lifespan; the API works while the broker is unreachable (both
-  keep retrying in the background).
+- The link (:class:`hub.mqtt.link.BrokerLink`: its session, and the chunk
+  server's own session) starts and stops with the app's lifespan; the API works
+  while the broker is unreachable (both sessions keep retrying in the background).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from hub.api.main import API_PREFIX, build_api_router, finish_openapi
 from hub.auth.guard import AuditMiddleware
 from hub.broker_config import hub_identities
 from hub.bundles import models as _bundle_models  # noqa: F401  (registers the bundle table)
-from hub.bundles.chunks import ChunkServer
 from hub.bundles.errors import NoFleetRoot
 from hub.bundles.files import BundleFiles
 from hub.bundles.root import FleetRoot
@@ -46,8 +45,8 @@ from hub.db import init_db, make_engine, new_session
 from hub.devices.desired import DesiredState
 from hub.enrollment.revocation import publish_crl
 from hub.identity import CertificateAuthority, IdentityError, client_identity
-from hub.link import BrokerLink
 from hub.metrics import HubMetrics
+from hub.mqtt.link import BrokerLink
 from hub.settings import HubSettings
 from hub.signing import DocumentSigner
 
@@ -115,19 +114,17 @@ def create_app(settings: HubSettings, *, clock: Clock = system_clock) -> FastAPI
     metrics = HubMetrics(engine=engine)
     bundle_files = BundleFiles(settings.bundle_directory())
     bundle_files.prepare(now=clock().timestamp(), stale_after_s=settings.bundle_upload_stale_s)
-    chunk_server = ChunkServer(
-        broker=settings.broker(), settings=settings, files=bundle_files, tls_context=chunks_tls
-    )
     link = BrokerLink(
         broker=settings.broker(),
         engine=engine,
         settings=settings,
         clock=clock,
         metrics=metrics,
+        bundle_files=bundle_files,
         signer=signer,
-        tls_context=link_tls,
         ca=ca,
-        chunk_server=chunk_server,
+        tls_context=link_tls,
+        chunks_tls_context=chunks_tls,
     )
     fleet_root = FleetRoot(settings.trust_root_path)
     if settings.trust_root_path is not None:

@@ -17,7 +17,7 @@ Rules:
   broker (SIGHUP) when a device is decommissioned. Neither ends a session that
   is already open (Mosquitto checks the CRL at handshakes only), so the broker
   also loads its dynamic security plugin, and the hub asks it to close the
-  revoked device's live connections (:mod:`hub.enrollment.cutoff`). Only ``hub:``
+  revoked device's live connections (:mod:`hub.controllers.cutoff`). Only ``hub:``
   names may publish its commands; the plugin knows no clients of its own and
   its default access is "defer", so the ACL file decides everything else.
 - Paths are absolute: Mosquitto resolves relative ones against its own cwd.

@@ -11,13 +11,18 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger("hub.mqtt")  # rejections are the MQTT side's to report
+
 
 @dataclass
 class LinkStats:
+    """Counters of the link's session and of everything registered on it."""
+
     broker: str
     mqtt_connected: bool = False
     connects: int = 0
@@ -67,6 +72,23 @@ class LinkStats:
             "renewals": dict(self.renewals),
         }
 
+    def count_internal_error(self) -> None:
+        """A local fault (logged with its traceback where it happened)."""
+        self.errors["internal_error"] += 1
+
+    def reject(self, topic_name: str, device_id: str | None, reason: str, detail: str) -> None:
+        """Count a refused device message by ``reason`` and log it (truncated)."""
+        self.rejected[reason] += 1
+        log.warning(
+            "device message rejected",
+            extra={
+                "topic": topic_name[:200],
+                "device": device_id,
+                "reason": reason,
+                "detail": detail[:300],
+            },
+        )
+
 
 @dataclass
 class ChunkServerStats:
@@ -77,6 +99,7 @@ class ChunkServerStats:
 
     mqtt_connected: bool = False
     connects: int = 0
+    reconnects: int = 0  # kept by the session; not shown (it never was)
     connect_failures: int = 0
     requests: int = 0
     chunks_served: int = 0
@@ -101,3 +124,6 @@ class ChunkServerStats:
             "internal_errors": self.internal_errors,
             "queued": self.queued,
         }
+
+    def count_internal_error(self) -> None:
+        self.internal_errors += 1

@@ -32,7 +32,7 @@ from hub.settings import HubSettings
 
 
 class DeliverySignal(Protocol):
-    """Implemented by the MQTT link (:class:`hub.link.BrokerLink`)."""
+    """Implemented by the MQTT link (:class:`hub.mqtt.link.BrokerLink`)."""
 
     def desired_changed(self, device_ids: Iterable[str]) -> None:
         """Thread-safe: these devices' desired documents changed (or they were deleted),

@@ -4,7 +4,7 @@ Rules:
 - Decommissioning is one transaction (:func:`hub.devices.store.decommission_device`):
   the certificates are revoked and the device marked, then the CRL and ACL
   reach the broker as below, and the link asks the broker to close the
-  device's open connections (:mod:`hub.enrollment.cutoff`), which neither the
+  device's open connections (:mod:`hub.controllers.cutoff`), which neither the
   CRL nor the ACL reload does.
 - Only for a broker beside the hub (``HubSettings.broker_crl_path``): the hub
   writes the CRL there by rename (a broker re-reading never sees half a file),

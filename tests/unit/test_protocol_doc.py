@@ -49,7 +49,7 @@ from firmware_bundles.errors import ThresholdNotMetError
 from firmware_bundles.keys import SigningKey
 from firmware_bundles.trust import TrustedRoot
 from hub.devices.rules import Reject
-from hub.link import link_subscriptions
+from hub.mqtt.link import link_subscriptions
 from hub.settings import HubSettings
 from protocols import MESSAGE_TYPES, Channel, Desired, Reason, Reported, decode, encode
 from protocols.signed import open_sealed, seal

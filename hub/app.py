@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -113,7 +114,8 @@ def create_app(settings: HubSettings, *, clock: Clock = system_clock) -> FastAPI
     link_tls, chunks_tls = _broker_tls(settings, ca, clock)
     metrics = HubMetrics(engine=engine)
     bundle_files = BundleFiles(settings.bundle_directory())
-    bundle_files.prepare(now=clock().timestamp(), stale_after_s=settings.bundle_upload_stale_s)
+    # File ages are the filesystem's: compared with its mtimes, not with the hub's clock.
+    bundle_files.prepare(now=time.time(), stale_after_s=settings.bundle_upload_stale_s)
     link = BrokerLink(
         broker=settings.broker(),
         engine=engine,

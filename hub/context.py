@@ -8,8 +8,9 @@ Rules:
   ``request.app.state``.
 - One clock: :meth:`HubContext.now` (aware UTC) is "now" for the routes, the link,
   the controllers and every store they call. Tests give ``create_app`` their own
-  clock, and that one override reaches all of them. Durations (``perf_counter``)
-  and the reconnect backoff's monotonic time are not "now" and stay local.
+  clock, and that one override reaches all of them. Durations (``perf_counter``),
+  the reconnect backoff's monotonic time and the age of files on disk (compared
+  with their mtimes) are not "now" and stay local.
 - Nothing in it is a route's way to the MQTT link: a desired change goes through
   ``desired`` (:class:`hub.devices.desired.DesiredState`), which commits it and
   then tells ``delivery`` (the link, seen only as that signal).

@@ -17,7 +17,7 @@ Rules:
   broker (SIGHUP) when a device is decommissioned. Neither ends a session that
   is already open (Mosquitto checks the CRL at handshakes only), so the broker
   also loads its dynamic security plugin, and the hub asks it to close the
-  revoked device's live connections (:mod:`hub.enrollment.cutoff`). Only ``hub:``
+  revoked device's live connections (:mod:`hub.controllers.cutoff`). Only ``hub:``
   names may publish its commands; the plugin knows no clients of its own and
   its default access is "defer", so the ACL file decides everything else.
 - Paths are absolute: Mosquitto resolves relative ones against its own cwd.
@@ -129,11 +129,13 @@ def render_acl(hub_identities: Sequence[str], cut_off: Sequence[str] = ()) -> st
     return "\n".join(lines) + "\n"
 
 
+# The chunk server's connection: client id ``<mqtt_client_id>-bundles``.
+CLIENT_ID_SUFFIX = "-bundles"
+
+
 def hub_identities(client_id: str) -> tuple[str, ...]:
     """The certificate names (= MQTT usernames and client ids) of one hub's two
     connections: ``hub:<client_id>`` and ``hub:<client_id>-bundles``."""
-    from hub.bundles.chunks import CLIENT_ID_SUFFIX
-
     return (service_name("hub", client_id), service_name("hub", client_id + CLIENT_ID_SUFFIX))
 
 

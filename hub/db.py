@@ -18,14 +18,34 @@ Rules:
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import DateTime, Engine, event
+from sqlalchemy.engine import Connection, Dialect, make_url
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
 
 _WRITE_OPTION = "driftless_write"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """The column type of every timestamp: store naive UTC (portable), hand back aware
+    UTC; refuse naive input."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
 
 
 def make_engine(db_url: str, *, busy_timeout_ms: int) -> Engine:
@@ -68,8 +88,8 @@ def register_tables() -> None:
     """Import every model module, so ``SQLModel.metadata`` holds every table."""
     import hub.auth.models
     import hub.bundles.models
-    import hub.enrollment.models
-    import hub.models  # noqa: F401
+    import hub.devices.models
+    import hub.enrollment.models  # noqa: F401
 
 
 def _alembic_config() -> Any:

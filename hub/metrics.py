@@ -15,7 +15,7 @@ Rules:
   rendered at scrape time from a :class:`StatsSnapshot`, a copy taken on the event loop
   (the only thread that touches those counters).
 - Scrape time does the reading: the device gauges come from one aggregate query
-  (:func:`hub.store.device_counts`) that :class:`FleetCollector` runs when scraped, not
+  (:func:`hub.devices.store.device_counts`) that :class:`FleetCollector` runs when scraped, not
   from a poller. :meth:`HubMetrics.render` (query included) runs in a worker thread,
   never on the event loop; the instruments are thread-safe.
 """
@@ -41,14 +41,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub import store
 from hub.db import new_session
-from hub.ingest import Reject, Stale
+from hub.devices import store
+from hub.devices.rules import Reject, Stale
 from protocols import Channel, Reason
 
 if TYPE_CHECKING:
-    from hub.bundles.chunks import ChunkServerStats
-    from hub.stats import LinkStats
+    from hub.stats import ChunkServerStats, LinkStats
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +243,7 @@ class _Scrape:
 class FleetCollector:
     """``driftless_devices{state}`` read from the database when scraped.
 
-    One aggregate query per scrape (:func:`hub.store.device_counts`). If the database
+    One aggregate query per scrape (:func:`hub.devices.store.device_counts`). If the database
     cannot be read the gauges are left out of that scrape (and the failure logged), so
     the rest of the scrape still arrives.
     """

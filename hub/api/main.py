@@ -1,10 +1,13 @@
 """The ``/api/v1`` router that gathers every resource router.
 
+Each resource's routes live in its feature package (``hub/<feature>/routes.py``);
+this module only assembles them, with the app-wide ones of ``hub/api/``.
+
 Rules:
 - Cross-cutting route dependencies are added once, on the guarded router's
   ``dependencies``, never per route: every route needs a valid bearer token
   (401 otherwise), which is the ``viewer`` role. A route that needs more names
-  its least role with :func:`hub.auth.api.require` (403 otherwise).
+  its least role with :func:`hub.auth.guard.require` (403 otherwise).
 - Only three routes are open, on ``open_router``: ``GET /health`` (supervisors and
   probes), the bundle file download (agents have no API token; bundles are
   verified on the device) and ``POST /enroll`` (the enrollment token in its body
@@ -20,10 +23,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from hub.api import status
 from hub.api.problems import PROBLEM_JSON, PROBLEM_RESPONSES, responses
-from hub.api.routes import admin, bundles, devices, fleet, hub
-from hub.auth.api import authenticated
-from hub.enrollment import api as enrollment
+from hub.auth import routes as auth
+from hub.auth.guard import authenticated
+from hub.bundles import routes as bundles
+from hub.devices import routes as devices
+from hub.enrollment import routes as enrollment
 
 API_PREFIX = "/api/v1"
 
@@ -31,14 +37,14 @@ API_PREFIX = "/api/v1"
 def build_api_router() -> APIRouter:
     guarded = APIRouter(dependencies=[Depends(authenticated)], responses=responses(401))
     guarded.include_router(devices.router)
-    guarded.include_router(fleet.router)
-    guarded.include_router(hub.router)
+    guarded.include_router(devices.fleet_router)
+    guarded.include_router(status.router)
     guarded.include_router(bundles.router)
-    guarded.include_router(admin.router)
+    guarded.include_router(auth.router)
     guarded.include_router(enrollment.router)
     guarded.include_router(enrollment.reader_router)
     open_router = APIRouter()
-    open_router.include_router(hub.open_router)
+    open_router.include_router(status.open_router)
     open_router.include_router(bundles.files_router)
     open_router.include_router(enrollment.open_router)
     api_router = APIRouter(prefix=API_PREFIX, responses=PROBLEM_RESPONSES)

@@ -21,16 +21,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import fastapi.routing
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub.auth.api import authenticated
-from hub.bundles.chunks import ChunkServer
-from hub.link import BrokerLink
+from hub.api.deps import ContextDep
+from hub.auth.guard import authenticated
 from hub.metrics import CONTENT_TYPE, HubMetrics
-from hub.settings import HubSettings
 
 OTHER = "other"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -100,16 +98,12 @@ class MetricsMiddleware:
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(authenticated)])
-async def metrics(request: Request) -> Response:
+async def metrics(context: ContextDep) -> Response:
     """The hub's metrics in the Prometheus text format; any API token (viewer and up)."""
-    state = request.app.state
-    hub_metrics: HubMetrics = state.metrics
-    settings: HubSettings = state.settings
-    link: BrokerLink = state.link
-    chunk_server: ChunkServer = state.chunk_server
-    runs_link = settings.run_link  # an API-only process has no link counters to show
+    hub_metrics, link = context.metrics, context.link
+    runs_link = context.settings.run_link  # an API-only process has no link counters to show
     snapshot = hub_metrics.snapshot(
-        link.stats if runs_link else None, chunk_server.stats if runs_link else None
+        link.stats if runs_link else None, link.chunk_stats if runs_link else None
     )
     body = await run_in_threadpool(hub_metrics.render, snapshot)
     return Response(body, media_type=CONTENT_TYPE)

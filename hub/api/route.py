@@ -7,7 +7,7 @@ Rules:
   anonymous client gets its 401 without making the hub read and parse up to
   ``max_request_body_bytes``. FastAPI solves dependencies only after parsing the
   body; this wrapper runs first and leaves the principal where
-  :func:`hub.auth.api.authenticated` (still on the guarded router, and in the
+  :func:`hub.auth.guard.authenticated` (still on the guarded router, and in the
   schema) finds it. A route declared on the wrong router fails safe either way.
 - Bodies are decoded as strict JSON (msgspec): ``NaN``, ``Infinity``, numbers out
   of range, invalid UTF-8 and lone UTF-16 surrogates (``"\\ud800"``) are refused
@@ -25,7 +25,7 @@ import msgspec
 from fastapi import HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
 
-from hub.auth.api import authenticate_first
+from hub.auth.guard import authenticate_first
 
 _decoder = msgspec.json.Decoder()
 

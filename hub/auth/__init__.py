@@ -1,5 +1,8 @@
 """Who is asking: API tokens with roles, and the audit trail of every mutating request.
 
+Modules: ``models`` (tables), ``store`` (data access), ``guard`` (the bearer-token
+dependency, role checks, the audit middleware), ``routes`` (``/tokens``, ``/audit``).
+
 Rules:
 - A token is a 256-bit random secret shown once at creation; only its SHA-256
   is stored. ``Authorization: Bearer <token>`` on every request but ``/health``,

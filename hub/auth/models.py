@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Integer, String
 from sqlmodel import Field, SQLModel
 
-from hub.models import UTCDateTime
+from hub.db import UTCDateTime
 
 
 class Role(enum.IntEnum):

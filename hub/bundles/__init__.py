@@ -11,6 +11,7 @@ Layers, each importing only those above it:
 - ``store``: data access; the only code that changes a row or a stored file.
 - ``chunks``: the chunk server that answers devices' MQTT requests from the
   stored files (read only; its own broker connection, no database).
+- ``routes``: ``/bundles``: upload, list, read, delete, and the open file download.
 
 Rules:
 - A bundle is identified by the SHA-256 of the whole bundle file (header,

@@ -1,13 +1,16 @@
 """The hub's chunk server: answers devices' bundle requests over MQTT from the bundle files.
 
 Rules:
-- Its own aiomqtt connection, client id ``<mqtt_client_id>-bundles``, a clean
-  session (nothing to keep: a device whose request went unanswered asks
-  again), subscribed QoS 1 to ``$share/<group>/driftless/v1/devices/+/bundle_req``
-  so hub replicas split the requests. It never touches the database: bundle
-  files are content-addressed (``BundleFiles.path``), written once after
-  verification, and retired by rename before a deletion commits, so "the file
-  exists" is the store's own answer to "is this bundle stored".
+- Its own MQTT session (:class:`hub.mqtt.session.MqttSession`, a second instance
+  beside the link's; :mod:`hub.mqtt.link` says why), client id
+  ``<mqtt_client_id>-bundles``, a clean session (nothing to keep: a device whose
+  request went unanswered asks again), subscribed QoS 1 to
+  ``$share/<group>/driftless/v1/devices/+/bundle_req`` so hub replicas split the
+  requests. A request is acknowledged once queued, not once answered. It never
+  touches the database: bundle files are content-addressed (``BundleFiles.path``),
+  written once after verification, and retired by rename before a deletion
+  commits, so "the file exists" is the store's own answer to "is this bundle
+  stored".
 - Every request gets exactly one frame on the device's ``bundle_data``
   channel (QoS 1): the bytes ``[offset, offset + min(length, size - offset))``
   or an error frame (``unknown_bundle``, ``bad_range``, ``too_long``,
@@ -26,30 +29,24 @@ Rules:
   (``bundle_serve_queue_max`` in all, ``bundle_serve_device_queue_max`` per
   device) and a request past a bound is dropped and counted (the device times
   out and asks again).
-- Nothing a device sends stops the server; a lost connection ends in a
-  jittered backoff and another attempt, queued requests are dropped with it.
+- Nothing a device sends stops the server; a lost connection (the session
+  reconnects) drops the queued requests with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
-import random
-import socket
-import ssl
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Any
-
-import aiomqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hub.bundles.files import BundleFiles
+from hub.mqtt.session import Incoming, MqttSession, Publish, SessionError
 from hub.settings import HubSettings
-from plumbing.net import Backoff, BrokerAddress
+from hub.stats import ChunkServerStats
 from protocols import (
     BundleRequest,
     Channel,
@@ -67,43 +64,7 @@ from protocols.topics import shared_subscription
 
 log = logging.getLogger(__name__)
 
-CLIENT_ID_SUFFIX = "-bundles"
 OVERLOADED = "overloaded"
-
-
-@dataclass
-class ChunkServerStats:
-    """Counters of the chunk server, served under ``bundles`` at ``GET /api/v1/hub/stats``.
-
-    Touched only on the event loop thread.
-    """
-
-    mqtt_connected: bool = False
-    connects: int = 0
-    connect_failures: int = 0
-    requests: int = 0
-    chunks_served: int = 0
-    bytes_served: int = 0
-    errors_sent: Counter[str] = field(default_factory=Counter)  # per ChunkErrorCode label
-    rejected: Counter[str] = field(default_factory=Counter)  # per protocols.Reason value
-    dropped: Counter[str] = field(default_factory=Counter)  # overloaded, disconnected, unsent
-    internal_errors: int = 0
-    queued: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "mqtt_connected": self.mqtt_connected,
-            "connects": self.connects,
-            "connect_failures": self.connect_failures,
-            "requests": self.requests,
-            "chunks_served": self.chunks_served,
-            "bytes_served": self.bytes_served,
-            "errors_sent": dict(self.errors_sent),
-            "rejected": dict(self.rejected),
-            "dropped": dict(self.dropped),
-            "internal_errors": self.internal_errors,
-            "queued": self.queued,
-        }
 
 
 class RequestRejected(Exception):
@@ -213,119 +174,41 @@ def answer(
 
 
 class ChunkServer:
-    """Serves bundle chunks to devices over one broker connection.
+    """Serves bundle chunks to devices: the ``bundle_req`` handler of its own session.
 
-    :meth:`start` and :meth:`stop` belong to the event loop that runs it.
+    :meth:`attach` registers it on a session (before the session starts); everything
+    else runs on that session's event loop.
     """
 
     def __init__(
-        self,
-        *,
-        broker: BrokerAddress,
-        settings: HubSettings,
-        files: BundleFiles,
-        tls_context: ssl.SSLContext | None = None,
+        self, *, settings: HubSettings, files: BundleFiles, stats: ChunkServerStats
     ) -> None:
-        self.broker = broker
-        self._tls_context = tls_context
-        self.client_id = settings.mqtt_client_id + CLIENT_ID_SUFFIX
-        self.stats = ChunkServerStats()
+        self.stats = stats
         self._settings = settings
         self._files = files
         self._queues: dict[str, deque[BundleRequest]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._send: Publish | None = None
 
-    @property
-    def connected(self) -> bool:
-        return self.stats.mqtt_connected
+    def subscriptions(self) -> list[str]:
+        """The one filter it serves: every device's ``bundle_req``, shared by hub replicas."""
+        return [shared_subscription(self._settings.mqtt_shared_group, Channel.BUNDLE_REQ)]
 
-    def start(self) -> None:
-        """Start the connect loop on the running event loop."""
-        if self._task is not None:
-            raise RuntimeError("chunk server already started")
+    def attach(self, session: MqttSession) -> None:
+        """Serve the requests ``session`` receives, answering on it."""
+        self._send = session.publish
+        session.route(self.subscriptions(), self._on_requests)
+        session.on_connect(self._connected)
+        session.on_disconnect(self._drop_all)
+
+    async def _connected(self) -> None:
         self._slots = asyncio.Semaphore(self._settings.bundle_serve_concurrency)
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"bundle-chunks {self.broker.url}"
-        )
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    # -- connection
-
-    def _new_client(self) -> aiomqtt.Client:
-        s = self._settings
-        client = aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=True,
-            keepalive=s.mqtt_keepalive_s,
-            timeout=s.mqtt_timeout_s,
-            max_inflight_messages=s.mqtt_max_inflight_publishes,
-            # Nagle's algorithm would hold small frames for the peer's delayed ACK.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            tls_context=self._tls_context,
-        )
-        client.pending_calls_threshold = s.bundle_serve_concurrency + s.mqtt_max_inflight_publishes
-        return client
-
-    async def _run(self) -> None:
-        s = self._settings
-        backoff = Backoff(
-            min_s=s.mqtt_reconnect_min_s, max_s=s.mqtt_reconnect_max_s, rng=random.Random()
-        )
-        loop = asyncio.get_running_loop()
-        extra = {"broker": self.broker.url, "client_id": self.client_id}
-        while True:
-            connected_at: float | None = None
-            try:
-                async with self._new_client() as client:
-                    connected_at = loop.time()
-                    self.stats.connects += 1
-                    self.stats.mqtt_connected = True
-                    log.info("bundle chunk server connected", extra=extra)
-                    await self._serve(client)
-            except aiomqtt.MqttError as exc:
-                if connected_at is None:
-                    self.stats.connect_failures += 1
-                log.warning(
-                    "bundle chunk server connection lost"
-                    if connected_at is not None
-                    else "bundle chunk server cannot connect",
-                    extra={**extra, "error": str(exc)},
-                )
-            except Exception:
-                self.stats.internal_errors += 1
-                log.exception("bundle chunk server failed; reconnecting", extra=extra)
-            finally:
-                self.stats.mqtt_connected = False
-                await self._drop_all()
-            if connected_at is not None and loop.time() - connected_at >= s.mqtt_stable_after_s:
-                backoff.reset()
-            await asyncio.sleep(backoff.next_delay_s())
-
-    async def _serve(self, client: aiomqtt.Client) -> None:
-        group = self._settings.mqtt_shared_group
-        request_filter = shared_subscription(group, Channel.BUNDLE_REQ)
-        codes = await client.subscribe(request_filter, options=SubscribeOptions(qos=1))
-        for code in codes if isinstance(codes, list | tuple) else [codes]:
-            if getattr(code, "is_failure", False) or (isinstance(code, int) and code >= 0x80):
-                raise aiomqtt.MqttError(f"broker refused subscription {request_filter}: {code}")
-        log.info("bundle chunk server subscribed", extra={"filter": request_filter})
-        async for message in client.messages:
-            payload = message.payload
-            data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-            self._accept(client, message.topic.value, data)
-        raise aiomqtt.MqttError("message stream ended")
+    async def _on_requests(self, batch: Sequence[Incoming]) -> None:
+        """Queue each request (answered by per-device workers); never waits for an answer."""
+        for message in batch:
+            self._accept(message.topic, message.payload)
 
     async def _drop_all(self) -> None:
         dropped = sum(len(q) for q in self._queues.values())
@@ -340,7 +223,7 @@ class ChunkServer:
 
     # -- requests
 
-    def _accept(self, client: aiomqtt.Client, topic_name: str, payload: bytes) -> None:
+    def _accept(self, topic_name: str, payload: bytes) -> None:
         self.stats.requests += 1
         try:
             request = parse_request(topic_name, payload)
@@ -373,7 +256,7 @@ class ChunkServer:
             return
         self._queues[request.device_id] = deque([request])
         worker = asyncio.get_running_loop().create_task(
-            self._device_worker(client, request.device_id),
+            self._device_worker(request.device_id),
             name=f"bundle-chunks:{request.device_id}",
         )
         self._workers.add(worker)
@@ -385,7 +268,7 @@ class ChunkServer:
             self.stats.internal_errors += 1
             log.error("bundle chunk worker failed", exc_info=task.exception())
 
-    async def _device_worker(self, client: aiomqtt.Client, device_id: str) -> None:
+    async def _device_worker(self, device_id: str) -> None:
         """Answer one device's requests in arrival order until its queue is empty.
 
         A chunk is read while the previous one is still being published: the
@@ -408,7 +291,7 @@ class ChunkServer:
                     raise
                 self._count(request, result)  # before the PUBACK: the device may be faster
                 publish = asyncio.get_running_loop().create_task(
-                    self._publish(client, device_id, result.frame)
+                    self._publish(device_id, result.frame)
                 )
                 self._workers.add(publish)
                 publish.add_done_callback(self._worker_done)
@@ -433,13 +316,11 @@ class ChunkServer:
         assert result is not None
         return result
 
-    async def _publish(
-        self, client: aiomqtt.Client, device_id: str, frame: bytes | bytearray
-    ) -> None:
-        assert self._slots is not None
+    async def _publish(self, device_id: str, frame: bytes | bytearray) -> None:
+        assert self._slots is not None and self._send is not None
         try:
-            await client.publish(topic(device_id, Channel.BUNDLE_DATA), frame, qos=1)
-        except aiomqtt.MqttError as exc:
+            await self._send(topic(device_id, Channel.BUNDLE_DATA), frame, qos=1)
+        except SessionError as exc:
             self.stats.dropped["unsent"] += 1
             log.info("bundle chunk not published", extra={"device": device_id, "error": str(exc)})
         finally:

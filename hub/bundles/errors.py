@@ -1,7 +1,7 @@
 """Domain errors of the bundle store.
 
 Rules:
-- The store and the intake raise these; only ``hub/api/routes/bundles.py``
+- The store and the intake raise these; only ``hub/bundles/routes.py``
   turns them into HTTP statuses.
 - Blame is in the type: :class:`BundleRejected`, :class:`BundleTooLarge`,
   :class:`BundleNotFound` and :class:`BundleInUse` are the caller's;

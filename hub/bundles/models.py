@@ -9,7 +9,7 @@ Rules:
   (the same release re-signed, or with a later expiry) and are then two rows.
 - ``created`` and ``expires`` are the manifest's integer unix seconds, as
   signed; ``uploaded_at`` is the hub's clock, stored as UTC.
-- This table lives in this package, not in ``hub/models.py``; importing this
+- This table lives in this package, not in ``hub/devices/models.py``; importing this
   module registers it on ``SQLModel.metadata`` (``hub/app.py`` does so before
   creating tables).
 """
@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, String
 from sqlmodel import Field, SQLModel
 
-from hub.models import UTCDateTime
+from hub.db import UTCDateTime
 
 
 def _big() -> Any:

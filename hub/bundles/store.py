@@ -31,7 +31,7 @@ from hub.bundles.intake import VerifiedBundle
 from hub.bundles.models import Bundle
 from hub.bundles.refs import is_sha256, references
 from hub.db import begin_write
-from hub.models import Device
+from hub.devices.models import Device
 
 IN_USE_SAMPLE_MAX = 10
 _SCAN_BATCH_ROWS = 256

@@ -1,5 +1,9 @@
 """Provisioning: enrollment tokens, and redeeming one with a CSR for a device certificate.
 
+Modules: ``models`` (tables), ``store`` (data access), ``renewal`` (certificates
+renewed over MQTT), ``revocation`` (CRL and ACL to the broker), ``routes``
+(``/enroll``, ``/enrollment-tokens``, ``/crl``).
+
 Rules:
 - A token is a 256-bit random secret shown once; only its SHA-256 is stored.
   (A fast hash is enough: the secret is not guessable, unlike a password.)

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import JSON, BigInteger, Column, String
 from sqlmodel import Field, SQLModel
 
-from hub.models import UTCDateTime
+from hub.db import UTCDateTime
 
 
 class EnrollmentToken(SQLModel, table=True):

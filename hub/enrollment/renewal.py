@@ -16,21 +16,37 @@ Rules:
 - Issued as at enrollment (CN = device id, client authentication only) and
   recorded. Older certificates stay valid until they expire: the overlap lets
   a device that missed the answer keep working and ask again.
+- Over MQTT, :class:`RenewalHandler` serves ``$share/<group>/.../+/cert_req`` on
+  the link's session (only when the hub holds the fleet CA): each request is
+  answered on the device's ``cert`` topic, one at a time, and acknowledged once
+  the answer went out. A request that breaks the contract (bad topic, bad body, a
+  body naming another device than its topic) is rejected, counted and logged,
+  and gets no answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+from collections.abc import Sequence
 
+from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from hub.db import begin_write
+import protocols
+from hub.context import Clock
+from hub.db import begin_write, new_session
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate
 from hub.enrollment.store import record_certificate
 from hub.identity import CertificateAuthority, IdentityError, proven_certificate
-from hub.models import Device
-from protocols import CertIssued, CertRequest, renewal_proof_bytes
+from hub.metrics import Renewal
+from hub.mqtt.session import Incoming, MqttSession, Publish
+from hub.settings import HubSettings
+from hub.stats import LinkStats
+from protocols import CertIssued, CertRequest, Channel, renewal_proof_bytes
+from protocols.topics import shared_subscription
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +149,68 @@ def _issue(
     record_certificate(session, device_id=device_id, issued=issued, now=now)
     session.commit()
     return issued.pem.decode()
+
+
+class RenewalHandler:
+    """Answers devices' ``cert_req`` messages (see the module rules)."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        ca: CertificateAuthority,
+        settings: HubSettings,
+        stats: LinkStats,
+        clock: Clock,
+    ) -> None:
+        self._engine = engine
+        self._ca = ca
+        self._settings = settings
+        self._stats = stats
+        self._clock = clock
+        self._send: Publish | None = None
+
+    def subscriptions(self) -> list[str]:
+        return [shared_subscription(self._settings.mqtt_shared_group, Channel.CERT_REQ)]
+
+    def attach(self, session: MqttSession) -> None:
+        self._send = session.publish
+        session.route(self.subscriptions(), self.handle)
+
+    async def handle(self, batch: Sequence[Incoming]) -> None:
+        """Answer each request in order; returns once every answer went out."""
+        for message in batch:
+            await self._renew(message)
+
+    async def _renew(self, message: Incoming) -> None:
+        assert self._send is not None
+        topic_name = message.topic
+        self._stats.received["total"] += 1
+        self._stats.received[Channel.CERT_REQ.value] += 1
+        try:
+            device_id, _ = protocols.parse_topic(topic_name)
+            request = protocols.decode(message.payload, CertRequest)
+            if request.device_id != device_id:
+                raise protocols.ProtocolError(
+                    protocols.Reason.DEVICE_MISMATCH,
+                    f"body names {request.device_id!r} on {device_id!r}'s topic",
+                )
+        except protocols.ProtocolError as exc:
+            self._stats.reject(topic_name, None, exc.reason.value, exc.detail)
+            return
+        answer = await asyncio.to_thread(self._renew_sync, request)
+        outcome = Renewal.REFUSED if answer.error is not None else Renewal.GRANTED
+        self._stats.renewals[outcome.value] += 1
+        await self._send(protocols.topic(device_id, Channel.CERT), protocols.encode(answer))
+
+    def _renew_sync(self, request: CertRequest) -> CertIssued:
+        s = self._settings
+        with new_session(self._engine) as session:
+            return renew(
+                session,
+                self._ca,
+                request=request,
+                now=self._clock(),
+                validity_days=s.device_cert_validity_days,
+                min_interval_s=s.cert_renew_min_interval_s,
+            )

@@ -1,10 +1,10 @@
 """Revocation reaches the broker: the CRL is rewritten and the broker told to re-read it.
 
 Rules:
-- Decommissioning is one transaction (:func:`hub.store.decommission_device`):
+- Decommissioning is one transaction (:func:`hub.devices.store.decommission_device`):
   the certificates are revoked and the device marked, then the CRL and ACL
   reach the broker as below, and the link asks the broker to close the
-  device's open connections (:mod:`hub.enrollment.cutoff`), which neither the
+  device's open connections (:mod:`hub.controllers.cutoff`), which neither the
   CRL nor the ACL reload does.
 - Only for a broker beside the hub (``HubSettings.broker_crl_path``): the hub
   writes the CRL there by rename (a broker re-reading never sees half a file),
@@ -27,8 +27,8 @@ import signal
 
 from sqlmodel import Session
 
-from hub import store as device_store
 from hub.broker_config import hub_identities, render_acl, replace_file
+from hub.devices import store as device_store
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
 from hub.settings import HubSettings

@@ -11,9 +11,9 @@ from sqlmodel import Session, col, select
 
 import protocols
 from hub.db import begin_write
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.identity import CertificateAuthority, IdentityError, Issued, new_token
-from hub.models import Device
 
 
 class EnrollmentRefused(Exception):
@@ -61,6 +61,7 @@ class Enrolled:
     device_id: str
     certificate: Issued
     created_device: bool
+    reactivated: bool = False  # a decommissioned id enrolled again (a desired change)
 
 
 def redeem(
@@ -76,7 +77,7 @@ def redeem(
     """Enroll ``device_id`` with its CSR; raises EnrollmentRefused (nothing consumed then).
 
     A decommissioned id enrolled again is a replacement unit: the row is reactivated
-    (:func:`hub.store.reactivate_for_enrollment`), once the broker confirmed the old
+    (:func:`hub.devices.store.reactivate_for_enrollment`), once the broker confirmed the old
     unit's connections closed (else CutOffPending, nothing consumed) when
     ``require_cut_off``.
     """
@@ -101,18 +102,25 @@ def redeem(
         session.add(token)
         existing = session.get(Device, device_id)
         created = existing is None
+        reactivated = False
         if existing is None:
             session.add(Device(id=device_id, labels=dict(token.labels), created_at=now))
         elif existing.decommissioned_at is not None:
-            from hub.store import reactivate_for_enrollment
+            from hub.devices.store import reactivate_for_enrollment
 
             reactivate_for_enrollment(session, existing, now=now, require_cut_off=require_cut_off)
+            reactivated = True
         record_certificate(session, device_id=device_id, issued=issued, now=now)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    return Enrolled(device_id=device_id, certificate=issued, created_device=created)
+    return Enrolled(
+        device_id=device_id,
+        certificate=issued,
+        created_device=created,
+        reactivated=reactivated,
+    )
 
 
 def record_certificate(session: Session, *, device_id: str, issued: Issued, now: datetime) -> None:

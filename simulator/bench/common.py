@@ -49,7 +49,7 @@ class Result(Protocol):
 R = TypeVar("R", bound=Result)
 
 RESULTS_DIR = Path("bench-results")
-BATCH_REGISTER_MAX = 10_000  # hub.models.MAX_BATCH_DEVICES
+BATCH_REGISTER_MAX = 10_000  # hub.devices.models.MAX_BATCH_DEVICES
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

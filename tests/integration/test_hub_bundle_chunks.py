@@ -14,7 +14,10 @@ import pytest
 from hub.broker_config import hub_identities
 from hub.bundles.chunks import ChunkServer
 from hub.bundles.files import BundleFiles
+from hub.mqtt.link import chunk_options
+from hub.mqtt.session import MqttSession
 from hub.settings import HubSettings
+from hub.stats import ChunkServerStats
 from protocols import (
     BundleRequest,
     Channel,
@@ -66,10 +69,15 @@ async def served(
         mqtt_reconnect_max_s=0.5,
     )
     hub_tls = broker.pki.client_context(hub_identities(settings.mqtt_client_id)[1])
-    server = ChunkServer(
-        broker=settings.broker(), settings=settings, files=files, tls_context=hub_tls
+    server = ChunkServer(settings=settings, files=files, stats=ChunkServerStats())
+    session = MqttSession(
+        broker=settings.broker(),
+        options=chunk_options(settings),
+        stats=server.stats,
+        tls_context=hub_tls,
     )
-    server.start()
+    server.attach(session)
+    session.start()
     async with aiomqtt.Client(
         "127.0.0.1",
         broker.port,
@@ -87,14 +95,14 @@ async def served(
 
         reader = asyncio.create_task(collect())
         try:
-            await wait_for(lambda: server.connected, "chunk server connected")
+            await wait_for(lambda: session.connected, "chunk server connected")
             # The shared subscription is made right after CONNACK; one round trip proves it.
             await device.ask(sha, 0, 1)
             await device.frame()
             yield server, device, sha, data
         finally:
             reader.cancel()
-            await server.stop()
+            await session.stop()
 
 
 async def wait_for(predicate: object, what: str, timeout_s: float = 10) -> None:
@@ -174,9 +182,9 @@ async def test_the_server_reconnects_after_the_broker_restarts(
 ) -> None:
     server, _, sha, data = served
     broker.kill()
-    await wait_for(lambda: not server.connected, "chunk server saw the broker go")
+    await wait_for(lambda: not server.stats.mqtt_connected, "chunk server saw the broker go")
     broker.start()
-    await wait_for(lambda: server.connected, "chunk server reconnected", timeout_s=20)
+    await wait_for(lambda: server.stats.mqtt_connected, "chunk server reconnected", timeout_s=20)
     async with aiomqtt.Client(
         "127.0.0.1",
         broker.port,

@@ -21,7 +21,7 @@ API_BASE_URL = "http://hub/api/v1/"
 
 def mint(app: FastAPI, role: Role, name: str | None = None) -> str:
     """A new token in ``app``'s database (named after the role unless ``name``); its secret."""
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         return store.create_token(
             session, name=name or f"test-{role.name}", role=role, now=datetime.now(UTC)
         )

@@ -28,7 +28,6 @@ from devtools.broker import free_port
 from firmware_bundles import archive
 from firmware_bundles.keys import SigningKey, sign_document
 from firmware_bundles.model import Manifest, PayloadInfo, RunSpec, Targets
-from hub.api.routes.bundles import get_clock
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.settings import HubSettings
@@ -70,9 +69,9 @@ class BundleHub:
     tmp_path: Path
     settings: HubSettings
     fleet: Fleet
-    app: FastAPI
     now: float = NOW
     _built: int = field(default=0)
+    app: FastAPI = field(init=False)
 
     @property
     def bundles_dir(self) -> Path:
@@ -180,10 +179,9 @@ def bundle_hub(
     }
     fields.update(overrides)
     settings = HubSettings(**fields)
-    app = create_app(settings)
-    hub = BundleHub(tmp_path=tmp_path, settings=settings, fleet=fleet, app=app)
-    app.dependency_overrides[get_clock] = lambda: hub.clock
-    with api_client(app) as client:
+    hub = BundleHub(tmp_path=tmp_path, settings=settings, fleet=fleet)
+    hub.app = create_app(settings, clock=hub.clock)
+    with api_client(hub.app) as client:
         yield hub, client
 
 

@@ -1,12 +1,15 @@
-"""The broker cut-off's pure parts: the commands sent, and what an answer confirms."""
+"""The broker cut-off's planner (pure): whom to ask when, the commands sent, what an answer
+confirms; and the rule that every controller's planner imports no I/O."""
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
-from hub.enrollment.cutoff import commands, read_answer
+from hub.controllers.cutoff.plan import commands, plan, read_answer
 
 
 def test_each_device_is_created_then_deleted_which_kicks_it_and_leaves_nothing() -> None:
@@ -53,3 +56,81 @@ def test_an_answer_confirms_each_successful_delete_and_names_failures() -> None:
 def test_what_is_not_a_dynsec_response_is_refused(payload: bytes) -> None:
     with pytest.raises(ValueError, match="not a dynamic security response"):
         read_answer(payload)
+
+
+FIRST, MAX = 5.0, 300.0
+
+
+@pytest.mark.parametrize(
+    ("pending", "asked", "now", "pause_s", "ask", "next_pause_s", "wait_s"),
+    [
+        pytest.param(
+            [], {}, 100.0, FIRST, (), FIRST, None, id="nothing-pending-sleeps-until-woken"
+        ),
+        pytest.param([], {}, 100.0, 80.0, (), FIRST, None, id="nothing-pending-resets-the-pause"),
+        pytest.param(["a", "b"], {}, 100.0, FIRST, ("a", "b"), FIRST, FIRST, id="never-asked"),
+        pytest.param(
+            ["a", "b"], {"a": 99.0}, 100.0, FIRST, ("b",), FIRST, FIRST, id="asked-just-now-waits"
+        ),
+        pytest.param(
+            ["a"], {"a": 95.0}, 100.0, FIRST, ("a",), FIRST, FIRST, id="asked-a-pause-ago-is-due"
+        ),
+        pytest.param(
+            ["a"], {"a": 99.0}, 100.0, FIRST, (), 2 * FIRST, 2 * FIRST, id="none-due-doubles"
+        ),
+        pytest.param(["a"], {"a": 99.0}, 100.0, 200.0, (), MAX, MAX, id="the-pause-stops-growing"),
+        pytest.param(
+            ["a", "b"], {"a": 99.0, "b": 0.0}, 100.0, 20.0, ("b",), 20.0, 20.0, id="some-due-keeps"
+        ),
+    ],
+)
+def test_who_is_asked_when(
+    pending: list[str],
+    asked: dict[str, float],
+    now: float,
+    pause_s: float,
+    ask: tuple[str, ...],
+    next_pause_s: float,
+    wait_s: float | None,
+) -> None:
+    decided = plan(pending, asked, now=now, pause_s=pause_s, first_pause_s=FIRST, max_pause_s=MAX)
+    assert (decided.ask, decided.pause_s, decided.wait_s) == (ask, next_pause_s, wait_s)
+
+
+def test_looks_with_nobody_due_stretch_the_pause_until_a_device_is_due_again() -> None:
+    asked = {"a": 0.0}
+    pauses, asks = [], []
+    pause_s = FIRST
+    for now in (1.0, 2.0, 3.0, 4.0, 90.0):
+        decided = plan(["a"], asked, now=now, pause_s=pause_s, first_pause_s=FIRST, max_pause_s=MAX)
+        pause_s = decided.pause_s
+        pauses.append(pause_s)
+        asks.append(decided.ask)
+    assert pauses == [10.0, 20.0, 40.0, 80.0, 80.0]
+    assert asks == [(), (), (), (), ("a",)]
+
+
+PLANNERS = sorted((Path(__file__).parents[2] / "hub" / "controllers").glob("*/plan.py"))
+BANNED = {
+    "aiomqtt", "paho", "asyncio", "socket", "subprocess", "threading", "os", "time",
+    "sqlalchemy", "sqlmodel", "fastapi", "hub.db", "hub.mqtt", "hub.context",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PLANNERS, ids=[p.parent.name for p in PLANNERS])
+def test_planners_import_no_io(path: Path) -> None:
+    """ARCHITECTURE invariant 8: a controller's planner is pure; its imports say so."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            assert not {parts[0], ".".join(parts[:2])} & BANNED, f"{path}: imports {name}"
+
+
+def test_every_controller_has_a_planner() -> None:
+    assert [p.parent.name for p in PLANNERS] == ["cutoff"]

@@ -12,8 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, select
 
 from edge_agent.identity import make_csr
-from hub import store
 from hub.db import init_db, make_engine, new_session
+from hub.devices import store
+from hub.devices.errors import CutOffPending, DeviceActive, DeviceDecommissioned, DeviceNotFound
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.revocation import current_crl
 from hub.enrollment.store import (
@@ -23,9 +25,7 @@ from hub.enrollment.store import (
     revoked,
     token_hash,
 )
-from hub.errors import CutOffPending, DeviceActive, DeviceDecommissioned, DeviceNotFound
 from hub.identity import CertificateAuthority
-from hub.models import Device
 
 NOW = dt.datetime(2026, 11, 29, 12, tzinfo=dt.UTC)
 LATER = NOW + dt.timedelta(hours=1)

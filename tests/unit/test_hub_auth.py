@@ -19,9 +19,9 @@ from sqlmodel import select
 
 from devtools.broker import free_port
 from driftless.cli import main
-from hub.api.routes.admin import RoleName
 from hub.app import create_app
 from hub.auth.models import ApiToken, AuditEntry, Role
+from hub.auth.routes import RoleName
 from hub.db import new_session
 from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, bearer, mint
@@ -244,7 +244,7 @@ def test_tokens_are_stored_only_as_their_sha256(
     admin = as_(tokens[Role.admin])
     made = anon.post("tokens", json={"name": "api-made", "role": "viewer"}, headers=admin)
     secrets_ = {**{r.name: s for r, s in tokens.items()}, "api-made": made.json()["token"]}
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         rows = {row.name: row for row in session.exec(select(ApiToken)).all()}
     for role_name, secret in secrets_.items():
         row = rows[role_name if role_name == "api-made" else f"test-{role_name}"]
@@ -304,7 +304,7 @@ def test_audit_rows_are_written_to_the_database(
     app: FastAPI, anon: TestClient, tokens: dict[Role, str]
 ) -> None:
     anon.post("devices", json={"id": "dev-1"}, headers=as_(tokens[Role.operator]))
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         rows = session.exec(select(AuditEntry)).all()
     assert [(r.actor, r.method, r.path, r.status) for r in rows] == [
         ("test-operator", "POST", "/api/v1/devices", 403)

@@ -112,7 +112,7 @@ def test_hub_stats_carry_the_chunk_servers_counters(tmp_path: Path) -> None:
         stats = client.get("hub/stats").json()
         assert stats["bundles"]["requests"] == 0
         assert stats["bundles"]["mqtt_connected"] is False
-        assert hub.app.state.chunk_server.client_id == "driftless-hub-bundles"
+        assert hub.app.state.context.link.chunk_session.client_id == "driftless-hub-bundles"
 
 
 def test_nowait_reads_only_from_the_page_cache(stored: tuple[BundleFiles, str, bytes]) -> None:

@@ -135,12 +135,12 @@ def test_failed_delete_commit_puts_the_file_back(
 ) -> None:
     hub, client = env
     sha = upload(client, hub.bundle()).json()["sha256"]
-    files = hub.app.state.bundle_files
+    files = hub.app.state.context.bundle_files
 
     def broken_commit(self: Session) -> None:
         raise OSError("disk full")
 
-    with Session(hub.app.state.engine, expire_on_commit=False) as session:
+    with Session(hub.app.state.context.engine, expire_on_commit=False) as session:
         monkeypatch.setattr(Session, "commit", broken_commit)
         with pytest.raises(OSError, match="disk full"):
             store.delete_bundle(session, sha256=sha, files=files)

@@ -8,6 +8,7 @@ refusal consumes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +31,9 @@ from firmware_bundles.devfleet import DevFleet
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate, EnrollmentToken
 from hub.enrollment.store import token_hash
-from hub.models import Device
 from hub.settings import HubSettings
 from tests.support import Scrape
 from tests.unit.auth_support import API_BASE_URL, api_client, bearer, mint
@@ -94,7 +95,7 @@ def test_a_device_enrolls_with_a_token_and_gets_what_it_needs(
     cert.verify_directly_issued_by(ca)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pump-1"
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
-    assert body["root_json"] == app.state.fleet_root.load().envelope.decode()
+    assert body["root_json"] == app.state.context.fleet_root.load().envelope.decode()
     assert body["broker_url"] == "mqtts://broker.example:8883"
     assert body["created_device"] is True
     # The device is registered with the token's preset labels.
@@ -103,7 +104,7 @@ def test_a_device_enrolls_with_a_token_and_gets_what_it_needs(
 
 def test_tokens_are_stored_hashed(app: FastAPI, admin: TestClient) -> None:
     token = new_token(admin, uses=3)
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         rows = session.exec(select(EnrollmentToken)).all()
     assert [row.token_hash for row in rows] == [token_hash(token)]
     assert token not in {row.token_hash for row in rows}
@@ -125,7 +126,7 @@ def test_a_single_use_token_redeemed_twice_at_once_enrolls_once_and_refuses_once
     loser's commit fails on SQLite's stale snapshot: a raw 500 (or, on a database
     without that check, two enrollments). With it the second waits, then is refused."""
     token = new_token(admin, uses=1)
-    ca = app.state.ca
+    ca = app.state.context.ca
     sign = ca.issue_from_csr
 
     def slow_sign(csr_pem: bytes, **kwargs: Any) -> Any:
@@ -148,7 +149,7 @@ def test_a_single_use_token_redeemed_twice_at_once_enrolls_once_and_refuses_once
     (winner,) = [name for name, answer in answers.items() if answer.status_code == 200]
     (loser,) = set(racers) - {winner}
     assert "used up" in answers[loser].json()["detail"]
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         assert [row.id for row in session.exec(select(Device)).all()] == [winner]
         assert [row.device_id for row in session.exec(select(DeviceCertificate)).all()] == [winner]
         row = session.get(EnrollmentToken, token_hash(token))
@@ -187,7 +188,7 @@ def test_refusals_are_403_with_the_reason_and_consume_nothing(
     if case == "reused":
         assert enroll(device, token, "pump-2").status_code == 200
     if case == "expired":
-        with new_session(app.state.engine) as session:
+        with new_session(app.state.context.engine) as session:
             row = session.get(EnrollmentToken, token_hash(token))
             assert row is not None
             row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
@@ -245,8 +246,8 @@ def test_without_an_identity_directory_enrollment_is_503(
             bundles_dir=tmp_path / "bundles",
         )
     )
-    assert in_memory.state.ca is None  # nowhere to keep a CA: enrollment is off
-    app.state.ca = None
+    assert in_memory.state.context.ca is None  # nowhere to keep a CA: enrollment is off
+    app.state.context = dataclasses.replace(app.state.context, ca=None)
     response = device.post("enroll", json={"token": "t", "device_id": "d", "csr_pem": csr("d")[1]})
     assert response.status_code == 503 and "identity" in response.json()["detail"]
 

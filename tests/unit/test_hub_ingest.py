@@ -1,4 +1,4 @@
-"""Table-driven tests of the hub's pure ingest rules (hub.ingest): no MQTT, no DB."""
+"""Table-driven tests of the hub's pure ingest rules (hub.devices.rules): no MQTT, no DB."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from hub.ingest import (
+from hub.devices.rules import (
     CertFact,
     Decision,
     Reject,

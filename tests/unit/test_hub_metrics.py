@@ -24,12 +24,11 @@ from sqlmodel import Session
 from devtools.broker import free_port
 from hub.app import create_app
 from hub.auth.models import Role
-from hub.bundles.chunks import ChunkServerStats
 from hub.db import new_session
+from hub.devices.models import Device
 from hub.metrics import StatsSnapshot, stats_families
-from hub.models import Device
 from hub.settings import HubSettings
-from hub.stats import LinkStats
+from hub.stats import ChunkServerStats, LinkStats
 from tests.support import Scrape
 from tests.unit.auth_support import bearer, mint
 from tests.unit.hub_bundles_support import bundle_hub, upload
@@ -190,7 +189,7 @@ def test_device_gauges_are_read_from_the_database_at_scrape_time(
     register(client, admin, "behind", "idle", "failing", "retired")
     for device_id in ("behind", "failing"):
         client.put(f"/api/v1/devices/{device_id}/desired", json={"config": {}}, headers=admin)
-    with new_session(app.state.engine) as session:
+    with new_session(app.state.context.engine) as session:
         _set(session, "behind", online=True)
         _set(session, "failing", report_phase="failed", failed_generation=1)
         _set(session, "retired", decommissioned_at=datetime.now(UTC))

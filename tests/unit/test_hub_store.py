@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from hub import store
 from hub.db import init_db, make_engine, new_session
+from hub.devices import store
+from hub.devices.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
 from hub.enrollment.models import DeviceCertificate
-from hub.errors import ConfigTooLarge, DeviceExists, DeviceNotFound
 from protocols import Birth, Reported, Status
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

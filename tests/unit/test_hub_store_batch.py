@@ -1,6 +1,6 @@
 """Batch ingest in SQL Core: what a batch writes, row by row, equals applying the rules in order.
 
-``store.apply_messages`` reads tracking columns, runs ``hub.ingest`` in memory and
+``store.apply_messages`` reads tracking columns, runs ``hub.devices.rules`` in memory and
 writes back only the columns that changed (one executemany per set of columns).
 These tests pin the cases where that shortcut could differ from the ORM version
 it replaced: several messages for one device, re-keying mid-batch, rows that
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from hub import store
 from hub.db import init_db, make_engine, new_session
+from hub.devices import store
 from protocols import Birth, Reported, Status
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

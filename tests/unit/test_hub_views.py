@@ -8,10 +8,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from hub import store
-from hub.api import views
 from hub.db import init_db, make_engine, new_session
-from hub.models import Device, DevicePage, DevicePublic
+from hub.devices import store, views
+from hub.devices.models import Device, DevicePage, DevicePublic
 
 NOW = datetime(2026, 11, 29, 10, 0, 0, 123456, tzinfo=UTC)
 INVENTORY = {

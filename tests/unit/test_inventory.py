@@ -10,8 +10,8 @@ import pytest
 
 from edge_agent.core import AgentCore, AgentState, Booted, Connected, Connecting, Publish
 from edge_agent.inventory import collect, memory
-from hub.ingest import Tracking, on_birth
-from hub.models import Device, DevicePublic
+from hub.devices.models import Device, DevicePublic
+from hub.devices.rules import Tracking, on_birth
 from protocols import Birth, Inventory, decode, encode
 from simulator.inventory import HARDWARE, DeviceInventory
 

@@ -48,8 +48,8 @@ from edge_agent.settings import KEEPALIVE_MAX_S, KEEPALIVE_MIN_S, MqttSettings
 from firmware_bundles.errors import ThresholdNotMetError
 from firmware_bundles.keys import SigningKey
 from firmware_bundles.trust import TrustedRoot
-from hub.ingest import Reject
-from hub.link import link_subscriptions
+from hub.devices.rules import Reject
+from hub.mqtt.link import link_subscriptions
 from hub.settings import HubSettings
 from protocols import MESSAGE_TYPES, Channel, Desired, Reason, Reported, decode, encode
 from protocols.signed import open_sealed, seal

@@ -15,12 +15,12 @@ from sqlmodel import select
 from edge_agent.enroll import Identity
 from edge_agent.identity import create_key, make_csr, sign_proof
 from edge_agent.renewal import Renewal, renewal_due
-from hub import store
 from hub.db import init_db, make_engine, new_session
+from hub.devices import store
+from hub.devices.models import Device
 from hub.enrollment.models import DeviceCertificate
 from hub.enrollment.renewal import renew
 from hub.identity import CertificateAuthority
-from hub.models import Device
 from protocols import CertIssued, CertRequest, decode, encode, renewal_proof_bytes
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)

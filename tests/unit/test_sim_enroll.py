@@ -23,10 +23,10 @@ from devtools.broker import free_port
 from driftless.cli import main
 from edge_agent.identity import make_csr
 from firmware_bundles.devfleet import DevFleet
-from hub import store as device_store
 from hub.app import create_app
 from hub.auth.models import Role
 from hub.db import new_session
+from hub.devices import store as device_store
 from hub.enrollment import store
 from hub.identity import CertificateAuthority
 from hub.settings import HubSettings
@@ -186,7 +186,7 @@ def test_a_round_enrolls_every_device_then_a_rerun_reuses_every_identity(
     keys, certs = files(identities, "key"), files(identities, "crt")
     assert set(keys) == {f"{d}.key" for d in IDS}
     assert all((identities.directory / k).stat().st_mode & 0o077 == 0 for k in keys)
-    ca = app.state.ca
+    ca = app.state.context.ca
     assert certs.pop("ca.crt") == ca.cert_pem
     assert identities.root.read_bytes() == fleet.root_path.read_bytes()
     for device_id in IDS:  # each certificate is for the key that stayed here
@@ -194,7 +194,7 @@ def test_a_round_enrolls_every_device_then_a_rerun_reuses_every_identity(
         cert.verify_directly_issued_by(ca.cert)
         key = serialization.load_pem_private_key(keys[f"{device_id}.key"], password=None)
         assert cert.public_key() == key.public_key()
-    with new_session(app.state.engine) as session:  # registered by enrollment, labelled
+    with new_session(app.state.context.engine) as session:  # registered by enrollment, labelled
         assert store.cut_off_devices(session) == []
     assert first.as_dict()["per_s"] is not None
 
@@ -212,7 +212,8 @@ def test_revoked_and_missing_certificates_are_enrolled_again_with_the_same_keys(
     identities = DeviceIdentities(tmp_path / "identities")
     enroll(app, identities)
     keys, certs = files(identities, "key"), files(identities, "crt")
-    with new_session(app.state.engine) as session:  # decommissioned, and the broker cut it off
+    # decommissioned, and the broker cut it off
+    with new_session(app.state.context.engine) as session:
         device_store.decommission_device(session, device_id=IDS[1], now=NOW)
         device_store.confirm_cut_offs(session, device_ids=[IDS[1]], now=NOW)
     identities.cert(IDS[3]).unlink()
@@ -234,7 +235,7 @@ def test_a_hub_with_another_ca_gets_every_device_enrolled_again(
     result = enroll(second, identities)
     assert (result.enrolled, result.reasons) == (5, {"other_ca": 5})
     assert files(identities, "key") == keys
-    assert identities.ca.read_bytes() == second.state.ca.cert_pem
+    assert identities.ca.read_bytes() == second.state.context.ca.cert_pem
 
 
 def test_a_token_that_may_not_make_enrollment_tokens_stops_the_round_and_says_why(

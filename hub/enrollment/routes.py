@@ -24,22 +24,30 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import ConfigDict, StringConstraints
 from pydantic import Field as PydanticField
 from sqlmodel import SQLModel
 
-from hub.api.deps import MetricsDep, NowDep, SessionDep, SettingsDep
+from hub.api.deps import (
+    ContextDep,
+    DesiredDep,
+    FleetRootDep,
+    MetricsDep,
+    NowDep,
+    SessionDep,
+    SettingsDep,
+)
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
-from hub.auth.api import require
+from hub.auth.guard import require
 from hub.auth.models import Role
+from hub.devices.errors import CutOffPending
+from hub.devices.models import DEVICE_ID_SCHEMA_PATTERN, Labels
 from hub.enrollment import store
 from hub.enrollment.revocation import current_crl, publish_crl
-from hub.errors import CutOffPending
 from hub.identity import CertificateAuthority
 from hub.metrics import Enrollment
-from hub.models import DEVICE_ID_SCHEMA_PATTERN, Labels
 
 open_router = APIRouter(tags=["enrollment"], route_class=OpenRoute)
 router = APIRouter(
@@ -91,8 +99,8 @@ class EnrollmentTokenCreated(SQLModel):
     labels: dict[str, str]
 
 
-def get_ca(request: Request) -> CertificateAuthority:
-    ca: CertificateAuthority | None = request.app.state.ca
+def get_ca(context: ContextDep) -> CertificateAuthority:
+    ca = context.ca
     if ca is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -107,22 +115,22 @@ CADep = Annotated[CertificateAuthority, Depends(get_ca)]
 @open_router.post("/enroll", response_model=EnrollResponse, responses=responses(403, 409, 503))
 def enroll(
     body: EnrollRequest,
-    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     ca: CADep,
     now: NowDep,
     metrics: MetricsDep,
+    root: FleetRootDep,
+    desired: DesiredDep,
 ) -> EnrollResponse:
     try:
-        enrolled = store.redeem(
+        enrolled = desired.enroll(
             session,
+            ca=ca,
             secret=body.token,
             device_id=body.device_id,
             csr_pem=body.csr_pem.encode(),
-            ca=ca,
             now=now,
-            require_cut_off=settings.cuts_off_sessions,
         )
     except store.EnrollmentRefused as exc:
         metrics.enrollment(Enrollment.REFUSED)
@@ -135,7 +143,6 @@ def enroll(
         # A device decommissioned before and enrolled again: the broker's ACL still
         # denies it everything until the hub rewrites it (and the broker reloads).
         publish_crl(session, ca, settings, now=now)
-    root = request.app.state.fleet_root
     root_json = None
     if root.path is not None:
         root_json = root.load().envelope.decode()

@@ -1,4 +1,8 @@
-"""Closing a decommissioned device's open connections at the broker (pure parts).
+"""The broker cut-off's planner (pure): whom to ask now, what to send, what an answer says.
+
+Nothing here does I/O or reads a clock: the driver (:mod:`.driver`) passes the
+pending devices it read, when each was last asked and ``now``, and carries out
+the plan.
 
 Rules:
 - Neither the CRL (checked at handshakes) nor an ACL reload ends a session that is
@@ -13,20 +17,64 @@ Rules:
   The confirmation is recorded (``device.cut_off_at``) and a device waiting for it
   is asked again after a while, also after every reconnect of the hub, so a hub
   restart or a lost answer only delays the cut-off.
+- When to ask (:func:`plan`): a pending device is asked when it was never asked on
+  this connection, or was last asked at least ``pause_s`` ago. The pause starts at
+  ``first_pause_s``; while devices are pending and none is due it doubles, up to
+  ``max_pause_s``; once nothing is pending it is back to ``first_pause_s``. The
+  controller looks again after the pause while anything is pending, otherwise only
+  when woken.
 - Only ``hub:`` identities may publish on the command topic (the ACL file).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hub.broker_config import DYNSEC_RESPONSE_TOPIC, DYNSEC_TOPIC
 
-__all__ = ["DYNSEC_RESPONSE_TOPIC", "DYNSEC_TOPIC", "Answer", "commands", "read_answer"]
+__all__ = [
+    "DYNSEC_RESPONSE_TOPIC",
+    "DYNSEC_TOPIC",
+    "Answer",
+    "Plan",
+    "commands",
+    "plan",
+    "read_answer",
+]
 
 _PREFIX = "driftless-cutoff:"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the controller does now: ask the broker about ``ask`` (in this order), carry
+    ``pause_s`` forward, and look again after ``wait_s`` (None: only when woken)."""
+
+    ask: tuple[str, ...]
+    pause_s: float
+    wait_s: float | None
+
+
+def plan(
+    pending: Sequence[str],
+    asked: Mapping[str, float],
+    *,
+    now: float,
+    pause_s: float,
+    first_pause_s: float,
+    max_pause_s: float,
+) -> Plan:
+    """Pure: which ``pending`` devices to ask now, given when each was last ``asked``
+    (seconds, the same clock as ``now``) and the current pause (see the module rules)."""
+    ask = tuple(d for d in pending if now - asked.get(d, -math.inf) >= pause_s)
+    if pending and not ask:
+        pause_s = min(pause_s * 2, max_pause_s)
+    elif not pending:
+        pause_s = first_pause_s
+    return Plan(ask=ask, pause_s=pause_s, wait_s=pause_s if pending else None)
 
 
 def commands(device_ids: Sequence[str]) -> bytes:

@@ -3,13 +3,13 @@
 Rules:
 - Functions take the session first and everything else by keyword; time (``now``)
   is a parameter.
-- They raise the domain errors of :mod:`hub.errors`, never HTTP errors.
+- They raise the domain errors of :mod:`hub.devices.errors`, never HTTP errors.
 - Each write function is one transaction and commits it. A change of desired state
   bumps ``desired_generation`` by exactly 1 in the same transaction as the config
   (ARCHITECTURE invariant 1); write transactions take the write lock up front
   (:func:`hub.db.begin_write`, plus ``FOR UPDATE`` where the database has it), so
   concurrent changes never hand out the same generation twice.
-- The per-message rules live in :mod:`hub.ingest` (pure); :func:`apply_messages`
+- The per-message rules live in :mod:`hub.devices.rules` (pure); :func:`apply_messages`
   only loads rows, runs the rules and writes the result back.
 - A decommissioned device keeps its row (visible, refused) until it is purged: it
   gets no desired document, no fleet-wide change and no place in the fleet's
@@ -45,8 +45,7 @@ from sqlmodel import Session, col, select
 import protocols
 from hub.bundles.models import Bundle
 from hub.db import begin_write
-from hub.enrollment.models import DeviceCertificate
-from hub.errors import (
+from hub.devices.errors import (
     ConfigTooLarge,
     CutOffPending,
     DeviceActive,
@@ -55,8 +54,9 @@ from hub.errors import (
     DeviceNotFound,
     UnknownBundles,
 )
-from hub.ingest import CertFact, DeviceMessage, Reject, Tracking, decide
-from hub.models import Device, DeviceDeletion, DeviceState
+from hub.devices.models import Device, DeviceDeletion, DeviceState
+from hub.devices.rules import CertFact, DeviceMessage, Reject, Tracking, decide
+from hub.enrollment.models import DeviceCertificate
 
 _TRACKING_FIELDS = tuple(f.name for f in dataclasses.fields(Tracking))
 _READ_ONLY = frozenset({"desired_generation", "decommissioned_at"})  # the rules never write them
@@ -178,7 +178,7 @@ def device_page(
     """:func:`list_devices` as plain rows (SQL Core): the API's hot read path.
 
     Loading ORM objects cost more than the query (identity map, instrumentation);
-    the API builds its answer from these mappings directly (``hub.api.views``).
+    the API builds its answer from these mappings directly (``hub.devices.views``).
     """
     where = _device_filter(labels, state)
     total = session.exec(select(func.count()).select_from(Device).where(*where)).one()

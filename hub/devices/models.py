@@ -1,9 +1,9 @@
-"""Database table and API models for devices (SQLModel model family).
+"""Database tables and API models for devices (SQLModel model family).
 
 Rules:
-- ``Device`` is the one table; its desired fields change only through
-  :mod:`hub.store`, which bumps ``desired_generation`` in the same transaction
-  (ARCHITECTURE invariant 1).
+- ``Device`` is the device table; its desired fields change only through
+  :mod:`hub.devices.store` (called by :mod:`hub.devices.desired`), which bumps
+  ``desired_generation`` in the same transaction (ARCHITECTURE invariant 1).
 - Device ids follow the wire contract (:func:`protocols.is_valid_device_id`), so an
   id accepted by the API is always a legal topic segment.
 - Label keys and values are short, restricted strings: they end up in selectors and
@@ -14,17 +14,16 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, StringConstraints, field_validator
 from pydantic import Field as PydanticField
-from sqlalchemy import JSON, BigInteger, Column, DateTime, String
-from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy import JSON, BigInteger, Column, String
 from sqlmodel import Field, SQLModel
 
 import protocols
+from hub.db import UTCDateTime
 
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
 LABEL_VALUE_PATTERN = r"^[A-Za-z0-9_.-]{0,63}$"
@@ -42,23 +41,6 @@ DEVICE_ID_SCHEMA_PATTERN = f"^{protocols.DEVICE_ID_PATTERN}$"
 ReportPhase = Literal["applied", "applying", "failed"]
 
 
-class UTCDateTime(TypeDecorator[datetime]):
-    """Store naive UTC (portable), hand back aware UTC; refuse naive input."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: pass an aware UTC datetime")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
-
-
 def _big(default: int) -> Any:
     return Field(default=default, sa_type=BigInteger, nullable=False)
 
@@ -70,7 +52,7 @@ class Device(SQLModel, table=True):
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
 
-    # desired state (hub -> device); written only by hub.store
+    # desired state (hub -> device); written only by hub.devices.store
     desired_generation: int = _big(0)
     desired_config: dict[str, Any] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False)
@@ -83,7 +65,7 @@ class Device(SQLModel, table=True):
     # processes serve the API (``hub serve --no-link``).
     desired_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, index=True))
 
-    # reported state (device -> hub); written only by hub.ingest's rules
+    # reported state (device -> hub); written only by hub.devices.rules (ingest)
     reported_generation: int = _big(0)
     failed_generation: int = _big(0)
     report_phase: str | None = Field(default=None, max_length=16)
@@ -325,8 +307,3 @@ class FleetSummary(SQLModel):
     failed: int
     by_generation: dict[int, int]
     decommissioned: int
-
-
-class Health(SQLModel):
-    status: Literal["ok"]
-    mqtt_connected: bool

@@ -26,8 +26,6 @@ Rules:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from datetime import datetime
 from typing import Annotated, Any
 
 import anyio
@@ -37,10 +35,17 @@ from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from hub.api.deps import MetricsDep, SessionDep, SettingsDep, utcnow
+from hub.api.deps import (
+    BundleFilesDep,
+    ClockDep,
+    FleetRootDep,
+    MetricsDep,
+    SessionDep,
+    SettingsDep,
+)
 from hub.api.problems import responses
 from hub.api.route import HubRoute, OpenRoute
-from hub.auth.api import require
+from hub.auth.guard import require
 from hub.auth.models import Role
 from hub.bundles import store
 from hub.bundles.errors import (
@@ -51,38 +56,16 @@ from hub.bundles.errors import (
     BundleTooLarge,
     NoFleetRoot,
 )
-from hub.bundles.files import MAX_BUNDLE_FILE_BYTES, BundleFiles, BundleUpload
+from hub.bundles.files import MAX_BUNDLE_FILE_BYTES, BundleUpload
 from hub.bundles.intake import verify_upload
 from hub.bundles.models import BundlePage, BundlePublic
 from hub.bundles.refs import SHA256_PATTERN
-from hub.bundles.root import FleetRoot
 from hub.metrics import HubMetrics
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE, HubSettings
 
 router = APIRouter(prefix="/bundles", tags=["bundles"], route_class=HubRoute)
 files_router = APIRouter(prefix="/bundles", tags=["bundles"], route_class=OpenRoute)
 
-Clock = Callable[[], datetime]
-
-
-def get_bundle_files(request: Request) -> BundleFiles:
-    files: BundleFiles = request.app.state.bundle_files
-    return files
-
-
-def get_fleet_root(request: Request) -> FleetRoot:
-    root: FleetRoot = request.app.state.fleet_root
-    return root
-
-
-def get_clock() -> Clock:
-    """The clock read when a verification happens (an upload may take minutes)."""
-    return utcnow
-
-
-BundleFilesDep = Annotated[BundleFiles, Depends(get_bundle_files)]
-FleetRootDep = Annotated[FleetRoot, Depends(get_fleet_root)]
-ClockDep = Annotated[Clock, Depends(get_clock)]
 Sha256Path = Annotated[
     str, Path(description="SHA-256 of the whole bundle file, lowercase hex", pattern=SHA256_PATTERN)
 ]

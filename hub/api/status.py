@@ -9,17 +9,21 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
+from sqlmodel import SQLModel
 
 from hub.api.deps import LinkDep
 from hub.api.route import HubRoute, OpenRoute
-from hub.bundles.chunks import ChunkServer
-from hub.models import Health
 
 router = APIRouter(tags=["hub"], route_class=HubRoute)
 open_router = APIRouter(tags=["hub"], route_class=OpenRoute)
+
+
+class Health(SQLModel):
+    status: Literal["ok"]
+    mqtt_connected: bool
 
 
 @open_router.get("/health", response_model=Health)
@@ -28,9 +32,8 @@ async def health(link: LinkDep) -> Health:
 
 
 @router.get("/hub/stats")
-async def hub_stats(link: LinkDep, request: Request) -> dict[str, Any]:
+async def hub_stats(link: LinkDep) -> dict[str, Any]:
     """Counters of the MQTT link: received per channel, rejected per reason, stale per kind,
     desired published, connection state and reconnects; under ``bundles``, those of the
     bundle chunk server (requests, chunks and bytes served, errors sent, rejected, dropped)."""
-    chunk_server: ChunkServer = request.app.state.chunk_server
-    return {**link.stats.as_dict(), "bundles": chunk_server.stats.as_dict()}
+    return {**link.stats.as_dict(), "bundles": link.chunk_stats.as_dict()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
@@ -18,9 +17,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub.api.deps import SessionDep, get_metrics
+from hub.api.deps import SessionDep, context_of
 from hub.auth import store
 from hub.auth.models import AuditEntry, Role
+from hub.context import Clock
 from hub.db import new_session
 from hub.metrics import AuthFailure
 
@@ -55,7 +55,7 @@ def _bearer_secret(request: Request) -> str:
     scheme, _, secret = request.headers.get("authorization", "").partition(" ")
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
-        get_metrics(request).auth_failed(AuthFailure.MISSING_TOKEN)
+        context_of(request).metrics.auth_failed(AuthFailure.MISSING_TOKEN)
         raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
     return secret
 
@@ -67,7 +67,7 @@ def _principal(request: Request, session: Session, secret: str) -> Principal:
     # open its own (immediate) transaction, not upgrade a stale read snapshot.
     session.rollback()
     if row is None:
-        get_metrics(request).auth_failed(AuthFailure.INVALID_TOKEN)
+        context_of(request).metrics.auth_failed(AuthFailure.INVALID_TOKEN)
         raise _unauthorized("unknown or revoked token")
     return Principal(row.name, Role[row.role])
 
@@ -79,7 +79,7 @@ async def authenticate_first(request: Request) -> None:
     secret = _bearer_secret(request)
 
     def lookup() -> Principal:
-        with new_session(request.app.state.engine) as session:
+        with new_session(context_of(request).engine) as session:
             return _principal(request, session, secret)
 
     request.state.principal = await anyio.to_thread.run_sync(lookup)
@@ -111,7 +111,7 @@ def require(role: Role) -> Callable[[Principal, Request], Principal]:
 
     def check(principal: PrincipalDep, request: Request) -> Principal:
         if principal.role < role:
-            get_metrics(request).auth_failed(AuthFailure.INSUFFICIENT_ROLE)
+            context_of(request).metrics.auth_failed(AuthFailure.INSUFFICIENT_ROLE)
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
                 f"{role.name} role required; token {principal.name!r} is {principal.role.name}",
@@ -124,9 +124,10 @@ def require(role: Role) -> Callable[[Principal, Request], Principal]:
 class AuditMiddleware:
     """Pure ASGI (bodies stream through untouched): log every mutating API request."""
 
-    def __init__(self, app: ASGIApp, *, engine: Engine, prefix: str) -> None:
+    def __init__(self, app: ASGIApp, *, engine: Engine, clock: Clock, prefix: str) -> None:
         self.app = app
         self.engine = engine
+        self.clock = clock
         self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -150,7 +151,7 @@ class AuditMiddleware:
             principal: Any = scope.get("state", {}).get("principal")
             client = scope.get("client")
             entry = AuditEntry(
-                at=datetime.now(UTC),
+                at=self.clock(),
                 actor=principal.name if principal else "anonymous",
                 role=principal.role.name if principal else None,
                 method=scope["method"],

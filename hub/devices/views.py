@@ -1,7 +1,7 @@
 """JSON answers built straight from database rows, for the API's hot reads.
 
 Rules:
-- The shape is :func:`hub.models.public_device`, which ``DevicePublic.from_row``
+- The shape is :func:`hub.devices.models.public_device`, which ``DevicePublic.from_row``
   validates too (a test compares the two on the same rows); the models stay the
   schema in ``/docs``.
 - Built with msgspec from plain rows, skipping the ORM load, the public model
@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from fastapi import Response
 
-from hub.models import public_device as device  # one definition of the public shape
+from hub.devices.models import public_device as device  # one definition of the public shape
 
 __all__ = ["device", "device_page", "json_response"]
 
@@ -31,6 +31,6 @@ def json_response(value: object) -> Response:
 def device_page(
     rows: Sequence[Mapping[Any, Any]], *, total: int, limit: int, offset: int
 ) -> Response:
-    """``GET /devices``: the page as :class:`hub.models.DevicePage` would encode it."""
+    """``GET /devices``: the page as :class:`hub.devices.models.DevicePage` would encode it."""
     items = [device(row) for row in rows]
     return json_response({"items": items, "total": total, "limit": limit, "offset": offset})

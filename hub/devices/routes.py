@@ -1,21 +1,29 @@
-"""``/devices``: register, list, read, delete devices and set one device's desired state.
+"""``/devices`` and ``/fleet``: the device resource over HTTP.
+
+``/devices``: register, list, read, delete devices and set one device's desired
+state. ``/fleet``: bulk desired changes by label selector, and fleet-wide counts.
 
 Rules:
-- Domain errors from :mod:`hub.store` become HTTP errors here and only here:
+- Domain errors from :mod:`hub.devices.store` become HTTP errors here and only here:
   DeviceNotFound -> 404, DeviceExists/DeviceDecommissioned/DeviceActive/
   CutOffPending -> 409, ConfigTooLarge -> 413, UnknownBundles -> 422 (a config
   naming a bundle the store does not hold).
 - ``DELETE`` decommissions: certificates revoked, the broker asked to close the
   device's connections, the row kept (``state: decommissioned``) so an operator
   sees it; ``DELETE ?purge=true`` forgets a decommissioned device.
-- A desired change is accepted once committed, whether or not the broker is up;
-  the link is only told about it (the DB is the truth, the sweep delivers it).
-- Reads answer from plain rows (``hub.api.views``), not ORM objects and models:
+- Every desired change (one device, a selector, decommission, purge) goes through
+  the desired-state service (:mod:`hub.devices.desired`), which commits it and then
+  signals delivery; no route touches the MQTT link. A change is accepted once
+  committed, whether or not the broker is up (the DB is the truth, the sweep
+  delivers it).
+- Reads answer from plain rows (``hub.devices.views``), not ORM objects and models:
   they are the hot path under load; ``response_model`` still documents them.
-- Handlers are sync: FastAPI runs them in its threadpool, the link is notified
-  thread-safely.
-- Reading needs any token (``viewer``); setting desired state needs
-  ``operator``; registering and deleting devices need ``admin``.
+- Handlers are sync: FastAPI runs them in its threadpool (the service's signal is
+  thread-safe).
+- A bulk change is one transaction; every targeted device's generation grows
+  by exactly 1 (ConfigTooLarge -> 413, nothing written).
+- Reading needs any token (``viewer``); setting desired state (one device or by
+  selector) needs ``operator``; registering and deleting devices need ``admin``.
 """
 
 from __future__ import annotations
@@ -23,18 +31,16 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from pydantic import StringConstraints
 
-from hub import store
-from hub.api import views
-from hub.api.deps import LinkDep, NowDep, SessionDep, SettingsDep
+from hub.api.deps import ContextDep, DesiredDep, NowDep, SessionDep, SettingsDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute
-from hub.auth.api import require
+from hub.auth.guard import require
 from hub.auth.models import Role
-from hub.enrollment.revocation import decommission
-from hub.errors import (
+from hub.devices import store, views
+from hub.devices.errors import (
     ConfigTooLarge,
     CutOffPending,
     DeviceActive,
@@ -43,7 +49,7 @@ from hub.errors import (
     DeviceNotFound,
     UnknownBundles,
 )
-from hub.models import (
+from hub.devices.models import (
     DEVICE_ID_SCHEMA_PATTERN,
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
@@ -51,13 +57,18 @@ from hub.models import (
     DeviceBatchCreate,
     DeviceBatchResult,
     DeviceCreate,
+    DeviceGeneration,
     DevicePage,
     DevicePublic,
     DeviceState,
+    FleetDesiredResult,
+    FleetDesiredUpdate,
+    FleetSummary,
 )
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
 router = APIRouter(prefix="/devices", tags=["devices"], route_class=HubRoute)
+fleet_router = APIRouter(prefix="/fleet", tags=["fleet"], route_class=HubRoute)
 LABEL_FILTER_PATTERN = f"{LABEL_KEY_PATTERN[:-1]}={LABEL_VALUE_PATTERN[1:]}"
 
 DeviceIdPath = Annotated[
@@ -151,10 +162,9 @@ def get_device(device_id: DeviceIdPath, session: SessionDep) -> Response:
 )
 def delete_device(
     device_id: DeviceIdPath,
-    request: Request,
+    context: ContextDep,
     session: SessionDep,
-    link: LinkDep,
-    settings: SettingsDep,
+    desired: DesiredDep,
     now: NowDep,
     purge: Annotated[
         bool, Query(description="forget a decommissioned device (its row) instead")
@@ -166,19 +176,13 @@ def delete_device(
     broker confirmed it cut the device off."""
     try:
         if purge:
-            store.purge_device(
-                session,
-                device_id=device_id,
-                now=now,
-                require_cut_off=settings.cuts_off_sessions,
-            )
+            desired.purge(session, device_id=device_id, now=now)
         else:
-            decommission(session, request.app.state.ca, settings, device_id=device_id, now=now)
+            desired.decommission(session, ca=context.ca, device_id=device_id, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except (DeviceActive, CutOffPending) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-    link.desired_changed([device_id])  # the retained document is cleared, the cut-off asked
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -193,19 +197,12 @@ def set_desired(
     device_id: DeviceIdPath,
     body: DesiredUpdate,
     session: SessionDep,
-    settings: SettingsDep,
-    link: LinkDep,
+    desired: DesiredDep,
     now: NowDep,
 ) -> DevicePublic:
     """Replace the device's whole desired config; its desired_generation grows by 1."""
     try:
-        row = store.set_desired(
-            session,
-            device_id=device_id,
-            config=body.config,
-            now=now,
-            max_config_bytes=settings.max_config_bytes,
-        )
+        row = desired.set_device(session, device_id=device_id, config=body.config, now=now)
     except DeviceNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except DeviceDecommissioned as exc:
@@ -214,5 +211,47 @@ def set_desired(
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UnknownBundles as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    link.desired_changed([row.id])
     return DevicePublic.from_row(row)
+
+
+# -- /fleet ------------------------------------------------------------------------------
+
+
+@fleet_router.put(
+    "/desired",
+    response_model=FleetDesiredResult,
+    responses=responses(403, 413),
+    dependencies=[Depends(require(Role.operator))],
+)
+def set_fleet_desired(
+    body: FleetDesiredUpdate,
+    session: SessionDep,
+    desired: DesiredDep,
+    now: NowDep,
+) -> FleetDesiredResult:
+    """Set the same desired config on every device matching the selector (all if omitted)."""
+    labels = body.selector.labels if body.selector is not None else None
+    try:
+        updated = desired.set_selector(session, labels=labels, config=body.config, now=now)
+    except ConfigTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+    except UnknownBundles as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return FleetDesiredResult(
+        updated=len(updated),
+        devices=[DeviceGeneration(id=i, generation=g) for i, g in updated],
+    )
+
+
+@fleet_router.get("/summary", response_model=FleetSummary)
+def fleet_summary(session: SessionDep) -> FleetSummary:
+    s = store.fleet_summary(session)
+    return FleetSummary(
+        total=s.total,
+        online=s.online,
+        in_sync=s.in_sync,
+        out_of_sync=s.out_of_sync,
+        failed=s.failed,
+        by_generation=s.by_generation,
+        decommissioned=s.decommissioned,
+    )

@@ -17,7 +17,7 @@ from hub.api.deps import NowDep, SessionDep
 from hub.api.problems import responses
 from hub.api.route import HubRoute
 from hub.auth import store
-from hub.auth.api import require
+from hub.auth.guard import require
 from hub.auth.models import AuditEntry, Role
 from hub.auth.store import TOKEN_NAME_PATTERN
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE

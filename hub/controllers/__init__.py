@@ -1,0 +1,27 @@
+"""Controllers: the hub's reconcile loops (ARCHITECTURE "Hub controllers", invariant 7).
+
+A controller is two modules:
+
+- a **planner** (``plan.py``), pure: rows and events in, decisions out; no I/O, no
+  clock (``now`` is a parameter), no asyncio. It is tested as tables.
+- a **driver** (``driver.py``), thin: reads the database (in a worker thread),
+  runs the planner, commits the decisions in one transaction (or sends them to
+  the broker) and signals delivery when it changed desired state (through
+  :class:`hub.devices.desired.DesiredState`, as routes do).
+
+Drivers run :class:`hub.controllers.loop.ControllerLoop` on the link's session
+(:meth:`~hub.mqtt.session.MqttSession.while_connected`) and are woken by database
+changes (the link's change fan-out), by reports (handlers they register on the
+session) and by their own timers; never by a route. Every decision that matters
+is in the database, so a restarted hub (or, at scale, a newly elected leader)
+carries on where the last one stopped; what a driver keeps in memory is pacing.
+
+Controllers:
+
+- ``cutoff``: asks the broker to close decommissioned devices' connections until
+  it confirms (Mosquitto's dynamic security plugin).
+
+Liveness (online/offline) is not a controller yet: it comes from status messages
+and the Last Will in the ingest rules (:mod:`hub.devices.rules`); a liveness
+controller with timeouts (a device silent past its keepalive) is issue 15.
+"""

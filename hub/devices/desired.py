@@ -1,0 +1,148 @@
+"""The desired-state service: every change to what devices should run goes through here.
+
+Rules:
+- The database is the truth (ARCHITECTURE invariant 1): each method commits its
+  change (through :mod:`hub.devices.store`, which bumps the generation and takes
+  the next value of the change feed in the same transaction), and only then tells
+  delivery which devices changed (:class:`DeliverySignal`). The signal is a hint
+  that saves waiting for the next sweep or poll; losing it (no link in this
+  process, the broker down, a crash right after the commit) loses nothing.
+- A change that raises (a domain error of :mod:`hub.devices.errors`, or the
+  enrollment's refusal) committed nothing and signals nothing.
+- Routes call this service, never the link; controllers that change desired
+  state will too. It changes rows, never publishes.
+- Methods are synchronous (routes run them in FastAPI's thread pool); the
+  signal is thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlmodel import Session
+
+from hub.devices import store
+from hub.devices.models import Device
+from hub.enrollment import revocation
+from hub.enrollment import store as enrollment_store
+from hub.identity import CertificateAuthority
+from hub.settings import HubSettings
+
+
+class DeliverySignal(Protocol):
+    """Implemented by the MQTT link (:class:`hub.mqtt.link.BrokerLink`)."""
+
+    def desired_changed(self, device_ids: Iterable[str]) -> None:
+        """Thread-safe: these devices' desired documents changed (or they were deleted),
+        and the change is committed."""
+
+
+class DesiredState:
+    """Commits desired-state changes, then signals delivery."""
+
+    def __init__(self, *, settings: HubSettings, delivery: DeliverySignal) -> None:
+        self._settings = settings
+        self._delivery = delivery
+
+    def set_device(
+        self, session: Session, *, device_id: str, config: Mapping[str, Any], now: datetime
+    ) -> Device:
+        """Replace one device's whole desired config (generation + 1).
+
+        Raises ConfigTooLarge, DeviceNotFound, DeviceDecommissioned or UnknownBundles.
+        """
+        row = store.set_desired(
+            session,
+            device_id=device_id,
+            config=config,
+            now=now,
+            max_config_bytes=self._settings.max_config_bytes,
+        )
+        self._delivery.desired_changed([row.id])
+        return row
+
+    def set_selector(
+        self,
+        session: Session,
+        *,
+        labels: Mapping[str, str] | None,
+        config: Mapping[str, Any],
+        now: datetime,
+    ) -> list[tuple[str, int]]:
+        """The same config on every active device whose labels include ``labels`` (all
+        when None or empty), in one transaction; ``(device id, generation)`` by id.
+
+        Raises ConfigTooLarge or UnknownBundles.
+        """
+        updated = store.set_desired_for_selector(
+            session,
+            labels=labels,
+            config=config,
+            now=now,
+            max_config_bytes=self._settings.max_config_bytes,
+        )
+        self._delivery.desired_changed(device_id for device_id, _ in updated)
+        return updated
+
+    def decommission(
+        self,
+        session: Session,
+        *,
+        ca: CertificateAuthority | None,
+        device_id: str,
+        now: datetime,
+    ) -> store.Decommissioned:
+        """Revoke, refuse and clear the device; the broker cut-off is queued in the same
+        transaction (the cut-off controller asks the broker). Again: asks again.
+
+        Raises DeviceNotFound.
+        """
+        done = revocation.decommission(session, ca, self._settings, device_id=device_id, now=now)
+        self._delivery.desired_changed([device_id])  # clears the retained document
+        return done
+
+    def purge(self, session: Session, *, device_id: str, now: datetime) -> None:
+        """Forget a decommissioned device (its row); delivery clears what is retained.
+
+        Raises DeviceNotFound, DeviceActive, or CutOffPending while the broker has not
+        confirmed the cut-off (when the hub cuts devices off at all).
+        """
+        store.purge_device(
+            session,
+            device_id=device_id,
+            now=now,
+            require_cut_off=self._settings.cuts_off_sessions,
+        )
+        self._delivery.desired_changed([device_id])
+
+    def enroll(
+        self,
+        session: Session,
+        *,
+        ca: CertificateAuthority,
+        secret: str,
+        device_id: str,
+        csr_pem: bytes,
+        now: datetime,
+    ) -> enrollment_store.Enrolled:
+        """Redeem an enrollment token (:func:`hub.enrollment.store.redeem`). A
+        decommissioned id enrolled again is reactivated, which is a desired change: it
+        is signalled once committed.
+
+        Raises EnrollmentRefused, or CutOffPending until the broker confirmed the old
+        unit cut off (when the hub cuts devices off at all).
+        """
+        enrolled = enrollment_store.redeem(
+            session,
+            secret=secret,
+            device_id=device_id,
+            csr_pem=csr_pem,
+            ca=ca,
+            now=now,
+            require_cut_off=self._settings.cuts_off_sessions,
+        )
+        if enrolled.reactivated:
+            self._delivery.desired_changed([device_id])
+        return enrolled

@@ -73,14 +73,30 @@ FIRST, MAX = 5.0, 300.0
             ["a", "b"], {"a": 99.0}, 100.0, FIRST, ("b",), FIRST, FIRST, id="asked-just-now-waits"
         ),
         pytest.param(
-            ["a"], {"a": 95.0}, 100.0, FIRST, ("a",), FIRST, FIRST, id="asked-a-pause-ago-is-due"
+            ["a"],
+            {"a": 95.0},
+            100.0,
+            FIRST,
+            ("a",),
+            2 * FIRST,
+            2 * FIRST,
+            id="asked-again-after-a-pause-doubles-it",
         ),
         pytest.param(
-            ["a"], {"a": 99.0}, 100.0, FIRST, (), 2 * FIRST, 2 * FIRST, id="none-due-doubles"
+            ["a"], {"a": 99.0}, 100.0, FIRST, (), FIRST, FIRST, id="woken-early-changes-nothing"
         ),
-        pytest.param(["a"], {"a": 99.0}, 100.0, 200.0, (), MAX, MAX, id="the-pause-stops-growing"),
         pytest.param(
-            ["a", "b"], {"a": 99.0, "b": 0.0}, 100.0, 20.0, ("b",), 20.0, 20.0, id="some-due-keeps"
+            ["a"], {"a": 0.0}, 250.0, 200.0, ("a",), MAX, MAX, id="the-pause-stops-growing"
+        ),
+        pytest.param(
+            ["a", "b"],
+            {"a": 99.0},
+            100.0,
+            20.0,
+            ("b",),
+            20.0,
+            20.0,
+            id="a-first-ask-keeps-the-pause",
         ),
     ],
 )
@@ -97,17 +113,20 @@ def test_who_is_asked_when(
     assert (decided.ask, decided.pause_s, decided.wait_s) == (ask, next_pause_s, wait_s)
 
 
-def test_looks_with_nobody_due_stretch_the_pause_until_a_device_is_due_again() -> None:
-    asked = {"a": 0.0}
-    pauses, asks = [], []
-    pause_s = FIRST
-    for now in (1.0, 2.0, 3.0, 4.0, 90.0):
+def test_an_unanswered_device_is_asked_ever_less_often() -> None:
+    """The controller looks again after each pause; a broker that never answers gets
+    asked at 0, 5, 15, 35, 75 s ... up to every 300 s, never every few seconds."""
+    asked: dict[str, float] = {}
+    pause_s, now, times = FIRST, 0.0, []
+    while now < 1000:
         decided = plan(["a"], asked, now=now, pause_s=pause_s, first_pause_s=FIRST, max_pause_s=MAX)
+        if decided.ask:
+            times.append(now)
+            asked["a"] = now
         pause_s = decided.pause_s
-        pauses.append(pause_s)
-        asks.append(decided.ask)
-    assert pauses == [10.0, 20.0, 40.0, 80.0, 80.0]
-    assert asks == [(), (), (), (), ("a",)]
+        assert decided.wait_s is not None
+        now += decided.wait_s
+    assert times == [0.0, 5.0, 15.0, 35.0, 75.0, 155.0, 315.0, 615.0, 915.0]
 
 
 PLANNERS = sorted((Path(__file__).parents[2] / "hub" / "controllers").glob("*/plan.py"))

@@ -19,10 +19,12 @@ Rules:
   restart or a lost answer only delays the cut-off.
 - When to ask (:func:`plan`): a pending device is asked when it was never asked on
   this connection, or was last asked at least ``pause_s`` ago. The pause starts at
-  ``first_pause_s``; while devices are pending and none is due it doubles, up to
-  ``max_pause_s``; once nothing is pending it is back to ``first_pause_s``. The
-  controller looks again after the pause while anything is pending, otherwise only
-  when woken.
+  ``first_pause_s`` and doubles, up to ``max_pause_s``, each time a device has to be
+  asked again (its earlier ask went unanswered: a broker without the plugin, a lost
+  answer), so an unconfirmable cut-off costs a message every few minutes, not every
+  few seconds; once nothing is pending it is back to ``first_pause_s``. Looking
+  early (woken by a change) with nobody due changes nothing. The controller looks
+  again after the pause while anything is pending, otherwise only when woken.
 - Only ``hub:`` identities may publish on the command topic (the ACL file).
 """
 
@@ -70,10 +72,10 @@ def plan(
     """Pure: which ``pending`` devices to ask now, given when each was last ``asked``
     (seconds, the same clock as ``now``) and the current pause (see the module rules)."""
     ask = tuple(d for d in pending if now - asked.get(d, -math.inf) >= pause_s)
-    if pending and not ask:
-        pause_s = min(pause_s * 2, max_pause_s)
-    elif not pending:
+    if not pending:
         pause_s = first_pause_s
+    elif any(d in asked for d in ask):  # asked before and still unconfirmed: back off
+        pause_s = min(pause_s * 2, max_pause_s)
     return Plan(ask=ask, pause_s=pause_s, wait_s=pause_s if pending else None)
 
 

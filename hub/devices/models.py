@@ -38,7 +38,7 @@ Labels = Annotated[
 ]
 DEVICE_ID_SCHEMA_PATTERN = f"^{protocols.DEVICE_ID_PATTERN}$"
 
-ReportPhase = Literal["applied", "applying", "failed"]
+ReportPhase = Literal["applied", "applying", "failed", "rolled_back"]
 
 
 def _big(default: int) -> Any:
@@ -81,6 +81,12 @@ class Device(SQLModel, table=True):
     agent_version: str | None = Field(default=None, max_length=64)
     # The newest birth's inventory (protocols.Inventory as JSON); None until one arrives.
     inventory: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # The newest report's per-workload states (protocols.WorkloadStatus as JSON), and how
+    # many events the device's outbox had to drop (its newest birth's count).
+    workloads: list[dict[str, Any]] | None = Field(
+        default=None, sa_column=Column(JSON, nullable=True)
+    )
+    events_dropped: int = _big(0)
 
     # decommissioning (hub.enrollment): the row stays visible until an operator purges it.
     # Set: the device's certificates are revoked and every message from it is refused.
@@ -168,7 +174,17 @@ class InventoryPublic(SQLModel):
     disk_free_bytes: int
 
 
-_PHASES = frozenset({"applied", "applying", "failed"})
+class WorkloadPublic(SQLModel):
+    """One workload as the device last reported it."""
+
+    name: str
+    state: str
+    restarts: int
+    last_exit_code: int | None
+    last_exit_at: float | None
+
+
+_PHASES = frozenset({"applied", "applying", "failed", "rolled_back"})
 
 DeviceState = Literal["active", "decommissioned"]
 
@@ -194,6 +210,9 @@ class DevicePublic(SQLModel):
     last_seen: datetime | None
     agent_version: str | None
     inventory: InventoryPublic | None
+    # Per workload: name, state, restarts, last exit (code and time); None until reported.
+    workloads: list[WorkloadPublic] | None
+    events_dropped: int
     in_sync: bool
     status: ReportStatus
     # "decommissioned": revoked, refused, kept visible until purged (DELETE ?purge=true).
@@ -238,6 +257,8 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
         "inventory": (
             {key: inventory[key] for key in InventoryPublic.model_fields} if inventory else None
         ),
+        "workloads": row["workloads"],
+        "events_dropped": row["events_dropped"],
         "in_sync": row["reported_generation"] == row["desired_generation"],
         "status": {
             "phase": phase,

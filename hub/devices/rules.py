@@ -115,6 +115,10 @@ class Tracking:
     inventory: dict[str, Any] | None = None  # the newest birth's, as plain JSON
     decommissioned_at: datetime | None = None  # read only
     awaiting_birth: bool = False
+    # The newest report's per-workload states (protocols.WorkloadStatus as JSON).
+    workloads: list[dict[str, Any]] | None = None
+    # What the device's outbox dropped so far (its newest birth says).
+    events_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
         agent_version=birth.agent_version,
         # A birth without inventory (an older or minimal agent) keeps the last one known.
         inventory=msgspec.structs.asdict(birth.inventory) if birth.inventory else t.inventory,
+        events_dropped=birth.events_dropped,
     )
     if (birth.boot_epoch, birth.seq) > (t.last_report_epoch, t.last_report_seq):
         failed = birth.failed_generation > birth.applied_generation
@@ -225,6 +230,13 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
         last_report_epoch=report.boot_epoch,
         last_report_seq=report.seq,
         last_seen=now,
+        # A report that lists no workloads (nothing supervised, an older agent) keeps the
+        # last states known.
+        workloads=(
+            [msgspec.structs.asdict(w) for w in report.workloads]
+            if report.workloads is not None
+            else t.workloads
+        ),
     )
     rekey = _device_is_ahead(t, new)
     return Decision(new, republish=rekey, rekey=rekey)

@@ -497,3 +497,20 @@ def test_the_new_units_birth_is_taken_and_ends_the_wait() -> None:
     # Afterwards the old unit's report (older boot epoch) is stale as usual.
     later = decide(decision.tracking, report(boot_epoch=3, seq=500), now=NOW)
     assert later.stale is Stale.REPORT
+
+
+def test_a_report_carries_workload_states_and_a_birth_the_outboxs_drops() -> None:
+    from protocols import WorkloadStatus
+
+    seen = Tracking(session=5, online=True, last_report_epoch=3, last_report_seq=7)
+    workloads = [WorkloadStatus(name="web", state="rolled_back", restarts=2, last_exit_code=1)]
+    decision = decide(seen, report(seq=8, phase="rolled_back", workloads=workloads), now=NOW)
+    assert decision.tracking.report_phase == "rolled_back"
+    assert decision.tracking.workloads == [
+        {"name": "web", "state": "rolled_back", "restarts": 2, "last_exit_code": 1,
+         "last_exit_at": None}
+    ]  # fmt: skip
+    later = decide(decision.tracking, report(seq=9), now=NOW)  # lists none: last known kept
+    assert later.tracking.workloads == decision.tracking.workloads
+    born = decide(later.tracking, birth(session=6, seq=10, events_dropped=40), now=NOW)
+    assert born.tracking.events_dropped == 40

@@ -27,7 +27,8 @@ from hub.db import current_revision, head_revision, make_engine, migrate, regist
 from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, bearer, mint
 
-NEW_COLUMNS = ("decommissioned_at", "cut_off_at", "awaiting_birth")  # revision 0002
+# Added by revisions 0002 (decommissioning) and 0003 (workload states, outbox drops).
+NEW_COLUMNS = ("decommissioned_at", "cut_off_at", "awaiting_birth", "workloads", "events_dropped")
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hub-db-1f12664.sql"
 TABLES = (
     "device", "device_deletion", "bundle", "enrollment_token", "device_certificate",
@@ -45,9 +46,7 @@ def rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
         out = {}
         for table in TABLES:
             columns = [c[1] for c in db.execute(f"PRAGMA table_info({table})")]
-            old = [
-                c for c in columns if c not in ("decommissioned_at", "cut_off_at", "awaiting_birth")
-            ]
+            old = [c for c in columns if c not in NEW_COLUMNS]
             out[table] = sorted(
                 db.execute(f"SELECT {', '.join(old)} FROM {table}").fetchall(), key=repr
             )
@@ -113,10 +112,12 @@ def test_a_hub_serves_an_upgraded_database(tmp_path: Path) -> None:
 def test_a_database_create_all_made_after_issue_10_is_stamped_not_recreated(
     tmp_path: Path,
 ) -> None:
-    """The hub between issue 10 and migrations made the device table with the new columns."""
+    """The hub between issue 10 and migrations made the device table with issue 10's
+    columns and no alembic_version: the schema of revision 0002, unstamped."""
     engine = engine_at(tmp_path / "hub.db")
-    register_tables()
-    SQLModel.metadata.create_all(engine)  # as that hub did
+    migrate(engine, revision="0002")
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))  # as create_all left it
     with engine.begin() as connection:
         connection.execute(
             text(

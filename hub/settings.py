@@ -27,6 +27,32 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return net.parse_broker_url(url)
 
 
+# Limits that must be above zero (units in the names).
+_POSITIVE = (
+    "broker_cutoff_retry_s",
+    "mqtt_keepalive_s",
+    "mqtt_timeout_s",
+    "mqtt_reconnect_min_s",
+    "mqtt_reconnect_max_s",
+    "mqtt_session_expiry_s",
+    "mqtt_receive_max_messages",
+    "mqtt_max_inflight_publishes",
+    "ingest_batch_max",
+    "publish_batch_max",
+    "max_config_bytes",
+    "max_request_body_bytes",
+    "page_size_default",
+    "page_size_max",
+    "db_busy_timeout_ms",
+    "max_bundle_bytes",
+    "bundle_io_chunk_bytes",
+    "bundle_upload_stale_s",
+    "bundle_chunk_max_bytes",
+    "bundle_serve_concurrency",
+    "bundle_serve_queue_max",
+    "bundle_serve_device_queue_max",
+)
+
 # The schema's bounds on paging (a deployment's page_size_max may be lower, not higher).
 API_MAX_PAGE_SIZE = 1000
 API_MAX_OFFSET = 10**9  # past any table the hub keeps; larger is refused, not an SQL error
@@ -143,88 +169,87 @@ class HubSettings:
     bundle_serve_device_queue_max: int = 64
 
     def __post_init__(self) -> None:
-        self.broker()
+        if not self.db_url:
+            raise ValueError("db_url must not be empty (e.g. sqlite:///driftless-hub.db)")
         if not self.mqtt_client_id:
             raise ValueError("mqtt_client_id must not be empty (the session is keyed by it)")
+        self.broker()
+        self.bundle_directory()
+        if self.public_broker_url is not None:
+            net.parse_broker_url(self.public_broker_url)
         from hub.broker_config import hub_identities
         from hub.identity import check_service_name
 
         hub_identities(self.mqtt_client_id)  # its certificate names must be service names
         for name in self.broker_acl_admins:
             check_service_name(name, kinds=("admin",))
-        if self.broker_cutoff not in ("dynsec", "none"):
-            raise ValueError("broker_cutoff must be 'dynsec' or 'none'")
-        if self.broker_cutoff_retry_s <= 0:
-            raise ValueError("broker_cutoff_retry_s must be positive")
-        if not self.db_url:
-            raise ValueError("db_url must not be empty (e.g. sqlite:///driftless-hub.db)")
-        for name in (
-            "mqtt_keepalive_s",
-            "mqtt_timeout_s",
-            "mqtt_reconnect_min_s",
-            "mqtt_reconnect_max_s",
-            "mqtt_session_expiry_s",
-            "mqtt_receive_max_messages",
-            "mqtt_max_inflight_publishes",
-            "ingest_batch_max",
-            "publish_batch_max",
-            "max_config_bytes",
-            "max_request_body_bytes",
-            "page_size_default",
-            "page_size_max",
-            "db_busy_timeout_ms",
-            "max_bundle_bytes",
-            "bundle_io_chunk_bytes",
-            "bundle_upload_stale_s",
-            "bundle_chunk_max_bytes",
-            "bundle_serve_concurrency",
-            "bundle_serve_queue_max",
-            "bundle_serve_device_queue_max",
-        ):
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
-            raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
-        if self.page_size_default > self.page_size_max:
-            raise ValueError("page_size_default must be <= page_size_max")
-        if self.page_size_max > API_MAX_PAGE_SIZE:
-            raise ValueError(f"page_size_max must be <= {API_MAX_PAGE_SIZE}")
-        if self.max_config_bytes >= MAX_PAYLOAD_BYTES:
-            raise ValueError(
+        for broken, why in self._rules():
+            if broken:
+                raise ValueError(why)
+
+    def _rules(self) -> list[tuple[bool, str]]:
+        """Pure: ``(broken, why)`` for every rule between settings (the first broken one
+        stops the start)."""
+        skew_max = BUNDLE_LIMITS.max_clock_skew_s
+        return [
+            (self.broker_cutoff not in ("dynsec", "none"), "broker_cutoff: 'dynsec' or 'none'"),
+            (
+                self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s,
+                "mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s",
+            ),
+            (
+                self.page_size_default > self.page_size_max,
+                "page_size_default must be <= page_size_max",
+            ),
+            (
+                self.page_size_max > API_MAX_PAGE_SIZE,
+                f"page_size_max must be <= {API_MAX_PAGE_SIZE}",
+            ),
+            (
+                self.max_config_bytes >= MAX_PAYLOAD_BYTES,
                 f"max_config_bytes must stay below protocols.MAX_PAYLOAD_BYTES "
-                f"({MAX_PAYLOAD_BYTES}) so the whole desired document fits in one message"
-            )
-        if self.max_request_body_bytes <= self.max_config_bytes:
-            raise ValueError("max_request_body_bytes must exceed max_config_bytes")
-        if self.mqtt_receive_max_messages > 65_535:
-            raise ValueError("mqtt_receive_max_messages is an MQTT 5 Receive Maximum: <= 65535")
-        if self.max_bundle_bytes > MAX_BUNDLE_FILE_BYTES:
-            raise ValueError(
+                f"({MAX_PAYLOAD_BYTES}) so the whole desired document fits in one message",
+            ),
+            (
+                self.max_request_body_bytes <= self.max_config_bytes,
+                "max_request_body_bytes must exceed max_config_bytes",
+            ),
+            (
+                self.mqtt_receive_max_messages > 65_535,
+                "mqtt_receive_max_messages is an MQTT 5 Receive Maximum: <= 65535",
+            ),
+            (
+                self.max_bundle_bytes > MAX_BUNDLE_FILE_BYTES,
                 f"max_bundle_bytes must not exceed {MAX_BUNDLE_FILE_BYTES}, "
-                "the largest bundle file the format allows"
-            )
-        if self.bundle_chunk_max_bytes > MAX_CHUNK_BYTES:
-            raise ValueError(
+                "the largest bundle file the format allows",
+            ),
+            (
+                self.bundle_chunk_max_bytes > MAX_CHUNK_BYTES,
                 f"bundle_chunk_max_bytes must not exceed {MAX_CHUNK_BYTES} "
-                "(protocols.MAX_CHUNK_BYTES: a frame must fit the broker's max_packet_size)"
-            )
-        if not 0 <= self.bundle_clock_skew_s <= BUNDLE_LIMITS.max_clock_skew_s:
-            raise ValueError(
-                f"bundle_clock_skew_s must be within 0..{BUNDLE_LIMITS.max_clock_skew_s}"
-            )
-        self.bundle_directory()
-        if self.public_broker_url is not None:
-            net.parse_broker_url(self.public_broker_url)
-        if (self.api_tls_cert_path is None) != (self.api_tls_key_path is None):
-            raise ValueError("api_tls_cert_path and api_tls_key_path go together")
-        if (self.broker_tls_cert_path is None) != (self.broker_tls_key_path is None):
-            raise ValueError("broker_tls_cert_path and broker_tls_key_path go together")
-        if self.desired_poll_s < 0:
-            raise ValueError("desired_poll_s must not be negative")
-        if self.cert_renew_min_interval_s < 0:
-            raise ValueError("cert_renew_min_interval_s must not be negative")
-        if not 1 <= self.device_cert_validity_days <= 3650:
-            raise ValueError("device_cert_validity_days must be within 1..3650")
+                "(protocols.MAX_CHUNK_BYTES: a frame must fit the broker's max_packet_size)",
+            ),
+            (
+                not 0 <= self.bundle_clock_skew_s <= skew_max,
+                f"bundle_clock_skew_s must be within 0..{skew_max}",
+            ),
+            (
+                (self.api_tls_cert_path is None) != (self.api_tls_key_path is None),
+                "api_tls_cert_path and api_tls_key_path go together",
+            ),
+            (
+                (self.broker_tls_cert_path is None) != (self.broker_tls_key_path is None),
+                "broker_tls_cert_path and broker_tls_key_path go together",
+            ),
+            (self.desired_poll_s < 0, "desired_poll_s must not be negative"),
+            (self.cert_renew_min_interval_s < 0, "cert_renew_min_interval_s must not be negative"),
+            (
+                not 1 <= self.device_cert_validity_days <= 3650,
+                "device_cert_validity_days must be within 1..3650",
+            ),
+        ]
 
     def broker(self) -> BrokerAddress:
         """The parsed broker address; raises ValueError on a bad URL."""

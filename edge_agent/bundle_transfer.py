@@ -1,4 +1,4 @@
-"""Sans-I/O download of one bundle file: events in, actions out (ARCHITECTURE invariants 8, 9).
+"""Sans-I/O download of one bundle file: events in, actions out (architecture rules 8, 9).
 
 :class:`BundleFetch` knows the file it wants (the SHA-256 of the whole bundle
 file, as the desired config references it) and nothing about MQTT, HTTP or

@@ -1,4 +1,4 @@
-"""The agent's reconcile core: events in, actions out, no I/O (ARCHITECTURE invariant 8).
+"""The agent's reconcile core: events in, actions out, no I/O (architecture rule 8).
 
 Rules:
 - A desired document is applied only if its generation is newer than every

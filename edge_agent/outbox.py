@@ -1,4 +1,4 @@
-"""The device's outbox: what it produced while it could not publish (ARCHITECTURE invariant 5).
+"""The device's outbox: what it produced while it could not publish (architecture rule 5).
 
 The reconcile core puts a message here instead of publishing it when the
 device has no connection, or when a publish was refused; on the next

@@ -21,7 +21,7 @@ Rules (the normative text is ``docs/protocol.md``, "Signed desired documents"):
   root ``expired``. Without one (an agent started with ``--insecure-unsigned``,
   a simulator without ``--root``) both forms are taken unverified.
 - Replay of an older signed document is harmless: the agent applies only a
-  generation newer than any it applied (ARCHITECTURE invariant 4).
+  generation newer than any it applied (architecture rule 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Controllers: the hub's reconcile loops (ARCHITECTURE "Hub controllers", invariant 7).
+"""Controllers: the hub's reconcile loops (docs/architecture.md, "Controllers"; rule 7).
 
 A controller is two modules:
 

@@ -10,7 +10,7 @@ Modules, each importing only those above it:
 - ``routes``: ``/devices`` and ``/fleet``.
 
 Rules:
-- The database is the only source of truth for desired state (ARCHITECTURE
-  invariant 1): every change bumps the device's ``desired_generation`` in the
+- The database is the only source of truth for desired state (docs/architecture.md,
+  rule 1): every change bumps the device's ``desired_generation`` in the
   transaction that makes it.
 """

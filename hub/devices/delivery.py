@@ -1,7 +1,7 @@
 """Delivery: desired documents read from the database, signed, published retained.
 
 Rules:
-- Desired state is read from the database at publish time (ARCHITECTURE invariant
+- Desired state is read from the database at publish time (architecture rule
   1); delivery keeps only a *set* of device ids to publish, so changes made in
   quick succession coalesce and the newest generation always wins (invariant 2).
   Documents go out QoS 1 and retained on each device's ``desired`` topic, sealed by

@@ -1,7 +1,7 @@
 """The desired-state service: every change to what devices should run goes through here.
 
 Rules:
-- The database is the truth (ARCHITECTURE invariant 1): each method commits its
+- The database is the truth (architecture rule 1): each method commits its
   change (through :mod:`hub.devices.store`, which bumps the generation and takes
   the next value of the change feed in the same transaction), and only then tells
   delivery which devices changed (:class:`DeliverySignal`). The signal is a hint

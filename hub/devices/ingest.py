@@ -21,7 +21,7 @@ Rules:
   batch is retried one message at a time, so one poisoned message cannot block
   others (it is dropped and counted as ``internal_error``).
 - A birth announcing an older generation than the desired one (or a device ahead
-  of the hub, re-keyed) asks delivery to publish again (ARCHITECTURE invariant
+  of the hub, re-keyed) asks delivery to publish again (architecture rule
   3: the broker may have lost its retained copy).
 - Metrics cost per batch, not per message: each batch observes its size and its
   duration once.

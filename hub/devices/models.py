@@ -3,7 +3,7 @@
 Rules:
 - ``Device`` is the device table; its desired fields change only through
   :mod:`hub.devices.store` (called by :mod:`hub.devices.desired`), which bumps
-  ``desired_generation`` in the same transaction (ARCHITECTURE invariant 1).
+  ``desired_generation`` in the same transaction (architecture rule 1).
 - Device ids follow the wire contract (:func:`protocols.is_valid_device_id`), so an
   id accepted by the API is always a legal topic segment.
 - Label keys and values are short, restricted strings: they end up in selectors and

@@ -3,7 +3,7 @@
 Nothing here touches MQTT, the database or the clock: callers pass ``now`` and the
 device's current tracking fields, and get back the new fields plus what to do.
 
-Rules (the contract; ARCHITECTURE invariants 3 and 5):
+Rules (the contract; architecture rules 3 and 5):
 
 - **Birth.** ``birth.session < tracking.session``: stale birth, ignored entirely.
   Otherwise ``session``, ``online=True``, ``last_seen``, ``agent_version`` and

@@ -6,7 +6,7 @@ Rules:
 - They raise the domain errors of :mod:`hub.devices.errors`, never HTTP errors.
 - Each write function is one transaction and commits it. A change of desired state
   bumps ``desired_generation`` by exactly 1 in the same transaction as the config
-  (ARCHITECTURE invariant 1); write transactions take the write lock up front
+  (architecture rule 1); write transactions take the write lock up front
   (:func:`hub.db.begin_write`, plus ``FOR UPDATE`` where the database has it), so
   concurrent changes never hand out the same generation twice.
 - The per-message rules live in :mod:`hub.devices.rules` (pure); :func:`apply_messages`

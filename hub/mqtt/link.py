@@ -1,7 +1,7 @@
 """The hub's link to one broker: its sessions and everything registered on them.
 
 Rules:
-- One :class:`BrokerLink` per broker (today one; ARCHITECTURE "Scale": nothing
+- One :class:`BrokerLink` per broker (today one; docs/architecture.md: nothing
   assumes a single broker). It holds two :class:`~hub.mqtt.session.MqttSession`:
   - the **link session** (client id ``mqtt_client_id``): a persistent session
     (``clean_start=False`` plus a Session Expiry Interval), so QoS 1 messages from

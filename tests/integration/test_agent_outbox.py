@@ -5,7 +5,7 @@ test kills the broker; then the stub refuses the bundle (404), so the agent
 fails the generation while it cannot publish: the failed report goes into
 ``outbox.json``. The agent is SIGKILLed, the broker comes back (empty), the
 agent restarts, and a raw peer standing in for the hub receives that very
-report, before the new birth (ARCHITECTURE invariant 5).
+report, before the new birth (architecture rule 5).
 """
 
 from __future__ import annotations

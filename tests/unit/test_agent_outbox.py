@@ -1,4 +1,4 @@
-"""The outbox: what a device keeps while it cannot publish (ARCHITECTURE invariant 5).
+"""The outbox: what a device keeps while it cannot publish (architecture rule 5).
 
 A table of puts and what a drain gives back; then the core's use of it
 (offline reports, the flush before the birth, a refused publish, a flood of

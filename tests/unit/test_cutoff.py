@@ -138,7 +138,7 @@ BANNED = {
 
 @pytest.mark.parametrize("path", PLANNERS, ids=[p.parent.name for p in PLANNERS])
 def test_planners_import_no_io(path: Path) -> None:
-    """ARCHITECTURE invariant 8: a controller's planner is pure; its imports say so."""
+    """architecture rule 8: a controller's planner is pure; its imports say so."""
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

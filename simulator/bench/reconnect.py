@@ -35,6 +35,9 @@ Rules:
 - Every wait has a deadline (``--deadline-s``); a child ends at EOF on stdin
   (its parent is gone), on ``stop`` and on SIGTERM, closing its clients first.
 - Loopback only: the broker address comes from the parent, which started it.
+- A child runs as a storm worker does: the same collector thresholds
+  (``simulator.fleet.GC_THRESHOLDS``), the same raised RLIMIT_NOFILE, and
+  ``DeviceLink`` connects without binding first (``simulator.link``).
 - A client reconnects as a device does: at most ``--max-concurrent-connects``
   connection attempts per process at once, a failed attempt retried after the
   device's jittered backoff.
@@ -61,7 +64,7 @@ from simulator.bench.common import BenchError, cpu_seconds
 from simulator.bench.mqttload import LoadChild
 from simulator.link import DeviceLink, LinkError, LinkSettings
 from simulator.profiles import StormSpec, device_rng, storm_offline_s
-from simulator.workers import split
+from simulator.workers import rss_bytes, split
 
 CLIENT_PREFIX = "bare"  # client ids: simulator.fleet.device_ids(count, CLIENT_PREFIX)
 ROOT = "bench/storm-bare"  # client j: ROOT/<id>/in (its queued message), ROOT/<id>/will
@@ -282,6 +285,7 @@ class _Clients:
             t_last_connected=max((t[0] for t in times), default=0.0),
             t_last_received=max((t[1] for t in times), default=0.0),
             cpu_s=time.process_time() - cpu0,
+            rss_bytes=rss_bytes(),
             **vars(counts),
         )
 
@@ -300,8 +304,14 @@ async def _stdin_lines() -> asyncio.StreamReader:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from simulator.fleet import FD_HEADROOM, FleetError, raise_nofile_limit
+    from simulator.fleet import (
+        FD_HEADROOM,
+        FleetError,
+        raise_nofile_limit,
+        tune_gc_for_many_devices,
+    )
 
+    tune_gc_for_many_devices()  # as the storm's workers do
     me = asyncio.current_task()
     assert me is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, me.cancel)
@@ -466,6 +476,11 @@ class BareReconnects:
             await child.wait_for(said, timeout_s=self.deadline_s, what=what)
         lines = [child.last(event) for child in self.children]
         return [line for line in lines if line is not None]
+
+    def rss_bytes(self) -> int:
+        """The children's resident memory when they last finished a round (0 before any)."""
+        lines = [child.last("done") for child in self.children]
+        return sum(int(line.get("rss_bytes", 0)) for line in lines if line is not None)
 
     async def _tell(self, command: dict[str, Any]) -> None:
         for child in self.children:

@@ -529,38 +529,51 @@ class Summary:
 
 def fleet_summary(session: Session) -> Summary:
     """Counts over the active fleet; ``by_generation`` counts devices per desired
-    generation; decommissioned devices are only counted, apart."""
+    generation; decommissioned devices are only counted, apart.
+
+    One pass over the table: one row per (decommissioned?, desired generation) with
+    the counts beside it, added up here (a summary is polled often, e.g. while a
+    fleet converges).
+    """
 
     def _count(condition: ColumnElement[bool]) -> Any:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
-    total, online, in_sync, out_of_sync, failed = session.execute(
+    gone = col(Device.decommissioned_at).is_not(None)
+    generation = col(Device.desired_generation)
+    rows = session.execute(
         sa_select(
+            gone,
+            generation,
             func.count(),
             _count(col(Device.online).is_(True)),
-            _count(col(Device.desired_generation) == col(Device.reported_generation)),
-            _count(_out_of_sync()),
+            _count(generation == col(Device.reported_generation)),
+            _count(and_(generation > 0, generation > col(Device.reported_generation))),
             _count(col(Device.report_phase) == "failed"),
         )
         .select_from(Device)
-        .where(_active())
-    ).one()
-    by_generation = session.exec(
-        select(Device.desired_generation, func.count())
-        .where(_active())
-        .group_by(col(Device.desired_generation))
+        .group_by(gone, generation)
     ).all()
-    decommissioned = session.exec(
-        select(func.count()).select_from(Device).where(col(Device.decommissioned_at).is_not(None))
-    ).one()
+    total = online = in_sync = out_of_sync = failed = decommissioned = 0
+    by_generation: dict[int, int] = {}
+    for is_gone, desired, n, n_online, n_in_sync, n_out_of_sync, n_failed in rows:
+        if is_gone:
+            decommissioned += int(n)
+            continue
+        by_generation[int(desired)] = int(n)
+        total += int(n)
+        online += int(n_online)
+        in_sync += int(n_in_sync)
+        out_of_sync += int(n_out_of_sync)
+        failed += int(n_failed)
     return Summary(
-        total=int(total),
-        online=int(online),
-        in_sync=int(in_sync),
-        out_of_sync=int(out_of_sync),
-        failed=int(failed),
-        by_generation={int(g): int(n) for g, n in by_generation},
-        decommissioned=int(decommissioned),
+        total=total,
+        online=online,
+        in_sync=in_sync,
+        out_of_sync=out_of_sync,
+        failed=failed,
+        by_generation=by_generation,
+        decommissioned=decommissioned,
     )
 
 

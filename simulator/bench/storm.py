@@ -18,7 +18,8 @@ sync, R times, at a scheduled instant:
 shows every device online and in sync (polled every ``poll_interval_s``);
 milestones on the same clock: every device connected (the workers' counters,
 which arrive every 0.2 s, so this one can trail the others by that much), every
-device online on the hub.
+device online on the hub (the first of the same polls to show it: one poller,
+since each poll is a pass over the hub's devices, counted in the hub's CPU).
 
 Two baselines, measured in the same run on the same broker right before each
 storm (the echo, then the bare round; neither overlaps the storm):
@@ -177,6 +178,7 @@ class StormResult:
     storms: list[Storm] = field(default_factory=list)
     hub_stats: dict[str, Any] = field(default_factory=dict)
     fleet_counters: dict[str, Any] = field(default_factory=dict)
+    rss_mib: dict[str, float] = field(default_factory=dict)  # resident memory at the end
 
     def medians(self) -> dict[str, float]:
         names = [n for n in Storm.__dataclass_fields__ if n != "index"]
@@ -213,6 +215,7 @@ class StormResult:
             "ratio_storm_over_echo": round(self.ratio_echo(), 3),
             "hub_stats": self.hub_stats,
             "fleet_counters": self.fleet_counters,
+            "rss_mib": {k: round(v, 1) for k, v in self.rss_mib.items()},
         }
 
 
@@ -308,6 +311,26 @@ async def summary_until(
     return time.time()
 
 
+async def online_then_in_sync(
+    api: httpx.AsyncClient, n: int, *, cfg: StormConfig, what: str
+) -> tuple[float, float]:
+    """Poll the fleet summary until all ``n`` are online and in sync; returns the wall-clock
+    times at which one poll first showed all online, and all online and in sync.
+
+    One poller for both milestones: every poll costs the hub a pass over its devices,
+    and that CPU is counted in the storm's.
+    """
+    seen_online: list[float] = []
+
+    def in_sync(summary: dict[str, Any]) -> bool:
+        if not seen_online and summary["online"] == n:
+            seen_online.append(time.time())
+        return bool(summary["online"] == n and summary["in_sync"] == n)
+
+    t_sync = await summary_until(api, in_sync, cfg=cfg, what=what)
+    return (seen_online[0] if seen_online else t_sync), t_sync
+
+
 async def put_desired(api: httpx.AsyncClient, n: int, round_no: int, ids: Sequence[str]) -> None:
     """One fleet-wide change of every benchmark device; raises BenchError."""
     response = await api.put(
@@ -371,27 +394,14 @@ async def run_storm(
             what=f"storm {index}: {n} reconnected",
         )
 
-    async def online() -> float:
-        return await summary_until(
-            api, lambda s: s["online"] == n, cfg=cfg, what=f"storm {index}: hub shows all online"
-        )
-
     t_connected_task = asyncio.create_task(connected())
-    t_online_task = asyncio.create_task(online())
     try:
-        t_sync = await summary_until(
-            api,
-            lambda s: s["online"] == n and s["in_sync"] == n,
-            cfg=cfg,
-            what=f"storm {index}: hub shows all online and in sync",
+        t_online, t_sync = await online_then_in_sync(
+            api, n, cfg=cfg, what=f"storm {index}: hub shows all online and in sync"
         )
-        t_connected, t_online = await t_connected_task, await t_online_task
-        # Two pollers: the one that saw "all online and in sync" may have seen it
-        # before the "all online" poller's next look, and it implies all online.
-        t_online = min(t_online, t_sync)
+        t_connected = await t_connected_task
     finally:
         t_connected_task.cancel()
-        t_online_task.cancel()
     cpu1 = {"hub": cpu_seconds(hub.pid), "broker": cpu_seconds(broker.pid), **workers_cpu(pool)}
     workers_cpu_s = sum(v - cpu0.get(k, v) for k, v in cpu1.items() if k.startswith("worker"))
     stats1, fleet1 = await hub_stats(api), pool.counters()
@@ -531,6 +541,12 @@ async def run_bench(cfg: StormConfig) -> StormResult:
                     )
                 )
             result.fleet_counters = pool.counters()
+            workers_rss, workers_rss_base = pool.rss()
+            result.rss_mib = {
+                "workers": workers_rss / 2**20,
+                "workers_before_fleet": workers_rss_base / 2**20,
+                "bare_clients": bare.rss_bytes() / 2**20,
+            }
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 result.hub_stats = await hub_stats(api)
     return result

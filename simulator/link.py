@@ -162,6 +162,28 @@ class _Client(aiomqtt.Client):
         if failure.done() and not failure.cancelled():
             failure.exception()
 
+    def connect_without_bind(self, host: str, port: int) -> None:
+        """Let the kernel choose the local port at connect time, not at bind time.
+
+        paho opens its socket with ``socket.create_connection(..., source_address=
+        (bind_address, bind_port))``, and ``("", 0)`` is a true value, so every socket is
+        first bound to an ephemeral port on its own. A port taken by ``bind`` cannot be
+        shared with other connections, and the search for one slows down as the range
+        fills: with thousands of simulated devices on one host, and as many TIME_WAIT
+        sockets after each storm, that ``bind`` took most of a reconnect's CPU
+        (docs/benchmarks.md, "Reconnect storm ... where the time goes"). ``connect``
+        alone picks the port per destination, reusing loopback TIME_WAIT ports.
+        One device on its own host, as in production, never had the problem.
+        """
+        paho = self._client
+        timeout_s = paho.connect_timeout
+
+        def create_socket_connection() -> socket.socket:
+            return socket.create_connection((host, port), timeout=timeout_s)
+
+        # paho's own hook for this step (a method); the only paho internal replaced here
+        setattr(paho, "_create_socket_connection", create_socket_connection)  # noqa: B010
+
     def sever(self) -> None:
         """Drop the TCP connection without DISCONNECT, as a pulled cable would."""
         sock = self._client.socket()
@@ -231,6 +253,7 @@ class DeviceLink:
             tls_context=self._tls_context,
         )
         client.on_lost = self._lost
+        client.connect_without_bind(self.settings.host, self.settings.port)
         self._client = client
         try:
             await client.__aenter__()

@@ -253,12 +253,18 @@ def storm_times(spec: StormSpec) -> Iterator[float]:
         yield from itertools.count(times[-1] + spec.every_s, spec.every_s)
 
 
+def storm_offline_s(spec: StormSpec, seed: int, device_id: str, index: int) -> float:
+    """Pure: how long this device's network stays away in storm ``index`` (0-based, in
+    :func:`storm_times` order): ``offline_s`` plus its own draw in the reconnect window."""
+    spread = spec.reconnect_window_s
+    jitter = device_rng(seed, device_id, f"storm/{index}").uniform(0.0, spread) if spread else 0
+    return spec.offline_s + jitter
+
+
 def storm_windows(spec: StormSpec, seed: int, device_id: str) -> Iterator[Window]:
     """Pure: this device's window for each storm; the return is drawn per storm and device."""
     for index, at in enumerate(storm_times(spec)):
-        spread = spec.reconnect_window_s
-        jitter = device_rng(seed, device_id, f"storm/{index}").uniform(0.0, spread) if spread else 0
-        yield Window(at, at + spec.offline_s + jitter)
+        yield Window(at, at + storm_offline_s(spec, seed, device_id, index))
 
 
 def offline_windows(profile: Profile, seed: int, device_id: str) -> Iterator[Window]:

@@ -12,7 +12,9 @@ slice and talks to it over its standard streams, one JSON object per line:
 Rules:
 - The split is pure and deterministic (:func:`split`): contiguous slices of
   ``device_ids(count, prefix)`` whose sizes differ by at most one.
-- A worker raises RLIMIT_NOFILE for its slice (``Fleet.start``).
+- A worker raises RLIMIT_NOFILE for its slice (``Fleet.start``) and sets the
+  cyclic collector's thresholds for a heap of thousands of devices
+  (``simulator.fleet.GC_THRESHOLDS``).
 - A worker never outlives its parent: it asks the kernel for SIGTERM when the
   parent dies (``PR_SET_PDEATHSIG``), treats end-of-file on stdin as "stop",
   and checks its parent pid once per snapshot. SIGTERM is an orderly stop
@@ -170,8 +172,17 @@ async def _stdin_reader() -> asyncio.StreamReader:
 
 
 async def _serve(out: _Out) -> int:
-    from simulator.fleet import SIM_FETCH, Fleet, FleetConfig, FleetError, device_ids
+    from simulator.fleet import (
+        SIM_FETCH,
+        Fleet,
+        FleetConfig,
+        FleetError,
+        device_ids,
+        tune_gc_for_many_devices,
+    )
     from simulator.journal import Journal
+
+    tune_gc_for_many_devices()
 
     commands = await _stdin_reader()
     first = await commands.readline()

@@ -530,24 +530,17 @@ class DeviceCounts:
 
 
 def device_counts(session: Session) -> DeviceCounts:
-    """One aggregate query over the device table (a scan, no rows loaded): what the
-    fleet summary and the metrics' device gauges show."""
-
-    def _count(condition: ColumnElement[bool]) -> Any:
-        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-    active = _active()
-    row = session.execute(
-        sa_select(
-            _count(active),
-            _count(and_(active, col(Device.online).is_(True))),
-            _count(and_(active, col(Device.desired_generation) == col(Device.reported_generation))),
-            _count(_out_of_sync()),
-            _count(and_(active, col(Device.report_phase) == "failed")),
-            _count(col(Device.decommissioned_at).is_not(None)),
-        ).select_from(Device)
-    ).one()
-    return DeviceCounts(*(int(n) for n in row))
+    """The fleet's states (the summary without ``by_generation``): what the metrics'
+    device gauges show; the same one pass as :func:`fleet_summary`."""
+    summary = fleet_summary(session)
+    return DeviceCounts(
+        total=summary.total,
+        online=summary.online,
+        in_sync=summary.in_sync,
+        out_of_sync=summary.out_of_sync,
+        failed=summary.failed,
+        decommissioned=summary.decommissioned,
+    )
 
 
 @dataclass(frozen=True)
@@ -562,22 +555,52 @@ class Summary:
 
 
 def fleet_summary(session: Session) -> Summary:
-    """Counts over the active fleet (:func:`device_counts`); ``by_generation`` counts
-    devices per desired generation; decommissioned devices are only counted, apart."""
-    counts = device_counts(session)
-    by_generation = session.exec(
-        select(Device.desired_generation, func.count())
-        .where(_active())
-        .group_by(col(Device.desired_generation))
+    """Counts over the active fleet; ``by_generation`` counts devices per desired
+    generation; decommissioned devices are only counted, apart.
+
+    One pass over the table: one row per (decommissioned?, desired generation) with
+    the counts beside it, added up here (a summary is polled often, e.g. while a
+    fleet converges).
+    """
+
+    def _count(condition: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    gone = col(Device.decommissioned_at).is_not(None)
+    generation = col(Device.desired_generation)
+    rows = session.execute(
+        sa_select(
+            gone,
+            generation,
+            func.count(),
+            _count(col(Device.online).is_(True)),
+            _count(generation == col(Device.reported_generation)),
+            _count(and_(generation > 0, generation > col(Device.reported_generation))),
+            _count(col(Device.report_phase) == "failed"),
+        )
+        .select_from(Device)
+        .group_by(gone, generation)
     ).all()
+    total = online = in_sync = out_of_sync = failed = decommissioned = 0
+    by_generation: dict[int, int] = {}
+    for is_gone, desired, n, n_online, n_in_sync, n_out_of_sync, n_failed in rows:
+        if is_gone:
+            decommissioned += int(n)
+            continue
+        by_generation[int(desired)] = int(n)
+        total += int(n)
+        online += int(n_online)
+        in_sync += int(n_in_sync)
+        out_of_sync += int(n_out_of_sync)
+        failed += int(n_failed)
     return Summary(
-        total=counts.total,
-        online=counts.online,
-        in_sync=counts.in_sync,
-        out_of_sync=counts.out_of_sync,
-        failed=counts.failed,
-        by_generation={int(g): int(n) for g, n in by_generation},
-        decommissioned=counts.decommissioned,
+        total=total,
+        online=online,
+        in_sync=in_sync,
+        out_of_sync=out_of_sync,
+        failed=failed,
+        by_generation=by_generation,
+        decommissioned=decommissioned,
     )
 
 

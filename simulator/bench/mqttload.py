@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 REPORT_ROOT = "driftless/v1/devices"  # what the hub subscribes to
@@ -356,12 +356,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class LoadChild:
-    """One ``mqttload`` child: start it, read its JSON lines with deadlines, stop it."""
+    """One ``mqttload`` child (or another ``module`` that speaks the same JSON lines):
+    start it, read its lines with deadlines, send it commands, stop it."""
 
-    def __init__(self, role: str, argv: Sequence[str], *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        module: str = "simulator.bench.mqttload",
+    ) -> None:
         self.role = role
         self.name = name or role
-        self.argv = [sys.executable, "-m", "simulator.bench.mqttload", role, *argv]
+        self.argv = [sys.executable, "-m", module, role, *argv]
         self.lines: list[dict[str, Any]] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -391,6 +399,17 @@ class LoadChild:
         if self._proc.stderr is not None:
             self._stderr = await self._proc.stderr.read()
         self._changed.set()
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Write one JSON line to the child's stdin; raises LoadError if it is gone."""
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            raise LoadError(f"{self.name}: not running")
+        try:
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            await proc.stdin.drain()
+        except (OSError, RuntimeError) as exc:
+            raise LoadError(f"{self.name}: cannot send a command: {exc}") from exc
 
     def last(self, event: str) -> dict[str, Any] | None:
         """The newest line of kind ``event``, if any."""

@@ -18,18 +18,36 @@ sync, R times, at a scheduled instant:
 shows every device online and in sync (polled every ``poll_interval_s``);
 milestones on the same clock: every device connected (the workers' counters,
 which arrive every 0.2 s, so this one can trail the others by that much), every
-device online on the hub. The **baseline**, measured in the same run on
-the same broker before each storm, is :class:`simulator.bench.converge.Baseline`:
-N QoS 1 messages the size of a desired document published to per-device topics
-and echoed back by one bare aiomqtt client, until all N echoes are back. Also
-recorded per storm: the hub's CPU seconds (``/proc/<pid>/stat``) from the cut to
-"in sync", and messages per device on the hub (``/hub/stats``: received and
-published) and on the devices (the workers' counters: in and out).
+device online on the hub (the first of the same polls to show it: one poller,
+since each poll is a pass over the hub's devices, counted in the hub's CPU).
+
+Two baselines, measured in the same run on the same broker right before each
+storm (the echo, then the bare round; neither overlaps the storm):
+
+- **bare reconnect** (the headline ratio), :class:`simulator.bench.reconnect.BareReconnects`:
+  N plain MQTT clients on the devices' own connection class
+  (``simulator.link.DeviceLink``: aiomqtt, persistent session, a Will), in as
+  many processes as the storm's workers, cut at once without DISCONNECT, each
+  back after the same per-device offline time as its device in this storm, each
+  receiving one QoS 1 message of a document's size queued for it once the
+  broker had published every Will; timed from the first network return until
+  every client has its message. The clients connect for each round and
+  disconnect cleanly after it, so none is connected during a storm.
+- **echo**, :class:`simulator.bench.converge.Baseline`: N QoS 1 messages the size
+  of a desired document published to per-device topics and echoed back by one
+  bare aiomqtt client, until all N echoes are back (cheap, and comparable with
+  runs from before the bare reconnect baseline).
+
+Also recorded per storm: CPU seconds (``/proc/<pid>/stat``) of the hub, the
+devices' workers and the broker from just before the cut to "in sync" (and of
+the bare clients and the broker in the bare round), and messages per device on
+the hub (``/hub/stats``: received and published) and on the devices (the
+workers' counters: in and out).
 
 Rules:
 - Loopback only; every wait has a deadline; every storm is scheduled up front
   (a pure schedule shared by all workers, ``simulator.profiles``).
-- Broker, hub and workers are stopped at exit, on error and on SIGTERM.
+- Broker, hub, workers and bare clients are stopped at exit, on error and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -64,6 +82,8 @@ from simulator.bench.common import (
     workdir,
 )
 from simulator.bench.converge import DOCUMENT_BYTES, Baseline, bench_config, fleet_summary
+from simulator.bench.mqttload import LoadError
+from simulator.bench.reconnect import BareReconnects
 from simulator.fleet import device_ids
 from simulator.profiles import ApplySpec, Profile, StormSpec
 from simulator.workers import WorkerPool, WorkerSpec, split
@@ -78,7 +98,7 @@ class StormConfig:
     workers: int = 2
     repeats: int = 3
     first_storm_s: float = 0.0  # 0: 30 s + 20 ms per device after the workers start
-    storm_every_s: float = 0.0  # 0: 30 s + 12 ms per device
+    storm_every_s: float = 0.0  # 0: 40 s + 12 ms per device
     offline_s: float = 6.0
     reconnect_window_s: float = 1.0
     deadline_s: float = 240.0
@@ -101,7 +121,7 @@ class StormConfig:
 
     @property
     def every_s(self) -> float:
-        return self.storm_every_s or 30.0 + 0.012 * self.devices
+        return self.storm_every_s or 40.0 + 0.012 * self.devices
 
     def storm_times(self) -> tuple[float, ...]:
         """Pure: seconds after the epoch at which each storm cuts every connection."""
@@ -124,13 +144,25 @@ class StormConfig:
 @dataclass(frozen=True)
 class Storm:
     index: int
-    baseline_s: float
+    echo_s: float  # the bare publish/echo of N documents (converge.Baseline)
+    # The bare reconnect round before this storm (simulator.bench.reconnect.BareRound):
+    bare_s: float  # its first network return -> every bare client has its queued message
+    bare_connected_s: float  # its first network return -> every bare client connected
+    bare_received: int  # bare clients that received their queued message
+    bare_wills_after_cut_s: float
+    bare_published_before_return_s: float
+    bare_clients_cpu_s: float  # the bare clients' processes, from the cut
+    bare_broker_cpu_s: float
+    bare_connect_failures: int
+    # The storm:
     storm_s: float  # first network return -> every device online and in sync on the hub
     connected_s: float  # first network return -> every device connected (workers)
     online_s: float  # first network return -> the hub shows every device online
     all_offline_after_cut_s: float  # the cut -> the hub shows every device offline
     put_before_return_s: float  # how long before the first return the PUT had returned
-    hub_cpu_s: float
+    hub_cpu_s: float  # CPU seconds from just before the cut until "in sync", as the next two
+    workers_cpu_s: float  # the storm's worker processes (the simulated devices)
+    broker_cpu_s: float
     hub_received_per_device: float
     hub_published_per_device: float
     device_in_per_device: float
@@ -146,14 +178,22 @@ class StormResult:
     storms: list[Storm] = field(default_factory=list)
     hub_stats: dict[str, Any] = field(default_factory=dict)
     fleet_counters: dict[str, Any] = field(default_factory=dict)
+    rss_mib: dict[str, float] = field(default_factory=dict)  # resident memory at the end
 
     def medians(self) -> dict[str, float]:
         names = [n for n in Storm.__dataclass_fields__ if n != "index"]
         return {n: median([float(getattr(s, n)) for s in self.storms]) for n in names}
 
     def ratio(self) -> float:
+        """Pure: median storm / median bare reconnect round (the headline)."""
         m = self.medians()
-        return ratio(m["storm_s"], m["baseline_s"])
+        return ratio(m["storm_s"], m["bare_s"])
+
+    def ratio_echo(self) -> float:
+        """Pure: median storm / median bare publish/echo (comparable to runs before the
+        bare reconnect baseline existed)."""
+        m = self.medians()
+        return ratio(m["storm_s"], m["echo_s"])
 
     def as_json(self, command: str) -> dict[str, Any]:
         config = asdict(self.config)
@@ -171,18 +211,26 @@ class StormResult:
             "setup_s": {k: round(v, 4) for k, v in self.setup_s.items()},
             "storms": [asdict(s) for s in self.storms],
             "median": {k: round(v, 4) for k, v in self.medians().items()},
-            "ratio_storm_over_baseline": round(self.ratio(), 3),
+            "ratio_storm_over_bare": round(self.ratio(), 3),
+            "ratio_storm_over_echo": round(self.ratio_echo(), 3),
             "hub_stats": self.hub_stats,
             "fleet_counters": self.fleet_counters,
+            "rss_mib": {k: round(v, 1) for k, v in self.rss_mib.items()},
         }
 
 
 ROWS = (
-    ("baseline: bare MQTT echo", "baseline_s", "{:.3f}"),
+    ("echo: bare MQTT publish/echo", "echo_s", "{:.3f}"),
+    ("bare reconnect: all connected", "bare_connected_s", "{:.3f}"),
+    ("bare reconnect: all received", "bare_s", "{:.3f}"),
     ("ours: all connected", "connected_s", "{:.3f}"),
     ("ours: hub shows all online", "online_s", "{:.3f}"),
     ("ours: hub shows all in sync", "storm_s", "{:.3f}"),
-    ("hub CPU seconds", "hub_cpu_s", "{:.2f}"),
+    ("bare: clients CPU seconds", "bare_clients_cpu_s", "{:.2f}"),
+    ("bare: broker CPU seconds", "bare_broker_cpu_s", "{:.2f}"),
+    ("ours: workers CPU seconds", "workers_cpu_s", "{:.2f}"),
+    ("ours: broker CPU seconds", "broker_cpu_s", "{:.2f}"),
+    ("ours: hub CPU seconds", "hub_cpu_s", "{:.2f}"),
     ("hub msgs/device in", "hub_received_per_device", "{:.2f}"),
     ("hub msgs/device out", "hub_published_per_device", "{:.2f}"),
     ("device msgs in", "device_in_per_device", "{:.2f}"),
@@ -204,7 +252,8 @@ def format_table(result: StormResult) -> str:
     for label, name, fmt in ROWS:
         cells = "".join(f"{fmt.format(getattr(s, name)):>10}" for s in result.storms)
         lines.append(f"{label:<32}{cells}{fmt.format(medians[name]):>10}")
-    lines.append(f"ratio storm/baseline (median): {result.ratio():.2f}x")
+    lines.append(f"ratio storm/bare reconnect (median): {result.ratio():.2f}x")
+    lines.append(f"ratio storm/echo (median): {result.ratio_echo():.2f}x")
     return "\n".join(lines)
 
 
@@ -262,6 +311,26 @@ async def summary_until(
     return time.time()
 
 
+async def online_then_in_sync(
+    api: httpx.AsyncClient, n: int, *, cfg: StormConfig, what: str
+) -> tuple[float, float]:
+    """Poll the fleet summary until all ``n`` are online and in sync; returns the wall-clock
+    times at which one poll first showed all online, and all online and in sync.
+
+    One poller for both milestones: every poll costs the hub a pass over its devices,
+    and that CPU is counted in the storm's.
+    """
+    seen_online: list[float] = []
+
+    def in_sync(summary: dict[str, Any]) -> bool:
+        if not seen_online and summary["online"] == n:
+            seen_online.append(time.time())
+        return bool(summary["online"] == n and summary["in_sync"] == n)
+
+    t_sync = await summary_until(api, in_sync, cfg=cfg, what=what)
+    return (seen_online[0] if seen_online else t_sync), t_sync
+
+
 async def put_desired(api: httpx.AsyncClient, n: int, round_no: int, ids: Sequence[str]) -> None:
     """One fleet-wide change of every benchmark device; raises BenchError."""
     response = await api.put(
@@ -270,6 +339,11 @@ async def put_desired(api: httpx.AsyncClient, n: int, round_no: int, ids: Sequen
     )
     if response.status_code != 200 or response.json().get("updated") != n:
         raise BenchError(f"PUT /fleet/desired: HTTP {response.status_code} {response.text[:300]}")
+
+
+def workers_cpu(pool: WorkerPool) -> dict[str, float]:
+    """CPU seconds of each living storm worker, keyed ``worker-<pid>``."""
+    return {f"worker-{pid}": cpu_seconds(pid) for pid in pool.pids()}
 
 
 async def run_storm(
@@ -281,20 +355,26 @@ async def run_storm(
     api: httpx.AsyncClient,
     hub: HubChild,
     pool: WorkerPool,
-    baseline: Baseline,
+    broker: MosquittoBroker,
+    echo: Baseline,
+    bare: BareReconnects,
     ids: Sequence[str],
 ) -> Storm:
     n = cfg.devices
     cut = epoch + at_s
     back = cut + cfg.offline_s  # the first network may return now; the last within the window
-    baseline_s = await baseline.measure(index, timeout_s=cfg.deadline_s)
+    echo_s = await echo.measure(index, timeout_s=cfg.deadline_s)
+    bare_round = await bare.measure(index)
+    if bare_round.received != n:
+        raise BenchError(f"bare round {index}: {bare_round.received}/{n} messages received")
     if time.time() > cut - 1.0:
         raise BenchError(
             f"storm {index}: the fleet was not settled before the storm; "
             "raise --storm-every-s / --first-storm-s"
         )
     await wait_wall(cut - 0.5, what=f"storm {index}", limit_s=cfg.deadline_s + cfg.every_s)
-    stats0, cpu0, fleet0 = await hub_stats(api), cpu_seconds(hub.pid), pool.counters()
+    stats0, fleet0 = await hub_stats(api), pool.counters()
+    cpu0 = {"hub": cpu_seconds(hub.pid), "broker": cpu_seconds(broker.pid), **workers_cpu(pool)}
     t_offline = await summary_until(
         api, lambda s: s["online"] == 0, cfg=cfg, what=f"storm {index}: hub shows all offline"
     )
@@ -314,40 +394,38 @@ async def run_storm(
             what=f"storm {index}: {n} reconnected",
         )
 
-    async def online() -> float:
-        return await summary_until(
-            api, lambda s: s["online"] == n, cfg=cfg, what=f"storm {index}: hub shows all online"
-        )
-
     t_connected_task = asyncio.create_task(connected())
-    t_online_task = asyncio.create_task(online())
     try:
-        t_sync = await summary_until(
-            api,
-            lambda s: s["online"] == n and s["in_sync"] == n,
-            cfg=cfg,
-            what=f"storm {index}: hub shows all online and in sync",
+        t_online, t_sync = await online_then_in_sync(
+            api, n, cfg=cfg, what=f"storm {index}: hub shows all online and in sync"
         )
-        t_connected, t_online = await t_connected_task, await t_online_task
-        # Two pollers: the one that saw "all online and in sync" may have seen it
-        # before the "all online" poller's next look, and it implies all online.
-        t_online = min(t_online, t_sync)
+        t_connected = await t_connected_task
     finally:
         t_connected_task.cancel()
-        t_online_task.cancel()
-    cpu = cpu_seconds(hub.pid) - cpu0
+    cpu1 = {"hub": cpu_seconds(hub.pid), "broker": cpu_seconds(broker.pid), **workers_cpu(pool)}
+    workers_cpu_s = sum(v - cpu0.get(k, v) for k, v in cpu1.items() if k.startswith("worker"))
     stats1, fleet1 = await hub_stats(api), pool.counters()
     received = stats1["received"].get("total", 0) - stats0["received"].get("total", 0)
     published = stats1["desired_published"] - stats0["desired_published"]
     return Storm(
         index=index,
-        baseline_s=baseline_s,
+        echo_s=echo_s,
+        bare_s=bare_round.bare_s,
+        bare_connected_s=bare_round.connected_s,
+        bare_received=bare_round.received,
+        bare_wills_after_cut_s=bare_round.wills_after_cut_s,
+        bare_published_before_return_s=bare_round.published_before_return_s,
+        bare_clients_cpu_s=bare_round.clients_cpu_s,
+        bare_broker_cpu_s=bare_round.broker_cpu_s,
+        bare_connect_failures=bare_round.connect_failures + bare_round.links_lost,
         storm_s=t_sync - back,
         connected_s=t_connected - back,
         online_s=t_online - back,
         all_offline_after_cut_s=t_offline - cut,
         put_before_return_s=back - put_done,
-        hub_cpu_s=cpu,
+        hub_cpu_s=cpu1["hub"] - cpu0["hub"],
+        workers_cpu_s=workers_cpu_s,
+        broker_cpu_s=cpu1["broker"] - cpu0["broker"],
         hub_received_per_device=received / n,
         hub_published_per_device=published / n,
         device_in_per_device=(fleet1["messages_in"] - fleet0["messages_in"]) / n,
@@ -419,13 +497,31 @@ async def run_bench(cfg: StormConfig) -> StormResult:
 
             payload_bytes = DOCUMENT_BYTES  # the size of a desired document
             result.payload_bytes = payload_bytes
-            baseline = await stack.enter_async_context(
+            echo = await stack.enter_async_context(
                 Baseline(
                     broker.host,
                     broker.port,
                     ids,
                     payload_bytes=payload_bytes,
                     inflight=cfg.baseline_inflight,
+                )
+            )
+            storm_spec = cfg.profile().storm
+            assert storm_spec is not None
+            bare = await stack.enter_async_context(
+                BareReconnects(
+                    host=broker.host,
+                    port=broker.port,
+                    count=cfg.devices,
+                    workers=cfg.workers,
+                    seed=cfg.seed,
+                    storm=storm_spec,
+                    schedule_prefix=PREFIX,
+                    payload_bytes=payload_bytes,
+                    inflight=cfg.baseline_inflight,
+                    max_concurrent_connects=cfg.max_concurrent_connects,
+                    deadline_s=cfg.deadline_s,
+                    broker_pid=broker.pid,
                 )
             )
             for index, at_s in enumerate(cfg.storm_times(), start=1):
@@ -438,11 +534,19 @@ async def run_bench(cfg: StormConfig) -> StormResult:
                         api=api,
                         hub=hub,
                         pool=pool,
-                        baseline=baseline,
+                        broker=broker,
+                        echo=echo,
+                        bare=bare,
                         ids=ids,
                     )
                 )
             result.fleet_counters = pool.counters()
+            workers_rss, workers_rss_base = pool.rss()
+            result.rss_mib = {
+                "workers": workers_rss / 2**20,
+                "workers_before_fleet": workers_rss_base / 2**20,
+                "bare_clients": bare.rss_bytes() / 2**20,
+            }
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 result.hub_stats = await hub_stats(api)
     return result
@@ -456,7 +560,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="storms")
     parser.add_argument("--first-storm-s", type=float, default=0.0, help="0: 30 s + 20 ms/device")
-    parser.add_argument("--storm-every-s", type=float, default=0.0, help="0: 30 s + 12 ms/device")
+    parser.add_argument("--storm-every-s", type=float, default=0.0, help="0: 40 s + 12 ms/device")
     parser.add_argument("--offline-s", type=float, default=6.0)
     parser.add_argument("--reconnect-window-s", type=float, default=1.0)
     parser.add_argument("--poll-interval-s", type=float, default=0.1)
@@ -491,8 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result_file=lambda cfg: f"storm-{cfg.devices}.json",
         json_path=args.json,
         log_level=args.log_level,
-        failures=(BenchError, BrokerError),
-        stopped="broker, hub and workers",
+        failures=(BenchError, BrokerError, LoadError),
+        stopped="broker, hub, workers and bare clients",
     )
 
 

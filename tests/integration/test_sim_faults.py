@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -45,6 +46,32 @@ async def watch(peer: Peer, stamps: list[tuple[float, str, bytes]]) -> None:
         for s in peer.seen[seen:]:
             stamps.append((now, s.topic, s.payload))
         seen = len(peer.seen)
+
+
+# ---------------------------------------------------------------- connecting
+
+
+async def test_a_link_connects_without_binding_its_socket_first(
+    broker: TestBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paho binds every socket to ("", 0) before connecting; with thousands of simulated
+    devices on one host that bind took most of a reconnect's CPU (docs/benchmarks.md).
+    The link lets connect() choose the port, over TLS as over plain TCP."""
+    binds: list[object] = []
+    real_bind = socket.socket.bind
+
+    def bind(self: socket.socket, address: object) -> None:
+        binds.append(address)
+        real_bind(self, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    link = device_link(broker, "unbound-1", LinkSettings.from_url(broker.url))
+    assert await link.open() is False  # a new session, over mutual TLS
+    try:
+        await link.publish(topic("unbound-1", Channel.STATUS), b"up", qos=1, retain=False)
+    finally:
+        await link.close()
+    assert binds == []
 
 
 # ---------------------------------------------------------------- slow

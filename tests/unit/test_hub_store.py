@@ -171,6 +171,38 @@ def test_failed_summary(engine: Engine) -> None:
     assert (summary.total, summary.failed, summary.in_sync, summary.out_of_sync) == (2, 1, 1, 1)
 
 
+def test_summary_counts_every_column_in_one_pass(engine: Engine) -> None:
+    """Generations, online, failed, in and out of sync; decommissioned devices apart."""
+    register(engine, "a", "b", "c", "d", "e")
+    for device_id in ("a", "b", "c", "d"):
+        set_desired(engine, device_id, v=1)
+    set_desired(engine, "b", v=2)
+    failed = Reported(
+        device_id="c", boot_epoch=1, seq=1, phase="failed", generation=1,
+        applied_generation=0, failed_generation=1, error="exit 3", ts=1,
+    )  # fmt: skip
+    applied = Reported(
+        device_id="a", boot_epoch=1, seq=1, phase="applied", generation=1,
+        applied_generation=1, ts=1,
+    )  # fmt: skip
+    online = [Status(device_id=d, online=True, session=1, ts=1) for d in ("a", "d")]
+    with new_session(engine) as s:
+        store.apply_messages(s, [failed, applied, *online], now=NOW)
+    with new_session(engine) as s:
+        store.decommission_device(s, device_id="d", now=NOW)
+    with new_session(engine) as s:
+        summary = store.fleet_summary(s)
+    assert summary == store.Summary(
+        total=4,  # a, b, c, e
+        online=1,  # a (d is decommissioned)
+        in_sync=2,  # a applied 1; e has nothing desired
+        out_of_sync=2,  # b (wants 2), c (failed 1)
+        failed=1,
+        by_generation={0: 1, 1: 2, 2: 1},
+        decommissioned=1,
+    )
+
+
 def test_the_change_feed_gives_each_transaction_one_mark_and_only_what_is_newer(
     engine: Engine,
 ) -> None:

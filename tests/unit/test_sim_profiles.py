@@ -25,6 +25,7 @@ from simulator.profiles import (
     offline_windows,
     profile_from_dict,
     publish_wire_bytes,
+    storm_offline_s,
     storm_times,
     storm_windows,
 )
@@ -270,6 +271,16 @@ def test_storm_drops_every_device_together_and_returns_them_within_the_window() 
         assert max(back) - min(back) > 0.95  # spread over the whole window ...
         assert 3.45 <= statistics.mean(back) <= 3.55  # ... evenly
     assert all(len(device) == 2 for device in fleet)
+
+
+def test_storm_offline_time_is_the_windows_own_draw() -> None:
+    """What a benchmark's bare clients use to return on the devices' schedule."""
+    spec = StormSpec(at_s=(40.0, 10.0), every_s=0, offline_s=6.0, reconnect_window_s=1.0)
+    for device_id in ("storm-00000", "storm-00001", "storm-04999"):
+        windows = list(storm_windows(spec, 7, device_id))
+        offline = [storm_offline_s(spec, 7, device_id, i) for i in range(2)]
+        assert offline == pytest.approx([w.end_s - w.start_s for w in windows], abs=1e-9)
+    assert storm_offline_s(spec, 7, "d", 0) != storm_offline_s(spec, 8, "d", 0)
 
 
 def test_storm_with_no_window_returns_everyone_at_once() -> None:

@@ -449,6 +449,7 @@ class ProcessTable:
         else:  # adopted: its pid may be reaped by another parent by now, so kill by marker
             code = _reap_if_child(running.pid)
             self._kill_group_members(running.pid, running.instance)
+        self._watch_leftovers(running.pid, running.instance)
         exited = Exited(
             workload=running.workload,
             instance=running.instance,
@@ -502,6 +503,28 @@ class ProcessTable:
             if _instance_of(pid, self.tag) == instance:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+    def _watch_leftovers(self, pgid: int, instance: str) -> None:
+        """Watch (to reap) the group's members that the leader's exit handed to us."""
+        me = os.getpid()
+        for pid in _pids():
+            stat = _read_stat(pid)
+            if stat is None or stat.pgrp != pgid or stat.ppid != me or pid == pgid:
+                continue
+            if stat.state == "Z":
+                _reap_if_child(pid)
+                continue
+            with self._lock:
+                if pid in self._orphans or self._closing:
+                    continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            orphan = _Orphan(pid, pidfd, instance)
+            with self._lock:
+                self._orphans[pid] = orphan
+                self._selector.register(pidfd, selectors.EVENT_READ, orphan)
 
     def _scan_orphans(self) -> None:
         """Watch this agent's children that carry its marker but that it did not spawn."""

@@ -8,9 +8,10 @@ Rules:
   the same file.
 - Rotation is copy-then-truncate (the writer keeps its fd): when ``current.log`` is
   over ``max_bytes``, ``.k`` moves to ``.k+1`` (the oldest past ``keep`` is deleted),
-  the last ``max_bytes`` of ``current.log`` are copied to ``current.log.1`` (the
-  newest) and ``current.log`` is truncated to zero. ``O_APPEND`` makes the writer's
-  next line land at offset 0, never past a hole. So the directory holds at most
+  the last ``max_bytes`` of ``current.log`` (from the first line start in them)
+  are copied to ``current.log.1`` (the newest) and ``current.log`` is truncated
+  to zero. ``O_APPEND`` makes the writer's next line land at offset 0, never
+  past a hole. So the directory holds at most
   ``(keep + 1) * max_bytes`` plus what the workload wrote since the last rotation.
   Lines written between the copy and the truncate are lost (logrotate's
   ``copytruncate`` has the same window): the price of never signalling the workload.
@@ -112,16 +113,23 @@ def _last_bytes(path: Path, limit: int) -> tuple[bytes, bool]:
 
 
 def _copy_tail(source: Path, target: Path, max_bytes: int) -> None:
+    """Copy at most the last ``max_bytes`` of ``source``, from a line start where there is one."""
     tmp = target.with_name(f".{target.name}.tmp")
     with open(source, "rb") as reader, open(tmp, "wb") as writer:
         size = reader.seek(0, os.SEEK_END)
-        reader.seek(max(0, size - max_bytes))
+        start = max(0, size - max_bytes)
+        reader.seek(start)
         left = max_bytes
+        first = True
         while left > 0:
             chunk = reader.read(min(COPY_CHUNK, left))
             if not chunk:
                 break
-            writer.write(chunk)
             left -= len(chunk)
+            if first and start > 0:
+                newline = chunk.find(b"\n")
+                chunk = chunk[newline + 1 :] if newline >= 0 else chunk
+            first = False
+            writer.write(chunk)
     os.chmod(tmp, 0o640)
     os.replace(tmp, target)

@@ -224,10 +224,10 @@ class ProcessTable:
     # ---------------------------------------------------------------- public
 
     def start(self, launch: Launch) -> Running:
-        """Spawn one instance, record it and watch it; raises SpawnError (nothing runs then)."""
-        with self._lock:
-            if launch.instance in self._entries:
-                raise SpawnError(f"instance {launch.instance} is already running")
+        """Spawn one instance, record it and watch it; raises SpawnError (nothing runs then).
+
+        A process that dies at once may be reported to ``on_exit`` before this returns.
+        """
         command = _resolve(launch)
         log_fd = logs.open_for_child(self.log_path(launch.workload))
         env = {
@@ -237,6 +237,9 @@ class ProcessTable:
         }
         try:
             with self._spawn_lock:
+                with self._lock:
+                    if launch.instance in self._entries:
+                        raise SpawnError(f"instance {launch.instance} is already running")
                 popen = subprocess.Popen(
                     wrap_argv(command, launch.limits, prlimit=self._prlimit),
                     cwd=launch.cwd,

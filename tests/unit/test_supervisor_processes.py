@@ -139,7 +139,8 @@ DAEMON = (
     "if os.fork() == 0:\n"
     "    os.setsid()\n"
     "    if os.fork() == 0:\n"
-    "        open('daemon.pid', 'w').write(str(os.getpid()))\n"
+    "        open('daemon.tmp', 'w').write(str(os.getpid()))\n"
+    "        os.rename('daemon.tmp', 'daemon.pid')\n"
     "        time.sleep(float(sys.argv[1]))\n"
     "    os._exit(0)\n"
     "os.wait()\n"
@@ -155,7 +156,7 @@ def test_a_double_forked_daemon_is_reaped_by_the_agent_not_left_a_zombie(tmp_pat
         launch = python_launch(DAEMON, tmp_path)
         table.start(Launch(**{**launch.__dict__, "argv": (*launch.argv, "1.0")}))
         _ready(table)
-        daemon = int((tmp_path / "daemon.pid").read_text())
+        daemon = _daemon_pid(tmp_path)
         wait_for(lambda: _ppid(daemon) == os.getpid(), what="the daemon reparented to us")
         wait_for(lambda: not exists(daemon), timeout_s=5, what="the daemon exited and reaped")
 
@@ -166,12 +167,18 @@ def test_stop_also_kills_the_workloads_daemons(tmp_path: Path) -> None:
         launch = python_launch(DAEMON, tmp_path)
         table.start(Launch(**{**launch.__dict__, "argv": (*launch.argv, "60")}))
         _ready(table)
-        daemon = int((tmp_path / "daemon.pid").read_text())
+        daemon = _daemon_pid(tmp_path)
         assert os.getsid(daemon) != os.getsid(table.running()["web.g1"].pid)  # left the group
         wait_for(lambda: _ppid(daemon) == os.getpid(), what="the daemon reparented to us")
         wait_for(lambda: daemon in table._orphans, what="the scan noticed it")
         table.stop("web.g1", grace_s=1)
         wait_for(lambda: not exists(daemon), what="the daemon killed and reaped")
+
+
+def _daemon_pid(tmp_path: Path) -> int:
+    path = tmp_path / "daemon.pid"
+    wait_for(path.exists, what="the daemon wrote its pid")
+    return int(path.read_text())
 
 
 def _ppid(pid: int) -> int | None:

@@ -26,6 +26,8 @@ Rules:
   its whole process group is killed. It runs without the hub.
 - A state file that cannot be read is moved aside (``.corrupt``) and the pair
   starts from defaults (slot ``a``, nothing pending), logged as an error.
+- The boot removes what a crash left in ``firmware/`` (``.*.tmp``: temporary
+  state files, half-extracted slots) before it reads the state.
 - Errors are :class:`FirmwareError`, an :class:`edge_agent.runtime.ApplyError`:
   the runtime's steps pass them on as they are.
 """
@@ -37,7 +39,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -236,6 +237,7 @@ class FirmwareSlots:
         confirm it or fall back. Nothing to do (one failed open) on a device without firmware."""
         if not self.exists():
             return BootOutcome("booted", "a", None, restart=False)
+        self._remove_leftovers()
         state = self.load()
         decision = decide_boot(state, self.clock())
         if decision.state != state:
@@ -324,6 +326,16 @@ class FirmwareSlots:
         deadline = self.settings.health_deadline_s
         return HealthSpec(command=[f"./{DEFAULT_HEALTH}"], timeout_s=deadline, deadline_s=deadline)
 
+    def _remove_leftovers(self) -> None:
+        """Temporary files and extraction directories a crash left (``.*.tmp``): nothing
+        else writes here, and the boot runs before any step."""
+        for leftover in self.directory.glob(".*.tmp"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
     def _write_slot(self, directory: Path, manifest: Manifest, bundle_path: Path) -> None:
         from firmware_bundles import archive  # the verification stack, only when installing
 
@@ -337,6 +349,8 @@ class FirmwareSlots:
         self, command: list[str], root: Path, env: dict[str, str], timeout_s: float
     ) -> str | None:
         """One run of the check; None if it exited 0, else why not. Leaves no process behind."""
+        import subprocess  # only where a slot is on trial
+
         output_path = self.directory / HEALTH_LOG
         with open(output_path, "wb") as output:
             try:
@@ -361,7 +375,7 @@ class FirmwareSlots:
         if code == 0:
             return None
         tail = _tail(output_path, self.settings.health_output_bytes)
-        what = f"no answer within {timeout_s:g} s" if code is None else f"exit status {code}"
+        what = f"no answer within {timeout_s:.3g} s" if code is None else f"exit status {code}"
         return f"{what}{': ' + tail if tail else ''}"
 
 

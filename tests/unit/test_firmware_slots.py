@@ -59,6 +59,8 @@ V1, V2 = fw("1", 1), fw("2", 2)
 CONFIRMED = SlotState(active="b", b=V1)  # v1 confirmed in b; a empty
 ON_TRIAL = SlotState(active="a", upgrade_available=True, bootcount=1, a=V2, b=V1)
 AT_LIMIT = SlotState(active="a", upgrade_available=True, bootcount=3, a=V2, b=V1)
+GAVE_UP = Fallback(at=1.0, reason="r", slot="a", generation=2, version="2")
+FELL_BACK = SlotState(active="b", a=V2, b=V1, last_fallback=GAVE_UP)  # generation 2 fell back
 
 
 @pytest.mark.parametrize(
@@ -128,32 +130,8 @@ def test_nothing_installs_while_a_slot_is_on_trial() -> None:
         pytest.param(CONFIRMED, "b", 5, False, None, id="already-active-no-restart"),
         pytest.param(CONFIRMED, "a", 2, False, "holds no complete firmware", id="empty-slot"),
         pytest.param(ON_TRIAL, "b", 3, False, "on trial already", id="pending-refused"),
-        pytest.param(
-            SlotState(
-                active="b",
-                a=V2,
-                b=V1,
-                last_fallback=Fallback(at=1.0, reason="r", slot="a", generation=2, version="2"),
-            ),
-            "a",
-            2,
-            False,
-            None,
-            id="fell-back-generation-never-switches-again",
-        ),  # fmt: skip
-        pytest.param(
-            SlotState(
-                active="b",
-                a=V2,
-                b=V1,
-                last_fallback=Fallback(at=1.0, reason="r", slot="a", generation=2, version="2"),
-            ),
-            "a",
-            3,
-            True,
-            None,
-            id="newer-generation-may-retry",
-        ),  # fmt: skip
+        pytest.param(FELL_BACK, "a", 2, False, None, id="fell-back-generation-never-switches"),
+        pytest.param(FELL_BACK, "a", 3, True, None, id="newer-generation-may-retry"),
     ],
 )
 def test_switch_table(

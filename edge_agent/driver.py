@@ -619,7 +619,7 @@ class AgentDriver:
                 "firmware boot",
                 extra={
                     "device": self.device_id,
-                    "event": outcome.event,
+                    "outcome": outcome.event,
                     "slot": outcome.slot,
                     "version": outcome.version,
                     "reason": outcome.reason,

@@ -43,16 +43,18 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
@@ -207,6 +209,7 @@ class AgentDriver:
         self._topics: tuple[str, ...] = ()
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._restart = threading.Event()  # firmware A/B: exec again once stopped
         self._connected = False
         self._steps: queue.Queue[RuntimeStep | _Wake | None] = queue.Queue()
         self._timers: dict[str, float] = {}
@@ -220,6 +223,7 @@ class AgentDriver:
                 trusted_root=self.trusted_root,
                 agent_version=plumbing.__version__,
                 clock=self.clock,
+                request_restart=self.request_restart,  # firmware A/B: a switch restarts the agent
             )
         from edge_agent.supervisor.runtime import SupervisingRuntime
 
@@ -230,6 +234,7 @@ class AgentDriver:
             trusted_root=self.trusted_root,
             agent_version=plumbing.__version__,
             clock=self.clock,
+            request_restart=self.request_restart,
         )
 
     def _executor_table(self) -> ExecutorTable[Event | None]:
@@ -512,6 +517,8 @@ class AgentDriver:
                 continue
             if step is None:
                 return
+            if self._restart.is_set():
+                return  # firmware A/B: restarting; what is left is planned again after it
             self._fire_timers()
             if isinstance(step, _Wake):
                 continue
@@ -535,6 +542,8 @@ class AgentDriver:
                     "error": error,
                 },
             )
+            if self._restart.is_set():
+                return  # firmware A/B: the switch asked for the restart; the step is redone after
             now = self.clock()
             done = StepDone(step, now, detail or "")
             self.feed(done if error is None else StepFailed(step, error, now))
@@ -599,6 +608,8 @@ class AgentDriver:
             self._stop.wait(delay)
 
     def run(self) -> int:
+        if self._boot_firmware():
+            return 0
         self.feed(Booted(self.clock()))
         if self.runtime.supervises:
             self.core.seed_workloads(self._supervising().resume(self.feed))
@@ -630,6 +641,40 @@ class AgentDriver:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- firmware A/B (edge_agent/slots.py)
+
+    @property
+    def restart_requested(self) -> bool:
+        """Whether :meth:`run` returned so that the agent starts again (``run_agent`` execs)."""
+        return self._restart.is_set()
+
+    def request_restart(self) -> None:
+        """The simulated reboot after a firmware switch: stop cleanly, then start again."""
+        log.info("restart requested", extra={"device": self.device_id})
+        self._restart.set()
+        self.stop()
+
+    def _boot_firmware(self) -> bool:
+        """Before connecting: count the boot of a slot on trial, check it, confirm or fall
+        back; True when the agent must restart (into the old slot) without connecting."""
+        from edge_agent.slots import FirmwareSlots
+
+        outcome = FirmwareSlots(self.data_dir, clock=self.clock).boot()
+        if outcome.event != "booted":
+            log.info(
+                "firmware boot",
+                extra={
+                    "device": self.device_id,
+                    "outcome": outcome.event,
+                    "slot": outcome.slot,
+                    "version": outcome.version,
+                    "reason": outcome.reason,
+                },
+            )
+        if outcome.restart:
+            self._restart.set()
+        return outcome.restart
 
     def _say_goodbye(self) -> None:
         if not self._connected:
@@ -748,4 +793,14 @@ def run_agent(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    return driver.run()
+    status = driver.run()
+    if driver.restart_requested and status == 0:
+        _exec_again()  # firmware A/B: the simulated reboot
+    return status
+
+
+def _exec_again() -> NoReturn:
+    """Replace this process with a fresh agent: same interpreter, same arguments, same pid."""
+    log.info("agent restarting", extra={"argv": sys.orig_argv})
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -132,7 +132,9 @@ class WorkloadApplier:
         agent_version: str,
         clock: Callable[[], float],
         config_applier: Applier | None = None,
+        request_restart: Callable[[], None] | None = None,
     ) -> None:
+        """``request_restart``: how a firmware switch restarts the agent (edge_agent/slots.py)."""
         self.cache = BundleCache(data_dir, max_bytes=settings.cache_max_bytes)
         self.security = SecurityVersions(data_dir)
         self.workloads = Workloads(data_dir)
@@ -145,6 +147,10 @@ class WorkloadApplier:
         self._prepared: dict[int, list[Prepared]] = {}
         # What a switch replaced, per generation, until it is committed or rolled back.
         self._undo: dict[int, tuple[dict[str, str | None], bytes | None]] = {}
+        # Firmware A/B: firmware-kind bundles go to the slots, not workloads/ (edge_agent/slots.py).
+        from edge_agent.slots import FirmwareSlots  # imports ApplyError from here: lazily
+
+        self.firmware = FirmwareSlots(data_dir, request_restart=request_restart, clock=clock)
 
     supervises = False
 
@@ -160,13 +166,17 @@ class WorkloadApplier:
         prepared = self._prepared.pop(desired.generation, None)
         if prepared is None:  # installed before a restart: unpacking again reuses the directories
             prepared = self._install(self._specs(desired))
+        firmware = [p for p in prepared if p.manifest.kind == "firmware"]  # firmware A/B
+        prepared = [p for p in prepared if p.manifest.kind != "firmware"]
         previous_config = self._read_config()
         previous = {p.spec.name: self.workloads.current(p.spec.name) for p in prepared}
         self._switch(prepared)
         self.config_applier.apply(desired)
         self._undo[desired.generation] = (previous, previous_config)
+        self.firmware.switch(desired.generation, firmware)  # firmware A/B: may restart the agent
 
     def commit(self, generation: int) -> None:
+        self.firmware.commit(generation)  # firmware A/B: a slot that fell back fails the commit
         self._undo.clear()  # nothing to go back to once it is good
 
     def prepare(self, desired: Desired) -> list[Prepared]:
@@ -182,6 +192,7 @@ class WorkloadApplier:
         return self._undo.get(generation)
 
     def roll_back(self, generation: int, to_generation: int) -> str | None:
+        self.firmware.roll_back(generation)  # firmware A/B: a slot still on trial comes off it
         undo = self._undo.pop(generation, None)
         if undo is None:
             raise ApplyError(f"generation {generation} was not switched by this agent run")
@@ -244,6 +255,9 @@ class WorkloadApplier:
                 envelope = archive.read_signed_manifest(path)
                 manifest = verify_manifest(envelope, root, now, self.settings.clock_skew_s)
                 check_manifest(manifest, expect)
+                if manifest.kind == "firmware":  # firmware A/B: the inactive slot, not workloads/
+                    prepared.append(self.firmware.prepare(spec, manifest, path))
+                    continue
                 prepared.append(self.workloads.prepare(spec, manifest, path))
             except FileNotFoundError:
                 raise ApplyError(

@@ -76,6 +76,10 @@ class Inventory(msgspec.Struct, kw_only=True, frozen=True):
     mem_free_bytes: NonNegative
     disk_total_bytes: NonNegative
     disk_free_bytes: NonNegative
+    # Firmware A/B: the slot that runs and its firmware version; None on a device without
+    # firmware slots (and the version None while the running slot holds no firmware).
+    firmware_slot: ShortText | None = None
+    firmware_version: ShortText | None = None
 
 
 class Birth(_Base, kw_only=True, frozen=True, tag="birth"):

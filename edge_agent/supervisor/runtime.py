@@ -129,6 +129,7 @@ class SupervisingRuntime:
         clock: Callable[[], float] = time.time,
         lock_gate: LockGate | None = None,
         tag: str | None = None,
+        request_restart: Callable[[], None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.settings = supervisor
@@ -140,6 +141,7 @@ class SupervisingRuntime:
             trusted_root=trusted_root,
             agent_version=agent_version,
             clock=clock,
+            request_restart=request_restart,  # firmware A/B: a switch restarts the agent
         )
         self.state_dir = self.data_dir / "supervisor"
         self.table = ProcessTable(self.state_dir, on_exit=self._on_exit, clock=clock, tag=tag)
@@ -149,6 +151,7 @@ class SupervisingRuntime:
         self._closing = threading.Event()
         self._feed: Callable[[Any], None] = lambda _event: None
         self._runs: dict[int, dict[str, WorkloadRun]] = {}
+        self._passive: set[str] = set()  # workloads with nothing to run (firmware slots)
         self._serving: dict[str, _Instance] = {}
         self._instances: dict[str, _Instance] = {}
         self._txn: dict[int, _Txn] = {}
@@ -188,6 +191,8 @@ class SupervisingRuntime:
             raise ApplyError(f"cannot write workload configuration: {exc}") from None
 
     def start_workload(self, generation: int, name: str) -> None:
+        if name in self._passive and name not in self._runs.get(generation, {}):
+            return  # firmware: nothing runs here; its slot was confirmed at boot
         run = self._run(generation, name)
         txn = self._txn.setdefault(generation, _Txn())
         old = self._serving.get(name)
@@ -220,6 +225,9 @@ class SupervisingRuntime:
 
     def wait_for_health(self, generation: int, names: tuple[str, ...]) -> None:
         for name in names:
+            if name in self._passive and name not in self._runs.get(generation, {}):
+                self._feed(HealthPassed(name, self.clock()))  # confirmed at boot, or no commit
+                continue
             serving = self._serving.get(name)
             if serving is None:
                 raise ApplyError(f"workload {name} was not started")
@@ -443,8 +451,9 @@ class SupervisingRuntime:
         runs: dict[str, WorkloadRun] = {}
         for item in prepared:
             manifest = item.manifest
-            if manifest.run is None:
-                continue  # a firmware bundle: nothing to run here
+            if manifest.kind == "firmware" or manifest.run is None:
+                self._passive.add(item.spec.name)  # firmware A/B: the slot's boot checks it
+                continue
             try:
                 runs[item.spec.name] = merge(
                     item.spec.name, manifest.version, manifest.run, item.spec.options

@@ -20,6 +20,7 @@ from typing import Any
 
 from devtools.cli import add_subcommands as add_devtools
 from edge_agent.cli import add_subcommands as add_agent
+from edge_agent.lock_cli import add_subcommands as add_agent_lock
 from firmware_bundles.cli import add_subcommands as add_bundles
 from hub.cli import add_subcommands as add_hub
 from simulator.cli import add_subcommands as add_simulator
@@ -28,6 +29,7 @@ from simulator.cli import add_subcommands as add_simulator
 CONTRIBUTORS: tuple[Callable[[Any], None], ...] = (
     add_hub,
     add_agent,
+    add_agent_lock,  # `agent lock …`, under the agent command added just before
     add_devtools,
     add_bundles,
     add_simulator,

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 from msgspec import structs
 
+from edge_agent.jobs import JobsInDocument, job_specs
 from edge_agent.outbox import Lane, Outbox, OutboxLimits, OutboxSnapshot
 from edge_agent.plan import (
     Commit,
@@ -72,6 +73,7 @@ from edge_agent.plan import (
     targets,
     workload_specs,
 )
+from edge_agent.supervisor.locks import LockOverride, LockOverrideError, parse_override
 from protocols import (
     Birth,
     Channel,
@@ -87,7 +89,7 @@ from protocols import (
     topic,
     validate_device_id,
 )
-from protocols.messages import Phase, WorkloadState
+from protocols.messages import JobStatus, LockStatus, Phase, WorkloadState
 from protocols.signed import open_sealed
 
 if TYPE_CHECKING:
@@ -108,6 +110,7 @@ __all__ = [  # the steps are actions too; importable from here
 
 HISTORY_LIMIT = 32
 REPORT_KEY = "reported"  # the outbox's state key of generation reports
+LOCKS_KEY = "locks"  # the outbox's state key of lock reports (the newest is enough)
 
 
 # ---------------------------------------------------------------- persisted state
@@ -254,6 +257,29 @@ class Stopping:
     now: float
 
 
+# ---------------------------------------------------------------- locks and jobs: events
+# (issue 13, items 4 and 8; edge_agent/supervisor/locks.py, edge_agent/jobs.py)
+
+
+@dataclass(frozen=True)
+class LocksChanged:
+    """Who holds which update lock changed (the driver's lock watcher): reported."""
+
+    locks: tuple[LockStatus, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """A one-shot job started, made progress or finished: reported as an event."""
+
+    status: JobStatus
+    now: float
+
+
+# ---------------------------------------------------------------- (end of locks and jobs)
+
+
 Event = (
     Booted
     | Connecting
@@ -270,6 +296,8 @@ Event = (
     | HealthFailed
     | PublishFailed
     | Stopping
+    | LocksChanged
+    | JobUpdate
 )
 
 
@@ -371,6 +399,29 @@ class Ignored:
     why: str
 
 
+# ---------------------------------------------------------------- locks and jobs: actions
+
+
+@dataclass(frozen=True)
+class OverrideLocks:
+    """Honour this lock override from a verified desired document on (until its
+    ``until``); the driver hands it to its lock gate."""
+
+    override: LockOverride
+
+
+@dataclass(frozen=True)
+class RunJobs:
+    """The one-shot jobs of a verified desired document; the job runner starts those it
+    never saw (``edge_agent.jobs.to_start``)."""
+
+    generation: int
+    jobs: JobsInDocument
+
+
+# ---------------------------------------------------------------- (end of locks and jobs)
+
+
 Action = (
     PersistState
     | SaveOutbox
@@ -385,6 +436,8 @@ Action = (
     | CancelTimer
     | Rejected
     | Ignored
+    | OverrideLocks
+    | RunJobs
     | Step
 )
 
@@ -518,6 +571,8 @@ class AgentCore:
             case Stopping(now=now):
                 self._online = self._ready = False
                 return [self._status(False, now)]
+            case LocksChanged() | JobUpdate():
+                return self._locks_and_jobs(event)
         raise TypeError(f"unknown event {event!r}")
 
     # -- lifecycle
@@ -593,9 +648,11 @@ class AgentCore:
             self._rollout.generation if self._rollout else 0,
             self.waiting or 0,
         )
+        extras = self._document_extras(desired) if desired.generation >= newest_known else []
         if desired.generation <= newest_known:
             ignored: list[Action] = [
-                Ignored(desired.generation, f"not newer than generation {newest_known}")
+                *extras,
+                Ignored(desired.generation, f"not newer than generation {newest_known}"),
             ]
             if desired.generation < max(
                 self.state.applied_generation, self.state.failed_generation
@@ -606,7 +663,7 @@ class AgentCore:
             return ignored
         superseded = self.waiting
         self._candidate = desired
-        actions: list[Action] = []
+        actions: list[Action] = list(extras)
         if superseded is not None:
             actions.append(Ignored(superseded, f"superseded by generation {desired.generation}"))
         return actions + self._advance(now)
@@ -764,6 +821,48 @@ class AgentCore:
             state: WorkloadState = "rolled_back" if rollout.rolled_back else "failed"
             statuses = [WorkloadStatus(name=n, state=state) for n in rollout.names]
         return statuses or None
+
+    # -- locks and jobs (issue 13, items 4 and 8)
+
+    def _document_extras(self, desired: Desired) -> list[Action]:
+        """What a verified document, not older than any known, says beside the apply:
+        its lock override and its one-shot jobs, if it has them. Offered again
+        when the same generation comes again (a restart), so nothing is lost."""
+        actions: list[Action] = []
+        try:
+            override = parse_override(desired.config)
+        except LockOverrideError as exc:
+            actions.append(Ignored(desired.generation, f"lock override refused: {exc}"))
+        else:
+            if override is not None:  # it lasts until its `until`; one in the past ends it
+                actions.append(OverrideLocks(override))
+        jobs = job_specs(desired.config)
+        if jobs.specs or jobs.invalid:
+            actions.append(RunJobs(desired.generation, jobs))
+        actions += [Ignored(desired.generation, why) for why in jobs.ignored]
+        return actions
+
+    def _locks_and_jobs(self, event: LocksChanged | JobUpdate) -> list[Action]:
+        """A lock report (state: only the newest matters) or a job report (an event)."""
+        phase, generation = self._state_phase()
+        locks = list(event.locks) if isinstance(event, LocksChanged) else None
+        jobs = [event.status] if isinstance(event, JobUpdate) else None
+        report = Reported(
+            device_id=self.device_id,
+            boot_epoch=self.state.boot_epoch,
+            seq=self._next_seq(),
+            phase=phase,
+            generation=generation,
+            applied_generation=self.state.applied_generation,
+            failed_generation=self.state.failed_generation,
+            error=self.state.last_error if phase == "failed" else None,
+            locks=locks,
+            jobs=jobs,
+            ts=event.now,
+        )
+        lane, key = (Lane.STATE, LOCKS_KEY) if locks is not None else (Lane.EVENT, REPORT_KEY)
+        topic_name = self._topic(Channel.REPORTED)
+        return self._emit(Publish(topic_name, encode(report), lane=lane, key=key))
 
     # -- messages
 

@@ -74,13 +74,17 @@ from edge_agent.core import (
     FetchBundles,
     Ignored,
     Install,
+    JobUpdate,
+    LocksChanged,
     MessageIn,
     NoOp,
+    OverrideLocks,
     PersistState,
     Publish,
     PublishFailed,
     Rejected,
     RollBack,
+    RunJobs,
     SaveOutbox,
     SetTimer,
     SetWill,
@@ -100,6 +104,7 @@ from edge_agent.core import (
 from edge_agent.enroll import Identity, tls_context
 from edge_agent.executors import ExecutorTable
 from edge_agent.inventory import collect as collect_inventory
+from edge_agent.job_runner import JobRunner, JobSettings
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.plan import step_generation
 from edge_agent.renewal import DEFAULT_RENEW_AT_FRACTION, Renewal
@@ -107,6 +112,7 @@ from edge_agent.root import RootFileError, load_trusted_root
 from edge_agent.runtime import ApplyError, Runtime, Supervising, WorkloadApplier
 from edge_agent.settings import BundleSettings, MqttSettings, SupervisorSettings
 from edge_agent.store import OutboxStore, StateStore, remove_stale_temporaries
+from edge_agent.supervisor.lockfiles import FileLockGate, LockSettings, LockWatcher, lock_dir
 from edge_agent.transport import (
     MqttTransport,
     TConnected,
@@ -118,7 +124,7 @@ from edge_agent.transport import (
     TSubscribed,
 )
 from plumbing.net import Backoff
-from protocols import Channel, bundle_references
+from protocols import Channel, JobStatus, LockStatus, bundle_references
 
 if TYPE_CHECKING:
     from edge_agent.fetch_thread import Fetcher, FetchStats, MqttSource
@@ -156,12 +162,15 @@ class AgentDriver:
         mqtt: MqttSettings | None = None,
         outbox: OutboxLimits | None = None,
         supervisor: SupervisorSettings | None = None,
+        locks: LockSettings | None = None,
+        jobs: JobSettings | None = None,
     ) -> None:
         """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
         switched certificates (None: plain MQTT, or TLS trusting the system's CAs);
         ``cert_serial`` reads the serial of the certificate it presents, for births;
         ``mqtt``: keepalive, session expiry, connect timeout and backoff (defaults if None);
-        ``outbox``: the bounds of what is kept while offline (defaults if None)."""
+        ``outbox``: the bounds of what is kept while offline (defaults if None);
+        ``locks``, ``jobs``: update locks' and one-shot jobs' limits (defaults if None)."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
@@ -172,6 +181,11 @@ class AgentDriver:
         self.trusted_root = trusted_root
         self.clock = clock
         self.supervisor_settings = supervisor or SupervisorSettings()
+        # the update-lock gate the runtime's switch asks (issue 13, item 4)
+        self.lock_settings = locks or LockSettings()
+        self.lock_gate = FileLockGate(
+            lock_dir(data_dir), max_lease_s=self.lock_settings.max_lease_s
+        )
         self.runtime: Runtime = runtime or self._default_runtime()
         self.renewal = renewal
         channels = (Channel.DESIRED, Channel.BUNDLE_DATA)
@@ -213,6 +227,16 @@ class AgentDriver:
         self._connected = False
         self._steps: queue.Queue[RuntimeStep | _Wake | None] = queue.Queue()
         self._timers: dict[str, float] = {}
+        # -- locks and jobs (issue 13, items 4 and 8): the gate the runtime's switch asks,
+        # the watcher that reports who holds what, the one-shot job runner.
+        self.lock_watcher = LockWatcher(
+            self.lock_gate,
+            self._locks_changed,
+            clock=clock,
+            interval_s=self.lock_settings.watch_interval_s,
+        )
+        self.jobs = JobRunner(data_dir, self._job_update, settings=jobs, clock=clock)
+        # -- (end of locks and jobs)
         self._executors = self._executor_table()
 
     def _default_runtime(self) -> Runtime:
@@ -234,8 +258,15 @@ class AgentDriver:
             trusted_root=self.trusted_root,
             agent_version=plumbing.__version__,
             clock=self.clock,
+            lock_gate=self.lock_gate,
             request_restart=self.request_restart,
         )
+
+    def _locks_changed(self, locks: list[LockStatus]) -> None:
+        self.feed(LocksChanged(tuple(locks), self.clock()))
+
+    def _job_update(self, status: JobStatus) -> None:
+        self.feed(JobUpdate(status, self.clock()))
 
     def _executor_table(self) -> ExecutorTable[Event | None]:
         table: ExecutorTable[Event | None] = ExecutorTable()
@@ -261,6 +292,8 @@ class AgentDriver:
         table.register(StartWorkload, self._queue_step)
         table.register(StopWorkload, self._queue_step)
         table.register(WaitForHealth, self._queue_step)
+        table.register(OverrideLocks, lambda a: self.lock_gate.set_override(a.override))
+        table.register(RunJobs, lambda a: self.jobs.offer(a.jobs))
         table.require_complete()
         return table
 
@@ -625,8 +658,12 @@ class AgentDriver:
         worker = threading.Thread(target=self._step_worker, name="steps", daemon=True)
         network = threading.Thread(target=self._network_loop, name="mqtt", daemon=True)
         worker.start()
+        self.jobs.start()  # reports what a previous agent left running (into the outbox)
+        self.lock_watcher.start()
         network.start()
         self._stop.wait()
+        self.lock_watcher.stop()
+        self.jobs.stop()
         if self.fetcher is not None:
             self.fetcher.stop()
         network.join(timeout=5)

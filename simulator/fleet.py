@@ -95,11 +95,13 @@ from edge_agent.core import (
     Install,
     MessageIn,
     NoOp,
+    OverrideLocks,
     PersistState,
     Publish,
     PublishFailed,
     Rejected,
     RollBack,
+    RunJobs,
     SaveOutbox,
     SetTimer,
     SetWill,
@@ -570,6 +572,8 @@ class VirtualDevice:
         table.register(StartWorkload, self._unsupervised)
         table.register(StopWorkload, self._unsupervised)
         table.register(WaitForHealth, self._unsupervised)
+        table.register(OverrideLocks, _nothing)  # simulated devices take no locks
+        table.register(RunJobs, _nothing)  # nor run jobs (the rollouts issue may simulate them)
         table.require_complete()
         return table
 

@@ -51,6 +51,7 @@ from edge_agent.runtime import ApplyError, WorkloadApplier
 from edge_agent.settings import BundleSettings, SupervisorSettings
 from edge_agent.store import atomic_write_bytes
 from edge_agent.supervisor import limits as limits_mod
+from edge_agent.supervisor.lockfiles import LOCK_DIR_ENV, lock_dir
 from edge_agent.supervisor.machine import (
     Adopt,
     Exited,
@@ -476,6 +477,7 @@ class SupervisingRuntime:
         env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"}
         env.update(run.env)
         env.update(DRIFTLESS_WORKLOAD=name, DRIFTLESS_VERSION=run.version)
+        env[LOCK_DIR_ENV] = str(lock_dir(self.data_dir))  # where it may take its update lock
         if run.config is not None:
             env["DRIFTLESS_CONFIG"] = str(self._config_path(name))
         lim = run.limits

@@ -23,7 +23,9 @@ Rules (the contract; architecture rules 3 and 5):
   after the next birth must not mark the device offline). Otherwise ``session``,
   ``online`` and ``last_seen`` are taken from it.
 - **Reported.** ``(boot_epoch, seq) <= (last_report_epoch, last_report_seq)``: stale,
-  dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken.
+  dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken;
+  ``locks`` when the report lists them (an empty list: none held), and each job in
+  ``jobs`` replaces that job id's last state (the newest 100 ids kept).
 - Duplicates and out-of-order deliveries therefore change nothing.
 - **Decommissioned** device: every message is refused (``decommissioned``).
 - **Revoked certificate**: a birth naming a certificate of the device that was
@@ -40,14 +42,23 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
-from protocols import Birth, Channel, ProtocolError, Reported, Status, decode, parse_topic
+from protocols import (
+    Birth,
+    Channel,
+    JobStatus,
+    ProtocolError,
+    Reported,
+    Status,
+    decode,
+    parse_topic,
+)
 
 DeviceMessage = Birth | Status | Reported
 
@@ -119,6 +130,10 @@ class Tracking:
     workloads: list[dict[str, Any]] | None = None
     # What the device's outbox dropped so far (its newest birth says).
     events_dropped: int = 0
+    # Update locks held, as the newest report that listed them said (LockStatus as JSON).
+    locks: list[dict[str, Any]] | None = None
+    # The last state of each one-shot job (JobStatus as JSON), newest MAX_JOBS_KEPT.
+    jobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,8 +253,28 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
             else t.workloads
         ),
     )
+    if report.locks is not None:
+        new = dataclasses.replace(new, locks=[msgspec.structs.asdict(x) for x in report.locks])
+    if report.jobs:
+        new = dataclasses.replace(new, jobs=merge_jobs(t.jobs, report.jobs))
     rekey = _device_is_ahead(t, new)
     return Decision(new, republish=rekey, rekey=rekey)
+
+
+MAX_JOBS_KEPT = 100
+"""Job states kept per device (the newest updated); older ones are forgotten."""
+
+
+def merge_jobs(
+    known: list[dict[str, Any]] | None, updates: Sequence[JobStatus]
+) -> list[dict[str, Any]]:
+    """Pure: the last state per job id: each update replaces its id's entry and moves it
+    last (the most recently updated last); at most :data:`MAX_JOBS_KEPT`."""
+    by_id = {job["id"]: job for job in known or ()}
+    for update in updates:
+        by_id.pop(update.id, None)
+        by_id[update.id] = msgspec.structs.asdict(update)
+    return list(by_id.values())[-MAX_JOBS_KEPT:]
 
 
 def decide(

@@ -12,9 +12,9 @@ Rules (``docs/runtime.md``):
   never called under it (the table calls back from its watcher thread).
   Core events are fed after the lock is released.
 - Instances are named ``<workload>.g<generation>``; the one serving a workload
-  is in ``_serving``. A rollout's transaction (``_Txn``) remembers what each
-  start replaced, so a rollback can stop the new instances and start the old
-  ones again (or keep an old one a hand-over left running).
+  is in ``_serving``. How a start replaces what runs, and a rollback's work,
+  are the pure decisions of :mod:`edge_agent.supervisor.transaction` (shared
+  with the simulator); a rollout's ``Txn`` remembers what each start replaced.
 - Before a stop or a stop-then-start switch the update-lock gate is asked;
   while it names a holder the step waits (up to ``lock_wait_max_s``).
 - ``switch.json`` records what a switch replaced until commit or rollback;
@@ -39,7 +39,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -71,7 +71,8 @@ from edge_agent.supervisor.machine import (
 )
 from edge_agent.supervisor.processes import Exited as ProcessExited
 from edge_agent.supervisor.processes import Launch, ProcessTable, Running, SpawnError
-from edge_agent.supervisor.spec import HttpGet, WorkloadRun, merge
+from edge_agent.supervisor.spec import HttpGet, WorkloadRun
+from edge_agent.supervisor.transaction import Txn, how_to_start, undo, workload_runs
 from protocols import Desired
 
 if TYPE_CHECKING:
@@ -102,16 +103,7 @@ class _Instance:
     launch: Launch
 
 
-@dataclass
-class _Txn:
-    """What one generation's starts and stops replaced."""
-
-    replaced: dict[str, _Instance | None] = field(default_factory=dict)
-    started: dict[str, _Instance] = field(default_factory=dict)
-    handover: dict[str, _Instance] = field(default_factory=dict)
-    reloaded: dict[str, tuple[_Instance, WorkloadRun]] = field(default_factory=dict)
-    """Reloaded in place, with the run it had before."""
-    removed: dict[str, _Instance] = field(default_factory=dict)
+_Txn = Txn[_Instance]
 
 
 class SupervisingRuntime:
@@ -197,15 +189,18 @@ class SupervisingRuntime:
         run = self._run(generation, name)
         txn = self._txn.setdefault(generation, _Txn())
         old = self._serving.get(name)
-        if old is not None and old.run == run and self._alive(old.launch.instance):
+        alive = old is not None and self._alive(old.launch.instance)
+        how = how_to_start(run, old.run if old else None, alive)
+        if how == "keep":
             return
-        reload = old is not None and run.reload_signal and old.run.same_program(run)
-        if old is not None and reload and self._signal(old.launch.instance, run.reload_signal or 0):
-            txn.reloaded[name] = (old, old.run)
-            old.run = run
-            self._handle(Reloaded(old.launch.instance, self.clock()))
-            return
-        if old is not None and run.update == "start-then-stop" and self._alive(old.launch.instance):
+        if how == "reload" and old is not None:
+            if self._signal(old.launch.instance, run.reload_signal or 0):
+                txn.reloaded[name] = (old, old.run)
+                old.run = run
+                self._handle(Reloaded(old.launch.instance, self.clock()))
+                return
+            how = how_to_start(run, old.run, alive, may_reload=False)
+        if how == "handover" and old is not None:
             txn.handover[name] = old
         elif old is not None:
             self._wait_for_lock(name)
@@ -257,21 +252,18 @@ class SupervisingRuntime:
     def roll_back(self, generation: int, to_generation: int) -> str | None:
         txn = self._txn.pop(generation, _Txn())
         tails = self._tails(list(txn.started) + list(txn.reloaded))
-        for name, new in txn.started.items():
+        work = undo(txn, lambda old: self._alive(old.launch.instance))
+        for name, new in work.stop.items():
             self._stop(new)
             self._serving.pop(name, None)
         self.applier.roll_back(generation, to_generation)
         self._undo_configs()
+        self._serving.update(work.serve)
         back: list[_Instance] = []
-        for name, old in {**txn.replaced, **txn.removed}.items():
-            if old is None:
-                continue
-            self._serving[name] = old
-            if name in txn.handover and self._alive(old.launch.instance):
-                continue
+        for old in work.restart:
             self._spawn_now(old, watched=False)
             back.append(old)
-        for old, previous in txn.reloaded.values():
+        for old, previous in work.reload:
             old.run = previous
             self._signal(old.launch.instance, previous.reload_signal or 0)
             self._handle(Reloaded(old.launch.instance, self.clock()))
@@ -449,18 +441,11 @@ class SupervisingRuntime:
             raise ApplyError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def _merge(self, desired: Desired, prepared: list[Any]) -> dict[str, WorkloadRun]:
-        runs: dict[str, WorkloadRun] = {}
-        for item in prepared:
-            manifest = item.manifest
-            if manifest.kind == "firmware" or manifest.run is None:
-                self._passive.add(item.spec.name)  # firmware A/B: the slot's boot checks it
-                continue
-            try:
-                runs[item.spec.name] = merge(
-                    item.spec.name, manifest.version, manifest.run, item.spec.options
-                )
-            except WorkloadSpecError as exc:
-                raise ApplyError(str(exc)) from None
+        try:
+            runs, passive = workload_runs((item.spec, item.manifest) for item in prepared)
+        except WorkloadSpecError as exc:
+            raise ApplyError(str(exc)) from None
+        self._passive |= passive  # firmware A/B: the slot's boot checks it
         return runs
 
     def _run(self, generation: int, name: str) -> WorkloadRun:

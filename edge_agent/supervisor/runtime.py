@@ -137,7 +137,9 @@ class SupervisingRuntime:
             request_restart=request_restart,  # firmware A/B: a switch restarts the agent
         )
         self.state_dir = self.data_dir / "supervisor"
-        self.table = ProcessTable(self.state_dir, on_exit=self._on_exit, clock=clock, tag=tag)
+        self._tag = tag
+        self._table: ProcessTable | None = None  # made on first use: see :attr:`table`
+        self._table_lock = threading.Lock()
         self.machine = Supervisor(jitter=random.Random().random, floor_s=supervisor.restart_floor_s)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -153,8 +155,6 @@ class SupervisingRuntime:
             threading.Thread(target=self._loop, name="supervisor", daemon=True),
             threading.Thread(target=self._probe_loop, name="probes", daemon=True),
         ]
-        for thread in self._threads:
-            thread.start()
 
     # ---------------------------------------------------------------- steps
 
@@ -320,13 +320,37 @@ class SupervisingRuntime:
                 log.error("cannot restart workload", extra={"workload": name, "error": str(exc)})
         return specs
 
+    @property
+    def table(self) -> ProcessTable:
+        """The process table, made (and the supervisor's threads started) on first use.
+
+        Lazily, so an agent that is built but never run (tests, `agent enroll`) starts no
+        threads and does not make itself a subreaper.
+        """
+        table = self._table
+        if table is None:
+            with self._table_lock:
+                if self._table is None:
+                    self._table = ProcessTable(
+                        self.state_dir, on_exit=self._on_exit, clock=self.clock, tag=self._tag
+                    )
+                    for thread in self._threads:
+                        thread.start()
+                table = self._table
+        return table
+
     def close(self) -> None:
+        with self._table_lock:
+            table, started = self._table, self._table is not None
+        if not started:
+            return
         self._closing.set()
         self._wakeup.set()
         self._probes.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
-        self.table.close()
+        assert table is not None
+        table.close()
 
     # ---------------------------------------------------------------- machine plumbing
 

@@ -366,3 +366,44 @@ def test_run_flags_without_a_command_are_refused(op: Operator) -> None:
 def test_a_missing_run_file_is_a_local_error(op: Operator) -> None:
     result = build_with_run(op, op.src.parent / "absent.json")
     assert "cannot read run file" in assert_one_line_failure(result, 3, "LocalError")
+
+
+# ---------------------------------------------------------------- the documented fields
+
+
+def doc_table(text: str, header: str) -> list[str]:
+    """The first column (backticks dropped) of the table whose header row is ``header``."""
+    lines = text[text.index(header) :].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip("|").split("|")[0].strip().strip("`"))
+    return rows
+
+
+def test_the_docs_list_every_run_field_and_entry_member() -> None:
+    """``--run`` takes what docs/bundles.md documents; both docs list the entry's members."""
+    import msgspec
+
+    from edge_agent.supervisor.spec import ENTRY_FIELDS
+    from firmware_bundles.model import AliveCheck, CommandCheck, HttpCheck, RunSpec
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    bundles, protocol = (docs / "bundles.md").read_text(), (docs / "protocol.md").read_text()
+    run_section = bundles[bundles.index("### The run specification") :]
+    fields = [f.encode_name for f in msgspec.structs.fields(RunSpec)]
+    assert doc_table(run_section, "| field | type | default | rule |") == fields
+    checks = doc_table(run_section, "| `type` | fields | passes |")
+    assert checks == [c.__struct_config__.tag for c in (AliveCheck, HttpCheck, CommandCheck)]
+    for check in (AliveCheck, HttpCheck, CommandCheck):
+        table = run_section[run_section.index("| `type` | fields | passes |") :]
+        row = table.split(f"| `{check.__struct_config__.tag}` |", 1)[1].split("\n", 1)[0]
+        for name in (f.encode_name for f in msgspec.structs.fields(check)):
+            assert f"`{name}`" in row, (check.__name__, name)
+    example = run_section.split("```json\n", 1)[1].split("```", 1)[0]
+    assert msgspec.json.decode(example.encode(), type=RunSpec).update == "start-then-stop"
+    demo_run = Path(__file__).resolve().parents[2] / "devtools" / "demo_web" / "run-1.0.json"
+    assert json.loads(example) == json.loads(demo_run.read_text())
+    for text in (bundles, protocol):
+        assert set(doc_table(text, "| member | type | default | rule |")) == ENTRY_FIELDS

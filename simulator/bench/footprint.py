@@ -42,6 +42,7 @@ from typing import Any
 from devtools.broker import BrokerError, MosquittoBroker
 from devtools.procs import AgentChild
 from edge_agent.enroll import Identity
+from edge_agent.root import remember_verified
 from firmware_bundles.devfleet import DevFleet
 from hub.broker_config import hub_identities, write_secure_files
 from hub.identity import CertificateAuthority, write_new_private
@@ -173,6 +174,7 @@ def enroll_locally(
     identity.cert.write_bytes(issued.pem)
     identity.ca.write_bytes(ca.cert_pem)
     identity.root.write_bytes(root.read_bytes())
+    remember_verified(identity.root, root.read_bytes())  # as enrollment does, having checked it
     identity.record.write_text(json.dumps({"device_id": device_id, "broker_url": broker_url}))
 
 

@@ -65,9 +65,11 @@ from edge_agent.plan import (
     StopWorkload,
     Switch,
     WaitForHealth,
+    WorkloadSpec,
     WorkloadSpecError,
     plan,
     step_generation,
+    targets,
     workload_specs,
 )
 from protocols import (
@@ -185,10 +187,14 @@ class DesiredPayload:
 
 @dataclass(frozen=True)
 class StepDone:
-    """The driver executed ``step`` (the very object the core handed out)."""
+    """The driver executed ``step`` (the very object the core handed out).
+
+    ``detail``: what a finished ``RollBack`` adds to the report's error (the
+    failed workloads' last log lines)."""
 
     step: Step
     now: float
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,10 +214,14 @@ class TimerFired:
 
 @dataclass(frozen=True)
 class WorkloadExited:
-    """A supervised workload's process ended; ``restarting``: the supervisor starts it again."""
+    """A supervised workload's process ended; ``restarting``: the supervisor starts it again.
+
+    ``exit_code``: negative for the signal that ended it; None when it cannot
+    be known (a process adopted after an agent restart). Not restarting with
+    code 0 is ``stopped`` (it finished), otherwise ``failed``."""
 
     name: str
-    exit_code: int
+    exit_code: int | None
     restarting: bool
     now: float
 
@@ -384,6 +394,13 @@ Action = (
 _RUNNING: frozenset[WorkloadState] = frozenset({"starting", "healthy", "unhealthy"})
 
 
+def exit_text(code: int | None) -> str:
+    """Pure: an exit code as reports say it (negative: the signal that ended it)."""
+    if code is None:
+        return "an unknown code"
+    return f"signal {-code}" if code < 0 else f"code {code}"
+
+
 def health_timer(generation: int) -> str:
     """Pure: the name of the timer that ends a generation's wait for health."""
     return f"health:{generation}"
@@ -413,12 +430,20 @@ class AgentCore:
     _step: Step | None = None
     _candidate: Desired | None = None
     _workloads: dict[str, WorkloadStatus] = field(default_factory=dict)
+    # The applied generation's workloads (supervising runtimes): the driver seeds them at
+    # start from the applied configuration; a rollout starts only what differs.
+    applied_specs: tuple[WorkloadSpec, ...] = ()
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
         self._desired_topic = self._topic(Channel.DESIRED)
         self._frames_topic = self._topic(Channel.BUNDLE_DATA)
         self._cert_topic = self._topic(Channel.CERT)
+
+    def seed_workloads(self, specs: tuple[WorkloadSpec, ...]) -> None:
+        """At start: the applied generation's workloads, which the runtime starts or adopts."""
+        self.applied_specs = specs
+        self._workloads = {s.name: WorkloadStatus(name=s.name, state="starting") for s in specs}
 
     @property
     def desired_topic(self) -> str:
@@ -477,7 +502,10 @@ class AgentCore:
                 return self._message(name, payload, now)
             case DesiredPayload(payload=payload, now=now):
                 return self._desired(payload, now)
-            case StepDone(step=step, now=now):
+            case StepDone(step=step, now=now, detail=detail):
+                if detail and isinstance(step, RollBack) and self._rollout is not None:
+                    failure = f"{self._rollout.failure}\n{detail}"
+                    self._rollout = structs.replace(self._rollout, failure=failure)
                 return self._step_done(step, None, now)
             case StepFailed(step=step, error=error, now=now):
                 return self._step_done(step, error, now)
@@ -594,6 +622,7 @@ class AgentCore:
             supervises=self.supervises,
             running=running,
             health_timeout_s=self.health_timeout_s,
+            applied=self.applied_specs,
         )
 
     def _advance(self, now: float) -> list[Action]:
@@ -642,7 +671,7 @@ class AgentCore:
         rollout = self._rollout
         if rollout is None or name != health_timer(rollout.generation) or rollout.failure:
             return [Ignored(0, f"timer {name!r} is not wanted any more")]
-        waiting = [n for n in rollout.names if n not in rollout.healthy]
+        waiting = [n for n in targets(self._current(), rollout) if n not in rollout.healthy]
         reason = f"workloads {', '.join(waiting)} not healthy within {self.health_timeout_s:g} s"
         self._rollout = rollout.failed(None, reason)
         return self._advance(now)
@@ -654,13 +683,14 @@ class AgentCore:
             match event:
                 case HealthPassed():
                     self._rollout = structs.replace(rollout, healthy=rollout.healthy | {name})
-                    done = set(rollout.names) <= self._rollout.healthy
+                    done = set(targets(self._current(), rollout)) <= self._rollout.healthy
                     cancel: list[Action] = [CancelTimer(health_timer(rollout.generation))]
                     return (cancel if done else []) + self._advance(now)
                 case HealthFailed(reason=reason):
                     self._rollout = rollout.failed(None, f"workload {name}: {reason}")
                 case WorkloadExited(exit_code=code):
-                    self._rollout = rollout.failed(None, f"workload {name} exited with code {code}")
+                    why = f"workload {name} exited with {exit_text(code)}"
+                    self._rollout = rollout.failed(None, why)
             return [CancelTimer(health_timer(rollout.generation)), *self._advance(now)]
         known = self._workloads.get(name)
         if known is None:
@@ -673,7 +703,7 @@ class AgentCore:
             case WorkloadExited(exit_code=code, restarting=restarting):
                 changed = structs.replace(
                     known,
-                    state="starting" if restarting else "failed",
+                    state="starting" if restarting else "stopped" if code == 0 else "failed",
                     restarts=known.restarts + (1 if restarting else 0),
                     last_exit_code=code,
                     last_exit_at=now,
@@ -717,7 +747,15 @@ class AgentCore:
         if rollout.committed:
             before = self._workloads
             healthy: WorkloadState = "healthy"
-            self._workloads = {n: WorkloadStatus(name=n, state=healthy) for n in rollout.names}
+            started = set(targets(self._current(), rollout))
+            self._workloads = {
+                n: WorkloadStatus(name=n, state=healthy)
+                if n in started or n not in before
+                else before[n]
+                for n in rollout.names
+            }
+            if self.supervises:
+                self.applied_specs = rollout.specs
             removed = [
                 WorkloadStatus(name=n, state="removed") for n in before if n not in self._workloads
             ]

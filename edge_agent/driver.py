@@ -14,6 +14,12 @@ Rules:
   to 30 s, reset once a connection is accepted) and a fresh session number,
   hence a fresh Last Will, on every attempt.
 - SIGTERM/SIGINT: publish "offline" for the current session, disconnect, exit 0.
+  Supervised workloads keep running; the next agent adopts them.
+- The runtime supervises workloads by default
+  (:class:`edge_agent.supervisor.runtime.SupervisingRuntime`): at start it
+  adopts or restarts the applied generation's workloads (``resume``) before
+  any connection, and its events (exits, health) are fed to the core like
+  any other, so supervision and its reports go on with the broker away.
 - Steps that take time (install, switch, commit, roll back, and the
   supervisor's start, stop and health watch) run one at a time in the step
   thread, which also fires the core's timers; each result comes back as
@@ -96,8 +102,8 @@ from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.plan import step_generation
 from edge_agent.renewal import DEFAULT_RENEW_AT_FRACTION, Renewal
 from edge_agent.root import RootFileError, load_trusted_root
-from edge_agent.runtime import ApplyError, Runtime, WorkloadApplier
-from edge_agent.settings import BundleSettings, MqttSettings
+from edge_agent.runtime import ApplyError, Runtime, Supervising, WorkloadApplier
+from edge_agent.settings import BundleSettings, MqttSettings, SupervisorSettings
 from edge_agent.store import OutboxStore, StateStore, remove_stale_temporaries
 from edge_agent.transport import (
     MqttTransport,
@@ -147,6 +153,7 @@ class AgentDriver:
         renewal: Renewal | None = None,
         mqtt: MqttSettings | None = None,
         outbox: OutboxLimits | None = None,
+        supervisor: SupervisorSettings | None = None,
     ) -> None:
         """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
         switched certificates (None: plain MQTT, or TLS trusting the system's CAs);
@@ -162,13 +169,8 @@ class AgentDriver:
         self.bundle_settings = bundles or BundleSettings()
         self.trusted_root = trusted_root
         self.clock = clock
-        self.runtime: Runtime = runtime or WorkloadApplier(
-            data_dir,
-            settings=self.bundle_settings,
-            trusted_root=trusted_root,
-            agent_version=plumbing.__version__,
-            clock=clock,
-        )
+        self.supervisor_settings = supervisor or SupervisorSettings()
+        self.runtime: Runtime = runtime or self._default_runtime()
         self.renewal = renewal
         channels = (Channel.DESIRED, Channel.BUNDLE_DATA)
         self.core = AgentCore(
@@ -178,6 +180,7 @@ class AgentDriver:
             trusted_root=trusted_root,
             clock_skew_s=self.bundle_settings.clock_skew_s,
             supervises=self.runtime.supervises,
+            health_timeout_s=self.supervisor_settings.health_timeout_s,
             channels=(*channels, Channel.CERT) if renewal is not None else channels,
             outbox=Outbox(outbox or OutboxLimits(), self.outbox_store.load()),
         )
@@ -208,6 +211,26 @@ class AgentDriver:
         self._steps: queue.Queue[RuntimeStep | _Wake | None] = queue.Queue()
         self._timers: dict[str, float] = {}
         self._executors = self._executor_table()
+
+    def _default_runtime(self) -> Runtime:
+        if not self.supervisor_settings.enabled:
+            return WorkloadApplier(
+                self.data_dir,
+                settings=self.bundle_settings,
+                trusted_root=self.trusted_root,
+                agent_version=plumbing.__version__,
+                clock=self.clock,
+            )
+        from edge_agent.supervisor.runtime import SupervisingRuntime
+
+        return SupervisingRuntime(
+            self.data_dir,
+            settings=self.bundle_settings,
+            supervisor=self.supervisor_settings,
+            trusted_root=self.trusted_root,
+            agent_version=plumbing.__version__,
+            clock=self.clock,
+        )
 
     def _executor_table(self) -> ExecutorTable[Event | None]:
         table: ExecutorTable[Event | None] = ExecutorTable()
@@ -446,8 +469,21 @@ class AgentDriver:
 
     # -- threads
 
-    def _run_step(self, step: RuntimeStep) -> None:
-        """Carry out one runtime step; raises ApplyError."""
+    def _run_step(self, step: RuntimeStep) -> str | None:
+        """Carry out one runtime step; raises ApplyError. Returns a rollback's detail."""
+        runtime = self.runtime
+        if isinstance(step, StartWorkload | StopWorkload | WaitForHealth):
+            if not runtime.supervises:
+                raise ApplyError(f"this agent's runtime does not supervise workloads: {step!r}")
+            supervising = self._supervising()
+            match step:
+                case StartWorkload(generation=generation, name=name):
+                    supervising.start_workload(generation, name)
+                case StopWorkload(generation=generation, name=name):
+                    supervising.stop_workload(generation, name)
+                case WaitForHealth(generation=generation, names=names):
+                    supervising.wait_for_health(generation, names)
+            return None
         match step:
             case Install(desired=desired):
                 self.runtime.install(desired)
@@ -456,9 +492,13 @@ class AgentDriver:
             case Commit(generation=generation):
                 self.runtime.commit(generation)
             case RollBack(generation=generation, to_generation=to):
-                self.runtime.roll_back(generation, to)
-            case StartWorkload() | StopWorkload() | WaitForHealth():
-                raise ApplyError(f"this agent's runtime does not supervise workloads: {step!r}")
+                return self.runtime.roll_back(generation, to)
+        return None
+
+    def _supervising(self) -> Supervising:
+        """The runtime as a supervising one (call only when ``supervises``)."""
+        runtime: Supervising = self.runtime  # type: ignore[assignment]
+        return runtime
 
     def _step_worker(self) -> None:
         """Runs runtime steps one at a time, and fires the core's timers when due."""
@@ -476,8 +516,9 @@ class AgentDriver:
             if isinstance(step, _Wake):
                 continue
             error = None
+            detail: str | None = None
             try:
-                self._run_step(step)
+                detail = self._run_step(step)
             except ApplyError as exc:
                 error = str(exc)
             except Exception as exc:  # a runtime bug must not kill the agent
@@ -495,7 +536,8 @@ class AgentDriver:
                 },
             )
             now = self.clock()
-            self.feed(StepDone(step, now) if error is None else StepFailed(step, error, now))
+            done = StepDone(step, now, detail or "")
+            self.feed(done if error is None else StepFailed(step, error, now))
 
     def _fire_timers(self) -> None:
         now = self.clock()
@@ -558,6 +600,8 @@ class AgentDriver:
 
     def run(self) -> int:
         self.feed(Booted(self.clock()))
+        if self.runtime.supervises:
+            self.core.seed_workloads(self._supervising().resume(self.feed))
         log.info(
             "agent starting",
             extra={
@@ -579,6 +623,8 @@ class AgentDriver:
         worker.join(timeout=30)
         if self._fetch_thread is not None:
             self._fetch_thread.join(timeout=10)
+        if self.runtime.supervises:
+            self._supervising().close()
         self._say_goodbye()
         return 0
 
@@ -616,6 +662,7 @@ def run_agent(
     insecure_unsigned: bool = False,
     renew_at_fraction: float = DEFAULT_RENEW_AT_FRACTION,
     mqtt: MqttSettings | None = None,
+    supervisor: SupervisorSettings | None = None,
 ) -> int:
     """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor.
 
@@ -683,6 +730,7 @@ def run_agent(
         cert_serial=(lambda: _certificate_serial(identity)) if tls else None,
         renewal=renewal,
         mqtt=mqtt,
+        supervisor=supervisor,
     )
     log.info(
         "agent starting",

@@ -14,14 +14,17 @@ the bundle workloads the configuration references (verified, unpacked into
 pointers, then the configuration). It supervises nothing yet
 (``supervises = False``): the process supervisor of the runtime issue plugs
 in here with start, stop and health watching, and produces the core's
-``WorkloadExited`` / ``HealthPassed`` / ``HealthFailed`` events.
+``WorkloadExited`` / ``HealthPassed`` / ``HealthFailed`` events: that is
+:class:`edge_agent.supervisor.runtime.SupervisingRuntime` (``supervises = True``),
+which installs and switches through a ``WorkloadApplier`` and adds the
+``Supervising`` steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -59,8 +62,30 @@ class Runtime(Protocol):
     def commit(self, generation: int) -> None:
         """The generation is good: make it the one to come back to."""
 
-    def roll_back(self, generation: int, to_generation: int) -> None:
-        """Undo :meth:`switch` of ``generation``: the versions and configuration it replaced."""
+    def roll_back(self, generation: int, to_generation: int) -> str | None:
+        """Undo :meth:`switch` of ``generation``: the versions and configuration it replaced.
+
+        Returns what the report's error should add (a supervisor's log tails), if anything."""
+
+
+class Supervising(Runtime, Protocol):
+    """A runtime that starts workloads and watches their health (``supervises = True``)."""
+
+    def start_workload(self, generation: int, name: str) -> None:
+        """Start (or hand over to, or reload) the generation's version of ``name``."""
+
+    def stop_workload(self, generation: int, name: str) -> None:
+        """Stop ``name``, which the generation no longer has."""
+
+    def wait_for_health(self, generation: int, names: tuple[str, ...]) -> None:
+        """Let the started workloads' health events flow to the core (they answer the wait)."""
+
+    def resume(self, feed: Callable[[Any], None]) -> tuple[WorkloadSpec, ...]:
+        """At agent start: adopt or restart the applied generation's workloads; events go to
+        ``feed``; returns the applied workloads for the core."""
+
+    def close(self) -> None:
+        """The agent stops: stop watching (the workloads keep running)."""
 
 
 class ConfigFileApplier:
@@ -129,7 +154,7 @@ class WorkloadApplier:
         self.switch(desired)
 
     def install(self, desired: Desired) -> None:
-        self._prepared[desired.generation] = self._install(self._specs(desired))
+        self.prepare(desired)
 
     def switch(self, desired: Desired) -> None:
         prepared = self._prepared.pop(desired.generation, None)
@@ -144,7 +169,19 @@ class WorkloadApplier:
     def commit(self, generation: int) -> None:
         self._undo.clear()  # nothing to go back to once it is good
 
-    def roll_back(self, generation: int, to_generation: int) -> None:
+    def prepare(self, desired: Desired) -> list[Prepared]:
+        """Install (idempotently) and return the generation's prepared workloads, keeping them
+        for its switch; raises ApplyError."""
+        prepared = self._install(self._specs(desired))
+        self._prepared[desired.generation] = prepared
+        return prepared
+
+    def undo_record(self, generation: int) -> tuple[dict[str, str | None], bytes | None] | None:
+        """What :meth:`switch` of ``generation`` replaced (pointers, config bytes), until
+        commit or roll back."""
+        return self._undo.get(generation)
+
+    def roll_back(self, generation: int, to_generation: int) -> str | None:
         undo = self._undo.pop(generation, None)
         if undo is None:
             raise ApplyError(f"generation {generation} was not switched by this agent run")
@@ -156,6 +193,7 @@ class WorkloadApplier:
                 atomic_write_bytes(self.config_path, config)
         except OSError as exc:
             raise ApplyError(f"cannot roll back: {exc.strerror or exc}") from None
+        return None
 
     def _read_config(self) -> bytes | None:
         try:

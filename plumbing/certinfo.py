@@ -119,9 +119,9 @@ def _time(name: str, tag: int, raw: bytes) -> float:
     if tag == UTC_TIME:
         year = int(text[:2])
         text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-    parts = [int(text[i : i + 2]) for i in range(4, 14, 2)]  # month, day, hour, minute, second
+    month, day, hour, minute, second = (int(text[i : i + 2]) for i in range(4, 14, 2))
     try:
-        when = dt.datetime(int(text[:4]), *parts, tzinfo=dt.UTC)
+        when = dt.datetime(int(text[:4]), month, day, hour, minute, second, tzinfo=dt.UTC)
     except ValueError:
         raise ValueError(f"{name}: {text!r} is not a valid date") from None
     return when.timestamp()

@@ -57,8 +57,10 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _at(*parts: int) -> dt.datetime:
-    return dt.datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+def _at(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, sec: int = 0
+) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, sec, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(

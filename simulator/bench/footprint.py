@@ -265,15 +265,16 @@ async def run_bench(cfg: FootprintConfig) -> FootprintResult:
                 for pid, before in zip(pids, cpu0, strict=True)
             ]
             result.agents = [memory_of(pid) for pid in pids]
-            if cfg.apply:
-                async with contextlib.AsyncExitStack() as hub_stack:
+            async with contextlib.AsyncExitStack() as hub_stack:
+                # Closed after the agents stop: the workloads they leave running go last.
+                if cfg.apply:
                     result.applied = await run_apply_phase(
                         hub_stack, work=work, broker=broker, fleet=fleet,
                         device=measured[0].device_id, pid=pids[0], bundle_mib=cfg.bundle_mib,
                         deadline_s=cfg.deadline_s,
                     )  # fmt: skip
-            for agent in measured:
-                agent.terminate()
+                for agent in measured:
+                    agent.terminate()
             lister.start()
             await wait_connected(lister, cfg.deadline_s)
             await asyncio.sleep(2.0)

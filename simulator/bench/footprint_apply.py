@@ -18,7 +18,8 @@ Measured on the agent that idled (:mod:`simulator.bench.footprint`), in order:
    RSS is sampled every 20 ms from the PUT until applied, and its peak
    (``VmHWM``) read after.
 
-Rules: every wait has a deadline; the hub is stopped with the benchmark's stack.
+Rules: every wait has a deadline; the hub, and the workloads (which outlive
+their agent by design), are stopped with the benchmark's stack.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,12 +91,20 @@ class ApplyResult:
         return out
 
 
-def status_kib(pid: int, name: str) -> float:
+def proc_status_mib(pid: int, name: str) -> float:
     """Pure over /proc: one ``VmRSS``/``VmHWM`` line of ``pid``, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(name + ":"):
             return int(line.split()[1]) / 1024
     raise BenchError(f"/proc/{pid}/status has no {name}")
+
+
+def stop_workloads(outs: Path) -> None:
+    """SIGKILL every workload that recorded its pid under ``outs`` (and its group)."""
+    for record in outs.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = int(json.loads(record.read_text())["pid"])
+            os.kill(pid, signal.SIGKILL)
 
 
 def service_bundle(out: Path, fleet: DevFleet, *, name: str, port: int, payload_mib: int) -> Path:
@@ -192,10 +202,12 @@ async def run_apply_phase(
 
     await apply(api, device, {"bench": "a signed document"}, deadline_s)
     await asyncio.sleep(1.0)
-    result.rss_after_document_mib = status_kib(pid, "VmRSS")
+    result.rss_after_document_mib = proc_status_mib(pid, "VmRSS")
 
     outs = work / "workload-out"
     outs.mkdir(exist_ok=True)
+    # Workloads outlive their agent by design (autonomy): the bench ends them itself.
+    stack.callback(stop_workloads, outs)
     workloads = []
     for n in range(3):
         bundle = await asyncio.to_thread(
@@ -212,7 +224,7 @@ async def run_apply_phase(
     result.first_spawn_after_put_s = min(s["started"] for s in seen) - put_at
     result.last_ready_after_put_s = max(s["ready"] for s in seen) - put_at
     await asyncio.sleep(1.0)
-    result.rss_three_workloads_mib = status_kib(pid, "VmRSS")
+    result.rss_three_workloads_mib = proc_status_mib(pid, "VmRSS")
 
     if bundle_mib > 0:
         big = await asyncio.to_thread(
@@ -222,11 +234,11 @@ async def run_apply_phase(
         result.bundle_mib = round(big.stat().st_size / MiB, 1)
         entry = {"name": "big", "bundle": await upload(api, big),
                  "env": {"BENCH_OUT": str(outs / "big.json")}}  # fmt: skip
-        peak = [status_kib(pid, "VmRSS")]
+        peak = [proc_status_mib(pid, "VmRSS")]
 
         async def sample() -> None:
             while True:
-                peak.append(status_kib(pid, "VmRSS"))
+                peak.append(proc_status_mib(pid, "VmRSS"))
                 await asyncio.sleep(0.02)
 
         sampler = asyncio.create_task(sample())
@@ -238,7 +250,7 @@ async def run_apply_phase(
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         result.install_peak_rss_mib = max(peak)
-        result.install_hwm_mib = status_kib(pid, "VmHWM")
+        result.install_hwm_mib = proc_status_mib(pid, "VmHWM")
         await asyncio.sleep(1.0)
-        result.rss_after_install_mib = status_kib(pid, "VmRSS")
+        result.rss_after_install_mib = proc_status_mib(pid, "VmRSS")
     return result

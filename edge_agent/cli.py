@@ -18,10 +18,13 @@ def _env(name: str, default: str) -> str:
 
 
 def add_subcommands(top: Any) -> None:
-    """Add ``agent enroll`` and ``agent run`` to ``top``."""
+    """Add ``agent enroll``, ``agent run`` and ``agent lock …`` to ``top``."""
     parser = top.add_parser("agent", help="the edge agent")
     parser.set_defaults(dispatch=dispatch)
     agent = parser.add_subparsers(dest="agent_cmd", required=True)
+    from edge_agent.lock_cli import add_lock_parser  # `agent lock …`: the update-lock tool
+
+    add_lock_parser(agent)
     enroll = agent.add_parser(
         "enroll", help="get this device a certificate from the hub with an enrollment token"
     )

@@ -25,20 +25,6 @@ from typing import Any
 _COMMANDS = ("take", "renew", "release", "show")
 
 
-def _agent_commands(top: Any) -> Any:
-    """The ``agent`` parser's subcommand group (added by ``edge_agent.cli``)."""
-    agent = top.choices["agent"]
-    for action in agent._actions:  # argparse keeps the group only among its actions
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("the agent command has no subcommands to add 'lock' to")
-
-
-def add_subcommands(top: Any) -> None:
-    """Add ``agent lock …`` under the ``agent`` command that ``edge_agent.cli`` added."""
-    add_lock_parser(_agent_commands(top))
-
-
 def add_lock_parser(agent_commands: Any) -> None:
     """Add ``lock`` with its four commands to the ``agent`` subcommand group."""
     lock = agent_commands.add_parser("lock", help="take, renew, release or show update locks")

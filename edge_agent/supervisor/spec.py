@@ -421,7 +421,7 @@ def merge(name: str, version: str, run: RunSpec, options: EntryOptions) -> Workl
         health=HealthSpec(
             checks=_checks(run),
             min_healthy_s=run.min_healthy_ms / 1000,
-            deadline_s=float(run.health_deadline_s),
+            deadline_s=_deadline(run),
         ),
         limits=_merged_limits(name, ceiling, options.limits),
         stop_signal=_signal(run.stop_signal),
@@ -432,3 +432,15 @@ def merge(name: str, version: str, run: RunSpec, options: EntryOptions) -> Workl
         update=run.update,
         handover_timeout_s=float(run.handover_timeout_s),
     )
+
+
+def _deadline(run: RunSpec) -> float:
+    """Pure: how long a new instance has to turn healthy.
+
+    In a ``start-then-stop`` hand-over the old and the new version run together until the
+    new one is healthy, so ``handover_timeout_s`` bounds that too (0: no bound of its own).
+    """
+    deadline = float(run.health_deadline_s)
+    if run.update == "start-then-stop" and run.handover_timeout_s > 0:
+        return min(deadline, float(run.handover_timeout_s))
+    return deadline

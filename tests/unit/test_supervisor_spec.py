@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from edge_agent.plan import workload_specs
@@ -149,6 +150,24 @@ def test_merge_takes_the_manifest_defaults_and_the_entry_overrides() -> None:
     assert run.health.min_healthy_s == 1.5
     assert (run.stop_signal, run.reload_signal, run.update) == (2, 1, "start-then-stop")
     assert run.config == b'{"k":1}'
+
+
+@pytest.mark.parametrize(
+    ("update", "handover_s", "deadline_s"),
+    [
+        ("start-then-stop", 10, 10.0),  # both run until the new one is healthy: bounded
+        ("start-then-stop", 0, 60.0),  # 0: no bound of its own
+        ("start-then-stop", 600, 60.0),  # the health deadline is the shorter
+        ("stop-then-start", 10, 60.0),  # no hand-over: the timeout does not apply
+    ],
+)
+def test_a_hand_over_is_bounded_by_its_timeout(
+    update: str, handover_s: int, deadline_s: float
+) -> None:
+    spec = msgspec.structs.replace(
+        RUN, update=update, handover_timeout_s=handover_s, health_deadline_s=60
+    )
+    assert merge("web", "1", spec, EntryOptions()).health.deadline_s == deadline_s
 
 
 def test_the_entry_may_lower_a_limit_but_not_raise_it() -> None:

@@ -56,6 +56,7 @@ from protocols import (
     ProtocolError,
     Reported,
     Status,
+    WorkloadStatus,
     decode,
     parse_topic,
 )
@@ -126,7 +127,8 @@ class Tracking:
     inventory: dict[str, Any] | None = None  # the newest birth's, as plain JSON
     decommissioned_at: datetime | None = None  # read only
     awaiting_birth: bool = False
-    # The newest report's per-workload states (protocols.WorkloadStatus as JSON).
+    # Per-workload states as last reported, merged by name (protocols.WorkloadStatus as
+    # JSON; see merge_workloads).
     workloads: list[dict[str, Any]] | None = None
     # What the device's outbox dropped so far (its newest birth says).
     events_dropped: int = 0
@@ -245,13 +247,7 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
         last_report_epoch=report.boot_epoch,
         last_report_seq=report.seq,
         last_seen=now,
-        # A report that lists no workloads (nothing supervised, an older agent) keeps the
-        # last states known.
-        workloads=(
-            [msgspec.structs.asdict(w) for w in report.workloads]
-            if report.workloads is not None
-            else t.workloads
-        ),
+        workloads=merge_workloads(t.workloads, report.workloads),
     )
     if report.locks is not None:
         new = dataclasses.replace(new, locks=[msgspec.structs.asdict(x) for x in report.locks])
@@ -259,6 +255,28 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
         new = dataclasses.replace(new, jobs=merge_jobs(t.jobs, report.jobs))
     rekey = _device_is_ahead(t, new)
     return Decision(new, republish=rekey, rekey=rekey)
+
+
+def merge_workloads(
+    known: list[dict[str, Any]] | None, reported: Sequence[WorkloadStatus] | None
+) -> list[dict[str, Any]] | None:
+    """Pure: the device's workload table after a report, merged by name.
+
+    A report lists the workloads whose state it tells: a rollout's outcome lists the
+    generation's (and those it removed, as ``removed``), a supervisor event lists the one
+    that changed. So each listed workload replaces its entry, the others stay as last
+    known, and a ``removed`` one leaves the table. A report that lists none (nothing
+    supervised, an older agent) keeps the table as it is.
+    """
+    if reported is None:
+        return known
+    by_name = {w["name"]: w for w in known or ()}
+    for status in reported:
+        if status.state == "removed":
+            by_name.pop(status.name, None)
+        else:
+            by_name[status.name] = msgspec.structs.asdict(status)
+    return [by_name[name] for name in sorted(by_name)]
 
 
 MAX_JOBS_KEPT = 100

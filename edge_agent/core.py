@@ -712,7 +712,37 @@ class AgentCore:
         if isinstance(step, WaitForHealth):
             actions.append(SetTimer(health_timer(step.generation), now + step.timeout_s))
         actions.append(step)
-        return actions
+        return actions + self._progress(self._rollout, step, steps, now)
+
+    def _progress(
+        self, rollout: Rollout, step: Step, steps: list[Step], now: float
+    ) -> list[Action]:
+        """An ``applying`` report as a rollout's workloads move: downloading, installing,
+        starting (the rest pending). Only the workloads this rollout starts are listed (an
+        unchanged one keeps running and keeps its state); state lane, so while offline only
+        the newest is kept, and the outcome's report replaces it."""
+        if not isinstance(step, FetchBundles | Install | StartWorkload):
+            return []
+        coming = [s.name for s in steps if isinstance(s, StartWorkload)]
+        if not coming:
+            return []
+        names = sorted(rollout.started - rollout.healthy) + coming
+        states: list[WorkloadStatus] = []
+        for name in names:
+            state: WorkloadState
+            if isinstance(step, FetchBundles):
+                state = "downloading"
+            elif isinstance(step, Install):
+                state = "installing"
+            elif name in rollout.started or name == step.name:
+                state = "starting"
+            else:
+                state = "pending"
+            states.append(WorkloadStatus(name=name, state=state))
+        report = self._report(
+            phase="applying", generation=rollout.generation, now=now, workloads=states
+        )
+        return self._emit(report)
 
     def _step_done(self, step: Step, error: str | None, now: float) -> list[Action]:
         if self._rollout is None or step != self._step:

@@ -374,3 +374,29 @@ def test_the_rollback_detail_joins_the_reported_error() -> None:
     done = core.handle(StepDone(rollback, 13.0, detail="pump log:\nboom"))  # type: ignore[arg-type]
     (report,) = reports(done)
     assert report.error == "workload pump: 503\npump log:\nboom"
+
+
+def test_a_rollout_reports_its_workloads_downloading_installing_starting() -> None:
+    """While a rollout runs, ``applying`` reports say where each workload it starts is (the
+    rest pending), so an operator watching a slow download sees it."""
+    core = supervised()
+    seen: list[list[tuple[str, str]]] = []
+    actions = core.handle(DesiredPayload(encode(doc(2, ("db", A), ("web", B))), 10.0))
+    while not isinstance(core.step, WaitForHealth):
+        for report in reports(actions):
+            assert (report.phase, report.generation, report.applied_generation) == (
+                "applying",
+                2,
+                1,
+            )
+            assert report.workloads is not None
+            seen.append([(w.name, w.state) for w in report.workloads])
+        step = core.step
+        assert step is not None
+        actions = core.handle(StepDone(step, 11.0))
+    assert seen == [
+        [("db", "downloading"), ("web", "downloading")],
+        [("db", "installing"), ("web", "installing")],
+        [("db", "starting"), ("web", "pending")],
+        [("db", "starting"), ("web", "starting")],
+    ]

@@ -350,13 +350,16 @@ class LockWatcher:
         self.clock = clock
         self.interval_s = interval_s
         self._stop = threading.Event()
-        self._last: list[LockStatus] | None = None
+        # Nothing held is what a hub assumes of a device: the first look reports only if a
+        # lock is held, so an agent's start does not send a report of nothing. A lock released
+        # while the agent was down stays on the hub's view until its ``until`` passes.
+        self._last: list[LockStatus] = []
         self._thread: threading.Thread | None = None
 
     def look(self) -> None:
         """One look (the thread's loop body); calls ``on_change`` if anything changed."""
         statuses = self.gate.statuses(self.clock())
-        if self._last is None or not same_locks(statuses, self._last):
+        if not same_locks(statuses, self._last):
             self._last = statuses
             self.on_change(statuses)
 

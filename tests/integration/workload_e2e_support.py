@@ -46,9 +46,9 @@ from tests.support import AgentProcess, wait_until
 # pid and configuration, or (without a port) a loop that exits 3 once CRASH_FLAG
 # exists. With ``hold`` in its configuration it takes its own update lock at start
 # with the documented file API: a temporary in DRIFTLESS_LOCK_DIR renamed over
-# <workload>.lock.
+# <workload>.lock. With ``child`` it leaves a child running in its group.
 APP = """\
-import http.server, json, os, sys, time
+import http.server, json, os, subprocess, sys, time
 config_path = os.environ.get("DRIFTLESS_CONFIG")
 config = json.load(open(config_path)) if config_path else {}
 if config.get("hold"):
@@ -59,6 +59,8 @@ if config.get("hold"):
     with open(tmp, "w") as handle:
         json.dump({"holder": config["hold"], "lease_s": config.get("lease_s", 600)}, handle)
     os.replace(tmp, os.path.join(directory, name + ".lock"))
+if config.get("child"):
+    subprocess.Popen(["sleep", "300"])
 print("up", os.environ["DRIFTLESS_VERSION"], os.getpid(), flush=True)
 if len(sys.argv) < 2:
     flag = os.environ.get("CRASH_FLAG", "")

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from edge_agent.supervisor.machine import (
 from edge_agent.supervisor.spec import HealthSpec, RestartPolicy
 from firmware_bundles.model import Backoff, RunSpec
 from protocols import Birth, JobStatus, Reported, decode
+from tests.integration.bundle_support import hub_with_root, register, upload, wait_phase
 from tests.integration.workload_e2e_support import CopyCounter, Rig, get, sha256, web_run
 from tests.pki import TestBroker
 from tests.support import wait_until
@@ -105,7 +107,7 @@ def test_a_sigkill_of_the_agent_during_a_switch_leaves_exactly_one_copy(
     assert report.phase == "applied", report
     assert versions(rig, "web") == ["2.0.0"]
     (pid,) = rig.copies("web")
-    assert get(new_port) == {"version": "2.0.0", "pid": pid, "config": {}}
+    assert get(new_port)["version"] == "2.0.0" and get(new_port)["pid"] == pid
     if update == "stop-then-start":
         assert most == 1, f"{most} copies of web at once after the restart"
     assert counter.samples > 10
@@ -379,3 +381,97 @@ def test_removing_a_workload_leaves_no_process_and_no_files(rig: Rig) -> None:
     assert not (data / "supervisor" / "logs" / "web").exists()
     assert '"web' not in (data / "supervisor" / "processes.json").read_text()
     assert list(rig.copies("side")) == [side_pid]  # the other one was left alone
+
+
+# ---------------------------------------------------------------- 3. update locks, with the hub
+
+LOCKED = "e2e-locks"
+
+
+def lock_cli(rig: Rig, *args: str) -> None:
+    """``driftless agent lock …`` as a workload's shell would run it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "driftless.cli", "agent", "lock", *args,
+         "--data-dir", str(rig.agent.data_dir), "--workload", "web"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_held_update_lock_defers_a_switch_until_released_expired_or_overridden(
+    tmp_path: Path, broker: TestBroker
+) -> None:
+    rig = Rig(tmp_path, broker, LOCKED, chunks=False, peer=False)
+    hub = hub_with_root(tmp_path / "hub", broker, rig.keys)
+    try:
+        register(hub, LOCKED)
+        port = free_port()
+        sha = upload(hub, rig.bundle("web", "1.0.0", web_run(port)))
+
+        def desire(**config: object) -> int:
+            entry = {"name": "web", "bundle": sha, "config": config}
+            response = hub.api.put(
+                f"/devices/{LOCKED}/desired", json={"config": {"workloads": [entry]}}
+            )
+            response.raise_for_status()
+            generation: int = response.json()["desired_generation"]
+            return generation
+
+        def waits_for(holder: str) -> int:
+            return sum(
+                1
+                for line in rig.agent.log().splitlines()
+                if "switch waits for an update lock" in line and f"held by {holder} " in line
+            )
+
+        rig.agent.start()
+        # 1.0.0 takes its own lock at start (the file API), for 10 minutes.
+        first = desire(hold="backup", lease_s=600)
+        assert wait_phase(hub, LOCKED, first)["phase"] == "applied"
+        locks = wait_until(lambda: hub.device(LOCKED)["locks"], what="the lock reported")
+        assert [(x["workload"], x["holder"], x["overridden"]) for x in locks] == [
+            ("web", "backup", False)
+        ]
+        assert locks[0]["until"] > time.time() + 500
+        held_pid = get(port)["pid"]
+
+        # Held: the switch waits (the old process serves on) until the holder releases.
+        second = desire(step=2)
+        wait_until(lambda: waits_for("backup"), what="the switch waiting for backup")
+        assert get(port)["pid"] == held_pid
+        assert hub.device(LOCKED)["status"].get("generation") != second
+        lock_cli(rig, "release", "--holder", "backup")
+        assert wait_phase(hub, LOCKED, second, timeout_s=20)["phase"] == "applied"
+        assert get(port)["config"] == {"step": 2}
+
+        # Expired: a 3 s lease nobody releases blocks for 3 s, not longer.
+        lock_cli(rig, "take", "--holder", "cron", "--lease-s", "3")
+        lease_end = (rig.agent.data_dir / "locks" / "web.lock").stat().st_mtime + 3
+        third = desire(step=3)
+        wait_until(lambda: waits_for("cron"), what="the switch waiting for cron")
+        assert wait_phase(hub, LOCKED, third, timeout_s=20)["phase"] == "applied"
+        assert get(port)["started"] >= lease_end - 0.01  # mtime: the kernel's coarse clock
+        assert (rig.agent.data_dir / "locks" / "web.lock").exists()  # expired, not released
+
+        # Overridden: the hub's signed override lifts a lock held for 10 minutes.
+        lock_cli(rig, "take", "--holder", "ops", "--lease-s", "600")
+        fourth = desire(step=4)
+        wait_until(lambda: waits_for("ops"), what="the switch waiting for ops")
+        response = hub.api.post(
+            f"/devices/{LOCKED}/lock-override", json={"duration_s": 600, "workloads": ["web"]}
+        )
+        assert response.status_code == 200, response.text
+        fifth = response.json()["desired_generation"]
+        assert fifth == fourth + 1
+        assert wait_phase(hub, LOCKED, fifth, timeout_s=20)["phase"] == "applied"
+        assert get(port)["config"] == {"step": 4}
+        history = [(h.generation, h.ok) for h in StateStore(rig.agent.data_dir).load().history]
+        assert history[-2:] == [(fourth, True), (fifth, True)]
+        locks = wait_until(
+            lambda: [x for x in hub.device(LOCKED)["locks"] or () if x["overridden"]],
+            what="the overridden lock reported",
+        )
+        assert [(x["holder"], x["overridden"]) for x in locks] == [("ops", True)]
+    finally:
+        hub.close()
+        rig.close()

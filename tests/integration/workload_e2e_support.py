@@ -43,12 +43,13 @@ from tests.pki import TestBroker
 from tests.support import AgentProcess, wait_until
 
 # One program for every workload: an HTTP server on argv[1] answering its version,
-# pid and configuration, or (without a port) a loop that exits 3 once CRASH_FLAG
+# pid, start time and configuration, or (without a port) a loop that exits 3 once CRASH_FLAG
 # exists. With ``hold`` in its configuration it takes its own update lock at start
 # with the documented file API: a temporary in DRIFTLESS_LOCK_DIR renamed over
 # <workload>.lock. With ``child`` it leaves a child running in its group.
 APP = """\
 import http.server, json, os, subprocess, sys, time
+started = time.time()
 config_path = os.environ.get("DRIFTLESS_CONFIG")
 config = json.load(open(config_path)) if config_path else {}
 if config.get("hold"):
@@ -72,7 +73,7 @@ if len(sys.argv) < 2:
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = json.dumps({"version": os.environ["DRIFTLESS_VERSION"], "pid": os.getpid(),
-                           "config": config}).encode()
+                           "config": config, "started": started}).encode()
         self.send_response(200)
         self.end_headers()
         self.wfile.write(body)

@@ -48,7 +48,15 @@ from edge_agent.supervisor.spec import HealthSpec, RestartPolicy
 from firmware_bundles.model import Backoff, RunSpec
 from protocols import Birth, JobStatus, Reported, decode
 from tests.integration.bundle_support import hub_with_root, register, upload, wait_phase
-from tests.integration.workload_e2e_support import CopyCounter, Rig, get, sha256, web_run
+from tests.integration.workload_e2e_support import (
+    CopyCounter,
+    Partition,
+    Rig,
+    SessionPeer,
+    get,
+    sha256,
+    web_run,
+)
 from tests.pki import TestBroker
 from tests.support import wait_until
 
@@ -131,14 +139,37 @@ def outbox_events(rig: Rig) -> list[Reported]:
     ]
 
 
-def crash_loop_run() -> RunSpec:
-    """Restarts 0.1 to 0.3 s apart, up to 1,000 within a minute: no giving up in this test."""
+def crash_loop_run(delay_ms: int = 100) -> RunSpec:
+    """Restarts ``delay_ms`` to 3 times that apart, up to 1,000 a minute: never giving up here."""
     return RunSpec(
         command=["bin/app"],
         min_healthy_ms=200,
         restart="on-failure",
-        backoff=Backoff(attempts=1000, interval_s=60, delay_ms=100, max_delay_ms=300, jitter_pct=0),
+        backoff=Backoff(
+            attempts=1000,
+            interval_s=60,
+            delay_ms=delay_ms,
+            max_delay_ms=3 * delay_ms,
+            jitter_pct=0,
+        ),
     )
+
+
+def all_before(peer: SessionPeer, birth: Birth) -> list[int]:
+    """The seqs of ``birth``'s boot as they arrived, once every one below the birth's has."""
+
+    def arrived() -> list[int]:
+        seqs = [m.seq for m in peer.in_order() if m.boot_epoch == birth.boot_epoch]
+        return seqs if set(range(1, birth.seq)) <= set(seqs) else []
+
+    return wait_until(arrived, what=f"every report of this boot before seq {birth.seq}")
+
+
+def assert_in_order(arrived: list[int]) -> None:
+    """Seq only grows in arrival order (a repeat of one seen is QoS 1's at-least-once)."""
+    firsts = [s for i, s in enumerate(arrived) if s not in arrived[:i]]
+    assert firsts == sorted(firsts), f"out of order: {arrived}"
+    assert firsts == list(range(1, max(firsts) + 1)), f"gaps: {arrived}"
 
 
 def test_workloads_keep_running_through_a_broker_outage_and_their_events_arrive_in_order(
@@ -183,18 +214,8 @@ def test_workloads_keep_running_through_a_broker_outage_and_their_events_arrive_
     birth = rig.wait_birth(2)
     assert birth.events_dropped == 0
 
-    def this_boot() -> list[int]:
-        return [m.seq for m in peer.in_order() if m.boot_epoch == birth.boot_epoch]
-
     # What the outbox kept leaves before the birth: every seq below the birth's arrives.
-    wait_until(
-        lambda: set(range(1, birth.seq)) <= set(this_boot()),
-        what=f"every report of this boot before seq {birth.seq}",
-    )
-    arrived = this_boot()
-    firsts = [s for i, s in enumerate(arrived) if s not in arrived[:i]]  # QoS 1: maybe twice
-    assert firsts == sorted(firsts), f"out of order: {arrived}"
-    assert firsts == list(range(1, max(firsts) + 1)), f"gaps: {arrived}"
+    assert_in_order(all_before(peer, birth))
     events = [
         r.workloads[0]
         for r in peer.reports()
@@ -209,6 +230,39 @@ def test_workloads_keep_running_through_a_broker_outage_and_their_events_arrive_
     assert list(rig.copies("steady")) == [steady_pid]
     wait_until(lambda: len(rig.copies("crashy")) == 1, what="one crashy running")
     assert outage_s < 20
+
+
+def test_events_made_while_a_partition_goes_unnoticed_reach_the_hub_in_order(
+    tmp_path: Path, broker: TestBroker
+) -> None:
+    """A partition, not a closed broker: the agent's socket stays open and its reports go
+    into it until the keepalive (5 s) notices; the rest go to the outbox. Both reach the
+    hub after the partition heals, in the order they were made."""
+    partition = Partition(broker.port)
+    rig = Rig(tmp_path, broker, "e2e-cut", agent_args=("--keepalive-s", "5"))
+    argv = rig.agent.argv
+    argv[argv.index("--broker") + 1] = f"mqtts://127.0.0.1:{partition.port}"
+    flag = tmp_path / "crash-now"
+    try:
+        crashy = rig.bundle("crashy", "1.0.0", crash_loop_run(delay_ms=300))
+        rig.agent.start()
+        rig.wait_birth(1)
+        entry = {"name": "crashy", "bundle": sha256(crashy), "env": {"CRASH_FLAG": str(flag)}}
+        rig.desire(1, [entry])
+        assert rig.finished(1).phase == "applied"
+        partition.cut()
+        flag.touch()  # events now go into a connection that no longer carries anything
+        wait_until(lambda: '"disconnected"' in rig.agent.log(), timeout_s=30, what="keepalive")
+        wait_until(lambda: len(outbox_events(rig)) >= 2, what="events kept in the outbox")
+        flag.unlink()
+        partition.heal()
+        assert rig.peer is not None
+        birth = rig.wait_birth(2, timeout_s=40)
+        assert birth.events_dropped == 0
+        assert_in_order(all_before(rig.peer, birth))
+    finally:
+        rig.close()
+        partition.close()
 
 
 def test_an_hour_offline_in_simulated_time_stays_within_the_outbox_bounds() -> None:

@@ -22,7 +22,9 @@ import hashlib
 import http.client
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -166,6 +168,81 @@ class CopyCounter:
         return self.most
 
 
+# ---------------------------------------------------------------- a network partition
+
+
+class Partition:
+    """A TCP relay to the broker that can stop carrying bytes without closing anything.
+
+    That is what a partition looks like from the device: its socket stays open,
+    writes still succeed (into the kernel's buffers), nothing comes back, and
+    only the MQTT keepalive notices. New connections meanwhile are accepted but
+    never reach the broker (their handshake times out). :meth:`heal` drops the
+    connections the partition killed and carries new ones again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._cut = threading.Event()
+        self._closing = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._mutex = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._mutex:
+                self._sockets.append(client)
+            if self._cut.is_set():
+                continue  # held: no route to the broker
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._mutex:
+                self._sockets.append(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._closing.is_set():
+                if self._cut.is_set():
+                    time.sleep(0.02)  # bytes wait in the kernel's buffers
+                    continue
+                ready, _, _ = select.select([src], [], [], 0.05)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except (OSError, ValueError):  # closed by heal() (select on fd -1: ValueError)
+            pass
+        for end in (src, dst):
+            with contextlib.suppress(OSError):
+                end.close()
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def heal(self) -> None:
+        with self._mutex:
+            dead, self._sockets = self._sockets, []
+        for sock in dead:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._closing.set()
+        self.listener.close()
+        self.heal()
+
+
 # ---------------------------------------------------------------- the hub stand-in
 
 
@@ -247,6 +324,7 @@ class Rig:
         *,
         chunks: bool = True,
         peer: bool = True,
+        agent_args: tuple[str, ...] = (),
     ) -> None:
         self.tmp = tmp
         self.broker = broker
@@ -257,7 +335,7 @@ class Rig:
         self.peer = SessionPeer(broker, device_id) if peer else None
         self.publisher: SessionPeer | None = None
         self.agent = AgentProcess(tmp, device_id, broker, root=self.keys.root_path,
-                                  extra=AGENT_ARGS)  # fmt: skip
+                                  extra=(*AGENT_ARGS, *agent_args))  # fmt: skip
         self.lock_dir = str(self.agent.data_dir / "locks")
 
     # -- bundles and documents

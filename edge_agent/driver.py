@@ -31,6 +31,10 @@ Rules:
 - The outbox (reports made while the broker cannot be reached) is kept in
   ``outbox.json`` (``edge_agent.store.OutboxStore``), loaded at start, so it
   survives a restart.
+- A report handed to a connection that is lost before the broker acknowledged
+  it goes back to the outbox, ahead of what was made after, and the next
+  connection uses a new client: paho would otherwise keep it in memory only and
+  send it after the next connect's outbox and birth, out of order.
 - An agent connected with its enrolled certificate renews it over MQTT when due
   (``edge_agent.renewal``: its dates are looked at once a minute while subscribed),
   then reconnects with the new one.
@@ -213,6 +217,7 @@ class AgentDriver:
         self._read_cert_serial = cert_serial
         self._cert_serial = cert_serial() if cert_serial is not None else None
         self._new_tls = False  # set after a renewal: reconnect with the new certificate
+        self._used = False  # the transport has had a connection: the next one gets a new client
         self.rejected: dict[str, int] = {}
         self.fetcher: Fetcher | None = None
         self.fetch_stats: FetchStats | None = None
@@ -341,7 +346,20 @@ class AgentDriver:
                 if self._connected and not self._stop.is_set():
                     log.warning("disconnected", extra={"device": self.device_id, "reason": reason})
                 self._connected = False
-                self.feed(Disconnected(now))
+                self._lost(now)
+
+    def _lost(self, now: float) -> None:
+        """The connection is gone: what it took and the broker never acknowledged goes
+        back to the outbox, ahead of anything made after (one lock for both), so it is
+        kept on disk and leaves in order at the next connect. Left in paho's memory it
+        would be lost with the process, and paho would send it after that connect's
+        outbox and birth, out of order (the hub drops a report older than its newest).
+        The next connection gets a new client, so paho does not send it a second time."""
+        with self._lock:
+            self.feed(Disconnected(now))
+            for publish in self.transport.unacknowledged():
+                assert isinstance(publish, Publish)
+                self.feed(PublishFailed(publish, now))
 
     def _on_cert_answer(self, payload: bytes) -> None:
         if self.renewal is None:
@@ -367,8 +385,12 @@ class AgentDriver:
     # -- executors
 
     def _publish(self, action: Publish) -> Event | None:
-        taken = self.transport.publish(
-            action.topic, action.payload, qos=action.qos, retain=action.retain
+        taken = self.transport.send(
+            action.topic,
+            action.payload,
+            qos=action.qos,
+            retain=action.retain,
+            token=action if action.lane is not None else None,  # kept if never acknowledged
         )
         return None if taken else PublishFailed(action, self.clock())
 
@@ -599,11 +621,14 @@ class AgentDriver:
                 self._new_tls = False
                 if self._read_cert_serial is not None:
                     self._cert_serial = self._read_cert_serial()
+                self._used = True
+            if self._used:  # a new client: nothing of the last connection is sent again
+                self._used = False
                 self.transport = MqttTransport(
                     self.device_id,
                     self.broker_url,
                     self._on_transport,
-                    tls_context=self._tls_factory(),
+                    tls_context=self._tls_factory() if self._tls_factory is not None else None,
                     settings=self.mqtt_settings,
                 )
             self.feed(Connecting(self.clock()))
@@ -622,6 +647,7 @@ class AgentDriver:
                 self._stop.wait(delay)
                 continue
             accepted = False
+            self._used = True
             while not self._stop.is_set() and self.transport.loop(0.5):
                 if self._connected:
                     accepted = True

@@ -56,6 +56,9 @@ def collect(data_dir: Path, *, arch: str, meminfo: Path = MEMINFO) -> Inventory:
     from edge_agent.slots import running_firmware  # firmware A/B: one small read
 
     slot, firmware_version = running_firmware(data_dir) or (None, None)
+    from edge_agent.supervisor.limits import cgroup_support  # a few reads under /sys/fs/cgroup
+
+    support = cgroup_support()
     return Inventory(
         arch=arch[:SHORT],
         os=system[:SHORT],
@@ -66,4 +69,5 @@ def collect(data_dir: Path, *, arch: str, meminfo: Path = MEMINFO) -> Inventory:
         disk_free_bytes=disk_free,
         firmware_slot=slot,
         firmware_version=firmware_version,
+        cgroups="v2" if support.available else support.reason[:256],
     )

@@ -80,6 +80,9 @@ class Inventory(msgspec.Struct, kw_only=True, frozen=True):
     # firmware slots (and the version None while the running slot holds no firmware).
     firmware_slot: ShortText | None = None
     firmware_version: ShortText | None = None
+    # Whether the runtime can set cgroup v2 limits (memory, CPU) for workloads: "v2", or
+    # why not (rlimits are set either way); None from a device that does not say.
+    cgroups: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
 class Birth(_Base, kw_only=True, frozen=True, tag="birth"):

@@ -177,6 +177,9 @@ class InventoryPublic(SQLModel):
     mem_free_bytes: int
     disk_total_bytes: int
     disk_free_bytes: int
+    firmware_slot: str | None = None
+    firmware_version: str | None = None
+    cgroups: str | None = None
 
 
 class WorkloadPublic(SQLModel):

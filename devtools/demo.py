@@ -8,6 +8,11 @@ Rules:
 - Each capability that lands gets a scene here.
 - The hub child mints an admin API token for the session; it is printed once
   (so the operator can use the API while the demo runs) and sent with every call.
+- The workload scene deploys a real program (``devtools/demo_web/``) as bundles
+  built and signed with ``driftless bundle build --run`` and uploaded through the
+  API; each device gets its own port in its desired entry's ``env``. Workloads
+  outlive their agent on purpose, so the demo's clean-up stops them itself
+  (re-adopted through each agent's process record), Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from devtools.broker import (
 from devtools.procs import AgentChild, HubChild
 from edge_agent.enroll import Identity
 from edge_agent.store import StateStore
+from edge_agent.supervisor.processes import ProcessTable
 from firmware_bundles.devfleet import DevFleet
 from hub.broker_config import TlsFiles, hub_identities, write_secure_files
 from hub.identity import CertificateAuthority, client_identity
@@ -128,6 +134,9 @@ def _wait(predicate: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
 
 # A broker-level identity in the ACL beside the hub's: scene 4's "someone with broker access".
 BROKER_ADMIN = "admin:demo-console"
+WEB_SOURCE = Path(__file__).parent / "demo_web"
+"""The workload scene's program and its ``run`` files (``run-<version>.json``)."""
+WORKLOAD = "web"
 
 
 class Demo:
@@ -168,6 +177,10 @@ class Demo:
             )
         self.agents = {d: self._agent(d) for d in self.device_ids}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
+        self.fleet_config: dict[str, Any] = {}
+        # The workload scene's entries per device: kept in every later configuration change.
+        self.workloads: dict[str, list[dict[str, Any]]] = {}
+        self.ports: dict[str, int] = {}
 
     def _agent(self, device_id: str) -> AgentChild:
         if self.plain:  # given the root directly; plain MQTT
@@ -185,6 +198,7 @@ class Demo:
         finally:
             for agent in self.agents.values():
                 agent.terminate()
+                stop_workloads(agent.data_dir)
             self.hub.terminate()
             self.broker.stop()
             self.api.close()
@@ -310,8 +324,81 @@ class Demo:
         return self.api.get("/devices", params={"limit": 500}).json()["items"]  # type: ignore[no-any-return]
 
     def set_fleet_config(self, config: dict[str, Any]) -> None:
-        response = self.api.put("/fleet/desired", json={"config": config})
-        response.raise_for_status()
+        """The same configuration for every device, plus each one's workloads once deployed."""
+        self.fleet_config = config
+        if not self.workloads:
+            response = self.api.put("/fleet/desired", json={"config": config})
+            response.raise_for_status()
+            return
+        for device_id in self.device_ids:
+            self.set_device_config(device_id)
+
+    def set_device_config(self, device_id: str) -> int:
+        """PUT the fleet's configuration with this device's workloads; returns the generation."""
+        config = {**self.fleet_config, "workloads": self.workloads.get(device_id, [])}
+        response = self.api.put(f"/devices/{device_id}/desired", json={"config": config})
+        if response.status_code != 200:
+            raise DemoError(f"desired state of {device_id}: {response.status_code} {response.text}")
+        return int(response.json()["desired_generation"])
+
+    def publish_bundle(self, version: str) -> str:
+        """Build and sign web ``version`` with the bundle CLI, upload it; returns its SHA-256."""
+        out = self.data_dir / "bundles-built" / f"{WORKLOAD}-{version}.bundle"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.unlink(missing_ok=True)
+        cli = [sys.executable, "-m", "driftless.cli", "bundle"]
+        for argv in (
+            [
+                "build", str(WEB_SOURCE), "--name", WORKLOAD, "--version", version,
+                "--security-version", "1", "--run", str(WEB_SOURCE / f"run-{version}.json"),
+                "--expires-days", "7", "--out", str(out),
+            ],
+            ["sign", str(out), "--key", str(self.fleet.release_key_path)],
+        ):  # fmt: skip
+            done = subprocess.run(
+                [*cli, *argv], capture_output=True, text=True, timeout=60, check=False
+            )
+            if done.returncode != 0:
+                raise DemoError(f"bundle {argv[0]} {WORKLOAD} {version}: {done.stderr.strip()}")
+        response = self.api.post(
+            "/bundles",
+            content=out.read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if response.status_code not in (200, 201):
+            raise DemoError(f"uploading {out.name}: {response.status_code} {response.text}")
+        return str(response.json()["sha256"])
+
+    def deploy(self, bundle: str) -> dict[str, int]:
+        """Every device runs ``bundle`` as ``web`` on its own port; returns the generations."""
+        for device_id in self.device_ids:
+            port = self.ports.setdefault(device_id, free_port())
+            self.workloads[device_id] = [
+                {
+                    "name": WORKLOAD,
+                    "bundle": bundle,
+                    "env": {"PORT": str(port), "DEVICE": device_id},
+                    "config": {"greeting": "hello from the demo"},
+                }
+            ]
+        return {d: self.set_device_config(d) for d in self.device_ids}
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self.api.get(f"/devices/{device_id}").json()  # type: ignore[no-any-return]
+
+    def workload_table(self) -> None:
+        """Each device's workload as the hub shows it (its report), and what its port answers."""
+        for device_id in self.device_ids:
+            d = self.device(device_id)
+            states = ", ".join(
+                f"{w['name']} {w['state']} restarts={w['restarts']}" for w in d["workloads"] or []
+            )
+            print(
+                f"    {device_id:10} g{d['reported_generation']:<3} {d['report_phase'] or '-':11} "
+                f"{states or 'no workloads':28} :{self.ports[device_id]} -> "
+                f"{answer(self.ports[device_id])}",
+                flush=True,
+            )
 
     def converge(self, *, timeout_s: float = 30) -> float:
         start = time.monotonic()
@@ -336,6 +423,79 @@ class Demo:
 
 def say(text: str) -> None:
     print(f"[driftless] {text}", flush=True)
+
+
+def answer(port: int) -> str:
+    """What ``curl http://127.0.0.1:PORT/`` prints, or why nothing answered."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).text.strip()
+    except httpx.HTTPError as exc:
+        return f"no answer ({type(exc).__name__})"
+
+
+def stop_workloads(agent_dir: Path) -> list[str]:
+    """Stop what an agent left running (workloads outlive their agent); returns the instances.
+
+    Re-adopted from the agent's own record by pid and start time, as a restarted
+    agent would, so nothing but that agent's workloads is ever signalled.
+    """
+    if not (agent_dir / "supervisor").is_dir():
+        return []
+    table = ProcessTable(agent_dir / "supervisor", on_exit=lambda _exited: None)
+    try:
+        adopted = [running.instance for running in table.adopt()]
+        for instance in adopted:
+            table.stop(instance, grace_s=3.0)
+        return adopted
+    finally:
+        table.close()
+
+
+def workload_scene(demo: Demo, number: int) -> None:
+    """A real HTTP service deployed, then a broken release that rolls back by itself."""
+    say(
+        f"scene {number}   a real workload: web 1.0, a small HTTP service (devtools/demo_web), "
+        "built with `driftless bundle build --run`, signed with the release key, uploaded"
+    )
+    good = demo.publish_bundle("1.0")
+    say(
+        f"          bundle {good[:12]}…; each device's desired entry gives it its own port "
+        "(env PORT); health: alive 1 s and GET /health passing for 1.5 s, within 5 s"
+    )
+    demo.deploy(good)
+    say(f"          fetched, verified, started and healthy everywhere in {demo.converge():.2f}s")
+    demo.workload_table()
+
+    say(
+        "          web 2.0's command adds `--require database_url`, a key the fleet's "
+        "configuration lacks: it exits at start and can never pass its health check"
+    )
+    bad = demo.publish_bundle("2.0")
+    generations = demo.deploy(bad)
+    answers: dict[str, list[str]] = {d: [] for d in demo.device_ids}
+
+    def rolled_back() -> bool:
+        for device_id, port in demo.ports.items():
+            answers[device_id].append(answer(port))
+        return all(demo.device(d)["failed_generation"] == generations[d] for d in demo.device_ids)
+
+    started = time.monotonic()
+    _wait(rolled_back, timeout_s=60, what="web 2.0 to roll back on every device")
+    say(f"          rolled back by itself on every device after {time.monotonic() - started:.2f}s")
+    for device_id in demo.device_ids:
+        seen = sorted(set(answers[device_id]))
+        what = f"every one {seen[0]!r}" if len(seen) == 1 else f"these: {seen}"
+        say(f"          {device_id} answered {len(answers[device_id])} requests meanwhile, {what}")
+    demo.workload_table()
+    first = demo.device(demo.device_ids[0])
+    say(f"          why, as {demo.device_ids[0]} reported it (the reason and the log tail):")
+    for line in (first["report_error"] or "").splitlines():
+        print(f"    | {line}", flush=True)
+
+    say("          desired state back to web 1.0, which the devices run: nothing to start")
+    demo.deploy(good)
+    say(f"          converged in {demo.converge():.2f}s")
+    demo.workload_table()
 
 
 def scenes(demo: Demo, *, rounds: int | None) -> None:
@@ -390,7 +550,8 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
     demo.set_fleet_config({"sample_rate_hz": 60, "message": "after the forgery"})
     say(f"          converged in {demo.converge():.2f}s")
 
-    if not demo.plain and len(demo.device_ids) > 1:
+    decommissioned = not demo.plain and len(demo.device_ids) > 1
+    if decommissioned:
         gone = demo.device_ids[-1]
         say(f"scene 5   {gone} is stolen: decommission it (DELETE /devices/{gone})")
         demo.decommission(gone)
@@ -408,6 +569,8 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
         )
         demo.set_fleet_config({"sample_rate_hz": 70, "message": "after the decommission"})
         say(f"          converged in {demo.converge():.2f}s")
+
+    workload_scene(demo, 6 if decommissioned else 5)
 
     n = 0
     while rounds is None or n < rounds:

@@ -18,10 +18,13 @@ def _env(name: str, default: str) -> str:
 
 
 def add_subcommands(top: Any) -> None:
-    """Add ``agent enroll`` and ``agent run`` to ``top``."""
+    """Add ``agent enroll``, ``agent run`` and ``agent lock …`` to ``top``."""
     parser = top.add_parser("agent", help="the edge agent")
     parser.set_defaults(dispatch=dispatch)
     agent = parser.add_subparsers(dest="agent_cmd", required=True)
+    from edge_agent.lock_cli import add_lock_parser  # `agent lock …`: the update-lock tool
+
+    add_lock_parser(agent)
     enroll = agent.add_parser(
         "enroll", help="get this device a certificate from the hub with an enrollment token"
     )
@@ -75,6 +78,24 @@ def add_subcommands(top: Any) -> None:
         "after 1.5 times it without traffic; keep it below a cellular link's NAT idle timeout",
     )
     run.add_argument(
+        "--no-supervise",
+        action="store_true",
+        default=_env("DRIFTLESS_NO_SUPERVISE", "") == "1",
+        help="install and switch workloads without running them (the runtime before issue 13)",
+    )
+    run.add_argument(
+        "--restart-floor-s",
+        type=float,
+        default=1.0,
+        help="shortest wait before a workload is restarted, whatever its backoff says",
+    )
+    run.add_argument(
+        "--health-timeout-s",
+        type=float,
+        default=300.0,
+        help="a rollout rolls back when its started workloads are not all healthy by then",
+    )
+    run.add_argument(
         "--renew-at-fraction",
         type=float,
         default=2 / 3,
@@ -97,10 +118,20 @@ def dispatch(args: argparse.Namespace) -> int:
         print("driftless agent run: --device-id is required", file=sys.stderr)
         return 2
     from edge_agent.driver import run_agent
-    from edge_agent.settings import BundleSettings, FetchConfig, MqttSettings
+    from edge_agent.settings import (
+        BundleSettings,
+        FetchConfig,
+        MqttSettings,
+        SupervisorSettings,
+    )
 
     try:
         mqtt = MqttSettings(keepalive_s=args.keepalive_s)
+        supervisor = SupervisorSettings(
+            enabled=not args.no_supervise,
+            restart_floor_s=args.restart_floor_s,
+            health_timeout_s=args.health_timeout_s,
+        )
         bundles = BundleSettings(
             root_path=args.root,
             hub_url=args.hub_url,
@@ -119,4 +150,5 @@ def dispatch(args: argparse.Namespace) -> int:
         insecure_unsigned=args.insecure_unsigned,
         renew_at_fraction=args.renew_at_fraction,
         mqtt=mqtt,
+        supervisor=supervisor,
     )

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 from msgspec import structs
 
+from edge_agent.jobs import JobsInDocument, job_specs
 from edge_agent.outbox import Lane, Outbox, OutboxLimits, OutboxSnapshot
 from edge_agent.plan import (
     Commit,
@@ -65,11 +66,14 @@ from edge_agent.plan import (
     StopWorkload,
     Switch,
     WaitForHealth,
+    WorkloadSpec,
     WorkloadSpecError,
     plan,
     step_generation,
+    targets,
     workload_specs,
 )
+from edge_agent.supervisor.locks import LockOverride, LockOverrideError, parse_override
 from protocols import (
     Birth,
     Channel,
@@ -85,7 +89,7 @@ from protocols import (
     topic,
     validate_device_id,
 )
-from protocols.messages import Phase, WorkloadState
+from protocols.messages import JobStatus, LockStatus, Phase, WorkloadState
 from protocols.signed import open_sealed
 
 if TYPE_CHECKING:
@@ -106,6 +110,7 @@ __all__ = [  # the steps are actions too; importable from here
 
 HISTORY_LIMIT = 32
 REPORT_KEY = "reported"  # the outbox's state key of generation reports
+LOCKS_KEY = "locks"  # the outbox's state key of lock reports (the newest is enough)
 
 
 # ---------------------------------------------------------------- persisted state
@@ -185,10 +190,14 @@ class DesiredPayload:
 
 @dataclass(frozen=True)
 class StepDone:
-    """The driver executed ``step`` (the very object the core handed out)."""
+    """The driver executed ``step`` (the very object the core handed out).
+
+    ``detail``: what a finished ``RollBack`` adds to the report's error (the
+    failed workloads' last log lines)."""
 
     step: Step
     now: float
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,10 +217,14 @@ class TimerFired:
 
 @dataclass(frozen=True)
 class WorkloadExited:
-    """A supervised workload's process ended; ``restarting``: the supervisor starts it again."""
+    """A supervised workload's process ended; ``restarting``: the supervisor starts it again.
+
+    ``exit_code``: negative for the signal that ended it; None when it cannot
+    be known (a process adopted after an agent restart). Not restarting with
+    code 0 is ``stopped`` (it finished), otherwise ``failed``."""
 
     name: str
-    exit_code: int
+    exit_code: int | None
     restarting: bool
     now: float
 
@@ -244,6 +257,29 @@ class Stopping:
     now: float
 
 
+# ---------------------------------------------------------------- locks and jobs: events
+# (issue 13, items 4 and 8; edge_agent/supervisor/locks.py, edge_agent/jobs.py)
+
+
+@dataclass(frozen=True)
+class LocksChanged:
+    """Who holds which update lock changed (the driver's lock watcher): reported."""
+
+    locks: tuple[LockStatus, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """A one-shot job started, made progress or finished: reported as an event."""
+
+    status: JobStatus
+    now: float
+
+
+# ---------------------------------------------------------------- (end of locks and jobs)
+
+
 Event = (
     Booted
     | Connecting
@@ -260,6 +296,8 @@ Event = (
     | HealthFailed
     | PublishFailed
     | Stopping
+    | LocksChanged
+    | JobUpdate
 )
 
 
@@ -361,6 +399,29 @@ class Ignored:
     why: str
 
 
+# ---------------------------------------------------------------- locks and jobs: actions
+
+
+@dataclass(frozen=True)
+class OverrideLocks:
+    """Honour this lock override from a verified desired document on (until its
+    ``until``); the driver hands it to its lock gate."""
+
+    override: LockOverride
+
+
+@dataclass(frozen=True)
+class RunJobs:
+    """The one-shot jobs of a verified desired document; the job runner starts those it
+    never saw (``edge_agent.jobs.to_start``)."""
+
+    generation: int
+    jobs: JobsInDocument
+
+
+# ---------------------------------------------------------------- (end of locks and jobs)
+
+
 Action = (
     PersistState
     | SaveOutbox
@@ -375,6 +436,8 @@ Action = (
     | CancelTimer
     | Rejected
     | Ignored
+    | OverrideLocks
+    | RunJobs
     | Step
 )
 
@@ -382,6 +445,13 @@ Action = (
 # ---------------------------------------------------------------- the core
 
 _RUNNING: frozenset[WorkloadState] = frozenset({"starting", "healthy", "unhealthy"})
+
+
+def exit_text(code: int | None) -> str:
+    """Pure: an exit code as reports say it (negative: the signal that ended it)."""
+    if code is None:
+        return "an unknown code"
+    return f"signal {-code}" if code < 0 else f"code {code}"
 
 
 def health_timer(generation: int) -> str:
@@ -413,12 +483,20 @@ class AgentCore:
     _step: Step | None = None
     _candidate: Desired | None = None
     _workloads: dict[str, WorkloadStatus] = field(default_factory=dict)
+    # The applied generation's workloads (supervising runtimes): the driver seeds them at
+    # start from the applied configuration; a rollout starts only what differs.
+    applied_specs: tuple[WorkloadSpec, ...] = ()
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
         self._desired_topic = self._topic(Channel.DESIRED)
         self._frames_topic = self._topic(Channel.BUNDLE_DATA)
         self._cert_topic = self._topic(Channel.CERT)
+
+    def seed_workloads(self, specs: tuple[WorkloadSpec, ...]) -> None:
+        """At start: the applied generation's workloads, which the runtime starts or adopts."""
+        self.applied_specs = specs
+        self._workloads = {s.name: WorkloadStatus(name=s.name, state="starting") for s in specs}
 
     @property
     def desired_topic(self) -> str:
@@ -477,7 +555,10 @@ class AgentCore:
                 return self._message(name, payload, now)
             case DesiredPayload(payload=payload, now=now):
                 return self._desired(payload, now)
-            case StepDone(step=step, now=now):
+            case StepDone(step=step, now=now, detail=detail):
+                if detail and isinstance(step, RollBack) and self._rollout is not None:
+                    failure = f"{self._rollout.failure}\n{detail}"
+                    self._rollout = structs.replace(self._rollout, failure=failure)
                 return self._step_done(step, None, now)
             case StepFailed(step=step, error=error, now=now):
                 return self._step_done(step, error, now)
@@ -490,6 +571,8 @@ class AgentCore:
             case Stopping(now=now):
                 self._online = self._ready = False
                 return [self._status(False, now)]
+            case LocksChanged() | JobUpdate():
+                return self._locks_and_jobs(event)
         raise TypeError(f"unknown event {event!r}")
 
     # -- lifecycle
@@ -565,9 +648,11 @@ class AgentCore:
             self._rollout.generation if self._rollout else 0,
             self.waiting or 0,
         )
+        extras = self._document_extras(desired) if desired.generation >= newest_known else []
         if desired.generation <= newest_known:
             ignored: list[Action] = [
-                Ignored(desired.generation, f"not newer than generation {newest_known}")
+                *extras,
+                Ignored(desired.generation, f"not newer than generation {newest_known}"),
             ]
             if desired.generation < max(
                 self.state.applied_generation, self.state.failed_generation
@@ -578,7 +663,7 @@ class AgentCore:
             return ignored
         superseded = self.waiting
         self._candidate = desired
-        actions: list[Action] = []
+        actions: list[Action] = list(extras)
         if superseded is not None:
             actions.append(Ignored(superseded, f"superseded by generation {desired.generation}"))
         return actions + self._advance(now)
@@ -594,6 +679,7 @@ class AgentCore:
             supervises=self.supervises,
             running=running,
             health_timeout_s=self.health_timeout_s,
+            applied=self.applied_specs,
         )
 
     def _advance(self, now: float) -> list[Action]:
@@ -626,7 +712,37 @@ class AgentCore:
         if isinstance(step, WaitForHealth):
             actions.append(SetTimer(health_timer(step.generation), now + step.timeout_s))
         actions.append(step)
-        return actions
+        return actions + self._progress(self._rollout, step, steps, now)
+
+    def _progress(
+        self, rollout: Rollout, step: Step, steps: list[Step], now: float
+    ) -> list[Action]:
+        """An ``applying`` report as a rollout's workloads move: downloading, installing,
+        starting (the rest pending). Only the workloads this rollout starts are listed (an
+        unchanged one keeps running and keeps its state); state lane, so while offline only
+        the newest is kept, and the outcome's report replaces it."""
+        if not isinstance(step, FetchBundles | Install | StartWorkload):
+            return []
+        coming = [s.name for s in steps if isinstance(s, StartWorkload)]
+        if not coming:
+            return []
+        names = sorted(rollout.started - rollout.healthy) + coming
+        states: list[WorkloadStatus] = []
+        for name in names:
+            state: WorkloadState
+            if isinstance(step, FetchBundles):
+                state = "downloading"
+            elif isinstance(step, Install):
+                state = "installing"
+            elif name in rollout.started or name == step.name:
+                state = "starting"
+            else:
+                state = "pending"
+            states.append(WorkloadStatus(name=name, state=state))
+        report = self._report(
+            phase="applying", generation=rollout.generation, now=now, workloads=states
+        )
+        return self._emit(report)
 
     def _step_done(self, step: Step, error: str | None, now: float) -> list[Action]:
         if self._rollout is None or step != self._step:
@@ -642,7 +758,7 @@ class AgentCore:
         rollout = self._rollout
         if rollout is None or name != health_timer(rollout.generation) or rollout.failure:
             return [Ignored(0, f"timer {name!r} is not wanted any more")]
-        waiting = [n for n in rollout.names if n not in rollout.healthy]
+        waiting = [n for n in targets(self._current(), rollout) if n not in rollout.healthy]
         reason = f"workloads {', '.join(waiting)} not healthy within {self.health_timeout_s:g} s"
         self._rollout = rollout.failed(None, reason)
         return self._advance(now)
@@ -654,13 +770,14 @@ class AgentCore:
             match event:
                 case HealthPassed():
                     self._rollout = structs.replace(rollout, healthy=rollout.healthy | {name})
-                    done = set(rollout.names) <= self._rollout.healthy
+                    done = set(targets(self._current(), rollout)) <= self._rollout.healthy
                     cancel: list[Action] = [CancelTimer(health_timer(rollout.generation))]
                     return (cancel if done else []) + self._advance(now)
                 case HealthFailed(reason=reason):
                     self._rollout = rollout.failed(None, f"workload {name}: {reason}")
                 case WorkloadExited(exit_code=code):
-                    self._rollout = rollout.failed(None, f"workload {name} exited with code {code}")
+                    why = f"workload {name} exited with {exit_text(code)}"
+                    self._rollout = rollout.failed(None, why)
             return [CancelTimer(health_timer(rollout.generation)), *self._advance(now)]
         known = self._workloads.get(name)
         if known is None:
@@ -673,7 +790,7 @@ class AgentCore:
             case WorkloadExited(exit_code=code, restarting=restarting):
                 changed = structs.replace(
                     known,
-                    state="starting" if restarting else "failed",
+                    state="starting" if restarting else "stopped" if code == 0 else "failed",
                     restarts=known.restarts + (1 if restarting else 0),
                     last_exit_code=code,
                     last_exit_at=now,
@@ -717,7 +834,15 @@ class AgentCore:
         if rollout.committed:
             before = self._workloads
             healthy: WorkloadState = "healthy"
-            self._workloads = {n: WorkloadStatus(name=n, state=healthy) for n in rollout.names}
+            started = set(targets(self._current(), rollout))
+            self._workloads = {
+                n: WorkloadStatus(name=n, state=healthy)
+                if n in started or n not in before
+                else before[n]
+                for n in rollout.names
+            }
+            if self.supervises:
+                self.applied_specs = rollout.specs
             removed = [
                 WorkloadStatus(name=n, state="removed") for n in before if n not in self._workloads
             ]
@@ -726,6 +851,48 @@ class AgentCore:
             state: WorkloadState = "rolled_back" if rollout.rolled_back else "failed"
             statuses = [WorkloadStatus(name=n, state=state) for n in rollout.names]
         return statuses or None
+
+    # -- locks and jobs (issue 13, items 4 and 8)
+
+    def _document_extras(self, desired: Desired) -> list[Action]:
+        """What a verified document, not older than any known, says beside the apply:
+        its lock override and its one-shot jobs, if it has them. Offered again
+        when the same generation comes again (a restart), so nothing is lost."""
+        actions: list[Action] = []
+        try:
+            override = parse_override(desired.config)
+        except LockOverrideError as exc:
+            actions.append(Ignored(desired.generation, f"lock override refused: {exc}"))
+        else:
+            if override is not None:  # it lasts until its `until`; one in the past ends it
+                actions.append(OverrideLocks(override))
+        jobs = job_specs(desired.config)
+        if jobs.specs or jobs.invalid:
+            actions.append(RunJobs(desired.generation, jobs))
+        actions += [Ignored(desired.generation, why) for why in jobs.ignored]
+        return actions
+
+    def _locks_and_jobs(self, event: LocksChanged | JobUpdate) -> list[Action]:
+        """A lock report (state: only the newest matters) or a job report (an event)."""
+        phase, generation = self._state_phase()
+        locks = list(event.locks) if isinstance(event, LocksChanged) else None
+        jobs = [event.status] if isinstance(event, JobUpdate) else None
+        report = Reported(
+            device_id=self.device_id,
+            boot_epoch=self.state.boot_epoch,
+            seq=self._next_seq(),
+            phase=phase,
+            generation=generation,
+            applied_generation=self.state.applied_generation,
+            failed_generation=self.state.failed_generation,
+            error=self.state.last_error if phase == "failed" else None,
+            locks=locks,
+            jobs=jobs,
+            ts=event.now,
+        )
+        lane, key = (Lane.STATE, LOCKS_KEY) if locks is not None else (Lane.EVENT, REPORT_KEY)
+        topic_name = self._topic(Channel.REPORTED)
+        return self._emit(Publish(topic_name, encode(report), lane=lane, key=key))
 
     # -- messages
 

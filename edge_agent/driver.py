@@ -14,6 +14,12 @@ Rules:
   to 30 s, reset once a connection is accepted) and a fresh session number,
   hence a fresh Last Will, on every attempt.
 - SIGTERM/SIGINT: publish "offline" for the current session, disconnect, exit 0.
+  Supervised workloads keep running; the next agent adopts them.
+- The runtime supervises workloads by default
+  (:class:`edge_agent.supervisor.runtime.SupervisingRuntime`): at start it
+  adopts or restarts the applied generation's workloads (``resume``) before
+  any connection, and its events (exits, health) are fed to the core like
+  any other, so supervision and its reports go on with the broker away.
 - Steps that take time (install, switch, commit, roll back, and the
   supervisor's start, stop and health watch) run one at a time in the step
   thread, which also fires the core's timers; each result comes back as
@@ -25,6 +31,10 @@ Rules:
 - The outbox (reports made while the broker cannot be reached) is kept in
   ``outbox.json`` (``edge_agent.store.OutboxStore``), loaded at start, so it
   survives a restart.
+- A report handed to a connection that is lost before the broker acknowledged
+  it goes back to the outbox, ahead of what was made after, and the next
+  connection uses a new client: paho would otherwise keep it in memory only and
+  send it after the next connect's outbox and birth, out of order.
 - An agent connected with its enrolled certificate renews it over MQTT when due
   (``edge_agent.renewal``: its dates are looked at once a minute while subscribed),
   then reconnects with the new one.
@@ -37,16 +47,18 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
@@ -66,13 +78,17 @@ from edge_agent.core import (
     FetchBundles,
     Ignored,
     Install,
+    JobUpdate,
+    LocksChanged,
     MessageIn,
     NoOp,
+    OverrideLocks,
     PersistState,
     Publish,
     PublishFailed,
     Rejected,
     RollBack,
+    RunJobs,
     SaveOutbox,
     SetTimer,
     SetWill,
@@ -92,13 +108,15 @@ from edge_agent.core import (
 from edge_agent.enroll import Identity, tls_context
 from edge_agent.executors import ExecutorTable
 from edge_agent.inventory import collect as collect_inventory
+from edge_agent.job_runner import JobRunner, JobSettings
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.plan import step_generation
 from edge_agent.renewal import DEFAULT_RENEW_AT_FRACTION, Renewal
 from edge_agent.root import RootFileError, load_trusted_root
-from edge_agent.runtime import ApplyError, Runtime, WorkloadApplier
-from edge_agent.settings import BundleSettings, MqttSettings
+from edge_agent.runtime import ApplyError, Runtime, Supervising, WorkloadApplier
+from edge_agent.settings import BundleSettings, MqttSettings, SupervisorSettings
 from edge_agent.store import OutboxStore, StateStore, remove_stale_temporaries
+from edge_agent.supervisor.lockfiles import FileLockGate, LockSettings, LockWatcher, lock_dir
 from edge_agent.transport import (
     MqttTransport,
     TConnected,
@@ -110,7 +128,7 @@ from edge_agent.transport import (
     TSubscribed,
 )
 from plumbing.net import Backoff
-from protocols import Channel, bundle_references
+from protocols import Channel, JobStatus, LockStatus, bundle_references
 
 if TYPE_CHECKING:
     from edge_agent.fetch_thread import Fetcher, FetchStats, MqttSource
@@ -147,12 +165,16 @@ class AgentDriver:
         renewal: Renewal | None = None,
         mqtt: MqttSettings | None = None,
         outbox: OutboxLimits | None = None,
+        supervisor: SupervisorSettings | None = None,
+        locks: LockSettings | None = None,
+        jobs: JobSettings | None = None,
     ) -> None:
         """``tls_factory`` makes the TLS context: at start, and again after ``renewal``
         switched certificates (None: plain MQTT, or TLS trusting the system's CAs);
         ``cert_serial`` reads the serial of the certificate it presents, for births;
         ``mqtt``: keepalive, session expiry, connect timeout and backoff (defaults if None);
-        ``outbox``: the bounds of what is kept while offline (defaults if None)."""
+        ``outbox``: the bounds of what is kept while offline (defaults if None);
+        ``locks``, ``jobs``: update locks' and one-shot jobs' limits (defaults if None)."""
         self.device_id = device_id
         self.data_dir = data_dir
         self.store = StateStore(data_dir)
@@ -162,13 +184,13 @@ class AgentDriver:
         self.bundle_settings = bundles or BundleSettings()
         self.trusted_root = trusted_root
         self.clock = clock
-        self.runtime: Runtime = runtime or WorkloadApplier(
-            data_dir,
-            settings=self.bundle_settings,
-            trusted_root=trusted_root,
-            agent_version=plumbing.__version__,
-            clock=clock,
+        self.supervisor_settings = supervisor or SupervisorSettings()
+        # the update-lock gate the runtime's switch asks (issue 13, item 4)
+        self.lock_settings = locks or LockSettings()
+        self.lock_gate = FileLockGate(
+            lock_dir(data_dir), max_lease_s=self.lock_settings.max_lease_s
         )
+        self.runtime: Runtime = runtime or self._default_runtime()
         self.renewal = renewal
         channels = (Channel.DESIRED, Channel.BUNDLE_DATA)
         self.core = AgentCore(
@@ -178,6 +200,7 @@ class AgentDriver:
             trusted_root=trusted_root,
             clock_skew_s=self.bundle_settings.clock_skew_s,
             supervises=self.runtime.supervises,
+            health_timeout_s=self.supervisor_settings.health_timeout_s,
             channels=(*channels, Channel.CERT) if renewal is not None else channels,
             outbox=Outbox(outbox or OutboxLimits(), self.outbox_store.load()),
         )
@@ -194,6 +217,7 @@ class AgentDriver:
         self._read_cert_serial = cert_serial
         self._cert_serial = cert_serial() if cert_serial is not None else None
         self._new_tls = False  # set after a renewal: reconnect with the new certificate
+        self._used = False  # the transport has had a connection: the next one gets a new client
         self.rejected: dict[str, int] = {}
         self.fetcher: Fetcher | None = None
         self.fetch_stats: FetchStats | None = None
@@ -204,10 +228,50 @@ class AgentDriver:
         self._topics: tuple[str, ...] = ()
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._restart = threading.Event()  # firmware A/B: exec again once stopped
         self._connected = False
         self._steps: queue.Queue[RuntimeStep | _Wake | None] = queue.Queue()
         self._timers: dict[str, float] = {}
+        # -- locks and jobs (issue 13, items 4 and 8): the gate the runtime's switch asks,
+        # the watcher that reports who holds what, the one-shot job runner.
+        self.lock_watcher = LockWatcher(
+            self.lock_gate,
+            self._locks_changed,
+            clock=clock,
+            interval_s=self.lock_settings.watch_interval_s,
+        )
+        self.jobs = JobRunner(data_dir, self._job_update, settings=jobs, clock=clock)
+        # -- (end of locks and jobs)
         self._executors = self._executor_table()
+
+    def _default_runtime(self) -> Runtime:
+        if not self.supervisor_settings.enabled:
+            return WorkloadApplier(
+                self.data_dir,
+                settings=self.bundle_settings,
+                trusted_root=self.trusted_root,
+                agent_version=plumbing.__version__,
+                clock=self.clock,
+                request_restart=self.request_restart,  # firmware A/B: a switch restarts the agent
+            )
+        from edge_agent.supervisor.runtime import SupervisingRuntime
+
+        return SupervisingRuntime(
+            self.data_dir,
+            settings=self.bundle_settings,
+            supervisor=self.supervisor_settings,
+            trusted_root=self.trusted_root,
+            agent_version=plumbing.__version__,
+            clock=self.clock,
+            lock_gate=self.lock_gate,
+            request_restart=self.request_restart,
+        )
+
+    def _locks_changed(self, locks: list[LockStatus]) -> None:
+        self.feed(LocksChanged(tuple(locks), self.clock()))
+
+    def _job_update(self, status: JobStatus) -> None:
+        self.feed(JobUpdate(status, self.clock()))
 
     def _executor_table(self) -> ExecutorTable[Event | None]:
         table: ExecutorTable[Event | None] = ExecutorTable()
@@ -233,6 +297,8 @@ class AgentDriver:
         table.register(StartWorkload, self._queue_step)
         table.register(StopWorkload, self._queue_step)
         table.register(WaitForHealth, self._queue_step)
+        table.register(OverrideLocks, lambda a: self.lock_gate.set_override(a.override))
+        table.register(RunJobs, lambda a: self.jobs.offer(a.jobs))
         table.require_complete()
         return table
 
@@ -280,7 +346,20 @@ class AgentDriver:
                 if self._connected and not self._stop.is_set():
                     log.warning("disconnected", extra={"device": self.device_id, "reason": reason})
                 self._connected = False
-                self.feed(Disconnected(now))
+                self._lost(now)
+
+    def _lost(self, now: float) -> None:
+        """The connection is gone: what it took and the broker never acknowledged goes
+        back to the outbox, ahead of anything made after (one lock for both), so it is
+        kept on disk and leaves in order at the next connect. Left in paho's memory it
+        would be lost with the process, and paho would send it after that connect's
+        outbox and birth, out of order (the hub drops a report older than its newest).
+        The next connection gets a new client, so paho does not send it a second time."""
+        with self._lock:
+            self.feed(Disconnected(now))
+            for publish in self.transport.unacknowledged():
+                assert isinstance(publish, Publish)
+                self.feed(PublishFailed(publish, now))
 
     def _on_cert_answer(self, payload: bytes) -> None:
         if self.renewal is None:
@@ -306,8 +385,12 @@ class AgentDriver:
     # -- executors
 
     def _publish(self, action: Publish) -> Event | None:
-        taken = self.transport.publish(
-            action.topic, action.payload, qos=action.qos, retain=action.retain
+        taken = self.transport.send(
+            action.topic,
+            action.payload,
+            qos=action.qos,
+            retain=action.retain,
+            token=action if action.lane is not None else None,  # kept if never acknowledged
         )
         return None if taken else PublishFailed(action, self.clock())
 
@@ -446,8 +529,21 @@ class AgentDriver:
 
     # -- threads
 
-    def _run_step(self, step: RuntimeStep) -> None:
-        """Carry out one runtime step; raises ApplyError."""
+    def _run_step(self, step: RuntimeStep) -> str | None:
+        """Carry out one runtime step; raises ApplyError. Returns a rollback's detail."""
+        runtime = self.runtime
+        if isinstance(step, StartWorkload | StopWorkload | WaitForHealth):
+            if not runtime.supervises:
+                raise ApplyError(f"this agent's runtime does not supervise workloads: {step!r}")
+            supervising = self._supervising()
+            match step:
+                case StartWorkload(generation=generation, name=name):
+                    supervising.start_workload(generation, name)
+                case StopWorkload(generation=generation, name=name):
+                    supervising.stop_workload(generation, name)
+                case WaitForHealth(generation=generation, names=names):
+                    supervising.wait_for_health(generation, names)
+            return None
         match step:
             case Install(desired=desired):
                 self.runtime.install(desired)
@@ -456,9 +552,13 @@ class AgentDriver:
             case Commit(generation=generation):
                 self.runtime.commit(generation)
             case RollBack(generation=generation, to_generation=to):
-                self.runtime.roll_back(generation, to)
-            case StartWorkload() | StopWorkload() | WaitForHealth():
-                raise ApplyError(f"this agent's runtime does not supervise workloads: {step!r}")
+                return self.runtime.roll_back(generation, to)
+        return None
+
+    def _supervising(self) -> Supervising:
+        """The runtime as a supervising one (call only when ``supervises``)."""
+        runtime: Supervising = self.runtime  # type: ignore[assignment]
+        return runtime
 
     def _step_worker(self) -> None:
         """Runs runtime steps one at a time, and fires the core's timers when due."""
@@ -472,12 +572,15 @@ class AgentDriver:
                 continue
             if step is None:
                 return
+            if self._restart.is_set():
+                return  # firmware A/B: restarting; what is left is planned again after it
             self._fire_timers()
             if isinstance(step, _Wake):
                 continue
             error = None
+            detail: str | None = None
             try:
-                self._run_step(step)
+                detail = self._run_step(step)
             except ApplyError as exc:
                 error = str(exc)
             except Exception as exc:  # a runtime bug must not kill the agent
@@ -494,8 +597,11 @@ class AgentDriver:
                     "error": error,
                 },
             )
+            if self._restart.is_set():
+                return  # firmware A/B: the switch asked for the restart; the step is redone after
             now = self.clock()
-            self.feed(StepDone(step, now) if error is None else StepFailed(step, error, now))
+            done = StepDone(step, now, detail or "")
+            self.feed(done if error is None else StepFailed(step, error, now))
 
     def _fire_timers(self) -> None:
         now = self.clock()
@@ -515,11 +621,14 @@ class AgentDriver:
                 self._new_tls = False
                 if self._read_cert_serial is not None:
                     self._cert_serial = self._read_cert_serial()
+                self._used = True
+            if self._used:  # a new client: nothing of the last connection is sent again
+                self._used = False
                 self.transport = MqttTransport(
                     self.device_id,
                     self.broker_url,
                     self._on_transport,
-                    tls_context=self._tls_factory(),
+                    tls_context=self._tls_factory() if self._tls_factory is not None else None,
                     settings=self.mqtt_settings,
                 )
             self.feed(Connecting(self.clock()))
@@ -538,6 +647,7 @@ class AgentDriver:
                 self._stop.wait(delay)
                 continue
             accepted = False
+            self._used = True
             while not self._stop.is_set() and self.transport.loop(0.5):
                 if self._connected:
                     accepted = True
@@ -557,7 +667,11 @@ class AgentDriver:
             self._stop.wait(delay)
 
     def run(self) -> int:
+        if self._boot_firmware():
+            return 0
         self.feed(Booted(self.clock()))
+        if self.runtime.supervises:
+            self.core.seed_workloads(self._supervising().resume(self.feed))
         log.info(
             "agent starting",
             extra={
@@ -570,8 +684,12 @@ class AgentDriver:
         worker = threading.Thread(target=self._step_worker, name="steps", daemon=True)
         network = threading.Thread(target=self._network_loop, name="mqtt", daemon=True)
         worker.start()
+        self.jobs.start()  # reports what a previous agent left running (into the outbox)
+        self.lock_watcher.start()
         network.start()
         self._stop.wait()
+        self.lock_watcher.stop()
+        self.jobs.stop()
         if self.fetcher is not None:
             self.fetcher.stop()
         network.join(timeout=5)
@@ -579,11 +697,47 @@ class AgentDriver:
         worker.join(timeout=30)
         if self._fetch_thread is not None:
             self._fetch_thread.join(timeout=10)
+        if self.runtime.supervises:
+            self._supervising().close()
         self._say_goodbye()
         return 0
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- firmware A/B (edge_agent/slots.py)
+
+    @property
+    def restart_requested(self) -> bool:
+        """Whether :meth:`run` returned so that the agent starts again (``run_agent`` execs)."""
+        return self._restart.is_set()
+
+    def request_restart(self) -> None:
+        """The simulated reboot after a firmware switch: stop cleanly, then start again."""
+        log.info("restart requested", extra={"device": self.device_id})
+        self._restart.set()
+        self.stop()
+
+    def _boot_firmware(self) -> bool:
+        """Before connecting: count the boot of a slot on trial, check it, confirm or fall
+        back; True when the agent must restart (into the old slot) without connecting."""
+        from edge_agent.slots import FirmwareSlots
+
+        outcome = FirmwareSlots(self.data_dir, clock=self.clock).boot()
+        if outcome.event != "booted":
+            log.info(
+                "firmware boot",
+                extra={
+                    "device": self.device_id,
+                    "outcome": outcome.event,
+                    "slot": outcome.slot,
+                    "version": outcome.version,
+                    "reason": outcome.reason,
+                },
+            )
+        if outcome.restart:
+            self._restart.set()
+        return outcome.restart
 
     def _say_goodbye(self) -> None:
         if not self._connected:
@@ -616,6 +770,7 @@ def run_agent(
     insecure_unsigned: bool = False,
     renew_at_fraction: float = DEFAULT_RENEW_AT_FRACTION,
     mqtt: MqttSettings | None = None,
+    supervisor: SupervisorSettings | None = None,
 ) -> int:
     """Entry point for ``driftless agent run``; 2 when there is no usable trust anchor.
 
@@ -683,6 +838,7 @@ def run_agent(
         cert_serial=(lambda: _certificate_serial(identity)) if tls else None,
         renewal=renewal,
         mqtt=mqtt,
+        supervisor=supervisor,
     )
     log.info(
         "agent starting",
@@ -700,4 +856,14 @@ def run_agent(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    return driver.run()
+    status = driver.run()
+    if driver.restart_requested and status == 0:
+        _exec_again()  # firmware A/B: the simulated reboot
+    return status
+
+
+def _exec_again() -> NoReturn:
+    """Replace this process with a fresh agent: same interpreter, same arguments, same pid."""
+    log.info("agent restarting", extra={"argv": sys.orig_argv})
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -13,11 +13,15 @@ Rules:
 - Files (under the agent's data directory), each written atomically:
   ``identity/device.key``, ``identity/device.crt``, ``identity/ca.crt``,
   ``identity/enrollment.json`` (device id, broker URL, expiry) and
-  ``root.json`` (the fleet root the agent verifies everything against).
+  ``root.json`` (the fleet root the agent verifies everything against) with
+  ``root.json.verified`` (its digest: verified here, so ``agent run`` need not
+  load ``cryptography`` to check it again, :mod:`edge_agent.root`).
   ``driftless agent run`` with the same ``--data-dir`` picks them up.
 - ``driftless agent run`` with an enrolled data directory uses the enrollment's
   broker URL unless told another, the fleet root unless given ``--root``, and
   for ``mqtts://`` its certificate (:func:`tls_context`), trusting only the fleet CA.
+- Importing this module loads neither ``urllib`` nor ``cryptography``:
+  ``agent run`` imports it for :class:`Identity` and :func:`tls_context`.
 - Exit status: 0 enrolled; 1 the hub refused (the reason is printed) or could
   not be reached; 2 bad arguments or an answer that does not check out.
 """
@@ -28,8 +32,6 @@ import json
 import os
 import ssl
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,6 +112,10 @@ def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _post(url: str, body: dict[str, str]) -> tuple[int, dict[str, object]]:
+    # Imported here: ``agent run`` imports this module for Identity and never posts.
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
@@ -180,7 +186,11 @@ def enroll(*, hub_url: str, token: str, device_id: str, data_dir: Path) -> Ident
         os.replace(key_path, identity.key)
     atomic_write_bytes(identity.cert, str(answer["certificate_pem"]).encode())
     if answer.get("root_json") is not None:
-        atomic_write_bytes(identity.root, str(answer["root_json"]).encode())
+        from edge_agent.root import remember_verified
+
+        root = str(answer["root_json"]).encode()
+        atomic_write_bytes(identity.root, root)
+        remember_verified(identity.root, root)  # _check verified it: ``agent run`` need not
     record = {
         "device_id": device_id,
         "broker_url": answer.get("broker_url"),

@@ -1,22 +1,33 @@
 """The device's own identity: a key pair made on the device and a CSR for the hub's CA.
 
-Rule: the private key is generated here, written 0600 with O_EXCL, and never
-sent anywhere; only the CSR (public key + device id, self-signed) leaves.
+Rules:
+- The private key is generated here, written 0600 with O_EXCL, and never
+  sent anywhere; only the CSR (public key + device id, self-signed) leaves.
+- ``cryptography`` is imported by the functions that need it (making keys and
+  CSRs, signing, checking a certificate), not by this module: a connected,
+  idle agent reads only its certificate's serial and dates
+  (:func:`certificate_serial`, :mod:`plumbing.certinfo`) and does not pay
+  ~8 MB resident for it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from plumbing.certinfo import read_pem_certificate
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 
 def create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Make a P-256 key and write it to ``path`` (0600, never overwriting)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -34,6 +45,10 @@ def create_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def make_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:
     """A PEM CSR naming ``device_id``, signed by the device's own key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
@@ -48,6 +63,9 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
     Raises ValueError (with the path and what to do) for a file that is not an
     unencrypted EC private key.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -69,8 +87,10 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def certificate_serial(pem: bytes) -> str:
     """The serial of a PEM certificate as the hub records it (lowercase hex): births
-    name the certificate their connection presented. Raises ValueError if unreadable."""
-    return format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+    name the certificate their connection presented. Raises ValueError if unreadable.
+
+    Read without ``cryptography`` (:mod:`plumbing.certinfo`): births happen while idle."""
+    return read_pem_certificate(pem).serial_hex
 
 
 def sign_proof(key_path: Path, message: bytes) -> str:
@@ -78,6 +98,9 @@ def sign_proof(key_path: Path, message: bytes) -> str:
     SHA-256): proof that this device holds its current key. Raises ValueError when
     there is no usable key there."""
     import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     key = load_key(key_path)
     if key is None:
@@ -87,6 +110,9 @@ def sign_proof(key_path: Path, message: bytes) -> str:
 
 def public_key_der(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
     """The SubjectPublicKeyInfo of ``key`` (its public half), to compare keys by."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     return public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -104,6 +130,8 @@ def certificate_problem(
     simulator all take a certificate only when this says None.
     """
     from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
     try:
         cert.verify_directly_issued_by(ca)

@@ -9,6 +9,8 @@ Rules:
   processes can get without swapping), not ``MemFree``; disk figures are for
   the file system that holds the agent's data directory, which is where
   bundles land.
+- ``firmware_slot`` and ``firmware_version`` say which A/B slot runs
+  (:mod:`edge_agent.slots`); absent on a device that never installed firmware.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def collect(data_dir: Path, *, arch: str, meminfo: Path = MEMINFO) -> Inventory:
     except OSError:
         disk_total = disk_free = 0
     system = f"{platform.system()} {platform.release()}".strip() or "unknown"
+    from edge_agent.slots import running_firmware  # firmware A/B: one small read
+
+    slot, firmware_version = running_firmware(data_dir) or (None, None)
+    from edge_agent.supervisor.limits import cgroup_support  # a few reads under /sys/fs/cgroup
+
+    support = cgroup_support()
     return Inventory(
         arch=arch[:SHORT],
         os=system[:SHORT],
@@ -59,4 +67,7 @@ def collect(data_dir: Path, *, arch: str, meminfo: Path = MEMINFO) -> Inventory:
         mem_free_bytes=free_mem,
         disk_total_bytes=disk_total,
         disk_free_bytes=disk_free,
+        firmware_slot=slot,
+        firmware_version=firmware_version,
+        cgroups="v2" if support.available else support.reason[:256],
     )

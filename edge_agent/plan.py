@@ -23,45 +23,59 @@ Rules:
   back where it had switched). It is explicit, so "nothing to do" is a
   decision the core can log. An empty plan means "wait": the started
   workloads' health events (or the health deadline's timer) come next.
+- A supervising runtime starts only what changed: a workload whose desired
+  entry equals the applied generation's (same bundle, env, config,
+  dependencies, overrides) keeps running untouched and is not waited for, so
+  a failed or crash-looping workload the new generation does not change
+  never blocks it. A change of ``config`` alone is still a start: the
+  runtime restarts the workload (or sends its reload signal) without
+  reinstalling it.
+- Starts follow ``depends_on`` (a workload after what it depends on), stops
+  go the other way.
 - Pure: no I/O, no clock (deadlines are computed by the core from ``now``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from msgspec.structs import replace
 
+from edge_agent.supervisor import spec as _spec
+from edge_agent.supervisor.spec import (
+    WORKLOAD_NAME,
+    EntryOptions,
+    check_dependencies,
+    dependency_order,
+    parse_entry,
+)
 from protocols import Desired, bundle_references
 from protocols.bundles import BUNDLE_KEY, WORKLOADS_KEY, is_sha256
 
-WORKLOAD_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
 # ---------------------------------------------------------------- the workloads of a config
 
-
-class WorkloadSpecError(ValueError):
-    """A desired config whose ``workloads`` list cannot be installed as written."""
+WorkloadSpecError = _spec.WorkloadSpecError
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """One entry of ``config["workloads"]``: a slot name and the bundle it runs."""
+    """One entry of ``config["workloads"]``: a slot name, the bundle it runs, the device's part."""
 
     name: str
     bundle: str
+    options: EntryOptions = field(default_factory=EntryOptions)
 
 
 def workload_specs(config: Mapping[str, object]) -> list[WorkloadSpec]:
     """Pure: the bundle workloads of a desired config; raises WorkloadSpecError.
 
     Entries with a ``bundle`` (the reference rule of :mod:`protocols.bundles`)
-    must have a ``name`` usable as a directory name, unique in the list, and a
-    SHA-256 in hex as ``bundle``.
+    must have a ``name`` usable as a directory name, unique in the list, a
+    SHA-256 in hex as ``bundle``, and only the fields
+    :func:`edge_agent.supervisor.spec.parse_entry` knows; ``depends_on`` must
+    name listed workloads without a cycle.
     """
     workloads = config.get(WORKLOADS_KEY)
     if not isinstance(workloads, list):
@@ -82,7 +96,8 @@ def workload_specs(config: Mapping[str, object]) -> list[WorkloadSpec]:
             )
         if any(spec.name == name for spec in specs):
             raise WorkloadSpecError(f"workloads[{index}].name {name!r} appears twice")
-        specs.append(WorkloadSpec(name, bundle))
+        specs.append(WorkloadSpec(name, bundle, parse_entry(index, entry)))
+    check_dependencies({spec.name: spec.options.depends_on for spec in specs})
     return specs
 
 
@@ -261,6 +276,25 @@ class Current:
     running: frozenset[str] = frozenset()
     """Workloads running now (supervising runtimes)."""
     health_timeout_s: float = 60.0
+    applied: tuple[WorkloadSpec, ...] = ()
+    """The applied generation's workloads (supervising runtimes): what is unchanged."""
+
+
+def targets(current: Current, rollout: Rollout) -> tuple[str, ...]:
+    """Pure: the workloads a rollout starts and waits for, in dependency order.
+
+    For a supervising runtime, those whose entry differs from the applied one;
+    otherwise every workload of the rollout.
+    """
+    if not current.supervises:
+        return rollout.names
+    applied = {spec.name: spec for spec in current.applied}
+    changed = [spec.name for spec in rollout.specs if applied.get(spec.name) != spec]
+    return tuple(dependency_order(changed, _depends(rollout.specs)))
+
+
+def _depends(specs: tuple[WorkloadSpec, ...]) -> dict[str, tuple[str, ...]]:
+    return {spec.name: spec.options.depends_on for spec in specs}
 
 
 def plan(current: Current, rollout: Rollout) -> list[Step]:
@@ -286,16 +320,14 @@ def plan(current: Current, rollout: Rollout) -> list[Step]:
         steps.append(Switch(rollout.desired))
     if current.supervises:
         wanted = set(rollout.names)
-        steps += [
-            StopWorkload(generation, name)
-            for name in sorted(current.running - wanted - rollout.stopped)
-        ]
-        steps += [
-            StartWorkload(generation, name) for name in rollout.names if name not in rollout.started
-        ]
-        if rollout.names and not set(rollout.names) <= rollout.healthy:
+        gone = sorted(current.running - wanted - rollout.stopped)
+        stop_order = dependency_order(gone, _depends(current.applied))[::-1]
+        steps += [StopWorkload(generation, name) for name in stop_order]
+        names = targets(current, rollout)
+        steps += [StartWorkload(generation, name) for name in names if name not in rollout.started]
+        if names and not set(names) <= rollout.healthy:
             if not rollout.waiting_health:
-                steps.append(WaitForHealth(generation, rollout.names, current.health_timeout_s))
+                steps.append(WaitForHealth(generation, names, current.health_timeout_s))
             elif not steps:
                 return []  # waiting: the runtime's health events (or the timer) come next
     steps.append(Commit(generation))

@@ -14,14 +14,17 @@ the bundle workloads the configuration references (verified, unpacked into
 pointers, then the configuration). It supervises nothing yet
 (``supervises = False``): the process supervisor of the runtime issue plugs
 in here with start, stop and health watching, and produces the core's
-``WorkloadExited`` / ``HealthPassed`` / ``HealthFailed`` events.
+``WorkloadExited`` / ``HealthPassed`` / ``HealthFailed`` events: that is
+:class:`edge_agent.supervisor.runtime.SupervisingRuntime` (``supervises = True``),
+which installs and switches through a ``WorkloadApplier`` and adds the
+``Supervising`` steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -59,8 +62,30 @@ class Runtime(Protocol):
     def commit(self, generation: int) -> None:
         """The generation is good: make it the one to come back to."""
 
-    def roll_back(self, generation: int, to_generation: int) -> None:
-        """Undo :meth:`switch` of ``generation``: the versions and configuration it replaced."""
+    def roll_back(self, generation: int, to_generation: int) -> str | None:
+        """Undo :meth:`switch` of ``generation``: the versions and configuration it replaced.
+
+        Returns what the report's error should add (a supervisor's log tails), if anything."""
+
+
+class Supervising(Runtime, Protocol):
+    """A runtime that starts workloads and watches their health (``supervises = True``)."""
+
+    def start_workload(self, generation: int, name: str) -> None:
+        """Start (or hand over to, or reload) the generation's version of ``name``."""
+
+    def stop_workload(self, generation: int, name: str) -> None:
+        """Stop ``name``, which the generation no longer has."""
+
+    def wait_for_health(self, generation: int, names: tuple[str, ...]) -> None:
+        """Let the started workloads' health events flow to the core (they answer the wait)."""
+
+    def resume(self, feed: Callable[[Any], None]) -> tuple[WorkloadSpec, ...]:
+        """At agent start: adopt or restart the applied generation's workloads; events go to
+        ``feed``; returns the applied workloads for the core."""
+
+    def close(self) -> None:
+        """The agent stops: stop watching (the workloads keep running)."""
 
 
 class ConfigFileApplier:
@@ -107,7 +132,9 @@ class WorkloadApplier:
         agent_version: str,
         clock: Callable[[], float],
         config_applier: Applier | None = None,
+        request_restart: Callable[[], None] | None = None,
     ) -> None:
+        """``request_restart``: how a firmware switch restarts the agent (edge_agent/slots.py)."""
         self.cache = BundleCache(data_dir, max_bytes=settings.cache_max_bytes)
         self.security = SecurityVersions(data_dir)
         self.workloads = Workloads(data_dir)
@@ -120,6 +147,10 @@ class WorkloadApplier:
         self._prepared: dict[int, list[Prepared]] = {}
         # What a switch replaced, per generation, until it is committed or rolled back.
         self._undo: dict[int, tuple[dict[str, str | None], bytes | None]] = {}
+        # Firmware A/B: firmware-kind bundles go to the slots, not workloads/ (edge_agent/slots.py).
+        from edge_agent.slots import FirmwareSlots  # imports ApplyError from here: lazily
+
+        self.firmware = FirmwareSlots(data_dir, request_restart=request_restart, clock=clock)
 
     supervises = False
 
@@ -129,22 +160,39 @@ class WorkloadApplier:
         self.switch(desired)
 
     def install(self, desired: Desired) -> None:
-        self._prepared[desired.generation] = self._install(self._specs(desired))
+        self.prepare(desired)
 
     def switch(self, desired: Desired) -> None:
         prepared = self._prepared.pop(desired.generation, None)
         if prepared is None:  # installed before a restart: unpacking again reuses the directories
             prepared = self._install(self._specs(desired))
+        firmware = [p for p in prepared if p.manifest.kind == "firmware"]  # firmware A/B
+        prepared = [p for p in prepared if p.manifest.kind != "firmware"]
         previous_config = self._read_config()
         previous = {p.spec.name: self.workloads.current(p.spec.name) for p in prepared}
         self._switch(prepared)
         self.config_applier.apply(desired)
         self._undo[desired.generation] = (previous, previous_config)
+        self.firmware.switch(desired.generation, firmware)  # firmware A/B: may restart the agent
 
     def commit(self, generation: int) -> None:
+        self.firmware.commit(generation)  # firmware A/B: a slot that fell back fails the commit
         self._undo.clear()  # nothing to go back to once it is good
 
-    def roll_back(self, generation: int, to_generation: int) -> None:
+    def prepare(self, desired: Desired) -> list[Prepared]:
+        """Install (idempotently) and return the generation's prepared workloads, keeping them
+        for its switch; raises ApplyError."""
+        prepared = self._install(self._specs(desired))
+        self._prepared[desired.generation] = prepared
+        return prepared
+
+    def undo_record(self, generation: int) -> tuple[dict[str, str | None], bytes | None] | None:
+        """What :meth:`switch` of ``generation`` replaced (pointers, config bytes), until
+        commit or roll back."""
+        return self._undo.get(generation)
+
+    def roll_back(self, generation: int, to_generation: int) -> str | None:
+        self.firmware.roll_back(generation)  # firmware A/B: a slot still on trial comes off it
         undo = self._undo.pop(generation, None)
         if undo is None:
             raise ApplyError(f"generation {generation} was not switched by this agent run")
@@ -156,6 +204,7 @@ class WorkloadApplier:
                 atomic_write_bytes(self.config_path, config)
         except OSError as exc:
             raise ApplyError(f"cannot roll back: {exc.strerror or exc}") from None
+        return None
 
     def _read_config(self) -> bytes | None:
         try:
@@ -206,6 +255,9 @@ class WorkloadApplier:
                 envelope = archive.read_signed_manifest(path)
                 manifest = verify_manifest(envelope, root, now, self.settings.clock_skew_s)
                 check_manifest(manifest, expect)
+                if manifest.kind == "firmware":  # firmware A/B: the inactive slot, not workloads/
+                    prepared.append(self.firmware.prepare(spec, manifest, path))
+                    continue
                 prepared.append(self.workloads.prepare(spec, manifest, path))
             except FileNotFoundError:
                 raise ApplyError(

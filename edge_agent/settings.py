@@ -127,3 +127,44 @@ class BundleSettings:
             raise ValueError("frame_queue_max must hold at least two windows of chunks")
         if self.hub_url is not None and not self.hub_url.startswith(("http://", "https://")):
             raise ValueError(f"hub URL {self.hub_url!r} must start with http:// or https://")
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """How the agent supervises workloads (``docs/runtime.md``); times in seconds.
+
+    The manifest and the desired entry say what each workload wants; these are
+    the device's bounds around every step.
+    """
+
+    enabled: bool = True
+    """Run workloads under the supervisor (False: install and switch only, as before)."""
+    restart_floor_s: float = 1.0
+    """No restart comes sooner than this after an exit, whatever the backoff says."""
+    health_timeout_s: float = 300.0
+    """The rollout's own deadline for every started workload to be healthy (a backstop
+    behind each workload's ``health_deadline_s``)."""
+    step_timeout_s: float = 120.0
+    """Longest wait inside one step: the previous versions healthy again after a rollback."""
+    lock_wait_max_s: float = 3600.0
+    """Longest a stop or switch waits for an update lock (a lease ends sooner)."""
+    lock_poll_s: float = 1.0
+    log_rotate_s: float = 10.0
+    """How often logs over their bound are rotated."""
+    log_tail_lines: int = 10
+    log_tail_bytes: int = 1024
+    """The log tail a rollback report carries, per workload."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "restart_floor_s",
+            "health_timeout_s",
+            "step_timeout_s",
+            "lock_wait_max_s",
+            "lock_poll_s",
+            "log_rotate_s",
+            "log_tail_lines",
+            "log_tail_bytes",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

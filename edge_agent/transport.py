@@ -3,6 +3,12 @@
 Rules:
 - Callbacks run on the network thread and are turned into plain transport events.
 - ``connect`` raises TransportError (never a paho return code) so the caller can back off.
+- :meth:`MqttTransport.unacknowledged` names what this client sent at QoS 1 and
+  the broker never acknowledged (a ``token`` per message, given to ``send``), so
+  the driver can keep it when the connection is lost. paho calls ``on_publish``
+  holding its own message lock: that callback takes only this module's small
+  lock, never the driver's (a thread that publishes holds the driver's lock and
+  waits for paho's: the other order would deadlock).
 - Keepalive, session expiry and the connect timeout come from
   :class:`edge_agent.settings.MqttSettings`; nothing here has its own.
 - TCP_NODELAY on the connection: paho leaves Nagle's algorithm on, and small
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +41,7 @@ from edge_agent.settings import MqttSettings
 from plumbing.net import parse_broker_url
 
 MAX_QUEUED_OUTGOING = 1000
+_NOT_SENT = object()
 
 
 class TransportError(Exception):
@@ -100,6 +108,10 @@ class MqttTransport:
         self._client.on_subscribe = self._subscribed
         self._client.on_message = self._message
         self._client.on_disconnect = self._disconnected
+        self._client.on_publish = self._published
+        self._acks = threading.Lock()
+        self._unacked: dict[int, object] = {}  # QoS 1 message id -> token, in send order
+        self._early: set[int] = set()  # acknowledged before send() had recorded them
         # With a register-write callback set, paho's publish() no longer writes from
         # the caller's thread: it wakes the loop (its socket pair), which writes.
         self._client.on_socket_register_write = _loop_writes
@@ -133,15 +145,40 @@ class MqttTransport:
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> bool:
         """Hand a message to the session; False when its queue is full (the message is lost).
 
-        Without a connection a QoS 1 message waits in the session's queue in memory
-        and goes out after the next CONNACK (Session Present).
+        Without a connection a QoS 1 message waits in this client's queue in memory
+        and goes out after its next CONNACK.
         """
+        return self.send(topic, payload, qos=qos, retain=retain)
+
+    def send(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool, token: object = None
+    ) -> bool:
+        """:meth:`publish`; a QoS 1 message with a ``token`` is listed by
+        :meth:`unacknowledged` until the broker acknowledges it."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        return info.rc != mqtt.MQTT_ERR_QUEUE_SIZE
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            return False
+        self._record(info.mid, token if qos > 0 else None)  # QoS 0: its on_publish clears it
+        return True
+
+    def unacknowledged(self) -> list[object]:
+        """The tokens of QoS 1 messages this client took and the broker has not acknowledged,
+        in the order they were sent. A client is used for one connection: call this once it
+        is lost, then make a new one (this one would send them again after its next CONNACK)."""
+        with self._acks:
+            return [token for token in self._unacked.values() if token is not None]
+
+    def _record(self, mid: int, token: object) -> None:
+        with self._acks:
+            if mid in self._early:  # its PUBACK came before publish() returned to us
+                self._early.discard(mid)
+            else:
+                self._unacked[mid] = token
 
     def publish_and_wait(self, topic: str, payload: bytes, *, timeout_s: float) -> bool:
         """Publish QoS 1 and wait for the PUBACK while driving the loop ourselves."""
         info = self._client.publish(topic, payload, qos=1, retain=True)
+        self._record(info.mid, None)
         deadline_loops = max(1, int(timeout_s / 0.05))
         for _ in range(deadline_loops):
             if info.is_published():
@@ -182,3 +219,8 @@ class MqttTransport:
         self, _c: object, _u: object, _flags: object, reason: object, _p: object
     ) -> None:
         self._on_event(TDisconnected(str(reason)))
+
+    def _published(self, _c: object, _u: object, mid: int, _reason: object, _p: object) -> None:
+        with self._acks:  # paho holds its message lock here: take nothing else
+            if self._unacked.pop(mid, _NOT_SENT) is _NOT_SENT:
+                self._early.add(mid)

@@ -13,6 +13,10 @@ Rules:
 - Passphrases come from environment variables named on the command line,
   never from arguments (which other users can read in the process list).
 - The clock is read here and passed down; nothing below reads it.
+- ``bundle build --run FILE`` takes the manifest's whole ``run`` object as JSON,
+  decoded as strictly as a device decodes it, then checked against the source
+  tree (program present and executable, a health rule that can be met); every
+  problem is refused before anything is written, with the field named.
 - Importing this module costs only argparse and the errors module: handlers
   import the library when they run, so the main CLI can build its parser
   without loading cryptography for unrelated subcommands.
@@ -125,26 +129,130 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+RUN_FLAGS = {
+    "command": "--command",
+    "env": "--env",
+    "working_dir": "--working-dir",
+    "restart": "--restart",
+    "health_command": "--health-command",
+}
+"""The flags that spell a ``run`` on the command line; ``--run FILE`` replaces them all."""
+
+
+def _refuse_repeated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise ValueError(f"member {name[:40]!r} appears twice in one object")
+        seen[name] = value
+    return seen
+
+
+def _read_run_file(path: Path) -> Any:
+    """The ``run`` object of ``--run FILE`` (``-``: stdin), strictly decoded; raises ValueError.
+
+    Strict as the device is: unknown fields, wrong types, fractions where whole
+    numbers go, out-of-range values and repeated members are refused, and the
+    message names the field (``run.checks[0].port``).
+    """
+    import msgspec
+
+    from firmware_bundles.model import RunSpec
+
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"cannot read run file {path}: {exc.strerror or exc}") from None
+    try:
+        tree = json.loads(data, object_pairs_hook=_refuse_repeated)
+    except UnicodeDecodeError:
+        raise ValueError(f"run file {path} is not UTF-8 JSON") from None
+    except ValueError as exc:
+        raise ValueError(f"run file {path}: not valid JSON: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"run file {path} must hold one JSON object, not {type(tree).__name__}")
+    try:
+        return msgspec.json.decode(data, type=RunSpec)
+    except msgspec.ValidationError as exc:
+        where = str(exc).replace("`$.", "`run.").replace("`$`", "`run`")
+        raise ValueError(f"run file {path}: {where}") from None
+
+
+def run_problems(run: Any, src_dir: Path) -> list[str]:
+    """What makes ``run`` unable to work from ``src_dir`` on a device (empty: none).
+
+    Beyond the model's field rules: a health rule no workload could meet, a
+    reserved variable, and a program or working directory missing from the
+    bundle (or not executable), which a device would only find out at start.
+    """
+    from firmware_bundles.model import AliveCheck
+
+    problems = []
+    deadline_ms = run.health_deadline_s * 1000
+    if run.min_healthy_ms > deadline_ms:
+        problems.append(
+            f"run.min_healthy_ms {run.min_healthy_ms} is longer than run.health_deadline_s "
+            f"{run.health_deadline_s} s: the workload could never turn healthy in time"
+        )
+    for index, check in enumerate(run.checks):
+        if isinstance(check, AliveCheck) and check.for_ms > deadline_ms:
+            problems.append(
+                f"run.checks[{index}].for_ms {check.for_ms} is longer than "
+                f"run.health_deadline_s {run.health_deadline_s} s: it could never pass in time"
+            )
+    problems += [
+        f"run.env.{name}: DRIFTLESS_* names are reserved for the runtime"
+        for name in run.env
+        if name.startswith("DRIFTLESS_")
+    ]
+    workdir = src_dir / run.working_dir
+    if not workdir.is_dir():
+        problems.append(f"run.working_dir {run.working_dir!r} is not a directory in {src_dir}")
+    program = run.command[0]
+    if "/" in program and not program.startswith("/"):
+        path = src_dir / program
+        if not path.is_file():
+            problems.append(f"run.command[0] {program!r} is not a file in {src_dir}")
+        elif not os.access(path, os.X_OK):
+            problems.append(f"run.command[0] {program!r} is not executable (chmod +x it)")
+    return problems
+
+
+def _run_spec(args: argparse.Namespace) -> Any:
+    """The manifest's ``run`` from ``--run FILE`` or the flags; None for none; raises ValueError."""
+    from firmware_bundles.model import HealthCheck, RunSpec
+
+    given = [flag for dest, flag in RUN_FLAGS.items() if getattr(args, dest) not in (None, [])]
+    if args.run is not None:
+        if given:
+            raise ValueError(f"--run FILE replaces {', '.join(given)}: put those in the file")
+        run = _read_run_file(args.run)
+        problems = run_problems(run, args.src_dir)
+        if problems:
+            raise ValueError(f"run file {args.run}: " + "; ".join(problems))
+        return run
+    if not args.command:
+        if given:
+            raise ValueError(f"{', '.join(given)} given without --command")
+        return None
+    health = HealthCheck(command=shlex.split(args.health_command)) if args.health_command else None
+    return RunSpec(
+        command=shlex.split(args.command),
+        env=_env_pairs(args.env),
+        working_dir=args.working_dir or ".",
+        restart=args.restart or "on-failure",
+        health=health,
+    )
+
+
 def _bundle_build(args: argparse.Namespace) -> int:
     from firmware_bundles import archive
-    from firmware_bundles.model import HealthCheck, RunSpec
 
     if args.kind == "firmware" and not args.arch:
         raise ValueError("a firmware bundle needs --arch")
-    run = None
-    if args.command:
-        health = (
-            HealthCheck(command=shlex.split(args.health_command)) if args.health_command else None
-        )
-        run = RunSpec(
-            command=shlex.split(args.command),
-            env=_env_pairs(args.env),
-            working_dir=args.working_dir,
-            restart=args.restart,
-            health=health,
-        )
-    elif args.kind == "app":
-        raise ValueError("an app bundle needs --command")
+    run = _run_spec(args)
+    if run is None and args.kind == "app":
+        raise ValueError("an app bundle needs --command or --run FILE")
     now = _now()
     manifest = archive.build(
         args.src_dir,
@@ -262,10 +370,18 @@ def add_subcommands(subparsers: Any) -> None:
     build.add_argument("--kind", choices=("app", "firmware"), default="app")
     build.add_argument("--arch", action="append", default=[], help="repeatable; default any")
     build.add_argument("--min-agent-version", default="0")
+    build.add_argument(
+        "--run",
+        type=Path,
+        metavar="FILE",
+        help="the manifest's run object as JSON (every field of docs/bundles.md; - for stdin)",
+    )
     build.add_argument("--command", help="the app's command line (shell-quoted)")
     build.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    build.add_argument("--working-dir", default=".")
-    build.add_argument("--restart", choices=("always", "on-failure", "never"), default="on-failure")
+    build.add_argument("--working-dir", help="default .")
+    build.add_argument(
+        "--restart", choices=("always", "on-failure", "never"), help="default on-failure"
+    )
     build.add_argument("--health-command", help="exec health probe (shell-quoted)")
     build.add_argument("--expires-days", type=int, default=90)
     build.add_argument("--out", type=Path, required=True)

@@ -64,12 +64,87 @@ class HealthCheck(_Strict, frozen=True, kw_only=True):
     start_period_s: Seconds = 0
 
 
+Millis = Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 3600 * 1000)]
+IntervalMs = Annotated[int, msgspec.Meta(ge=50, le=3600 * 1000)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+UrlPath = Annotated[str, msgspec.Meta(pattern="^/[!-~]*$", max_length=1024)]
+SignalName = Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL"]
+ReloadSignal = Literal["SIGHUP", "SIGUSR1", "SIGUSR2"]
+UpdateStrategy = Literal["stop-then-start", "start-then-stop"]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=canonical.MAX_SAFE_INTEGER)] | None
+
+
+class AliveCheck(_Strict, frozen=True, kw_only=True, tag_field="type", tag="alive"):
+    """Passes once the process has been running for ``for_ms``."""
+
+    for_ms: Millis = 0
+
+
+class HttpCheck(_Strict, frozen=True, kw_only=True, tag_field="type", tag="http"):
+    """``GET http://127.0.0.1:<port><path>``: a 2xx or 3xx answer within ``timeout_ms`` passes."""
+
+    port: Port
+    path: UrlPath = "/"
+    interval_ms: IntervalMs = 2000
+    timeout_ms: IntervalMs = 1000
+    failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    """Consecutive failures that make a healthy workload unhealthy."""
+
+
+class CommandCheck(_Strict, frozen=True, kw_only=True, tag_field="type", tag="command"):
+    """A command run in the workload's directory and environment: exit status 0 passes."""
+
+    command: Annotated[list[Arg], msgspec.Meta(min_length=1, max_length=64)]
+    interval_ms: IntervalMs = 5000
+    timeout_ms: IntervalMs = 2000
+    failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+
+
+Check = AliveCheck | HttpCheck | CommandCheck
+
+
+class Backoff(_Strict, frozen=True, kw_only=True):
+    """Restart limits: at most ``attempts`` restarts within ``interval_s``; delays double
+    from ``delay_ms`` up to ``max_delay_ms``, spread by ``jitter_pct`` percent either way."""
+
+    attempts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
+    interval_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)] = 600
+    delay_ms: Annotated[int, msgspec.Meta(ge=1, le=3600 * 1000)] = 1000
+    max_delay_ms: Annotated[int, msgspec.Meta(ge=1, le=3600 * 1000)] = 300_000
+    jitter_pct: Annotated[int, msgspec.Meta(ge=0, le=100)] = 25
+
+    def __post_init__(self) -> None:
+        if self.max_delay_ms < self.delay_ms:
+            raise ValueError("backoff.max_delay_ms must be >= delay_ms")
+
+
+class RunLimits(_Strict, frozen=True, kw_only=True):
+    """Resource ceilings; ``null``: no limit. The desired entry may lower them, never raise."""
+
+    memory_bytes: Limit = None
+    cpu_seconds: Limit = None
+    open_files: Limit = None
+    cgroup_memory_bytes: Limit = None
+    cgroup_cpu_millicores: Limit = None
+
+
+class LogBounds(_Strict, frozen=True, kw_only=True):
+    """The workload's captured output: rotated past ``max_bytes``, ``keep`` old files."""
+
+    max_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 1 << 20
+    keep: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+
+
 class RunSpec(_Strict, frozen=True, kw_only=True):
-    """How the workload runtime starts an ``app`` bundle.
+    """How the workload runtime starts an ``app`` bundle (``docs/runtime.md``).
 
     ``command[0]`` and ``working_dir`` are relative to the unpacked bundle root
     (or a bare program name looked up on ``PATH``); ``health_deadline_s`` is how
-    long the runtime waits for the first healthy probe before rolling back.
+    long the runtime waits for the workload to turn healthy before rolling back.
+    ``health`` is the first spelling of a command check and stays valid; new
+    manifests list their checks in ``checks``. The fields after
+    ``stop_timeout_s`` came with the supervising runtime; a manifest signed
+    before may leave them out (:data:`RUN_FIELDS_ADDED`).
     """
 
     command: Annotated[list[Arg], msgspec.Meta(min_length=1, max_length=256)]
@@ -79,6 +154,32 @@ class RunSpec(_Strict, frozen=True, kw_only=True):
     health: HealthCheck | None = None
     health_deadline_s: Seconds = 60
     stop_timeout_s: Seconds = 10
+    checks: Annotated[list[Check], msgspec.Meta(max_length=16)] = []
+    min_healthy_ms: Millis = 10_000
+    backoff: Backoff = Backoff()
+    stop_signal: SignalName = "SIGTERM"
+    reload_signal: ReloadSignal | None = None
+    limits: RunLimits = RunLimits()
+    logs: LogBounds = LogBounds()
+    update: UpdateStrategy = "stop-then-start"
+    handover_timeout_s: Seconds = 30
+
+
+RUN_FIELDS_ADDED: Final = (
+    "checks",
+    "min_healthy_ms",
+    "backoff",
+    "stop_signal",
+    "reload_signal",
+    "limits",
+    "logs",
+    "update",
+    "handover_timeout_s",
+)
+"""The ``run`` fields a manifest signed before the supervising runtime may leave out.
+
+Exactly these, at the top of ``run``: every other field must still be spelled
+out, and signers always write these too."""
 
 
 class Targets(_Strict, frozen=True, kw_only=True):
@@ -257,9 +358,22 @@ def decode_signed(signed_bytes: bytes, cls: type[S]) -> S:
         value: S = _decoders[cls].decode(signed_bytes)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise FormatError(f"{tag}: {exc}") from None
-    if canonical.encode(value) != signed_bytes:
+    if _spelled_out(value, tree) != signed_bytes:
         raise FormatError(f"{tag} does not spell out every field; signers must write all of them")
     return value
+
+
+def _spelled_out(value: Any, tree: dict[str, Any]) -> bytes:
+    """The canonical bytes ``value`` had when signed: a manifest's ``run`` may lack exactly
+    the fields of :data:`RUN_FIELDS_ADDED` (signed before they existed)."""
+    if not isinstance(value, Manifest) or not isinstance(tree.get("run"), dict):
+        return canonical.encode(value)
+    builtins = msgspec.to_builtins(value)
+    run, signed_run = builtins["run"], tree["run"]
+    for name in RUN_FIELDS_ADDED:
+        if name not in signed_run:
+            run.pop(name, None)
+    return canonical.encode(builtins)
 
 
 def matches_architecture(targets: Targets, architecture: str) -> bool:

@@ -38,7 +38,6 @@ from firmware_bundles.errors import (
     RollbackError,
     ThresholdNotMetError,
 )
-from firmware_bundles.keys import verify_signature
 from firmware_bundles.limits import DEFAULT_LIMITS, Limits
 from firmware_bundles.model import (
     Manifest,
@@ -58,6 +57,8 @@ def verify_role(
     Raises ThresholdNotMetError when their number is below the role's threshold
     (or the root has no such role). Returns as soon as the threshold is met.
     """
+    from firmware_bundles.keys import verify_signature  # cryptography: only to verify
+
     info = root.roles.get(role)
     if info is None:
         raise ThresholdNotMetError(f"root version {root.version} authorises no {role} keys")

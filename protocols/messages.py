@@ -76,6 +76,13 @@ class Inventory(msgspec.Struct, kw_only=True, frozen=True):
     mem_free_bytes: NonNegative
     disk_total_bytes: NonNegative
     disk_free_bytes: NonNegative
+    # Firmware A/B: the slot that runs and its firmware version; None on a device without
+    # firmware slots (and the version None while the running slot holds no firmware).
+    firmware_slot: ShortText | None = None
+    firmware_version: ShortText | None = None
+    # Whether the runtime can set cgroup v2 limits (memory, CPU) for workloads: "v2", or
+    # why not (rlimits are set either way); None from a device that does not say.
+    cgroups: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
 class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
@@ -117,6 +124,48 @@ class WorkloadStatus(msgspec.Struct, kw_only=True, frozen=True):
 
 WorkloadList = Annotated[list[WorkloadStatus], msgspec.Meta(max_length=MAX_REPORTED_WORKLOADS)]
 
+# -- update locks and one-shot jobs (issue 13, items 4 and 8)
+
+MAX_REPORTED_LOCKS = 256
+"""Most update locks one report lists."""
+MAX_REPORTED_JOBS = 64
+"""Most job states one report lists."""
+MAX_JOB_LOG_TAIL = 4096
+"""Longest log tail a job's report carries (characters, the end of its output)."""
+HolderText = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+JobId = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+JobState = Literal["running", "succeeded", "failed", "timed_out"]
+
+
+class LockStatus(msgspec.Struct, kw_only=True, frozen=True):
+    """One workload's update lock as the device sees it: who holds it and until when.
+
+    ``until`` is the device's clock (unix seconds) at which the lease ends, after
+    the device's cap; ``overridden``: a signed override from the hub lifts it now.
+    """
+
+    workload: WorkloadName
+    holder: HolderText
+    until: Timestamp
+    overridden: bool = False
+
+
+class JobStatus(msgspec.Struct, kw_only=True, frozen=True):
+    """One one-shot job's state: running with its progress, or its result."""
+
+    id: JobId
+    state: JobState
+    progress: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    message: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    exit_code: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] | None = None
+    log_tail: Annotated[str, msgspec.Meta(max_length=MAX_JOB_LOG_TAIL)] | None = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+
+
+LockList = Annotated[list[LockStatus], msgspec.Meta(max_length=MAX_REPORTED_LOCKS)]
+JobList = Annotated[list[JobStatus], msgspec.Meta(max_length=MAX_REPORTED_JOBS)]
+
 
 class Reported(_Base, kw_only=True, frozen=True, tag="reported"):
     """The device's actual state after an apply started, finished, failed or rolled back."""
@@ -130,6 +179,10 @@ class Reported(_Base, kw_only=True, frozen=True, tag="reported"):
     error: ErrorText | None = None
     # Per-workload states; None (absent) from a device that does not report them.
     workloads: WorkloadList | None = None
+    # Update locks held now (an empty list: none); None from a device that does not report them.
+    locks: LockList | None = None
+    # One-shot jobs whose state changed (an event per change); None: none in this report.
+    jobs: JobList | None = None
     ts: Timestamp
 
 

@@ -37,7 +37,7 @@ def add_subcommands(top: Any) -> None:
     run.add_argument(
         "--profile",
         default="stable",
-        help="stable, flaky, storm, slow, or a .toml/.json profile file",
+        help="stable, flaky, storm, slow, workloads, or a .toml/.json profile file",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
@@ -89,7 +89,9 @@ def add_subcommands(top: Any) -> None:
     )
 
     show = commands.add_parser("profile", help="print a built-in profile as JSON (a template)")
-    show.add_argument("name", help="stable, flaky, storm, slow, or a profile file to check")
+    show.add_argument(
+        "name", help="stable, flaky, storm, slow, workloads, or a profile file to check"
+    )
 
 
 def dispatch(args: argparse.Namespace) -> int:

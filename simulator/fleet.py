@@ -16,9 +16,18 @@ Rules:
   connection feeds ``Disconnected``; an orderly stop feeds ``Stopping``
   (status offline) and disconnects cleanly, so the broker drops the Will.
 - Steps: ``Switch`` runs the simulated applier (a duration, sometimes a
-  failure) in its own task; ``Install``, ``Commit`` and ``RollBack`` are done
-  in place (nothing is unpacked); each answers with ``StepDone`` or
-  ``StepFailed``. The simulated runtime supervises nothing.
+  failure) in its own task; each step answers with ``StepDone`` or
+  ``StepFailed``. Without a ``workloads`` profile section the devices
+  supervise nothing (``supervises=False``: the core plans no start, stop or
+  health steps) and ``Install``, ``Commit`` and ``RollBack`` are done in place.
+  With one, each device's core supervises (``supervises=True``) and a
+  :class:`simulator.runtime.SimRuntime` (made at its first install) carries
+  out ``Install`` (the verified manifests' run specifications), the workload
+  starts and stops, ``WaitForHealth``, ``Commit`` and ``RollBack`` with the
+  agent's own supervisor machine and transaction over simulated processes;
+  its ``WorkloadExited`` / ``HealthPassed`` / ``HealthFailed`` events are fed
+  to the core in order, so devices report per-workload states, restarts and
+  rollbacks as agents do.
 - ``FetchBundles`` runs the real fetch job and transfer cores
   (``edge_agent.fetch_job``, ``edge_agent.bundle_transfer``) over the
   device's own link (``simulator.transfer``);
@@ -91,15 +100,19 @@ from edge_agent.core import (
     Disconnected,
     Event,
     FetchBundles,
+    HealthFailed,
+    HealthPassed,
     Ignored,
     Install,
     MessageIn,
     NoOp,
+    OverrideLocks,
     PersistState,
     Publish,
     PublishFailed,
     Rejected,
     RollBack,
+    RunJobs,
     SaveOutbox,
     SetTimer,
     SetWill,
@@ -114,6 +127,7 @@ from edge_agent.core import (
     TimerFired,
     TransferLink,
     WaitForHealth,
+    WorkloadExited,
 )
 from edge_agent.executors import ExecutorTable
 from edge_agent.runtime import ApplyError
@@ -129,11 +143,14 @@ from simulator.profiles import (
     SlowSpec,
     StormSpec,
     Window,
+    WorkloadsSpec,
     device_rng,
     offline_windows,
 )
 
 if TYPE_CHECKING:
+    from edge_agent.supervisor.transaction import RunSource
+    from simulator.runtime import SimRuntime
     from simulator.transfer import DeviceTransfers, TransferSettings
 
 __all__ = [
@@ -145,6 +162,7 @@ __all__ = [
     "FleetTimeout",
     "SimApplier",
     "VirtualDevice",
+    "WorkloadCounters",
     "device_backoff",
     "device_ids",
     "device_rng",
@@ -220,6 +238,12 @@ class FleetConfig:
     """A bundle not complete after this long fails its generation (the partial stays)."""
     identity_dir: Path | None = None
     """The devices' enrolled identities (``simulator.enroll``); needs an ``mqtts://`` broker."""
+    workloads: WorkloadsSpec | None = None
+    """Devices supervise their workloads with simulated processes; None: they supervise none."""
+    restart_floor_s: float = 1.0
+    """The supervisor's shortest restart delay (the agent's ``restart_floor_s``)."""
+    rollback_timeout_s: float = 120.0
+    """How long a rollback waits for the previous versions to be healthy again."""
 
     @classmethod
     def from_profile(
@@ -235,6 +259,7 @@ class FleetConfig:
             flaky=profile.flaky,
             storm=profile.storm,
             slow=profile.slow,
+            workloads=profile.workloads,
             profile_name=profile.name,
             **limits,
         )
@@ -251,6 +276,7 @@ class FleetConfig:
             flaky=self.flaky,
             storm=self.storm,
             slow=self.slow,
+            workloads=self.workloads,
         )
 
     def __post_init__(self) -> None:
@@ -266,6 +292,8 @@ class FleetConfig:
             raise ValueError("device ids must be unique (each one is an MQTT client id)")
         for device_id in self.device_ids:
             validate_device_id(device_id)
+        if self.restart_floor_s <= 0 or self.rollback_timeout_s <= 0:
+            raise ValueError("restart_floor_s and rollback_timeout_s must be positive")
         if self.bundle_disk_max_bytes <= 0 or self.max_transfer_s <= 0:
             raise ValueError("bundle_disk_max_bytes and max_transfer_s must be positive")
         if self.frame_queue_max < 2 * self.fetch.window_chunks:
@@ -424,6 +452,20 @@ class BundleCounters:
 
 
 @dataclass
+class WorkloadCounters:
+    """What the devices' simulated workloads did (``workloads`` profiles); all totals."""
+
+    healthy: int = 0  # HealthPassed events fed to cores
+    unhealthy: int = 0  # HealthFailed events
+    restarts: int = 0  # exits the supervisor restarts after
+    gave_up: int = 0  # exits it did not restart after (failed or finished)
+    start_failures: int = 0  # rollout starts that could not start (the step failed)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
 class FleetCounters:
     """What the whole fleet did; mutated only by its devices, read by anyone."""
 
@@ -447,6 +489,7 @@ class FleetCounters:
     offline_now: int = 0  # devices whose network is down right now
     ever_connected: int = 0  # devices that have had a session at least once
     bundles: BundleCounters = field(default_factory=BundleCounters)
+    workloads: WorkloadCounters = field(default_factory=WorkloadCounters)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy (generation keys become strings)."""
@@ -471,6 +514,7 @@ class FleetCounters:
             "severed": self.severed,
             "ever_connected": self.ever_connected,
             "bundles": self.bundles.snapshot(),
+            "workloads": self.workloads.snapshot(),
         }
 
 
@@ -510,7 +554,11 @@ class VirtualDevice:
             # With the fleet's root, desired documents must be hub-signed, as on a device.
             trusted_root=transfer_settings.trusted_root if transfer_settings else None,
             clock_skew_s=transfer_settings.clock_skew_s if transfer_settings else 0,
+            supervises=config.workloads is not None,
+            health_timeout_s=config.workloads.health_timeout_s if config.workloads else 60.0,
         )
+        self._config = config
+        self._runtime: SimRuntime | None = None  # made at the first install (workloads)
         self.saved_state = self.core.state  # what a disk would hold after the last PersistState
         self.saved_outbox = self.core.outbox.snapshot()  # likewise, for the outbox
         self._persist = persist
@@ -563,13 +611,23 @@ class VirtualDevice:
         table.register(Ignored, self._ignored)
         table.register(NoOp, _nothing)
         table.register(FetchBundles, self._fetch)
-        table.register(Install, self._done_in_place)  # nothing is unpacked: Switch stands for it
         table.register(Switch, self._switch)
-        table.register(Commit, self._done_in_place)
-        table.register(RollBack, self._done_in_place)
-        table.register(StartWorkload, self._unsupervised)
-        table.register(StopWorkload, self._unsupervised)
-        table.register(WaitForHealth, self._unsupervised)
+        if self.core.supervises:  # simulated processes (simulator.runtime)
+            table.register(Install, self._install)
+            table.register(Commit, self._commit)
+            table.register(RollBack, self._roll_back)
+            table.register(StartWorkload, self._start_workload)
+            table.register(StopWorkload, self._stop_workload)
+            table.register(WaitForHealth, self._wait_for_health)
+        else:
+            table.register(Install, self._done_in_place)  # nothing is unpacked
+            table.register(Commit, self._done_in_place)
+            table.register(RollBack, self._done_in_place)
+            table.register(StartWorkload, self._unsupervised)
+            table.register(StopWorkload, self._unsupervised)
+            table.register(WaitForHealth, self._unsupervised)
+        table.register(OverrideLocks, _nothing)  # simulated devices take no locks
+        table.register(RunJobs, _nothing)  # nor run jobs (the rollouts issue may simulate them)
         table.require_complete()
         return table
 
@@ -683,6 +741,91 @@ class VirtualDevice:
     async def _unsupervised(self, step: StartWorkload | StopWorkload | WaitForHealth) -> Event:
         """The simulated runtime supervises nothing; the core never plans these for it."""
         return StepFailed(step, "the simulated runtime does not supervise workloads", self._clock())
+
+    # -- the supervising runtime (profiles with ``workloads``)
+
+    @property
+    def runtime(self) -> SimRuntime:
+        """The device's simulated supervising runtime, made when first needed."""
+        if self._runtime is None:
+            from simulator.runtime import SimRuntime
+
+            spec = self._config.workloads
+            assert spec is not None, "only supervising devices have a runtime"
+            seed, device_id = self._config.seed, self.device_id
+            self._runtime = SimRuntime(
+                spec,
+                manifests=self._manifest,
+                feed=self._workload_event,
+                clock=self._clock,
+                process_rng=device_rng(seed, device_id, "processes"),
+                restart_rng=device_rng(seed, device_id, "restarts"),
+                floor_s=self._config.restart_floor_s,
+                step_timeout_s=self._config.rollback_timeout_s,
+            )
+        return self._runtime
+
+    def _manifest(self, sha: str) -> RunSource | None:
+        return self.transfers.disk.verified.get(sha) if self.transfers is not None else None
+
+    def _workload_event(self, event: WorkloadExited | HealthPassed | HealthFailed) -> None:
+        """The supervisor's events go to the core in order, after what it is handling."""
+        counts = self._counters.workloads
+        if isinstance(event, HealthPassed):
+            counts.healthy += 1
+        elif isinstance(event, HealthFailed):
+            counts.unhealthy += 1
+        elif event.restarting:
+            counts.restarts += 1
+        else:
+            counts.gave_up += 1
+        self._changed()
+        self._spawn(self.feed(event), f"workload:{self.device_id}")
+
+    async def _install(self, step: Install) -> Event:
+        try:
+            self.runtime.install(step.desired)
+        except ApplyError as exc:
+            return StepFailed(step, str(exc), self._clock())
+        return StepDone(step, self._clock())
+
+    async def _start_workload(self, step: StartWorkload) -> None:
+        self._spawn(self._starting(step), f"start:{self.device_id}")
+
+    async def _starting(self, step: StartWorkload) -> None:
+        try:
+            await self.runtime.start_workload(step.generation, step.name)
+        except ApplyError as exc:
+            self._counters.workloads.start_failures += 1
+            await self.feed(StepFailed(step, str(exc), self._clock()))
+            return
+        await self.feed(StepDone(step, self._clock()))
+
+    async def _stop_workload(self, step: StopWorkload) -> Event:
+        self.runtime.stop_workload(step.generation, step.name)
+        return StepDone(step, self._clock())
+
+    async def _wait_for_health(self, step: WaitForHealth) -> Event:
+        try:
+            self.runtime.wait_for_health(step.generation, step.names)
+        except ApplyError as exc:
+            return StepFailed(step, str(exc), self._clock())
+        return StepDone(step, self._clock())
+
+    async def _commit(self, step: Commit) -> Event:
+        self.runtime.commit(step.generation)
+        return StepDone(step, self._clock())
+
+    async def _roll_back(self, step: RollBack) -> None:
+        self._spawn(self._rolling_back(step), f"rollback:{self.device_id}")
+
+    async def _rolling_back(self, step: RollBack) -> None:
+        try:
+            detail = await self.runtime.roll_back(step.generation, step.to_generation)
+        except ApplyError as exc:
+            await self.feed(StepFailed(step, str(exc), self._clock()))
+            return
+        await self.feed(StepDone(step, self._clock(), detail or ""))
 
     async def _switch(self, step: Switch) -> None:
         """The simulated apply: its duration and verdict, in a task of its own."""
@@ -854,6 +997,8 @@ class VirtualDevice:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._runtime is not None:
+            self._runtime.close()
         if self.transfers is not None:
             await self.transfers.close()
         link = self._link

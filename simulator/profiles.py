@@ -2,9 +2,13 @@
 
 A :class:`Profile` says how long applies take and how often they fail, when a
 device's network goes away (``flaky``: each device on its own; ``storm``: all
-together) and how slow its link is (``slow``). Built-ins: ``stable``, ``flaky``,
-``storm``, ``slow``; users write their own as a small TOML or JSON file (see
-``docs/simulator.md``), optionally starting from a built-in with ``base = "…"``.
+together), how slow its link is (``slow``) and, with ``workloads``, that the
+devices supervise their workloads as agents do, with simulated processes that
+take a while to start, crash and fail health checks (per version, so a "bad
+release" can be simulated). Built-ins: ``stable``, ``flaky``, ``storm``,
+``slow``, ``workloads``; users write their own as a small TOML or JSON file
+(see ``docs/simulator.md``), optionally starting from a built-in with
+``base = "…"``.
 
 Rules:
 - Pure: nothing here does I/O except :func:`load_profile_file`, which reads one
@@ -20,6 +24,14 @@ Rules:
   ``mean_offline_s``, capped at ``max_offline_s``), and again.
 - ``storm``: every device drops at each storm time and its network returns at
   ``offline_s`` plus a per-device uniform draw in ``[0, reconnect_window_s]``.
+- ``workloads``: a process starts after ``start_s`` + U(0, ``start_jitter_s``)
+  or fails to start with probability ``start_failure_rate``; a started run
+  crashes (exit ``crash_exit_code``) after an exponential time of mean
+  ``mean_time_to_crash_s`` (0: never); with probability
+  ``health_failure_rate`` a run's probes (HTTP and command checks) all fail.
+  ``versions`` overrides any of these for a bundle version (``"2.0.0"``) or
+  one workload's version (``"web@2.0.0"``, which wins); see
+  :meth:`WorkloadsSpec.behaviour`.
 - ``slow`` is a user-space model of a throttled link (:class:`Shaper`): each
   message in each direction waits for the link to be free, for its bytes at
   ``bandwidth_bytes_per_s``, then ``latency_s``. It is not kernel traffic
@@ -101,6 +113,66 @@ class SlowSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bandwidth_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 2000
 
 
+VERSION_KEY_PATTERN = (
+    r"^([a-z0-9][a-z0-9._-]{0,63}@)?[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$"  # [workload@]version
+)
+ExitCode = Annotated[int, msgspec.Meta(ge=-64, le=255)]
+"""As the supervisor sees it: negative for the signal that ended the process."""
+
+
+class ProcessBehaviour(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How one simulated workload version's processes behave (all draws per run)."""
+
+    start_s: NonNegative = 0.2
+    start_jitter_s: NonNegative = 0.1
+    start_failure_rate: Probability = 0.0
+    mean_time_to_crash_s: NonNegative = 0.0
+    """Mean of the exponential run time before a crash; 0: runs until stopped."""
+    crash_exit_code: ExitCode = 1
+    health_failure_rate: Probability = 0.0
+    """The chance that a run's probes all fail (a run that never turns healthy)."""
+    probe_s: NonNegative = 0.01
+    """How long a simulated probe takes to answer."""
+
+
+BEHAVIOUR_FIELDS = ProcessBehaviour.__struct_fields__
+
+
+class BehaviourOverride(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """A version's differences from the profile's :class:`ProcessBehaviour`; None keeps it."""
+
+    start_s: NonNegative | None = None
+    start_jitter_s: NonNegative | None = None
+    start_failure_rate: Probability | None = None
+    mean_time_to_crash_s: NonNegative | None = None
+    crash_exit_code: ExitCode | None = None
+    health_failure_rate: Probability | None = None
+    probe_s: NonNegative | None = None
+
+
+class WorkloadsSpec(ProcessBehaviour, frozen=True, forbid_unknown_fields=True):
+    """Devices supervise their workloads with simulated processes (``simulator.processes``):
+    the behaviour fields of :class:`ProcessBehaviour`, per-version overrides, the core's wait."""
+
+    versions: dict[
+        Annotated[str, msgspec.Meta(pattern=VERSION_KEY_PATTERN)], BehaviourOverride
+    ] = {}
+    health_timeout_s: Positive = 60.0
+    """The agent core's wait for a rollout's workloads to turn healthy (``AgentCore``)."""
+
+    def behaviour(self, workload: str, version: str) -> ProcessBehaviour:
+        """Pure: the profile's behaviour with ``workload@version``'s or else ``version``'s
+        override applied."""
+        base = ProcessBehaviour(**{f: getattr(self, f) for f in BEHAVIOUR_FIELDS})
+        over = self.versions.get(f"{workload}@{version}") or self.versions.get(version)
+        if over is None:
+            return base
+        changes = {k: v for k, v in msgspec.structs.asdict(over).items() if v is not None}
+        return msgspec.structs.replace(base, **changes)
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a simulated fleet's devices and network do. Sections left out are off."""
 
@@ -110,6 +182,7 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     flaky: FlakySpec | None = None
     storm: StormSpec | None = None
     slow: SlowSpec | None = None
+    workloads: WorkloadsSpec | None = None
 
     @property
     def has_offline_windows(self) -> bool:
@@ -155,6 +228,22 @@ BUILTIN: dict[str, Profile] = {
             ),
             apply=ApplySpec(time_s=0.2, jitter_s=0.2, failure_rate=0.0),
             slow=SlowSpec(latency_s=0.2, bandwidth_bytes_per_s=2000),
+        ),
+        Profile(
+            name="workloads",
+            description=(
+                "Stable network; devices supervise their workloads with simulated processes: "
+                "starts take 0.2-0.3 s, 0.5% fail to start, a run crashes after ~1 h on "
+                "average, 1% of runs never pass their health checks."
+            ),
+            apply=ApplySpec(time_s=0.05, jitter_s=0.05, failure_rate=0.0),
+            workloads=WorkloadsSpec(
+                start_s=0.2,
+                start_jitter_s=0.1,
+                start_failure_rate=0.005,
+                mean_time_to_crash_s=3600.0,
+                health_failure_rate=0.01,
+            ),
         ),
     )
 }

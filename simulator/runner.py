@@ -274,6 +274,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{'transfer link drops / resumes':30}"
             f"{str(bundles['link_drops']) + ' / ' + str(bundles['resumes']):>14}",
         ]
+    workloads = summary.get("workloads") or {}
+    if any(workloads.values()):
+        lines += [
+            f"{'workload health passed / failed':30}"
+            f"{str(workloads['healthy']) + ' / ' + str(workloads['unhealthy']):>14}",
+            f"{'workload restarts / gave up':30}"
+            f"{str(workloads['restarts']) + ' / ' + str(workloads['gave_up']):>14}",
+        ]
     if summary.get("connected_s") is not None:
         lines.append(f"{'all connected after':30}{summary['connected_s']:>13.1f}s")
     for change in summary["changes"]:
@@ -522,6 +530,7 @@ class Run:
                 "deferred": int(c.get("reports_deferred", 0)),
             },
             "bundles": c.get("bundles", {}),
+            "workloads": c.get("workloads", {}),
             "changes": [asdict(ch) for ch in self.changes],
             "hub_summary": self.hub,
             "hub_misses": self.hub_misses,

@@ -86,7 +86,7 @@ from edge_agent.fetch_job import (
 )
 from edge_agent.settings import FetchConfig, default_architecture
 from firmware_bundles.limits import DEFAULT_LIMITS
-from firmware_bundles.model import Manifest
+from firmware_bundles.model import Manifest, RunSpec
 from firmware_bundles.trust import TrustedRoot
 from protocols import BundleRequest, Channel, encode, topic
 
@@ -146,6 +146,9 @@ class Verified:
     name: str
     security_version: int
     at: float  # monotonic, for eviction order
+    version: str = ""
+    kind: str = "app"
+    run: RunSpec | None = None  # how the simulated runtime "runs" it (``simulator.runtime``)
 
 
 @dataclass(slots=True)
@@ -208,7 +211,15 @@ class SimDisk:
     def commit(self, sha: str, manifest: Manifest, size: int, at: float) -> None:
         """A partial download finished and verified: it becomes a verified bundle."""
         self.partials.pop(sha, None)
-        self.verified[sha] = Verified(size, manifest.name, manifest.security_version, at)
+        self.verified[sha] = Verified(
+            size,
+            manifest.name,
+            manifest.security_version,
+            at,
+            manifest.version,
+            manifest.kind,
+            manifest.run,
+        )
 
     def discard(self, sha: str) -> None:
         """Forget a refused download: nothing of it stays."""

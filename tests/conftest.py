@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.pki import TestBroker
-from tests.support import HubProcess
+from tests.support import HubProcess, kill_workloads_under
 
 
 @pytest.fixture
@@ -47,3 +47,14 @@ def _root_logging_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _no_workload_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Workloads outlive their agent on purpose (edge autonomy), so a test that kills its
+    agent would leave them running: afterwards every supervised process whose working
+    directory lies in the test's ``tmp_path`` is killed with its group."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if isinstance(tmp, Path):
+        kill_workloads_under(tmp)

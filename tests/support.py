@@ -6,6 +6,8 @@ what it was waiting for when the deadline passes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -203,3 +205,26 @@ class AgentProcess(AgentChild):
         if hub_url is not None:
             self.argv += ["--hub-url", hub_url]
         self.argv += list(extra)
+
+
+def kill_workloads_under(root: Path) -> list[int]:
+    """SIGKILL the process group of every supervised workload (it carries the runtime's
+    ``DRIFTLESS_INSTANCE`` marker) whose working directory is under ``root``; returns
+    their pids. Nothing else is signalled."""
+    killed: list[int] = []
+    prefix = str(root.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue  # gone, or not ours to read
+        if b"DRIFTLESS_INSTANCE=" not in environ or not cwd.startswith(prefix):
+            continue
+        pid = int(entry.name)
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            killed.append(pid)
+    return killed

@@ -17,7 +17,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -57,6 +57,30 @@ class DesiredState:
             session,
             device_id=device_id,
             config=config,
+            now=now,
+            max_config_bytes=self._settings.max_config_bytes,
+        )
+        self._delivery.desired_changed([row.id])
+        return row
+
+    def override_locks(
+        self,
+        session: Session,
+        *,
+        device_id: str,
+        workloads: Sequence[str] | None,
+        until: datetime,
+        now: datetime,
+    ) -> Device:
+        """Lift the device's update locks (of ``workloads``; None: all) until ``until``:
+        a ``lock_override`` in its desired config, generation + 1, signed on delivery
+        like every document. Raises ConfigTooLarge, DeviceNotFound or DeviceDecommissioned.
+        """
+        row = store.set_lock_override(
+            session,
+            device_id=device_id,
+            workloads=workloads,
+            until=until,
             now=now,
             max_config_bytes=self._settings.max_config_bytes,
         )

@@ -29,6 +29,7 @@ LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
 LABEL_VALUE_PATTERN = r"^[A-Za-z0-9_.-]{0,63}$"
 MAX_LABELS = 32
 
+WorkloadName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN)]
 # additionalProperties false: a key outside LABEL_KEY_PATTERN is refused, and says so in the schema.
@@ -87,6 +88,10 @@ class Device(SQLModel, table=True):
         default=None, sa_column=Column(JSON, nullable=True)
     )
     events_dropped: int = _big(0)
+    # Update locks held (protocols.LockStatus as JSON) as last reported, and the last
+    # state of each one-shot job (protocols.JobStatus as JSON, newest 100 ids).
+    locks: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    jobs: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
     # decommissioning (hub.enrollment): the row stays visible until an operator purges it.
     # Set: the device's certificates are revoked and every message from it is refused.
@@ -172,6 +177,9 @@ class InventoryPublic(SQLModel):
     mem_free_bytes: int
     disk_total_bytes: int
     disk_free_bytes: int
+    firmware_slot: str | None = None
+    firmware_version: str | None = None
+    cgroups: str | None = None
 
 
 class WorkloadPublic(SQLModel):
@@ -182,6 +190,42 @@ class WorkloadPublic(SQLModel):
     restarts: int
     last_exit_code: int | None
     last_exit_at: float | None
+
+
+class LockPublic(SQLModel):
+    """An update lock held on the device: by whom, until when (device clock, unix s),
+    and whether the hub's override lifts it."""
+
+    workload: str
+    holder: str
+    until: float
+    overridden: bool
+
+
+class JobPublic(SQLModel):
+    """A one-shot job's last reported state."""
+
+    id: str
+    state: str
+    progress: int | None
+    message: str | None
+    exit_code: int | None
+    log_tail: str | None
+    started_at: float | None
+    finished_at: float | None
+
+
+MAX_OVERRIDE_S = 24 * 3600
+
+
+class LockOverrideCreate(SQLModel):
+    """Body of ``POST /devices/{id}/lock-override``: lift update locks for a while."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    # The workloads whose locks are lifted; null: every workload's.
+    workloads: list[WorkloadName] | None = PydanticField(default=None, max_length=256)
+    duration_s: int = PydanticField(ge=1, le=MAX_OVERRIDE_S)
 
 
 _PHASES = frozenset({"applied", "applying", "failed", "rolled_back"})
@@ -213,6 +257,10 @@ class DevicePublic(SQLModel):
     # Per workload: name, state, restarts, last exit (code and time); None until reported.
     workloads: list[WorkloadPublic] | None
     events_dropped: int
+    # Update locks held on the device now (as last reported); None until reported.
+    locks: list[LockPublic] | None
+    # The last state of each one-shot job, the most recently updated last.
+    jobs: list[JobPublic] | None
     in_sync: bool
     status: ReportStatus
     # "decommissioned": revoked, refused, kept visible until purged (DELETE ?purge=true).
@@ -259,6 +307,8 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
         ),
         "workloads": row["workloads"],
         "events_dropped": row["events_dropped"],
+        "locks": row["locks"],
+        "jobs": row["jobs"],
         "in_sync": row["reported_generation"] == row["desired_generation"],
         "status": {
             "phase": phase,

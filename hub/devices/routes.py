@@ -23,12 +23,14 @@ Rules:
 - A bulk change is one transaction; every targeted device's generation grows
   by exactly 1 (ConfigTooLarge -> 413, nothing written).
 - Reading needs any token (``viewer``); setting desired state (one device or by
-  selector) needs ``operator``; registering and deleting devices need ``admin``.
+  selector) needs ``operator``; registering and deleting devices and lifting a
+  device's update locks (``POST /devices/{id}/lock-override``) need ``admin``.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
@@ -64,6 +66,7 @@ from hub.devices.models import (
     FleetDesiredResult,
     FleetDesiredUpdate,
     FleetSummary,
+    LockOverrideCreate,
 )
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
@@ -211,6 +214,39 @@ def set_desired(
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UnknownBundles as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return DevicePublic.from_row(row)
+
+
+@router.post(
+    "/{device_id}/lock-override",
+    response_model=DevicePublic,
+    responses=responses(403, 404, 409, 413),
+    dependencies=[Depends(require(Role.admin))],
+)
+def override_locks(
+    *,
+    device_id: DeviceIdPath,
+    body: LockOverrideCreate,
+    session: SessionDep,
+    desired: DesiredDep,
+    now: NowDep,
+) -> DevicePublic:
+    """Lift the device's update locks (the workloads named, or all) for ``duration_s``:
+    a signed ``lock_override`` in its desired document, as a new generation."""
+    try:
+        row = desired.override_locks(
+            session,
+            device_id=device_id,
+            workloads=body.workloads,
+            until=now + timedelta(seconds=body.duration_s),
+            now=now,
+        )
+    except DeviceNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except DeviceDecommissioned as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    except ConfigTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     return DevicePublic.from_row(row)
 
 

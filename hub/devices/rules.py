@@ -23,7 +23,9 @@ Rules (the contract; architecture rules 3 and 5):
   after the next birth must not mark the device offline). Otherwise ``session``,
   ``online`` and ``last_seen`` are taken from it.
 - **Reported.** ``(boot_epoch, seq) <= (last_report_epoch, last_report_seq)``: stale,
-  dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken.
+  dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken;
+  ``locks`` when the report lists them (an empty list: none held), and each job in
+  ``jobs`` replaces that job id's last state (the newest 100 ids kept).
 - Duplicates and out-of-order deliveries therefore change nothing.
 - **Decommissioned** device: every message is refused (``decommissioned``).
 - **Revoked certificate**: a birth naming a certificate of the device that was
@@ -40,14 +42,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
-from protocols import Birth, Channel, ProtocolError, Reported, Status, decode, parse_topic
+from protocols import (
+    Birth,
+    Channel,
+    JobStatus,
+    ProtocolError,
+    Reported,
+    Status,
+    WorkloadStatus,
+    decode,
+    parse_topic,
+)
 
 DeviceMessage = Birth | Status | Reported
 
@@ -115,10 +127,15 @@ class Tracking:
     inventory: dict[str, Any] | None = None  # the newest birth's, as plain JSON
     decommissioned_at: datetime | None = None  # read only
     awaiting_birth: bool = False
-    # The newest report's per-workload states (protocols.WorkloadStatus as JSON).
+    # Per-workload states as last reported, merged by name (protocols.WorkloadStatus as
+    # JSON; see merge_workloads).
     workloads: list[dict[str, Any]] | None = None
     # What the device's outbox dropped so far (its newest birth says).
     events_dropped: int = 0
+    # Update locks held, as the newest report that listed them said (LockStatus as JSON).
+    locks: list[dict[str, Any]] | None = None
+    # The last state of each one-shot job (JobStatus as JSON), newest MAX_JOBS_KEPT.
+    jobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,16 +247,52 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
         last_report_epoch=report.boot_epoch,
         last_report_seq=report.seq,
         last_seen=now,
-        # A report that lists no workloads (nothing supervised, an older agent) keeps the
-        # last states known.
-        workloads=(
-            [msgspec.structs.asdict(w) for w in report.workloads]
-            if report.workloads is not None
-            else t.workloads
-        ),
+        workloads=merge_workloads(t.workloads, report.workloads),
     )
+    if report.locks is not None:
+        new = dataclasses.replace(new, locks=[msgspec.structs.asdict(x) for x in report.locks])
+    if report.jobs:
+        new = dataclasses.replace(new, jobs=merge_jobs(t.jobs, report.jobs))
     rekey = _device_is_ahead(t, new)
     return Decision(new, republish=rekey, rekey=rekey)
+
+
+def merge_workloads(
+    known: list[dict[str, Any]] | None, reported: Sequence[WorkloadStatus] | None
+) -> list[dict[str, Any]] | None:
+    """Pure: the device's workload table after a report, merged by name.
+
+    A report lists the workloads whose state it tells: a rollout's outcome lists the
+    generation's (and those it removed, as ``removed``), a supervisor event lists the one
+    that changed. So each listed workload replaces its entry, the others stay as last
+    known, and a ``removed`` one leaves the table. A report that lists none (nothing
+    supervised, an older agent) keeps the table as it is.
+    """
+    if reported is None:
+        return known
+    by_name = {w["name"]: w for w in known or ()}
+    for status in reported:
+        if status.state == "removed":
+            by_name.pop(status.name, None)
+        else:
+            by_name[status.name] = msgspec.structs.asdict(status)
+    return [by_name[name] for name in sorted(by_name)]
+
+
+MAX_JOBS_KEPT = 100
+"""Job states kept per device (the newest updated); older ones are forgotten."""
+
+
+def merge_jobs(
+    known: list[dict[str, Any]] | None, updates: Sequence[JobStatus]
+) -> list[dict[str, Any]]:
+    """Pure: the last state per job id: each update replaces its id's entry and moves it
+    last (the most recently updated last); at most :data:`MAX_JOBS_KEPT`."""
+    by_id = {job["id"]: job for job in known or ()}
+    for update in updates:
+        by_id.pop(update.id, None)
+        by_id[update.id] = msgspec.structs.asdict(update)
+    return list(by_id.values())[-MAX_JOBS_KEPT:]
 
 
 def decide(

@@ -440,6 +440,44 @@ def set_desired(
     return row
 
 
+def set_lock_override(
+    session: Session,
+    *,
+    device_id: str,
+    workloads: Sequence[str] | None,
+    until: datetime,
+    now: datetime,
+    max_config_bytes: int,
+) -> Device:
+    """Put a lock override into the device's desired config (the ``lock_override``
+    member, docs/runtime.md "Update locks"): the rest of the config as it is, the
+    generation + 1, in one transaction (a concurrent desired change is not lost).
+
+    Raises ConfigTooLarge, DeviceNotFound or DeviceDecommissioned; nothing is written then.
+    """
+    begin_write(session)
+    row = session.exec(select(Device).where(Device.id == device_id).with_for_update()).first()
+    if row is None:
+        raise DeviceNotFound(device_id)
+    if row.decommissioned_at is not None:
+        session.rollback()
+        raise DeviceDecommissioned(device_id, "it gets no desired state")
+    override = {
+        "until": until.timestamp(),
+        "workloads": sorted(set(workloads)) if workloads is not None else None,
+    }
+    try:
+        document = _check_config(
+            {**row.desired_config, "lock_override": override}, max_config_bytes
+        )
+    except ConfigTooLarge:
+        session.rollback()
+        raise
+    _bump(row, document, now, _next_desired_seq(session))
+    session.commit()
+    return row
+
+
 def set_desired_for_selector(
     session: Session,
     *,

@@ -336,7 +336,8 @@ class TransferRig:
         device = f"bench-{index}"
         self.api.post("/devices", json={"id": device}).raise_for_status()
         agent = AgentChild(self.work, device, self.broker.url, root=self.keys.root_path)
-        agent.argv += ["--fetch-chunk-bytes", str(chunk_bytes)]
+        # The transfer is measured, not the workload: its bin/app is filler, never run.
+        agent.argv += ["--fetch-chunk-bytes", str(chunk_bytes), "--no-supervise"]
         agent.start()
         try:
             wait(lambda: self.api.get(f"/devices/{device}").json()["online"], 30, "agent online")
@@ -354,7 +355,7 @@ class TransferRig:
 
             def finished() -> dict[str, Any] | None:
                 status: dict[str, Any] = self.api.get(f"/devices/{device}").json()["status"]
-                done = status.get("phase") in ("applied", "failed")
+                done = status.get("phase") in ("applied", "failed", "rolled_back")
                 return status if status.get("generation") == generation and done else None
 
             status = wait(finished, 600, "transfer applied", interval_s=0.1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import datetime as dt
 import json
@@ -42,6 +43,7 @@ from typing import Any
 from devtools.broker import BrokerError, MosquittoBroker
 from devtools.procs import AgentChild
 from edge_agent.enroll import Identity
+from edge_agent.root import remember_verified
 from firmware_bundles.devfleet import DevFleet
 from hub.broker_config import hub_identities, write_secure_files
 from hub.identity import CertificateAuthority, write_new_private
@@ -55,6 +57,7 @@ from simulator.bench.common import (
     run_bench_main,
     workdir,
 )
+from simulator.bench.footprint_apply import ApplyResult, run_apply_phase
 
 MiB = 1024 * 1024
 # What an MQTT client over TLS that verifies signed documents cannot do without.
@@ -71,13 +74,17 @@ FLOORS: tuple[tuple[str, str], ...] = (
 @dataclass(frozen=True)
 class FootprintConfig:
     agents: int = 3
-    idle_s: float = 30.0
+    idle_s: float = 60.0
     deadline_s: float = 60.0
     workdir: Path | None = None
+    apply: bool = True  # the hub phase (footprint_apply): a document, three workloads, a bundle
+    bundle_mib: int = 200  # the large bundle's payload; 0 leaves that step out
 
     def __post_init__(self) -> None:
-        if self.agents < 1 or self.idle_s <= 0 or self.deadline_s <= 0:
-            raise ValueError("agents must be at least 1, idle_s and deadline_s positive")
+        if self.agents < 1 or self.idle_s <= 0 or self.deadline_s <= 0 or self.bundle_mib < 0:
+            raise ValueError(
+                "agents must be at least 1, idle_s and deadline_s positive, bundle_mib >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class FootprintResult:
     floors: dict[str, Memory] = field(default_factory=dict)
     modules: dict[str, float] = field(default_factory=dict)  # top-level package -> import ms
     module_count: int = 0
+    applied: ApplyResult | None = None
 
     def medians(self) -> dict[str, float]:
         return {
@@ -124,6 +132,8 @@ class FootprintResult:
             ),
             "modules_import_ms": self.modules,
             "module_count": self.module_count,
+            "bytecode": "precompiled",
+            "apply": self.applied.as_dict() if self.applied is not None else None,
         }
 
 
@@ -173,6 +183,7 @@ def enroll_locally(
     identity.cert.write_bytes(issued.pem)
     identity.ca.write_bytes(ca.cert_pem)
     identity.root.write_bytes(root.read_bytes())
+    remember_verified(identity.root, root.read_bytes())  # as enrollment does, having checked it
     identity.record.write_text(json.dumps({"device_id": device_id, "broker_url": broker_url}))
 
 
@@ -204,9 +215,19 @@ async def measure_floor(code: str, idle_s: float) -> Memory:
         await proc.wait()
 
 
+def compile_packages() -> None:
+    """Write our packages' bytecode first, as an install does: a device runs from ``.pyc``
+    files, and a process that compiles from source holds the compiler's memory too
+    (~1.5 MiB here; ``PYTHONDONTWRITEBYTECODE`` on a development machine does that)."""
+    root = Path(__file__).resolve().parents[2]
+    for package in ("driftless", "edge_agent", "protocols", "plumbing", "firmware_bundles"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 async def run_bench(cfg: FootprintConfig) -> FootprintResult:
     """The whole benchmark; raises BenchError or BrokerError."""
     result = FootprintResult(config=cfg)
+    compile_packages()
     with workdir(cfg.workdir, "driftless-footprint-") as work:
         now = dt.datetime.now(dt.UTC)
         ca = CertificateAuthority.load_or_create(work / "identity", now=now)
@@ -244,8 +265,16 @@ async def run_bench(cfg: FootprintConfig) -> FootprintResult:
                 for pid, before in zip(pids, cpu0, strict=True)
             ]
             result.agents = [memory_of(pid) for pid in pids]
-            for agent in measured:
-                agent.terminate()
+            async with contextlib.AsyncExitStack() as hub_stack:
+                # Closed after the agents stop: the workloads they leave running go last.
+                if cfg.apply:
+                    result.applied = await run_apply_phase(
+                        hub_stack, work=work, broker=broker, fleet=fleet,
+                        device=measured[0].device_id, pid=pids[0], bundle_mib=cfg.bundle_mib,
+                        deadline_s=cfg.deadline_s,
+                    )  # fmt: skip
+                for agent in measured:
+                    agent.terminate()
             lister.start()
             await wait_connected(lister, cfg.deadline_s)
             await asyncio.sleep(2.0)
@@ -273,6 +302,21 @@ def format_table(result: FootprintResult) -> str:
     lines.append(f"ratio agent RSS / floor RSS: {ratio(m['rss_mib'], floor.rss_mib):.2f}x")
     top = ", ".join(f"{k} {v:.0f} ms" for k, v in list(result.modules.items())[:12])
     lines.append(f"modules: {result.module_count} imported; slowest packages: {top}")
+    if (a := result.applied) is not None:
+        lines += [
+            f"agent RSS after a signed document: {a.rss_after_document_mib:.1f} MiB; "
+            f"with three workloads: {a.rss_three_workloads_mib:.1f} MiB",
+            f"three workloads: desired -> all healthy {a.apply_s:.2f} s; their own start "
+            f"(process start -> listening) median {median(a.workload_start_s):.2f} s; "
+            f"min_healthy {a.min_healthy_ms} ms; first spawn {a.first_spawn_after_put_s:.2f} s "
+            f"and last ready {a.last_ready_after_put_s:.2f} s after the PUT",
+        ]
+        if a.install_s:
+            lines.append(
+                f"{a.bundle_mib:.0f} MiB bundle: installed and healthy in {a.install_s:.1f} s; "
+                f"agent RSS peak {a.install_peak_rss_mib:.1f} MiB (VmHWM {a.install_hwm_mib:.1f}),"
+                f" after {a.rss_after_install_mib:.1f} MiB"
+            )
     return "\n".join(lines)
 
 
@@ -281,7 +325,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m simulator.bench.footprint", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--agents", type=int, default=3)
-    parser.add_argument("--idle-s", type=float, default=30.0)
+    parser.add_argument("--idle-s", type=float, default=60.0, help="the idle window (CPU, RSS)")
+    parser.add_argument(
+        "--no-apply", action="store_true", help="leave out the hub phase (document, workloads)"
+    )
+    parser.add_argument("--bundle-mib", type=int, default=200, help="0: no large bundle")
     add_run_arguments(parser, result="footprint.json", deadline_s=60.0, hub_log_level="warning")
     return parser.parse_args(argv)
 
@@ -295,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             agents=args.agents,
             idle_s=args.idle_s,
             deadline_s=args.deadline_s,
+            apply=not args.no_apply,
+            bundle_mib=args.bundle_mib,
             workdir=args.workdir,
         ),
         bench=run_bench,

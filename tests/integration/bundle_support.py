@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 
 from firmware_bundles import archive
 from firmware_bundles.keys import SigningKey, write_private_key
-from firmware_bundles.model import RunSpec
+from firmware_bundles.model import AliveCheck, RunSpec
 from protocols import (
     BundleRequest,
     Channel,
@@ -82,7 +82,10 @@ def build_bundle(
     """A real, signed bundle whose payload holds ``payload_bytes`` of random data."""
     src = out.with_suffix(".src")
     (src / "bin").mkdir(parents=True)
-    (src / "bin" / "app").write_text(f"#!/bin/sh\necho {name} {version}\n")
+    app = src / "bin" / "app"
+    # A workload the supervising agent can run: says who it is, then stays up.
+    app.write_text(f"#!/bin/sh\necho {name} {version}\nexec sleep 3600\n")
+    app.chmod(0o755)
     with open(src / "data.bin", "wb") as handle:
         left = payload_bytes
         while left:
@@ -99,7 +102,7 @@ def build_bundle(
         created=created if created is not None else now() - 60,
         expires=expires if expires is not None else now() + 30 * DAY,
         out=out,
-        run=RunSpec(command=["bin/app"]),
+        run=RunSpec(command=["bin/app"], checks=[AliveCheck(for_ms=100)], min_healthy_ms=100),
     )
     for key in keys.fleet.release_keys if signers is None else signers:
         archive.sign(out, key)

@@ -107,7 +107,7 @@ def test_upload_desired_download_verify_install_report(
         assert status["phase"] == "applied", status
         assert installed(agent, "thermo") == "1.2.0"
         app = agent.data_dir / "workloads" / "thermo" / "current" / "bin" / "app"
-        assert app.read_text() == "#!/bin/sh\necho thermo 1.2.0\n"
+        assert app.read_text() == "#!/bin/sh\necho thermo 1.2.0\nexec sleep 3600\n"
         assert sha256_of(agent.data_dir / "bundles" / f"{sha}.bundle") == sha
         assert partial_bytes(agent) == 0
         stats = bundle_stats(hub)

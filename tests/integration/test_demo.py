@@ -1,7 +1,15 @@
-"""The README's main job must keep working: run the demo's scenes once, for real."""
+"""The README's main job must keep working: run the demo's scenes once, for real.
+
+The workload scene is checked by its outcome, not only that it ran: every device's
+web 1.0 healthy and answering on its own port, web 2.0 rolled back on every device
+while 1.0 answered every request, the reported reason with the log tail, and no
+workload left running (nor its port answering) once the demo ends, Ctrl-C included.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +35,7 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
             "demo",
             "--once",
             "--devices",
-            "2",
+            "3",
             "--api-port",
             str(free_port()),
             "--data-dir",
@@ -35,37 +43,83 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     out = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     assert "API on http://127.0.0.1:" in out
     assert out.count("admin API token for this session, shown once: ") == 1
-    assert "generations demo-02 applied, from its own disk: [1, 4]" in out
+    assert "generations demo-03 applied, from its own disk: [1, 4]" in out
     assert "mutual TLS, per-device ACL, CRL" in out
-    assert "2 devices enrolled with one claim token" in out
-    assert out.count("converged in") == 5
+    assert "3 devices enrolled with one claim token" in out
+    assert out.count("converged in") == 6
     assert "demo-01 refused it (not signed by the fleet's hub key)" in out
     # The broker itself closed the decommissioned device's open connection.
     assert "closed its open connection (the agent heard: Administrative action)" in out
-    assert processes_mentioning(str(tmp_path)) == [], "the demo left processes running"
+    ports = check_workload_scene(out, ["demo-01", "demo-02"])
+    assert processes_under(tmp_path) == [], "the demo left processes running"
+    assert not any(answers(port) for port in ports), "a workload still answers"
 
 
-def processes_mentioning(text: str) -> list[str]:
+def check_workload_scene(out: str, devices: list[str]) -> list[int]:
+    """The scene's outcome from its printout (the API's states, the curls); returns the ports."""
+    scene = out[out.index("a real workload: web 1.0") :]
+    deployed, during = scene.split("web 2.0's command adds", 1)
+    attempt, restored = during.split("desired state back to web 1.0", 1)
+    ports = []
+    for device in devices:
+        row = re.search(
+            rf"^ +{device} +g\d+ +applied +web healthy restarts=0 +:(\d+) -> (.*)$", deployed, re.M
+        )
+        assert row is not None, f"{device}: web 1.0 not healthy after the deploy\n{deployed}"
+        ports.append(int(row.group(1)))
+        assert row.group(2) == f"web 1.0 on {device}: hello from the demo"
+        meanwhile = re.search(rf"{device} answered (\d+) requests meanwhile, (.*)$", attempt, re.M)
+        assert meanwhile is not None, attempt
+        assert int(meanwhile.group(1)) >= 1
+        assert meanwhile.group(2) == f"every one 'web 1.0 on {device}: hello from the demo'"
+        after = re.search(
+            rf"^ +{device} +g\d+ +rolled_back +web rolled_back .* -> (.*)$", attempt, re.M
+        )
+        assert after is not None, f"{device}: web 2.0 not reported rolled back\n{attempt}"
+        assert after.group(1) == f"web 1.0 on {device}: hello from the demo"
+        assert re.search(
+            rf"^ +{device} +g\d+ +applied +web healthy .* -> web 1\.0 ", restored, re.M
+        ), restored
+    assert len(set(ports)) == len(devices), "each device has its own port"
+    assert "rolled back by itself on every device after" in attempt
+    reason = "\n".join(line for line in attempt.splitlines() if line.startswith("    | "))
+    assert "workload web exited with code 1" in reason
+    assert "error: the configuration has no 'database_url'; refusing to start" in reason
+    return ports
+
+
+def answers(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def processes_under(path: Path) -> list[str]:
+    """Processes whose command line names ``path`` or that run in a directory under it."""
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
         except OSError:
             continue
-        if text in argv:
-            found.append(argv)
+        if str(path) in argv or cwd.startswith(str(path)):
+            found.append(f"{proc.name}: {argv} (in {cwd})")
     return found
 
 
 def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    """Also: the token the demo prints works against its hub while it runs."""
+    """Stopped while its workload runs, the demo stops the workload too (workloads outlive
+    their agent on purpose). Also: the token the demo prints works against its hub."""
     out = tmp_path / "out.txt"
     port = free_port()
     with out.open("wb") as sink:
@@ -93,12 +147,20 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}/api/v1/fleet/summary"
         assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).json()["total"] == 1
         assert httpx.get(url).status_code == 401
+        row = wait_until(
+            lambda: re.search(r"web healthy restarts=0 +:(\d+) -> web 1\.0", out.read_text()),
+            timeout_s=90,
+            what="web 1.0 deployed",
+        )
+        web_port = int(row.group(1))
+        assert answers(web_port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
     assert "stopped" in out.read_text()
-    assert processes_mentioning(str(tmp_path)) == [], "Ctrl-C left processes running"
+    assert processes_under(tmp_path) == [], "Ctrl-C left processes running"
+    assert not answers(web_port), "Ctrl-C left the workload answering"
 
 
 def test_the_plain_listener_is_there_when_asked_for(tmp_path: Path) -> None:
@@ -116,5 +178,8 @@ def test_the_plain_listener_is_there_when_asked_for(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mqtt://127.0.0.1:" in result.stdout and "plain MQTT (--plain)" in result.stdout
     assert "demo-01 refused it (not signed by the fleet's hub key)" in result.stdout
-    assert "enrolled" not in result.stdout and "error" not in result.stdout
-    assert processes_mentioning(str(tmp_path)) == [], "the demo left processes running"
+    assert "enrolled" not in result.stdout
+    # The only error is the one the workload scene quotes from web 2.0's log.
+    assert not re.search(r"^\S*(error|failed)", result.stdout, re.M | re.I), result.stdout
+    check_workload_scene(result.stdout, ["demo-01"])
+    assert processes_under(tmp_path) == [], "the demo left processes running"

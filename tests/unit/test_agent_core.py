@@ -77,6 +77,10 @@ PURE_MODULES = [
     "executors.py",  # the executor table both drivers build
     "fetch_job.py",  # the fetch step's policy
     "bundle_transfer.py",  # one bundle's transfer
+    "supervisor/spec.py",  # the workload specification
+    "supervisor/restart.py",  # the restart policy
+    "supervisor/health.py",  # health verdicts
+    "supervisor/machine.py",  # the supervisor of one device
 ]
 
 

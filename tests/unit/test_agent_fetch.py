@@ -49,7 +49,7 @@ from firmware_bundles.model import PayloadInfo, Targets
 from protocols import ChunkErrorCode
 from tests.unit.test_bundles_support import DAY, NOW, Fleet, make_manifest
 
-CHUNK = 1000
+CHUNK = 2000  # a manifest (with two signatures) fits one chunk
 FLEET = Fleet()
 
 

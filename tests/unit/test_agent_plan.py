@@ -41,6 +41,7 @@ from edge_agent.core import (
 )
 from edge_agent.executors import ExecutorTable, action_types
 from edge_agent.plan import Current, Rollout, WorkloadSpec, plan
+from edge_agent.supervisor.spec import parse_entry
 from protocols import Desired, Reported, decode, encode
 
 A, B = "aa" * 32, "bb" * 32
@@ -273,3 +274,129 @@ def test_the_executor_table_is_typed_complete_and_refuses_a_second_entry() -> No
     assert {"FetchBundles", "WaitForHealth", "NoOp", "Publish", "SetTimer"} <= {
         t.__name__ for t in action_types()
     }
+
+
+# ---------------------------------------------------------------- only what changed (issue 13)
+
+
+def commit_healthy(core: AgentCore, desired: Desired) -> list[Action]:
+    """Run ``desired`` in, every started workload healthy; returns the commit's actions."""
+    watch = run_until_health(core, desired)[-1]
+    assert isinstance(watch, WaitForHealth)
+    core.handle(StepDone(watch, 11.0))
+    actions: list[Action] = []
+    for name in watch.names:
+        actions = core.handle(HealthPassed(name, 12.0))
+    commit = actions[-1]
+    assert isinstance(commit, Commit), actions
+    return core.handle(StepDone(commit, 13.0))
+
+
+def test_a_supervised_rollout_starts_only_what_changed_in_dependency_order() -> None:
+    core = supervised()
+    first = Desired(
+        device_id="d1",
+        generation=2,
+        config={"workloads": [
+            {"name": "web", "bundle": A, "depends_on": ["db"]},
+            {"name": "db", "bundle": B},
+            {"name": "crashy", "bundle": B},
+        ]},
+        issued_at=1.0,
+    )  # fmt: skip
+    seen = run_until_health(core, first)
+    assert [a.name for a in seen if isinstance(a, StartWorkload)] == []  # one at a time
+    assert core.step == WaitForHealth(2, ("db", "web", "crashy"), 30.0)
+    commit_healthy_rest = core.handle(StepDone(core.step, 11.0))
+    assert commit_healthy_rest == []
+    for name in ("db", "web"):
+        core.handle(HealthPassed(name, 12.0))
+    commit = core.handle(HealthPassed("crashy", 12.0))[-1]
+    core.handle(StepDone(commit, 13.0))  # type: ignore[arg-type]
+    # crashy crash-loops and gives up: failed, stays stopped
+    core.handle(WorkloadExited("crashy", 1, False, 20.0))
+    assert core.workloads["crashy"].state == "failed"
+    # the next generation changes only web's config: crashy neither starts nor blocks
+    second = Desired(
+        device_id="d1",
+        generation=3,
+        config={"workloads": [
+            {"name": "web", "bundle": A, "depends_on": ["db"], "config": {"v": 2}},
+            {"name": "db", "bundle": B},
+            {"name": "crashy", "bundle": B},
+        ]},
+        issued_at=2.0,
+    )  # fmt: skip
+    starts: list[str] = []
+    core.handle(DesiredPayload(encode(second), 30.0))
+    while not isinstance(core.step, WaitForHealth):
+        step = core.step
+        if isinstance(step, StartWorkload):
+            starts.append(step.name)
+        core.handle(StepDone(step, 31.0))  # type: ignore[arg-type]
+    assert starts == ["web"] and core.step.names == ("web",)
+    core.handle(StepDone(core.step, 31.0))
+    core.handle(WorkloadExited("crashy", 1, False, 31.5))  # not in this rollout: no rollback
+    commit = core.handle(HealthPassed("web", 32.0))[-1]
+    (report,) = reports(core.handle(StepDone(commit, 33.0)))  # type: ignore[arg-type]
+    assert report.phase == "applied" and report.workloads is not None
+    assert {w.name: w.state for w in report.workloads} == {
+        "web": "healthy", "db": "healthy", "crashy": "failed",
+    }  # fmt: skip
+
+
+def test_removed_workloads_stop_dependents_first() -> None:
+    current = Current(
+        1,
+        supervises=True,
+        running=frozenset({"db", "web"}),
+        applied=(
+            WorkloadSpec("web", A, parse_entry(0, {"depends_on": ["db"]})),
+            WorkloadSpec("db", B),
+        ),
+    )
+    steps = plan(current, Rollout(doc(2), switched=True))
+    assert steps == [StopWorkload(2, "web"), StopWorkload(2, "db"), Commit(2)]
+
+
+def test_a_clean_exit_that_is_not_restarted_is_stopped_not_failed() -> None:
+    core = supervised()
+    commit_healthy(core, PUMP)
+    core.handle(WorkloadExited("pump", 0, False, 20.0))
+    assert core.workloads["pump"].state == "stopped"
+
+
+def test_the_rollback_detail_joins_the_reported_error() -> None:
+    core = supervised()
+    watch = run_until_health(core, PUMP)[-1]
+    core.handle(StepDone(watch, 11.0))  # type: ignore[arg-type]
+    rollback = core.handle(HealthFailed("pump", "503", 12.0))[-1]
+    done = core.handle(StepDone(rollback, 13.0, detail="pump log:\nboom"))  # type: ignore[arg-type]
+    (report,) = reports(done)
+    assert report.error == "workload pump: 503\npump log:\nboom"
+
+
+def test_a_rollout_reports_its_workloads_downloading_installing_starting() -> None:
+    """While a rollout runs, ``applying`` reports say where each workload it starts is (the
+    rest pending), so an operator watching a slow download sees it."""
+    core = supervised()
+    seen: list[list[tuple[str, str]]] = []
+    actions = core.handle(DesiredPayload(encode(doc(2, ("db", A), ("web", B))), 10.0))
+    while not isinstance(core.step, WaitForHealth):
+        for report in reports(actions):
+            assert (report.phase, report.generation, report.applied_generation) == (
+                "applying",
+                2,
+                1,
+            )
+            assert report.workloads is not None
+            seen.append([(w.name, w.state) for w in report.workloads])
+        step = core.step
+        assert step is not None
+        actions = core.handle(StepDone(step, 11.0))
+    assert seen == [
+        [("db", "downloading"), ("web", "downloading")],
+        [("db", "installing"), ("web", "installing")],
+        [("db", "starting"), ("web", "pending")],
+        [("db", "starting"), ("web", "starting")],
+    ]

@@ -27,3 +27,23 @@ def test_import_log_is_grouped_by_top_level_package() -> None:
 def test_memory_of_this_process_is_consistent() -> None:
     memory = memory_of(os.getpid())
     assert 0 < memory.uss_mib <= memory.pss_mib <= memory.rss_mib
+
+
+def test_config_refuses_what_cannot_be_measured() -> None:
+    import pytest
+
+    from simulator.bench.footprint import FootprintConfig
+
+    for bad in ({"agents": 0}, {"idle_s": 0}, {"bundle_mib": -1}):
+        with pytest.raises(ValueError, match="bundle_mib >= 0"):
+            FootprintConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_the_apply_figures_are_summarised_with_their_medians() -> None:
+    from simulator.bench.footprint_apply import ApplyResult, proc_status_mib
+
+    result = ApplyResult(apply_s=3.21, workload_start_s=[0.5, 0.7, 0.6], install_s=0.0)
+    figures = result.as_dict()
+    assert figures["median_workload_start_s"] == 0.6
+    assert figures["apply_s"] == 3.21 and figures["min_healthy_ms"] == 1000
+    assert proc_status_mib(os.getpid(), "VmHWM") >= proc_status_mib(os.getpid(), "VmRSS") > 0

@@ -167,11 +167,11 @@ def test_documented_signature_vector() -> None:
     signed = canonical.encode(manifest)
     assert key.public_hex == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
     assert key.keyid == "56475aa75463474c0285df5dbf2bcab73da651358839e9b77481b2eab107708c"
-    assert len(signed) == 442
+    assert len(signed) == 831
     assert signed.startswith(b'{"_type":"manifest","created":1767225600,"expires":1798761600,')
     assert key.sign(signed).sig == (
-        "cfa1bf05fc05dcab87f02fc6ded9ca6ba790c255fdb0eaa577dcc2c98055d096"
-        "c97c63f76d20a5cd739e6d9479795ed74b85cfec647d59998187477fc6a46907"
+        "4cc1216d169510a9c07947efd23bb1dca182cd6774e91633fe10ee5ed192d43a"
+        "8dfeffc0774b758495fdfcb269e770da6af75ef32bf7bb8a35c900abda7f020b"
     )
     documented = DOCS.read_text()
     assert signed.decode() in documented

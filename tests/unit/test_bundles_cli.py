@@ -205,3 +205,205 @@ def test_keys_add_without_enough_root_keys_fails_and_leaves_no_key(
     assert_one_line_failure(result, 3, "KeyFileError")
     assert not op.release_key.exists()
     assert not (op.fleet / versioned_root_file(2)).exists()
+
+
+# ---------------------------------------------------------------- bundle build --run FILE
+
+WEB_RUN: dict[str, object] = {
+    "command": ["bin/thermostat", "--port", "8081"],
+    "env": {"MODE": "eco"},
+    "checks": [
+        {"type": "alive", "for_ms": 500},
+        {"type": "http", "port": 8081, "path": "/health", "interval_ms": 500},
+        {"type": "command", "command": ["bin/thermostat", "--check"]},
+    ],
+    "min_healthy_ms": 1000,
+    "health_deadline_s": 5,
+    "backoff": {"attempts": 2, "delay_ms": 200, "max_delay_ms": 400, "jitter_pct": 0},
+    "stop_signal": "SIGINT",
+    "stop_timeout_s": 3,
+    "reload_signal": "SIGHUP",
+    "limits": {"memory_bytes": 268435456, "open_files": 256},
+    "logs": {"max_bytes": 65536, "keep": 2},
+    "update": "start-then-stop",
+    "handover_timeout_s": 10,
+}
+
+
+def write_run(op: Operator, run: object, name: str = "run.json") -> Path:
+    path = op.src.parent / name
+    path.write_text(json.dumps(run) if not isinstance(run, str) else run)
+    return path
+
+
+def build_with_run(op: Operator, run_file: Path, *extra: str) -> tuple[int, str, str]:
+    return op.run(
+        "bundle", "build", op.src, "--name", "thermostat", "--version", "2.0",
+        "--run", run_file, "--out", op.bundle, *extra,
+    )  # fmt: skip
+
+
+def test_build_with_a_run_file_signs_every_field_as_written(op: Operator) -> None:
+    (op.src / "bin" / "thermostat").chmod(0o755)
+    op.ok("keys", "init-root", "--dir", op.fleet)
+    op.ok("keys", "add", "--dir", op.fleet, "--role", "release", "--out", op.release_key)
+    assert build_with_run(op, write_run(op, WEB_RUN))[0] == 0
+    op.ok("bundle", "sign", op.bundle, "--key", op.release_key)
+    manifest = archive.verify(op.bundle, TrustedRoot.from_bytes(
+        (op.fleet / ROOT_FILE).read_bytes()), time.time())  # fmt: skip
+    run = manifest.run
+    assert run is not None
+    assert run.command == ["bin/thermostat", "--port", "8081"] and run.update == "start-then-stop"
+    assert [c.__struct_config__.tag for c in run.checks] == ["alive", "http", "command"]
+    assert (run.min_healthy_ms, run.health_deadline_s, run.stop_signal) == (1000, 5, "SIGINT")
+    assert (run.backoff.attempts, run.limits.open_files, run.logs.keep) == (2, 256, 2)
+    shown = json.loads(op.ok("bundle", "inspect", op.bundle))["manifest"]["run"]
+    assert {k: shown[k] for k in WEB_RUN if k not in ("checks", "backoff", "limits", "logs")} == {
+        k: v for k, v in WEB_RUN.items() if k not in ("checks", "backoff", "limits", "logs")
+    }
+
+
+def test_the_run_file_may_come_on_stdin(op: Operator, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Stdin:
+        buffer = io.BytesIO(json.dumps({"command": ["sleep", "1000"]}).encode())
+
+    monkeypatch.setattr("sys.stdin", Stdin)
+    assert build_with_run(op, Path("-"))[0] == 0
+    assert json.loads(op.ok("bundle", "inspect", op.bundle))["manifest"]["run"]["command"] == [
+        "sleep", "1000"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("run", "says"),
+    [
+        pytest.param({"cmd": ["x"]}, "unknown field `cmd`", id="unknown-field"),
+        pytest.param({"env": {}}, "missing required field `command`", id="no-command"),
+        pytest.param({"command": []}, "`run.command`", id="empty-command"),
+        pytest.param(
+            {"command": ["x"], "health_deadline_s": 2.5}, "`run.health_deadline_s`", id="fraction"
+        ),
+        pytest.param(
+            {"command": ["x"], "checks": [{"type": "http", "port": 70000}]},
+            "`run.checks[0].port`",
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            {"command": ["x"], "checks": [{"type": "tcp", "port": 80}]},
+            "Invalid value 'tcp'",
+            id="unknown-check-type",
+        ),
+        pytest.param(
+            {"command": ["x"], "update": "blue-green"}, "`run.update`", id="unknown-strategy"
+        ),
+        pytest.param(
+            {"command": ["x"], "backoff": {"delay_ms": 500, "max_delay_ms": 100}},
+            "max_delay_ms must be >= delay_ms",
+            id="backoff-upside-down",
+        ),
+        pytest.param(
+            {"command": ["x"], "limits": {"memory_bytes": 0}},
+            "`run.limits.memory_bytes`",
+            id="zero-limit",
+        ),
+        pytest.param(
+            {"command": ["x"], "min_healthy_ms": 10000, "health_deadline_s": 5},
+            "could never turn healthy in time",
+            id="min-healthy-past-deadline",
+        ),
+        pytest.param(
+            {
+                "command": ["x"],
+                "health_deadline_s": 1,
+                "min_healthy_ms": 0,
+                "checks": [{"type": "alive", "for_ms": 2000}],
+            },
+            "run.checks[0].for_ms 2000",
+            id="alive-past-deadline",
+        ),
+        pytest.param(
+            {"command": ["x"], "env": {"DRIFTLESS_CONFIG": "/etc/x"}},
+            "run.env.DRIFTLESS_CONFIG: DRIFTLESS_* names are reserved",
+            id="reserved-env",
+        ),
+        pytest.param({"command": ["bin/absent"]}, "'bin/absent' is not a file", id="no-program"),
+        pytest.param(
+            {"command": ["bin/thermostat"]}, "is not executable (chmod +x it)", id="not-executable"
+        ),
+        pytest.param(
+            {"command": ["x"], "working_dir": "srv"},
+            "run.working_dir 'srv' is not a directory",
+            id="no-working-dir",
+        ),
+        pytest.param('{"command": ["x"], "command": ["y"]}', "'command' appears twice", id="twice"),
+        pytest.param('["x"]', "must hold one JSON object, not list", id="not-an-object"),
+        pytest.param('{"command": ["x"],}', "not valid JSON", id="bad-json"),
+    ],
+)
+def test_a_bad_run_file_is_refused_naming_the_field(op: Operator, run: object, says: str) -> None:
+    err = assert_one_line_failure(build_with_run(op, write_run(op, run)), 3, "InvalidArgument")
+    assert says in err, err
+    assert "run.json" in err
+    assert not op.bundle.exists()
+
+
+def test_run_file_and_run_flags_are_exclusive(op: Operator) -> None:
+    run_file = write_run(op, {"command": ["x"]})
+    result = build_with_run(op, run_file, "--command", "y", "--restart", "never")
+    err = assert_one_line_failure(result, 3, "InvalidArgument")
+    assert "--run FILE replaces --command, --restart" in err
+    assert not op.bundle.exists()
+
+
+def test_run_flags_without_a_command_are_refused(op: Operator) -> None:
+    result = op.run("bundle", "build", op.src, "--name", "t", "--version", "1", "--env", "A=1",
+                    "--out", op.bundle)  # fmt: skip
+    assert "--env given without --command" in assert_one_line_failure(result, 3, "InvalidArgument")
+
+
+def test_a_missing_run_file_is_a_local_error(op: Operator) -> None:
+    result = build_with_run(op, op.src.parent / "absent.json")
+    assert "cannot read run file" in assert_one_line_failure(result, 3, "LocalError")
+
+
+# ---------------------------------------------------------------- the documented fields
+
+
+def doc_table(text: str, header: str) -> list[str]:
+    """The first column (backticks dropped) of the table whose header row is ``header``."""
+    lines = text[text.index(header) :].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip("|").split("|")[0].strip().strip("`"))
+    return rows
+
+
+def test_the_docs_list_every_run_field_and_entry_member() -> None:
+    """``--run`` takes what docs/bundles.md documents; both docs list the entry's members."""
+    import msgspec
+
+    from edge_agent.supervisor.spec import ENTRY_FIELDS
+    from firmware_bundles.model import AliveCheck, CommandCheck, HttpCheck, RunSpec
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    bundles, protocol = (docs / "bundles.md").read_text(), (docs / "protocol.md").read_text()
+    run_section = bundles[bundles.index("### The run specification") :]
+    fields = [f.encode_name for f in msgspec.structs.fields(RunSpec)]
+    assert doc_table(run_section, "| field | type | default | rule |") == fields
+    checks = doc_table(run_section, "| `type` | fields | passes |")
+    assert checks == [c.__struct_config__.tag for c in (AliveCheck, HttpCheck, CommandCheck)]
+    for check in (AliveCheck, HttpCheck, CommandCheck):
+        table = run_section[run_section.index("| `type` | fields | passes |") :]
+        row = table.split(f"| `{check.__struct_config__.tag}` |", 1)[1].split("\n", 1)[0]
+        for name in (f.encode_name for f in msgspec.structs.fields(check)):
+            assert f"`{name}`" in row, (check.__name__, name)
+    example = run_section.split("```json\n", 1)[1].split("```", 1)[0]
+    assert msgspec.json.decode(example.encode(), type=RunSpec).update == "start-then-stop"
+    demo_run = Path(__file__).resolve().parents[2] / "devtools" / "demo_web" / "run-1.0.json"
+    assert json.loads(example) == json.loads(demo_run.read_text())
+    for text in (bundles, protocol):
+        assert set(doc_table(text, "| member | type | default | rule |")) == ENTRY_FIELDS

@@ -514,3 +514,26 @@ def test_a_report_carries_workload_states_and_a_birth_the_outboxs_drops() -> Non
     assert later.tracking.workloads == decision.tracking.workloads
     born = decide(later.tracking, birth(session=6, seq=10, events_dropped=40), now=NOW)
     assert born.tracking.events_dropped == 40
+
+
+def test_workload_states_merge_by_name_and_removed_ones_leave() -> None:
+    """A supervisor event lists only the workload that changed: the others stay as known
+    (the table was once replaced by that one entry); a ``removed`` one leaves it."""
+    from protocols import WorkloadStatus
+
+    seen = Tracking(session=5, online=True, last_report_epoch=3, last_report_seq=7)
+    outcome = [
+        WorkloadStatus(name="db", state="healthy"),
+        WorkloadStatus(name="web", state="healthy"),
+    ]
+    first = decide(seen, report(seq=8, workloads=outcome), now=NOW).tracking
+    crashed = [WorkloadStatus(name="web", state="starting", restarts=1, last_exit_code=3)]
+    second = decide(first, report(seq=9, workloads=crashed), now=NOW).tracking
+    assert second.workloads is not None
+    assert [(w["name"], w["state"], w["restarts"]) for w in second.workloads] == [
+        ("db", "healthy", 0),
+        ("web", "starting", 1),
+    ]
+    gone = [WorkloadStatus(name="db", state="removed")]
+    third = decide(second, report(seq=10, workloads=gone), now=NOW).tracking
+    assert [w["name"] for w in third.workloads or []] == ["web"]

@@ -28,7 +28,10 @@ from hub.settings import HubSettings
 from tests.unit.auth_support import API_BASE_URL, bearer, mint
 
 # Added by revisions 0002 (decommissioning) and 0003 (workload states, outbox drops).
-NEW_COLUMNS = ("decommissioned_at", "cut_off_at", "awaiting_birth", "workloads", "events_dropped")
+NEW_COLUMNS = (
+    "decommissioned_at", "cut_off_at", "awaiting_birth", "workloads", "events_dropped",
+    "locks", "jobs",  # revision 0004 (update locks, one-shot jobs)
+)  # fmt: skip
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hub-db-1f12664.sql"
 TABLES = (
     "device", "device_deletion", "bundle", "enrollment_token", "device_certificate",

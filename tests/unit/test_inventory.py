@@ -91,6 +91,12 @@ def test_collect_measures_this_machine(tmp_path: Path) -> None:
     assert inventory.arch == "x86_64" and inventory.cpu_count >= 1
     assert 0 < inventory.mem_free_bytes <= inventory.mem_total_bytes
     assert 0 < inventory.disk_free_bytes <= inventory.disk_total_bytes
+    # cgroup limits: what this machine allows, said the way the runtime found it
+    from edge_agent.supervisor.limits import cgroup_support
+
+    support = cgroup_support()
+    assert inventory.cgroups == ("v2" if support.available else support.reason)
+    assert inventory.cgroups  # never silent
 
 
 def test_a_missing_data_dir_reports_zero_disk(tmp_path: Path) -> None:

@@ -161,6 +161,10 @@ def test_every_json_example_decodes_under_its_model(line: int, block: str) -> No
         assert set(value["inventory"]) <= field_names(protocols.Inventory)
     for workload in value.get("workloads") or ():
         assert set(workload) <= field_names(protocols.WorkloadStatus)
+    for lock in value.get("locks") or ():
+        assert set(lock) <= field_names(protocols.LockStatus)
+    for job in value.get("jobs") or ():
+        assert set(job) <= field_names(protocols.JobStatus)
 
 
 def field_names(model: type[Any]) -> set[str]:
@@ -184,6 +188,8 @@ def test_the_examples_show_every_field_of_every_message() -> None:
     nested = {
         "inventory": protocols.Inventory,  # objects inside messages: every field shown too
         "workloads": protocols.WorkloadStatus,
+        "locks": protocols.LockStatus,
+        "jobs": protocols.JobStatus,
     }
     for key, model in nested.items():
         seen: set[str] = set()
@@ -307,7 +313,12 @@ def _table_params() -> list[Any]:
 
 def test_every_model_has_one_field_table() -> None:
     names = re.findall(r"^Fields of `(\w+)`", DOC, re.M)
-    expected = [cls.__name__ for cls in MESSAGE_TYPES] + ["Inventory", "WorkloadStatus"]
+    expected = [cls.__name__ for cls in MESSAGE_TYPES] + [
+        "Inventory",
+        "WorkloadStatus",
+        "LockStatus",
+        "JobStatus",
+    ]
     assert sorted(names) == sorted(expected)
 
 

@@ -39,7 +39,7 @@ def first(windows: object, n: int) -> list[Window]:
 
 
 def test_the_four_builtins_exist_and_say_what_they_do() -> None:
-    assert set(BUILTIN) == {"stable", "flaky", "storm", "slow"}
+    assert set(BUILTIN) == {"stable", "flaky", "storm", "slow", "workloads"}
     assert not BUILTIN["stable"].has_offline_windows and BUILTIN["stable"].slow is None
     assert BUILTIN["flaky"].flaky is not None and BUILTIN["flaky"].storm is None
     assert BUILTIN["storm"].storm is not None and BUILTIN["storm"].storm.reconnect_window_s == 1.0

@@ -303,7 +303,8 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
         "last_seen": row["last_seen"],
         "agent_version": row["agent_version"],
         "inventory": (
-            {key: inventory[key] for key in InventoryPublic.model_fields} if inventory else None
+            # .get: a birth from before a field was added (firmware slot, cgroups) lacks it
+            {key: inventory.get(key) for key in InventoryPublic.model_fields} if inventory else None
         ),
         "workloads": row["workloads"],
         "events_dropped": row["events_dropped"],

@@ -802,28 +802,24 @@ def _children_of_self() -> set[int]:
 
 def _instance_of(pid: int, tag: str) -> str | None:
     """The instance named by ``pid``'s marker if it is this agent's, else None."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    prefix = f"{MARKER}={tag}:".encode()
-    for item in environ.split(b"\0"):
-        if item.startswith(prefix):
-            instance = item[len(prefix) :].decode(errors="replace")
-            return instance if NAME.fullmatch(instance) else None
-    return None
+    return _environ_name(pid, f"{MARKER}={tag}:")
 
 
 def _workload_of(pid: int) -> str | None:
+    return _environ_name(pid, f"{WORKLOAD_MARKER}=")
+
+
+def _environ_name(pid: int, prefix: str) -> str | None:
+    """The name after ``prefix`` in ``pid``'s environment, if there and well formed."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    prefix = f"{WORKLOAD_MARKER}=".encode()
+    marker = prefix.encode()
     for item in environ.split(b"\0"):
-        if item.startswith(prefix):
-            workload = item[len(prefix) :].decode(errors="replace")
-            return workload if NAME.fullmatch(workload) else None
+        if item.startswith(marker):
+            name = item[len(marker) :].decode(errors="replace")
+            return name if NAME.fullmatch(name) else None
     return None
 
 

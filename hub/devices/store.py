@@ -45,6 +45,8 @@ from sqlmodel import Session, col, select
 import protocols
 from hub.bundles.models import Bundle
 from hub.db import begin_write
+from hub.deployments.layers import layers_for
+from hub.deployments.merge import Layer, compose
 from hub.devices.errors import (
     ConfigTooLarge,
     CutOffPending,
@@ -237,6 +239,8 @@ def decommission_device(session: Session, *, device_id: str, now: datetime) -> D
         session.add(certificate)
     if not already:
         row.decommissioned_at = now
+        # Nothing runs on it any more; the placement controller moves its instances away.
+        row.manual_config, row.assignments, row.contributions = {}, [], {}
         _bump(row, {}, now, _next_desired_seq(session))
     row.cut_off_at = None
     row.awaiting_birth = False
@@ -435,9 +439,33 @@ def set_desired(
         session.rollback()
         raise DeviceDecommissioned(device_id, "it gets no desired state")
     _check_bundles(session, document)
-    _bump(row, document, now, _next_desired_seq(session))
+    _set_own(session, row, document, now, _next_desired_seq(session), max_config_bytes, {})
     session.commit()
     return row
+
+
+def _set_own(
+    session: Session,
+    row: Device,
+    own: dict[str, Any],
+    now: datetime,
+    seq: int,
+    max_config_bytes: int,
+    layers: dict[str, Layer | None],
+) -> None:
+    """Make ``own`` the device's base layer and bump it to the merge with its deployments
+    (an own change always bumps: it is how an operator retries a failed generation).
+    ``layers`` caches deployments by name across the rows of one transaction."""
+    composed = compose(own, layers_for(session, row.assignments, layers))
+    document = composed.document
+    if row.assignments:
+        size = config_size_bytes(document)
+        if size > max_config_bytes:
+            session.rollback()
+            raise ConfigTooLarge(size, max_config_bytes)
+    row.manual_config = own
+    row.contributions = composed.contributions
+    _bump(row, document, now, seq)
 
 
 def set_lock_override(
@@ -467,13 +495,11 @@ def set_lock_override(
         "workloads": sorted(set(workloads)) if workloads is not None else None,
     }
     try:
-        document = _check_config(
-            {**row.desired_config, "lock_override": override}, max_config_bytes
-        )
+        document = _check_config({**row.manual_config, "lock_override": override}, max_config_bytes)
     except ConfigTooLarge:
         session.rollback()
         raise
-    _bump(row, document, now, _next_desired_seq(session))
+    _set_own(session, row, document, now, _next_desired_seq(session), max_config_bytes, {})
     session.commit()
     return row
 
@@ -502,8 +528,9 @@ def set_desired_for_selector(
         .with_for_update()
     ).all()
     seq = _next_desired_seq(session)  # one value: the rows commit together
+    layers: dict[str, Layer | None] = {}
     for row in rows:
-        _bump(row, document, now, seq)
+        _set_own(session, row, document, now, seq, max_config_bytes, layers)
     session.commit()
     return [(row.id, row.desired_generation) for row in rows]
 

@@ -1,0 +1,1 @@
+"""Deployments: what runs where, declared by operators (docs/orchestration.md)."""

@@ -38,7 +38,7 @@ Rules (``docs/orchestration.md``, "Placement" and "Failover", says why):
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -135,8 +135,8 @@ def _when(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _hash(*parts: str) -> bytes:
-    return hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
+def _hash(*parts: str) -> int:
+    return zlib.crc32("\0".join(parts).encode())
 
 
 class _Devices:
@@ -150,7 +150,12 @@ class _Devices:
             self.by_id[device.id] = device
         self.active = [d for d in self.by_id.values() if d.active]
         self._columns: dict[str, dict[str, object]] = {}
-        self._signatures = {d.id: tuple(sorted(d.labels.items())) for d in self.active}
+        # Devices with the same labels match the same selectors: match each label set once.
+        groups: dict[tuple[tuple[str, str], ...], int] = {}
+        self._group = [
+            groups.setdefault(tuple(sorted(d.labels.items())), len(groups)) for d in self.active
+        ]
+        self._labels = [dict(k) for k in groups]
 
     def column(self, attribute: str) -> dict[str, object]:
         """Every active device's value of ``attribute`` (None: not set; _NONE: no inventory)."""
@@ -160,20 +165,12 @@ class _Devices:
             self._columns[attribute] = found
         return found
 
-    def selected(self, spec: DeploymentSpec, memo: dict[tuple[str, object], bool]) -> list[str]:
-        """Ids of the active devices the selector matches, sorted (memo: per label set)."""
+    def selected(self, spec: DeploymentSpec) -> list[str]:
+        """Ids of the active devices the selector matches, sorted."""
         if not spec.selector.requirements:
             return [d.id for d in self.active]
-        text = str(spec.selector)
-        out = []
-        for device in self.active:
-            key = (text, self._signatures[device.id])
-            hit = memo.get(key)
-            if hit is None:
-                hit = memo[key] = spec.selector.matches(device.labels)
-            if hit:
-                out.append(device.id)
-        return out
+        hit = [spec.selector.matches(labels) for labels in self._labels]
+        return [d.id for d, g in zip(self.active, self._group, strict=True) if hit[g]]
 
 
 def _value(device: DeviceFacts, attribute: str) -> object:
@@ -218,23 +215,31 @@ class _Room:
         self.devices = devices
         self.memory: dict[str, int] = {}
         self.disk: dict[str, int] = {}
+        self.totals = {
+            d.id: (
+                int(d.inventory.get("mem_total_bytes") or 0),
+                int(d.inventory.get("disk_total_bytes") or 0),
+            )
+            for d in devices.by_id.values()
+            if d.inventory is not None
+        }
 
     def lacks(self, device_id: str, wanted: Resources) -> str | None:
         """The reason ``wanted`` does not fit on the device now, or None."""
         if not wanted.memory_bytes and not wanted.disk_bytes:
             return None
-        inventory = self.devices.by_id[device_id].inventory
-        if inventory is None:
+        totals = self.totals.get(device_id)
+        if totals is None:
             return NO_INVENTORY
-        memory = self.memory.get(device_id, 0) + wanted.memory_bytes
-        if wanted.memory_bytes and memory > int(inventory.get("mem_total_bytes") or 0):
+        if wanted.memory_bytes and self.memory.get(device_id, 0) + wanted.memory_bytes > totals[0]:
             return INSUFFICIENT_MEMORY
-        disk = self.disk.get(device_id, 0) + wanted.disk_bytes
-        if wanted.disk_bytes and disk > int(inventory.get("disk_total_bytes") or 0):
+        if wanted.disk_bytes and self.disk.get(device_id, 0) + wanted.disk_bytes > totals[1]:
             return INSUFFICIENT_DISK
         return None
 
     def take(self, device_id: str, wanted: Resources, sign: int = 1) -> None:
+        if not wanted.memory_bytes and not wanted.disk_bytes:
+            return
         self.memory[device_id] = self.memory.get(device_id, 0) + sign * wanted.memory_bytes
         self.disk[device_id] = self.disk.get(device_id, 0) + sign * wanted.disk_bytes
 
@@ -272,7 +277,7 @@ class _Pool:
         online = [i for i in work.selected if i not in work.failing and devices.by_id[i].online]
         score = _affinity_scores(spec.affinities, online, devices)
 
-        def key(device_id: str) -> tuple[int, int, bytes]:
+        def key(device_id: str) -> tuple[int, int, int]:
             since = devices.by_id[device_id].online_since
             settled = since is not None and now - since >= spec.lost_after_s
             return (-score.get(device_id, 0), 0 if settled else 1, _hash(spec.name, device_id))
@@ -407,10 +412,9 @@ class _Planner:
         names = [d.name for d in deployments]
         if len(set(names)) != len(names):
             raise ValueError("a deployment name is given twice")
-        memo: dict[tuple[str, object], bool] = {}
         self.order: list[_Deployment] = []
         for spec in sorted(deployments, key=lambda d: (-d.priority, d.name)):
-            selected = self.devices.selected(spec, memo)
+            selected = self.devices.selected(spec)
             failing = _failures(spec, selected, self.devices)
             self.order.append(_Deployment(spec, selected, failing))
         self.by_name = {w.spec.name: w for w in self.order}
@@ -675,6 +679,8 @@ class _Planner:
         for device_id in sorted({*self.assigned, *self.current}):
             before = self.current.get(device_id, frozenset())
             after = self.assigned.get(device_id, set())
+            if before == after:
+                continue
             for name in sorted(after - before):
                 if (device_id, name) not in self.noted:
                     self.event(device_id, "placed", name, SELECTED)

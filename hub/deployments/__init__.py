@@ -1,1 +1,1 @@
-"""Deployments: what runs where, declared by operators (docs/orchestration.md)."""
+"""Deployments: what should run where (selectors, specs; the resource and its merge rules)."""

@@ -6,7 +6,7 @@ Rules:
   exists), ``!key`` (it does not). Whitespace around tokens is ignored. The empty
   selector (or only whitespace) matches every device.
 - Keys and values follow the device label rules (``LABEL_KEY_PATTERN``,
-  ``LABEL_VALUE_PATTERN`` in :mod:`hub.devices.models`); ``key=`` selects an empty
+  ``LABEL_VALUE_PATTERN`` in :mod:`hub.devices.labels`); ``key=`` selects an empty
   value, a set holds at least one non-empty value and no trailing comma.
 - As in Kubernetes, ``!=`` and ``notin`` also match a device without the label;
   ``=`` and ``in`` need it.
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from hub.devices.models import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
+from hub.devices.labels import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
 
 __all__ = [
     "MAX_SELECTOR_CHARS",

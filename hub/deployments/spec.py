@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hub.deployments.selectors import Selector, SelectorError, parse_selector
-from hub.devices.models import LABEL_KEY_PATTERN
+from hub.devices.labels import LABEL_KEY_PATTERN
 from protocols import Inventory
 
 __all__ = [

@@ -24,10 +24,7 @@ from sqlmodel import Field, SQLModel
 
 import protocols
 from hub.db import UTCDateTime
-
-LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
-LABEL_VALUE_PATTERN = r"^[A-Za-z0-9_.-]{0,63}$"
-MAX_LABELS = 32
+from hub.devices.labels import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS
 
 WorkloadName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -176,6 +176,7 @@ def device_page(
     offset: int,
     labels: Mapping[str, str] | None = None,
     state: DeviceState | None = None,
+    matches: Callable[[Mapping[str, str]], bool] | None = None,
 ) -> tuple[list[RowMapping], int]:
     """:func:`list_devices` as plain rows (SQL Core): the API's hot read path.
 
@@ -183,6 +184,21 @@ def device_page(
     the API builds its answer from these mappings directly (``hub.devices.views``).
     """
     where = _device_filter(labels, state)
+    if matches is not None:
+        # A label selector (hub.deployments.selectors) is matched here, not in SQL: read
+        # ids and labels, then the page's rows.
+        candidates = session.connection().execute(
+            sa_select(_DEVICES.c.id, _DEVICES.c.labels).where(*where).order_by(_DEVICES.c.id)
+        )
+        ids = [device_id for device_id, found in candidates if matches(found or {})]
+        page_ids = ids[offset : offset + limit]
+        rows = (
+            session.connection()
+            .execute(sa_select(_DEVICES).where(_DEVICES.c.id.in_(page_ids)).order_by(_DEVICES.c.id))
+            .mappings()
+            .all()
+        )
+        return list(rows), len(ids)
     total = session.exec(select(func.count()).select_from(Device).where(*where)).one()
     rows = (
         session.connection()
@@ -354,6 +370,16 @@ def _feed_now(session: Session) -> int:
 def _next_desired_seq(session: Session) -> int:
     """The next value of the change feed; call inside the write transaction."""
     return _feed_now(session) + 1
+
+
+next_desired_seq = _next_desired_seq
+"""For other writers of desired state (:mod:`hub.deployments.reconcile`)."""
+
+
+def check_bundles(session: Session, config: Mapping[str, Any]) -> None:
+    """Raise UnknownBundles (rolling back) unless every bundle ``config`` references is
+    stored; inside a write transaction."""
+    _check_bundles(session, config)
 
 
 def desired_changes_since(

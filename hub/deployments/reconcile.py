@@ -256,6 +256,42 @@ def _run(
     layers = {name: layer_of(name, spec) for name, spec in specs_json.items()}
     unplaceable = {d: dict(by_device) for d, by_device in decided.unplaceable.items()}
 
+    changed, documents, bookkeeping, unchanged = _compose_all(
+        rows, decided, layers, unplaceable, max_config_bytes
+    )
+    bumped: tuple[str, ...] = ()
+    if not dry_run:
+        bumped = _commit(
+            connection,
+            rows=rows,
+            decided=decided,
+            unplaceable=unplaceable,
+            documents=documents,
+            bookkeeping=bookkeeping,
+            labels=labels,
+            now=now,
+            seq=next_desired_seq(session) if documents else 0,
+        )
+    return Outcome(
+        changed=tuple(changed),
+        unchanged=unchanged,
+        unplaceable=unplaceable,
+        bumped=bumped,
+        wake_after_s=decided.wake_after_s,
+        plan=decided,
+        specs=specs,
+    )
+
+
+def _compose_all(
+    rows: Sequence[Mapping[str, Any]],
+    decided: Plan,
+    layers: Mapping[str, Any],
+    unplaceable: dict[str, dict[str, tuple[str, ...]]],
+    max_config_bytes: int,
+) -> tuple[list[DeviceDiff], list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Every active device's merged document: the changed ones (a diff each, and the
+    row update bumping them), the bookkeeping-only updates, and how many stay as they are."""
     changed: list[DeviceDiff] = []
     documents: list[dict[str, Any]] = []  # rows whose generation is bumped
     bookkeeping: list[dict[str, Any]] = []  # assignments/contributions only
@@ -312,28 +348,7 @@ def _run(
             }
         )
 
-    bumped: tuple[str, ...] = ()
-    if not dry_run:
-        bumped = _commit(
-            connection,
-            rows=rows,
-            decided=decided,
-            unplaceable=unplaceable,
-            documents=documents,
-            bookkeeping=bookkeeping,
-            labels=labels,
-            now=now,
-            seq=next_desired_seq(session) if documents else 0,
-        )
-    return Outcome(
-        changed=tuple(changed),
-        unchanged=unchanged,
-        unplaceable=unplaceable,
-        bumped=bumped,
-        wake_after_s=decided.wake_after_s,
-        plan=decided,
-        specs=specs,
-    )
+    return changed, documents, bookkeeping, unchanged
 
 
 def _too_large(document: Mapping[str, Any], limit: int) -> bool:
@@ -418,6 +433,13 @@ def _commit(
     if bookkeeping:
         connection.execute(_UPDATE_BOOKKEEPING, bookkeeping)
 
+    _commit_instances(connection, decided)
+    _commit_unplaced(connection, unplaceable)
+    _commit_events(connection, rows, decided, now)
+    return tuple(p["b_id"] for p in documents)
+
+
+def _commit_instances(connection: Any, decided: Plan) -> None:
     # Instances: the plan holds every instance of every placed deployment.
     stored = {
         (r["deployment"], r["idx"]): dict(r)
@@ -441,6 +463,10 @@ def _commit(
             )
         connection.execute(insert(_INSTANCES).values(**row))
 
+
+def _commit_unplaced(
+    connection: Any, unplaceable: Mapping[str, Mapping[str, tuple[str, ...]]]
+) -> None:
     # Unplaced: replace what differs.
     old_unplaced = {
         (r["deployment"], r["device_id"]): list(r["reasons"])
@@ -466,6 +492,10 @@ def _commit(
     if fresh:
         connection.execute(insert(_UNPLACED), fresh)
 
+
+def _commit_events(
+    connection: Any, rows: Sequence[Mapping[str, Any]], decided: Plan, now: datetime
+) -> None:
     # History: the planner's events, and each generation's outcome once.
     events = [
         {
@@ -507,7 +537,6 @@ def _commit(
     if events:
         connection.execute(insert(_EVENTS), events)
         _prune_events(connection)
-    return tuple(p["b_id"] for p in documents)
 
 
 def _prune_events(connection: Any) -> None:

@@ -19,6 +19,7 @@ class InvalidSpec(HubError):
     placed-only field on a fleet deployment, a constraint's value)."""
 
     def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"deployment {name!r}: {why}")
+        named = why.startswith(f"deployment {name!r}")
+        super().__init__(why if named else f"deployment {name!r}: {why}")
         self.name = name
         self.why = why

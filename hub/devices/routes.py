@@ -128,7 +128,7 @@ def register_devices(
     return DeviceBatchResult(created=created, existing=existing)
 
 
-@router.get("", response_model=DevicePage)
+@router.get("", response_model=DevicePage, responses=responses(422))
 def list_devices(
     session: SessionDep,
     settings: SettingsDep,

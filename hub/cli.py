@@ -80,6 +80,12 @@ def add_subcommands(top: Any) -> None:
         help="also publish changes committed by API-only processes, polling this often",
     )
     serve.add_argument(
+        "--placement-interval-s",
+        type=float,
+        default=float(_env("DRIFTLESS_PLACEMENT_INTERVAL_S", "10")),
+        help="the placement controller looks at the fleet at least this often",
+    )
+    serve.add_argument(
         "--broker-acl-admin",
         action="append",
         default=[],
@@ -161,6 +167,7 @@ def _settings(args: argparse.Namespace) -> Any:
         broker_cutoff=args.broker_cutoff,
         run_link=not args.no_link,
         desired_poll_s=args.desired_poll_s,
+        placement_interval_s=args.placement_interval_s,
         api_tls_cert_path=args.api_tls_cert,
         api_tls_key_path=args.api_tls_key,
     )

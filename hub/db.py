@@ -88,6 +88,7 @@ def register_tables() -> None:
     """Import every model module, so ``SQLModel.metadata`` holds every table."""
     import hub.auth.models
     import hub.bundles.models
+    import hub.deployments.models
     import hub.devices.models
     import hub.enrollment.models  # noqa: F401
 

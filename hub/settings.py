@@ -30,6 +30,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
 # Limits that must be above zero (units in the names).
 _POSITIVE = (
     "broker_cutoff_retry_s",
+    "placement_interval_s",
     "mqtt_keepalive_s",
     "mqtt_timeout_s",
     "mqtt_reconnect_min_s",
@@ -145,6 +146,10 @@ class HubSettings:
     broker_cutoff: Literal["dynsec", "none"] = "dynsec"
     # While a cut-off is unconfirmed, it is asked again after this long (doubling to 5 min).
     broker_cutoff_retry_s: float = 5.0
+    # The placement controller looks at the fleet at least this often (a cheap check
+    # first: it plans only when devices came, went, flipped online or reported), and
+    # whenever a desired change wakes it or a failover timer is due.
+    placement_interval_s: float = 10.0
 
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.

@@ -28,6 +28,7 @@ from hub.api.problems import PROBLEM_JSON, PROBLEM_RESPONSES, responses
 from hub.auth import routes as auth
 from hub.auth.guard import authenticated
 from hub.bundles import routes as bundles
+from hub.deployments import routes as deployments
 from hub.devices import routes as devices
 from hub.enrollment import routes as enrollment
 
@@ -38,6 +39,8 @@ def build_api_router() -> APIRouter:
     guarded = APIRouter(dependencies=[Depends(authenticated)], responses=responses(401))
     guarded.include_router(devices.router)
     guarded.include_router(devices.fleet_router)
+    guarded.include_router(deployments.router)
+    guarded.include_router(deployments.events_router)
     guarded.include_router(status.router)
     guarded.include_router(bundles.router)
     guarded.include_router(auth.router)

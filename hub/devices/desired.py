@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from sqlmodel import Session
 
+from hub.deployments import reconcile
 from hub.devices import store
 from hub.devices.models import Device
 from hub.enrollment import revocation
@@ -109,6 +110,36 @@ class DesiredState:
         )
         self._delivery.desired_changed(device_id for device_id, _ in updated)
         return updated
+
+    def reconcile_fleet(
+        self,
+        session: Session,
+        *,
+        now: datetime,
+        put: Mapping[str, Mapping[str, Any]] | None = None,
+        remove: Sequence[str] = (),
+        labels: Mapping[str, Mapping[str, str]] | None = None,
+        dry_run: bool = False,
+    ) -> reconcile.Outcome:
+        """Plan the fleet with these deployment and label changes and commit it (or, as a
+        dry run, only say what it would change): every device whose merged document
+        changes gets generation + 1 (:mod:`hub.deployments.reconcile`). The deployment
+        routes, the label routes and the placement controller all come through here.
+
+        Raises DeploymentNotFound, InvalidSpec or UnknownBundles; nothing is written then.
+        """
+        outcome = reconcile.run(
+            session,
+            now=now,
+            max_config_bytes=self._settings.max_config_bytes,
+            put=put,
+            remove=remove,
+            labels=labels,
+            dry_run=dry_run,
+        )
+        if outcome.bumped:
+            self._delivery.desired_changed(outcome.bumped)
+        return outcome
 
     def decommission(
         self,

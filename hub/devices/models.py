@@ -24,10 +24,7 @@ from sqlmodel import Field, SQLModel
 
 import protocols
 from hub.db import UTCDateTime
-
-LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
-LABEL_VALUE_PATTERN = r"^[A-Za-z0-9_.-]{0,63}$"
-MAX_LABELS = 32
+from hub.devices.labels import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS
 
 WorkloadName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
@@ -61,6 +58,22 @@ class Device(SQLModel, table=True):
     desired_updated_at: datetime | None = Field(
         default=None, sa_column=Column(UTCDateTime, nullable=True)
     )
+    # The device's own document (what PUT /devices/{id}/desired or /fleet/desired set):
+    # the base layer; desired_config is it merged with the deployments assigned to the
+    # device (hub.deployments.merge). Both written only by hub.devices.store.
+    manual_config: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False)
+    )
+    # The deployments the placement controller assigned to the device (names, sorted), and
+    # which source each workload of desired_config came from ({name: "deployment:X" |
+    # "device"}).
+    assignments: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    contributions: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False)
+    )
+    # The newest generation whose outcome (applied or failed) is in the device's event
+    # history (hub.deployments: the placement controller records it).
+    events_generation: int = _big(0)
     # A fleet-wide counter of desired changes (every transaction that changes desired
     # state takes the next value): the change feed a hub's link polls when other
     # processes serve the API (``hub serve --no-link``).
@@ -80,6 +93,10 @@ class Device(SQLModel, table=True):
     online: bool = False
     last_seen: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
     agent_version: str | None = Field(default=None, max_length=64)
+    # When ``online`` last changed (ingest rules): failover counts continuous absence.
+    online_changed_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
     # The newest birth's inventory (protocols.Inventory as JSON); None until one arrives.
     inventory: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # The newest report's per-workload states (protocols.WorkloadStatus as JSON), and how
@@ -242,6 +259,10 @@ class DevicePublic(SQLModel):
     desired_generation: int
     desired_config: dict[str, Any]
     desired_updated_at: datetime | None
+    # Which deployments the device is assigned, and the source of each workload of
+    # desired_config ("deployment:NAME" or "device", its own document).
+    assignments: list[str]
+    contributions: dict[str, str]
     reported_generation: int
     failed_generation: int
     report_phase: ReportPhase | None
@@ -252,6 +273,7 @@ class DevicePublic(SQLModel):
     session: int
     online: bool
     last_seen: datetime | None
+    online_changed_at: datetime | None
     agent_version: str | None
     inventory: InventoryPublic | None
     # Per workload: name, state, restarts, last exit (code and time); None until reported.
@@ -291,6 +313,8 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
         "desired_generation": row["desired_generation"],
         "desired_config": row["desired_config"],
         "desired_updated_at": row["desired_updated_at"],
+        "assignments": row["assignments"],
+        "contributions": row["contributions"],
         "reported_generation": row["reported_generation"],
         "failed_generation": row["failed_generation"],
         "report_phase": phase,
@@ -301,6 +325,7 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
         "session": row["session"],
         "online": row["online"],
         "last_seen": row["last_seen"],
+        "online_changed_at": row["online_changed_at"],
         "agent_version": row["agent_version"],
         "inventory": (
             # .get: a birth from before a field was added (firmware slot, cgroups) lacks it
@@ -357,6 +382,21 @@ class FleetDesiredUpdate(SQLModel):
 
     selector: Selector | None = None
     config: dict[str, Any]
+
+
+class LabelsUpdate(SQLModel):
+    """Body of ``PUT /devices/{id}/labels``: the whole label set."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    labels: Labels
+
+
+LabelsPatch = Annotated[
+    dict[LabelKey, LabelValue | None],
+    PydanticField(max_length=MAX_LABELS, json_schema_extra={"additionalProperties": False}),
+]
+"""Body of ``PATCH /devices/{id}/labels``: an RFC 7386 merge patch (null removes a key)."""
 
 
 class DeviceGeneration(SQLModel):

@@ -41,6 +41,8 @@ from hub.api.problems import responses
 from hub.api.route import HubRoute
 from hub.auth.guard import require
 from hub.auth.models import Role
+from hub.deployments.errors import InvalidSpec
+from hub.deployments.selectors import MAX_SELECTOR_CHARS, SelectorError, parse_selector
 from hub.devices import store, views
 from hub.devices.errors import (
     ConfigTooLarge,
@@ -55,6 +57,7 @@ from hub.devices.models import (
     DEVICE_ID_SCHEMA_PATTERN,
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
+    MAX_LABELS,
     DesiredUpdate,
     DeviceBatchCreate,
     DeviceBatchResult,
@@ -66,6 +69,8 @@ from hub.devices.models import (
     FleetDesiredResult,
     FleetDesiredUpdate,
     FleetSummary,
+    LabelsPatch,
+    LabelsUpdate,
     LockOverrideCreate,
 )
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
@@ -123,7 +128,7 @@ def register_devices(
     return DeviceBatchResult(created=created, existing=existing)
 
 
-@router.get("", response_model=DevicePage)
+@router.get("", response_model=DevicePage, responses=responses(422))
 def list_devices(
     session: SessionDep,
     settings: SettingsDep,
@@ -134,6 +139,13 @@ def list_devices(
         Query(description="KEY=VALUE; repeat to AND"),
     ] = [],  # noqa: B006
     state: Annotated[DeviceState | None, Query(description="only devices in this state")] = None,
+    selector: Annotated[
+        str | None,
+        Query(
+            max_length=MAX_SELECTOR_CHARS,
+            description="a label selector: env=prod,region in (eu,us),!legacy",
+        ),
+    ] = None,
 ) -> Response:
     page = settings.page_size_default if limit is None else limit
     if page > settings.page_size_max:
@@ -145,7 +157,18 @@ def list_devices(
         labels = parse_label_filters(label)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    rows, total = store.device_page(session, limit=page, offset=offset, labels=labels, state=state)
+    try:
+        parsed = parse_selector(selector) if selector else None
+    except SelectorError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    rows, total = store.device_page(
+        session,
+        limit=page,
+        offset=offset,
+        labels=labels,
+        state=state,
+        matches=parsed.matches if parsed is not None else None,
+    )
     return views.device_page(rows, total=total, limit=page, offset=offset)
 
 
@@ -187,6 +210,74 @@ def delete_device(
     except (DeviceActive, CutOffPending) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _relabel(
+    session: SessionDep, desired: DesiredDep, now: NowDep, device_id: str, labels: dict[str, str]
+) -> Response:
+    # The device's deployments follow its labels in the same transaction.
+    try:
+        desired.reconcile_fleet(session, now=now, labels={device_id: labels})
+    except InvalidSpec as exc:  # a stored deployment no longer valid: the operator's to fix
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return views.json_response(views.device(store.device_row(session, device_id=device_id)))
+
+
+def _labels_of(session: SessionDep, device_id: str) -> dict[str, str]:
+    try:
+        row = store.device_row(session, device_id=device_id)
+    except DeviceNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    if row["decommissioned_at"] is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"device {device_id!r} is decommissioned")
+    return dict(row["labels"] or {})
+
+
+@router.put(
+    "/{device_id}/labels",
+    response_model=DevicePublic,
+    responses=responses(403, 404, 409),
+    dependencies=[Depends(require(Role.operator))],
+)
+def put_labels(
+    device_id: DeviceIdPath,
+    body: LabelsUpdate,
+    session: SessionDep,
+    desired: DesiredDep,
+    now: NowDep,
+) -> Response:
+    """Replace the device's labels; deployments that now select it (or no longer do)
+    change its document at once."""
+    _labels_of(session, device_id)
+    return _relabel(session, desired, now, device_id, dict(body.labels))
+
+
+@router.patch(
+    "/{device_id}/labels",
+    response_model=DevicePublic,
+    responses=responses(403, 404, 409, 422),
+    dependencies=[Depends(require(Role.operator))],
+)
+def patch_labels(
+    device_id: DeviceIdPath,
+    body: LabelsPatch,
+    session: SessionDep,
+    desired: DesiredDep,
+    now: NowDep,
+) -> Response:
+    """RFC 7386 merge patch of the labels: ``{"site": "b", "legacy": null}`` sets one and
+    removes the other."""
+    labels = _labels_of(session, device_id)
+    for key, value in body.items():
+        if value is None:
+            labels.pop(key, None)
+        else:
+            labels[key] = value
+    if len(labels) > MAX_LABELS:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"a device has at most {MAX_LABELS} labels"
+        )
+    return _relabel(session, desired, now, device_id, labels)
 
 
 @router.put(

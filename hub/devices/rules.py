@@ -22,6 +22,9 @@ Rules (the contract; architecture rules 3 and 5):
   ``status.session < tracking.session``: stale (a Will from an older session arriving
   after the next birth must not mark the device offline). Otherwise ``session``,
   ``online`` and ``last_seen`` are taken from it.
+- ``online_changed_at`` is ``now`` whenever a birth or status flips ``online``, and
+  kept otherwise: placement failover counts only continuous absence, so a device
+  that flaps never looks long gone.
 - **Reported.** ``(boot_epoch, seq) <= (last_report_epoch, last_report_seq)``: stale,
   dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken;
   ``locks`` when the report lists them (an empty list: none held), and each job in
@@ -116,6 +119,7 @@ class Tracking:
     session: int = -1
     online: bool = False
     last_seen: datetime | None = None
+    online_changed_at: datetime | None = None  # when ``online`` last flipped
     agent_version: str | None = None
     reported_generation: int = 0
     failed_generation: int = 0
@@ -198,6 +202,7 @@ def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
         t,
         session=birth.session,
         online=True,
+        online_changed_at=t.online_changed_at if t.online else now,
         last_seen=now,
         agent_version=birth.agent_version,
         # A birth without inventory (an older or minimal agent) keeps the last one known.
@@ -228,8 +233,15 @@ def on_status(t: Tracking, status: Status, *, now: datetime) -> Decision:
     """Pure: apply a status or Last Will (see the module rules)."""
     if status.session < t.session:
         return Decision(t, stale=Stale.STATUS)
+    changed_at = t.online_changed_at if status.online == t.online else now
     return Decision(
-        dataclasses.replace(t, session=status.session, online=status.online, last_seen=now)
+        dataclasses.replace(
+            t,
+            session=status.session,
+            online=status.online,
+            online_changed_at=changed_at,
+            last_seen=now,
+        )
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,6 +45,8 @@ from sqlmodel import Session, col, select
 import protocols
 from hub.bundles.models import Bundle
 from hub.db import begin_write
+from hub.deployments.layers import layers_for
+from hub.deployments.merge import Layer, compose
 from hub.devices.errors import (
     ConfigTooLarge,
     CutOffPending,
@@ -174,6 +176,7 @@ def device_page(
     offset: int,
     labels: Mapping[str, str] | None = None,
     state: DeviceState | None = None,
+    matches: Callable[[Mapping[str, str]], bool] | None = None,
 ) -> tuple[list[RowMapping], int]:
     """:func:`list_devices` as plain rows (SQL Core): the API's hot read path.
 
@@ -181,6 +184,21 @@ def device_page(
     the API builds its answer from these mappings directly (``hub.devices.views``).
     """
     where = _device_filter(labels, state)
+    if matches is not None:
+        # A label selector (hub.deployments.selectors) is matched here, not in SQL: read
+        # ids and labels, then the page's rows.
+        candidates = session.connection().execute(
+            sa_select(_DEVICES.c.id, _DEVICES.c.labels).where(*where).order_by(_DEVICES.c.id)
+        )
+        ids = [device_id for device_id, found in candidates if matches(found or {})]
+        page_ids = ids[offset : offset + limit]
+        rows = (
+            session.connection()
+            .execute(sa_select(_DEVICES).where(_DEVICES.c.id.in_(page_ids)).order_by(_DEVICES.c.id))
+            .mappings()
+            .all()
+        )
+        return list(rows), len(ids)
     total = session.exec(select(func.count()).select_from(Device).where(*where)).one()
     rows = (
         session.connection()
@@ -237,6 +255,8 @@ def decommission_device(session: Session, *, device_id: str, now: datetime) -> D
         session.add(certificate)
     if not already:
         row.decommissioned_at = now
+        # Nothing runs on it any more; the placement controller moves its instances away.
+        row.manual_config, row.assignments, row.contributions = {}, [], {}
         _bump(row, {}, now, _next_desired_seq(session))
     row.cut_off_at = None
     row.awaiting_birth = False
@@ -352,6 +372,16 @@ def _next_desired_seq(session: Session) -> int:
     return _feed_now(session) + 1
 
 
+next_desired_seq = _next_desired_seq
+"""For other writers of desired state (:mod:`hub.deployments.reconcile`)."""
+
+
+def check_bundles(session: Session, config: Mapping[str, Any]) -> None:
+    """Raise UnknownBundles (rolling back) unless every bundle ``config`` references is
+    stored; inside a write transaction."""
+    _check_bundles(session, config)
+
+
 def desired_changes_since(
     session: Session, *, seq: int, limit: int
 ) -> tuple[list[tuple[str, int | None]], int]:
@@ -435,9 +465,33 @@ def set_desired(
         session.rollback()
         raise DeviceDecommissioned(device_id, "it gets no desired state")
     _check_bundles(session, document)
-    _bump(row, document, now, _next_desired_seq(session))
+    _set_own(session, row, document, now, _next_desired_seq(session), max_config_bytes, {})
     session.commit()
     return row
+
+
+def _set_own(
+    session: Session,
+    row: Device,
+    own: dict[str, Any],
+    now: datetime,
+    seq: int,
+    max_config_bytes: int,
+    layers: dict[str, Layer | None],
+) -> None:
+    """Make ``own`` the device's base layer and bump it to the merge with its deployments
+    (an own change always bumps: it is how an operator retries a failed generation).
+    ``layers`` caches deployments by name across the rows of one transaction."""
+    composed = compose(own, layers_for(session, row.assignments, layers))
+    document = composed.document
+    if row.assignments:
+        size = config_size_bytes(document)
+        if size > max_config_bytes:
+            session.rollback()
+            raise ConfigTooLarge(size, max_config_bytes)
+    row.manual_config = own
+    row.contributions = composed.contributions
+    _bump(row, document, now, seq)
 
 
 def set_lock_override(
@@ -467,13 +521,11 @@ def set_lock_override(
         "workloads": sorted(set(workloads)) if workloads is not None else None,
     }
     try:
-        document = _check_config(
-            {**row.desired_config, "lock_override": override}, max_config_bytes
-        )
+        document = _check_config({**row.manual_config, "lock_override": override}, max_config_bytes)
     except ConfigTooLarge:
         session.rollback()
         raise
-    _bump(row, document, now, _next_desired_seq(session))
+    _set_own(session, row, document, now, _next_desired_seq(session), max_config_bytes, {})
     session.commit()
     return row
 
@@ -502,8 +554,9 @@ def set_desired_for_selector(
         .with_for_update()
     ).all()
     seq = _next_desired_seq(session)  # one value: the rows commit together
+    layers: dict[str, Layer | None] = {}
     for row in rows:
-        _bump(row, document, now, seq)
+        _set_own(session, row, document, now, seq, max_config_bytes, layers)
     session.commit()
     return [(row.id, row.desired_generation) for row in rows]
 

@@ -47,6 +47,7 @@ from hub.context import Clock
 from hub.controllers.cutoff.driver import CutoffController
 from hub.controllers.cutoff.plan import DYNSEC_RESPONSE_TOPIC
 from hub.controllers.loop import Controller
+from hub.controllers.placement.driver import PlacementController
 from hub.devices.delivery import Delivery
 from hub.devices.ingest import IngestHandler, ingest_subscriptions
 from hub.enrollment.renewal import RenewalHandler
@@ -170,6 +171,10 @@ class BrokerLink:
             self._controllers.append(
                 CutoffController(engine=engine, settings=settings, stats=self.stats, clock=clock)
             )
+        self.placement = PlacementController(
+            engine=engine, settings=settings, clock=clock, delivery=self
+        )
+        self._controllers.append(self.placement)
         for controller in self._controllers:
             controller.attach(self.session)
         self.delivery.attach(self.session)

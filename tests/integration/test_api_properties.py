@@ -51,10 +51,26 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
 
 # A bundle upload is any bytes to the schema, but the hub stores only a bundle signed by
 # the fleet's release keys: schema-valid random bytes are refused with 422, as they must be.
+# Likewise what a schema cannot say: a label selector's grammar (``selector``), a
+# deployment's meaning (placed-only fields on a fleet deployment, a workload naming a
+# bundle the hub does not hold), and a label patch that would leave more than 32 labels:
+# schema-valid, refused with 422 and a problem detail that says why.
 CONFIG = """
 [[operations]]
 include-operation-id = "upload_bundle_api_v1_bundles_post"
 checks.positive_data_acceptance.expected-statuses = [200, 201, 422]
+
+[[operations]]
+include-operation-id = "list_devices_api_v1_devices_get"
+checks.positive_data_acceptance.expected-statuses = [200, 422]
+
+[[operations]]
+include-operation-id = "put_deployment_api_v1_deployments__name__put"
+checks.positive_data_acceptance.expected-statuses = [200, 422]
+
+[[operations]]
+include-operation-id = "patch_labels_api_v1_devices__device_id__labels_patch"
+checks.positive_data_acceptance.expected-statuses = [200, 404, 409, 422]
 """
 
 

@@ -98,6 +98,7 @@ CASES = [
                 session=0,
                 online=True,
                 last_seen=NOW,
+                online_changed_at=NOW,  # it was offline: the flip is now
                 agent_version="1.0",
                 report_phase="applied",
                 last_report_epoch=0,
@@ -213,6 +214,7 @@ CASES = [
                 session=2,
                 online=True,
                 last_seen=NOW,
+                online_changed_at=NOW,
                 agent_version="1.0",
                 report_phase="applied",
                 last_report_epoch=2,
@@ -231,14 +233,34 @@ CASES = [
     pytest.param(
         SEEN,
         status(online=False, session=5),
-        Decision(Tracking(**{**SEEN.__dict__, "online": False, "last_seen": NOW})),
+        Decision(
+            Tracking(
+                **{**SEEN.__dict__, "online": False, "last_seen": NOW, "online_changed_at": NOW}
+            )
+        ),
         id="will-of-current-session-marks-offline",
     ),
     pytest.param(
         Tracking(**{**SEEN.__dict__, "online": False}),
         status(online=True, session=6),
-        Decision(Tracking(**{**SEEN.__dict__, "session": 6, "online": True, "last_seen": NOW})),
+        Decision(
+            Tracking(
+                **{
+                    **SEEN.__dict__,
+                    "session": 6,
+                    "online": True,
+                    "last_seen": NOW,
+                    "online_changed_at": NOW,
+                }
+            )
+        ),
         id="status-newer-session-online",
+    ),
+    pytest.param(
+        SEEN,
+        status(online=True, session=6),
+        Decision(Tracking(**{**SEEN.__dict__, "session": 6, "last_seen": NOW})),
+        id="status-online-again-keeps-when-it-came-online",
     ),
     # -- reported ----------------------------------------------------------------------
     pytest.param(

@@ -31,6 +31,8 @@ from tests.unit.auth_support import API_BASE_URL, bearer, mint
 NEW_COLUMNS = (
     "decommissioned_at", "cut_off_at", "awaiting_birth", "workloads", "events_dropped",
     "locks", "jobs",  # revision 0004 (update locks, one-shot jobs)
+    "manual_config", "assignments", "contributions", "events_generation",
+    "online_changed_at",  # revision 0005 (deployments)
 )  # fmt: skip
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hub-db-1f12664.sql"
 TABLES = (
@@ -89,6 +91,12 @@ def test_a_database_from_before_migrations_upgrades_with_every_row_intact(tmp_pa
         ).fetchall()
     assert {"decommissioned_at", "cut_off_at", "awaiting_birth"} <= columns
     assert set(fresh) == {(None, None, 0)}  # every device active, none waiting
+    with engine.connect() as connection:
+        layered = connection.execute(
+            text("SELECT desired_config, manual_config, assignments FROM device")
+        ).fetchall()
+    # Revision 0005: each device's own document is its base layer, nothing is assigned.
+    assert layered and all(d == m and a == "[]" for d, m, a in layered)
     assert migrate(engine) == head_revision()  # again: nothing to do
     assert rows(path) == before
 

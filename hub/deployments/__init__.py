@@ -1,0 +1,1 @@
+"""Deployments: what should run where (selectors, specs; the resource and its merge rules)."""

@@ -280,13 +280,17 @@ def _child(path: str, key: str) -> str:
 
 
 def _schema_violations(value: object) -> list[tuple[str, str]]:
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema())
     errors = sorted(
-        validator.iter_errors(value), key=lambda e: [str(part) for part in e.absolute_path]
+        _validator().iter_errors(value), key=lambda e: [str(part) for part in e.absolute_path]
     )
     return [(_path_of(error.absolute_path), _message(error)) for error in errors]
+
+
+@cache
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(schema())
 
 
 def _path_of(parts: Sequence[object]) -> str:
@@ -306,7 +310,10 @@ def _message(error: Any) -> str:
         # under propertyNames the instance is a key of the object the path names
         key = f"{shown}: " if "propertyNames" in error.relative_schema_path else ""
         return f"{key}{own['errorMessage']}"
-    return str(error.message)[:300]
+    text, whole = str(error.message), repr(error.instance)
+    if len(whole) > 80:  # jsonschema quotes the whole value: keep its start
+        text = text.replace(whole, whole[:60] + "…")
+    return text
 
 
 def _line_of(node: Any, json_path: str) -> int | None:

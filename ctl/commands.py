@@ -18,7 +18,7 @@ Rules:
 - Exit codes (:data:`EXIT_OK` …): 0 done; 1 the hub refused or could not be
   reached; 2 bad usage or an invalid file; 3 the operator declined. ``diff``: 0 no
   changes, 1 changes, 2 bad usage or an invalid file, 4 the hub refused or could
-  not be reached.
+  not be reached. Ctrl-C (at the question, say) is 130.
 - Output for people goes to stdout; prompts, warnings and errors to stderr, so
   ``-o json`` output can be piped while the prompt still shows.
 - The clock is read once here (for ages in tables) and passed down.
@@ -45,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_DECLINED = 3
 EXIT_CHANGES = 1  # diff
 EXIT_DIFF_API = 4  # diff: 1 already means "changes"
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEFAULT_HUB_URL = "http://127.0.0.1:8080"
@@ -142,6 +143,9 @@ def run(args: Any, *, console: Console, connect: Connect) -> int:
     except CtlError as exc:  # pragma: no cover - every CtlError is one of the above
         console.warn(f"error: {exc}")
         return EXIT_API
+    except KeyboardInterrupt:
+        console.warn("\ninterrupted: what the hub already answered stays done")
+        return EXIT_INTERRUPTED
 
 
 # ---------------------------------------------------------------- apply and diff

@@ -761,3 +761,24 @@ def test_the_commands_load_none_of_the_hub_agent_or_web_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_ctrl_c_at_the_question_changes_nothing(tmp_path: Path) -> None:
+    class Interrupting(io.StringIO):
+        def readline(self, size: int | None = -1) -> str:
+            raise KeyboardInterrupt
+
+    hub = FakeHub(previews={"web": NEW_ON_TWO})
+    argv = ["apply", "-f", _file(tmp_path, ("web", WEB))]
+    err = io.StringIO()
+    console = commands.Console(io.StringIO(), err, Interrupting(), interactive=True)
+    http = httpx.Client(
+        transport=httpx.MockTransport(hub.handle),
+        base_url="http://hub.test/api/v1",
+        headers={"Authorization": "Bearer t0ken"},
+    )
+    args = build_parser(argv).parse_args(argv)
+    code = commands.run(args, console=console, connect=lambda: HubClient(http))
+    assert code == commands.EXIT_INTERRUPTED == 130
+    assert "interrupted" in err.getvalue()
+    assert hub.stored == {}

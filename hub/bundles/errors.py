@@ -44,6 +44,18 @@ class BundleInUse(BundleStoreError):
         self.sample = list(sample)
 
 
+class BundleInDeployment(BundleStoreError):
+    """The bundle is named by a deployment's workloads (devices placed later would need it)."""
+
+    def __init__(self, sha256: str, deployments: Sequence[str]) -> None:
+        super().__init__(
+            f"bundle {sha256} is named by deployment(s) {', '.join(deployments)}; "
+            "change or delete them first"
+        )
+        self.sha256 = sha256
+        self.deployments = list(deployments)
+
+
 class BundleTooLarge(BundleStoreError):
     """An upload longer than ``max_bundle_bytes``."""
 

@@ -50,6 +50,7 @@ from hub.auth.models import Role
 from hub.bundles import store
 from hub.bundles.errors import (
     BundleFileMissing,
+    BundleInDeployment,
     BundleInUse,
     BundleNotFound,
     BundleRejected,
@@ -218,7 +219,7 @@ def delete_bundle(sha256: Sha256Path, session: SessionDep, files: BundleFilesDep
         store.delete_bundle(session, sha256=sha256, files=files)
     except BundleNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    except BundleInUse as exc:
+    except (BundleInUse, BundleInDeployment) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

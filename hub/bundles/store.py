@@ -25,12 +25,18 @@ from sqlalchemy import Text, cast, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from hub.bundles.errors import BundleFileMissing, BundleInUse, BundleNotFound
+from hub.bundles.errors import (
+    BundleFileMissing,
+    BundleInDeployment,
+    BundleInUse,
+    BundleNotFound,
+)
 from hub.bundles.files import BundleFiles, BundleUpload
 from hub.bundles.intake import VerifiedBundle
 from hub.bundles.models import Bundle
 from hub.bundles.refs import is_sha256, references
 from hub.db import begin_write
+from hub.deployments.models import Deployment
 from hub.devices.models import Device
 
 IN_USE_SAMPLE_MAX = 10
@@ -152,6 +158,16 @@ def devices_referencing(
     return count, sample
 
 
+def deployments_referencing(session: Session, *, sha256: str) -> list[str]:
+    """The deployments whose workloads name ``sha256``, by name."""
+    rows = session.exec(
+        select(Deployment.name, Deployment.spec)
+        .where(cast(col(Deployment.spec), Text).ilike(f"%{sha256}%"))
+        .order_by(col(Deployment.name))
+    )
+    return [name for name, spec in rows if isinstance(spec, dict) and references(spec, sha256)]
+
+
 def delete_bundle(session: Session, *, sha256: str, files: BundleFiles) -> None:
     """Remove a bundle and its file; raises BundleNotFound, or BundleInUse while referenced."""
     begin_write(session)
@@ -163,6 +179,10 @@ def delete_bundle(session: Session, *, sha256: str, files: BundleFiles) -> None:
     if count:
         session.rollback()
         raise BundleInUse(sha256, count, sample)
+    named = deployments_referencing(session, sha256=sha256)
+    if named:
+        session.rollback()
+        raise BundleInDeployment(sha256, named)
     retired = files.retire(sha256)
     session.delete(row)
     try:

@@ -223,3 +223,21 @@ def test_delete_scans_thousands_of_devices(env: tuple[BundleHub, TestClient]) ->
     many = client.delete(f"bundles/{other}")
     assert "5000 device(s) (dev-00000, dev-00001," in many.json()["detail"]
     assert "and 4990 more" in many.json()["detail"]
+
+
+def test_delete_refused_while_a_deployment_names_it_even_with_no_device_placed(
+    env: tuple[BundleHub, TestClient],
+) -> None:
+    """A device that registers later would be placed and need the bundle."""
+    hub, client = env
+    sha = stored(hub, client)["sha256"]
+    spec = {"selector": "site=nowhere", "workloads": [{"name": "web", "bundle": sha}]}
+    assert client.put("deployments/web", json={"spec": spec}).status_code == 200
+    response = client.delete(f"bundles/{sha}")
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        f"bundle {sha} is named by deployment(s) web; change or delete them first"
+    )
+    assert f"{sha}.bundle" in hub.leftovers()
+    assert client.delete("deployments/web").status_code == 200
+    assert client.delete(f"bundles/{sha}").status_code == 204

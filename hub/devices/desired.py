@@ -39,6 +39,10 @@ class DeliverySignal(Protocol):
         """Thread-safe: these devices' desired documents changed (or they were deleted),
         and the change is committed."""
 
+    def fleet_changed(self) -> None:
+        """Thread-safe: devices were registered (committed); no document changed, but
+        placement may have work (a fleet deployment that selects them)."""
+
 
 class DesiredState:
     """Commits desired-state changes, then signals delivery."""
@@ -141,6 +145,11 @@ class DesiredState:
             self._delivery.desired_changed(outcome.bumped)
         return outcome
 
+    def devices_registered(self) -> None:
+        """Devices were registered (committed): the placement controller looks now rather
+        than at its next interval, so a fleet deployment reaches them at once."""
+        self._delivery.fleet_changed()
+
     def decommission(
         self,
         session: Session,
@@ -200,4 +209,6 @@ class DesiredState:
         )
         if enrolled.reactivated:
             self._delivery.desired_changed([device_id])
+        elif enrolled.created_device:
+            self._delivery.fleet_changed()
         return enrolled

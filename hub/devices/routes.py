@@ -104,11 +104,14 @@ def parse_label_filters(values: list[str]) -> dict[str, str]:
     dependencies=[Depends(require(Role.admin))],
     responses=responses(403, 409),
 )
-def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> DevicePublic:
+def register_device(
+    body: DeviceCreate, session: SessionDep, desired: DesiredDep, now: NowDep
+) -> DevicePublic:
     try:
         row = store.register_device(session, device_id=body.id, labels=body.labels, now=now)
     except (DeviceExists, DeviceDecommissioned) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    desired.devices_registered()
     return DevicePublic.from_row(row)
 
 
@@ -119,12 +122,14 @@ def register_device(body: DeviceCreate, session: SessionDep, now: NowDep) -> Dev
     responses=responses(403),
 )
 def register_devices(
-    body: DeviceBatchCreate, session: SessionDep, now: NowDep
+    body: DeviceBatchCreate, session: SessionDep, desired: DesiredDep, now: NowDep
 ) -> DeviceBatchResult:
     """Register many devices at once (fleet provisioning, the simulator); idempotent."""
     created, existing = store.register_devices(
         session, devices=[(d.id, d.labels) for d in body.devices], now=now
     )
+    if created:
+        desired.devices_registered()
     return DeviceBatchResult(created=created, existing=existing)
 
 

@@ -233,6 +233,18 @@ class BrokerLink:
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self._changed, ids)
 
+    def fleet_changed(self) -> None:
+        """Thread-safe: devices were registered; wake the controllers (placement)."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            loop.call_soon_threadsafe(self._wake_controllers)
+
+    def _wake_controllers(self) -> None:
+        for controller in self._controllers:
+            controller.wake()
+
     def _changed(self, device_ids: Sequence[str]) -> None:
         """On the event loop: a committed desired change, heard in-process or in the feed."""
         self.delivery.changed(device_ids)

@@ -42,6 +42,7 @@ class Delivery:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.calls: list[dict[str, int | None]] = []
+        self.registrations = 0
 
     def desired_changed(self, device_ids: Iterable[str]) -> None:
         seen: dict[str, int | None] = {}
@@ -52,6 +53,9 @@ class Delivery:
                 except DeviceNotFound:
                     seen[device_id] = None
         self.calls.append(seen)
+
+    def fleet_changed(self) -> None:
+        self.registrations += 1
 
 
 @pytest.fixture

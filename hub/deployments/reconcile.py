@@ -234,6 +234,15 @@ def _run(
         check_bundles(session, {"workloads": list(spec.get("workloads") or ())})
     if not dry_run:
         _store_deployments(connection, stored, put, remove, now)
+    if not stored and not specs_json:
+        # No deployment before or after: nothing to place or merge (a label change on a
+        # fleet without deployments costs one UPDATE, not a read of every device).
+        if labels and not dry_run:
+            connection.execute(
+                _UPDATE_LABELS, [{"b_id": i, "b_labels": dict(v)} for i, v in labels.items()]
+            )
+        empty = Plan(assignments={}, instances=(), unplaceable={}, events=(), wake_after_s=None)
+        return Outcome((), 0, {}, (), None, empty)
 
     rows = [
         dict(r)

@@ -632,6 +632,8 @@ def orchestration_scene(demo: Demo, number: int) -> None:
     }
     demo.put_deployment(PLACED_DEPLOYMENT, placed)
     first = demo.instances(PLACED_DEPLOYMENT)[0]["device_id"]
+    if first is None:
+        raise DemoError(f"{PLACED_DEPLOYMENT} was not placed: {demo.instances(PLACED_DEPLOYMENT)}")
     say(f"          the planner put it on {first}")
     say(f"          converged in {demo.converge():.2f}s; each device's merged document:")
     merged_table(demo)
@@ -667,7 +669,9 @@ def orchestration_scene(demo: Demo, number: int) -> None:
         what=f"the planner to see {first} back",
     )
     where = [i["device_id"] for i in demo.instances(PLACED_DEPLOYMENT)]
-    say(f"          the planner looked again with {first} back: the instance stays on {where[0]}")
+    if where != [second]:
+        raise DemoError(f"{PLACED_DEPLOYMENT} went from {second} to {where} after {first} returned")
+    say(f"          the planner looked again with {first} back: the instance stays on {second}")
     # Back from a power cut, the device starts what it still runs: shown once running.
     _wait(
         lambda: all(

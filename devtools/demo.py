@@ -13,6 +13,14 @@ Rules:
   API; each device gets its own port in its desired entry's ``env``. Workloads
   outlive their agent on purpose, so the demo's clean-up stops them itself
   (re-adopted through each agent's process record), Ctrl-C included.
+- The orchestration scene labels the devices and drives ``/deployments`` the way
+  ``driftless apply`` does: a dry run first, printed with ctl's own preview
+  renderer (``ctl.render``), then the change. Its deployments run the same web
+  bundle; a fleet deployment's entry is the same on every device, so its copies
+  share one port (the service binds with ``SO_REUSEPORT``) and the scene reads each
+  device's workloads from its report, not from the port. The demo's hub looks at
+  placement every second (``--placement-interval-s 1``, the default is 10) so a
+  lost device's instance moves within seconds of its ``lost_after_s``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any
 import httpx
 from paho.mqtt import publish
 
+from ctl import render
 from devtools.broker import (
     BrokerError,
     MosquittoBroker,
@@ -175,12 +184,15 @@ class Demo:
             self.hub.argv += hub_broker_args(
                 self.broker, self.ca.directory, acl_admins=[BROKER_ADMIN]
             )
+        # The orchestration scene's failover should take seconds, not a 10 s look.
+        self.hub.argv += ["--placement-interval-s", "1"]
         self.agents = {d: self._agent(d) for d in self.device_ids}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
         self.fleet_config: dict[str, Any] = {}
         # The workload scene's entries per device: kept in every later configuration change.
         self.workloads: dict[str, list[dict[str, Any]]] = {}
         self.ports: dict[str, int] = {}
+        self.bundles: dict[str, str] = {}  # web version -> the uploaded bundle's SHA-256
 
     def _agent(self, device_id: str) -> AgentChild:
         if self.plain:  # given the root directly; plain MQTT
@@ -367,7 +379,9 @@ class Demo:
         )
         if response.status_code not in (200, 201):
             raise DemoError(f"uploading {out.name}: {response.status_code} {response.text}")
-        return str(response.json()["sha256"])
+        sha = str(response.json()["sha256"])
+        self.bundles[version] = sha
+        return sha
 
     def deploy(self, bundle: str) -> dict[str, int]:
         """Every device runs ``bundle`` as ``web`` on its own port; returns the generations."""
@@ -399,6 +413,43 @@ class Demo:
                 f"{answer(self.ports[device_id])}",
                 flush=True,
             )
+
+    def switch_off(self, device_id: str) -> None:
+        """Power off, as far as one machine allows: the agent stops and its workloads too."""
+        agent = self.agents[device_id]
+        agent.terminate()
+        stop_workloads(agent.data_dir)
+
+    def label(self, device_id: str, labels: dict[str, str]) -> None:
+        """Merge ``labels`` into the device's (``PATCH /devices/{id}/labels``)."""
+        response = self.api.patch(f"/devices/{device_id}/labels", json=labels)
+        if response.status_code != 200:
+            raise DemoError(f"labels of {device_id}: {response.status_code} {response.text}")
+
+    def put_deployment(
+        self, name: str, spec: dict[str, Any], *, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """``PUT /deployments/{name}``; returns ``{"deployment", "preview"}``."""
+        response = self.api.put(
+            f"/deployments/{name}",
+            json={"spec": spec},
+            params={"dry_run": "true"} if dry_run else None,
+        )
+        if response.status_code not in (200, 201):
+            raise DemoError(f"deployment {name}: {response.status_code} {response.text}")
+        return response.json()  # type: ignore[no-any-return]
+
+    def instances(self, name: str) -> list[dict[str, Any]]:
+        """A placed deployment's instances as its status shows them."""
+        response = self.api.get(f"/deployments/{name}/status")
+        response.raise_for_status()
+        return response.json()["instances"]  # type: ignore[no-any-return]
+
+    def events(self, device_id: str) -> list[dict[str, Any]]:
+        """The device's orchestration history, oldest first."""
+        response = self.api.get(f"/devices/{device_id}/events", params={"limit": 100})
+        response.raise_for_status()
+        return list(reversed(response.json()["items"]))
 
     def converge(self, *, timeout_s: float = 30) -> float:
         start = time.monotonic()
@@ -498,6 +549,196 @@ def workload_scene(demo: Demo, number: int) -> None:
     demo.workload_table()
 
 
+FLEET_DEPLOYMENT = "telemetry"
+CANARY_DEPLOYMENT = "telemetry-canary"
+PLACED_DEPLOYMENT = "recorder"
+LOST_AFTER_S = 2.0
+
+
+def orchestration_scene(demo: Demo, number: int) -> None:
+    """Labels, a fleet deployment with a layered canary (previewed first), then a
+    placed instance that leaves a switched-off device and stays away when it returns."""
+    devices = list(demo.device_ids)
+    canary = devices[-1]
+    if len(devices) < 2:
+        say(f"scene {number}   orchestration needs two devices (a canary and the rest): skipped")
+        return
+    say(
+        f"scene {number}   orchestration: label the devices, then a fleet deployment and a "
+        "higher-priority one for the canary, each previewed (a dry run) before it applies"
+    )
+    for i, device_id in enumerate(devices):
+        demo.label(
+            device_id, {"site": "ab"[i % 2], **({"canary": "yes"} if device_id == canary else {})}
+        )
+    say("          labels: " + "; ".join(f"{d} {_labels(demo.device(d))}" for d in devices))
+    bundle = demo.bundles["1.0"]
+    shared_port = str(free_port())
+    fleet = {
+        "selector": "site",
+        "priority": 0,
+        "kind": "fleet",
+        "workloads": [
+            {
+                "name": FLEET_DEPLOYMENT,
+                "bundle": bundle,
+                "env": {"PORT": shared_port},
+                "config": {"greeting": "telemetry", "interval_s": 10},
+            }
+        ],
+    }
+    layered = {
+        "selector": "canary=yes",
+        "priority": 10,
+        "kind": "fleet",
+        "workloads": [
+            {
+                "name": FLEET_DEPLOYMENT,
+                "bundle": bundle,
+                "env": {"PORT": shared_port, "LOG_LEVEL": "debug"},
+                "config": {"greeting": "telemetry canary", "interval_s": 1},
+            }
+        ],
+    }
+    for name, spec in ((FLEET_DEPLOYMENT, fleet), (CANARY_DEPLOYMENT, layered)):
+        dry = demo.put_deployment(name, spec, dry_run=True)
+        say("          " + render.heading(name, "preview (dry run, nothing stored yet)", spec))
+        for line in render.preview(dry["preview"]):
+            print(f"    {line}", flush=True)
+        done = demo.put_deployment(name, spec)
+        same = _devices_of(done["preview"]) == _devices_of(dry["preview"])
+        say(
+            f"          applied: {render.summary(done['preview'])}"
+            + ("; exactly what the preview showed" if same else "; NOT what the preview showed")
+        )
+    say(
+        f"          and a placed deployment: {PLACED_DEPLOYMENT}, 1 replica on any device with "
+        f"a site, lost after {LOST_AFTER_S:g}s offline"
+    )
+    placed = {
+        "selector": "site",
+        "kind": "placed",
+        "replicas": 1,
+        "lost_after_s": LOST_AFTER_S,
+        "reschedule": {"delay_s": 5, "max_delay_s": 60},
+        "workloads": [
+            {
+                "name": PLACED_DEPLOYMENT,
+                "bundle": bundle,
+                "env": {"PORT": str(free_port())},
+                "config": {"greeting": "recorder, one copy in the fleet"},
+            }
+        ],
+    }
+    demo.put_deployment(PLACED_DEPLOYMENT, placed)
+    first = demo.instances(PLACED_DEPLOYMENT)[0]["device_id"]
+    if first is None:
+        raise DemoError(f"{PLACED_DEPLOYMENT} was not placed: {demo.instances(PLACED_DEPLOYMENT)}")
+    say(f"          the planner put it on {first}")
+    say(f"          converged in {demo.converge():.2f}s; each device's merged document:")
+    merged_table(demo)
+    say(f"          {first} is switched off (its agent and its workloads stop)")
+    demo.switch_off(first)
+    _wait(lambda: not demo.device(first)["online"], timeout_s=15, what=f"{first} offline")
+    offline = time.monotonic()
+    instance = _wait(
+        lambda: next(
+            (i for i in demo.instances(PLACED_DEPLOYMENT) if i["device_id"] not in (first, None)),
+            None,
+        ),
+        timeout_s=30,
+        what=f"{PLACED_DEPLOYMENT} to leave {first}",
+    )
+    second = instance["device_id"]
+    say(
+        f"          {time.monotonic() - offline:.1f}s after it went offline the instance moved "
+        f"to {second}:"
+    )
+    _instance_lines(instance)
+    say(f"          {first} comes back: keep_replacement, so its new document no longer has it")
+    demo.start_agent(first)
+    say(f"          converged in {demo.converge():.2f}s")
+    # An ``applied`` event for the returned device's newest generation is written by a
+    # planning run that saw its report: the planner looked after the return.
+    generation = demo.device(first)["desired_generation"]
+    _wait(
+        lambda: any(
+            e["kind"] == "applied" and e["generation"] == generation for e in demo.events(first)
+        ),
+        timeout_s=15,
+        what=f"the planner to see {first} back",
+    )
+    where = [i["device_id"] for i in demo.instances(PLACED_DEPLOYMENT)]
+    if where != [second]:
+        raise DemoError(f"{PLACED_DEPLOYMENT} went from {second} to {where} after {first} returned")
+    say(f"          the planner looked again with {first} back: the instance stays on {second}")
+    # Back from a power cut, the device starts what it still runs: shown once running.
+    _wait(
+        lambda: all(
+            _reported(demo.device(d), w) == "healthy"
+            for d in devices
+            for w in demo.device(d)["contributions"]
+        ),
+        timeout_s=30,
+        what="every workload healthy",
+    )
+    merged_table(demo)
+    say(f"          {first}'s history (GET /devices/{first}/events):")
+    for event in demo.events(first):
+        if event["deployment"] in (PLACED_DEPLOYMENT, None):
+            print(f"    {event['at'][11:19]}  {event['kind']:9} {event['detail']}", flush=True)
+
+
+def _labels(device: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(device["labels"].items()))
+
+
+def _devices_of(preview: dict[str, Any]) -> object:
+    return (preview.get("devices"), preview.get("unplaceable"))
+
+
+def _reported(device: dict[str, Any], workload: str) -> str:
+    """The workload's state as the device last reported it ("-": not reported)."""
+    states = {w["name"]: w["state"] for w in device["workloads"] or []}
+    return str(states.get(workload, "-"))
+
+
+def merged_table(demo: Demo) -> None:
+    """Per device: its labels, generation, and each workload of its merged document with
+    the layer that contributed it (the hub's view) and its state (the device's report)."""
+    for device_id in demo.device_ids:
+        d = demo.device(device_id)
+        print(
+            f"    {device_id:10} {_labels(d):22} g{d['desired_generation']:<3} "
+            f"{'in sync' if d['in_sync'] else 'behind'}",
+            flush=True,
+        )
+        for entry in d["desired_config"].get("workloads") or []:
+            name = entry["name"]
+            source = d["contributions"].get(name, "?")
+            print(
+                f"      {name:10} from {source:28} {_reported(d, name):9} "
+                f"config {render.compact(entry.get('config', {}), 50)}",
+                flush=True,
+            )
+
+
+def _instance_lines(instance: dict[str, Any]) -> None:
+    moved = instance["original_device_id"] not in (None, instance["device_id"])
+    print(
+        f"    #{instance['index']} on {instance['device_id']}"
+        + (f", first on {instance['original_device_id']}" if moved else "")
+        + f", attempts {instance['attempts']}",
+        flush=True,
+    )
+    for move in instance["history"] or []:
+        print(
+            f"      {move.get('from_device') or '-'} -> {move.get('to_device') or '-'}: "
+            f"{move.get('reason', '')}",
+            flush=True,
+        )
+
+
 def scenes(demo: Demo, *, rounds: int | None) -> None:
     say("scene 1   push a configuration to the whole fleet")
     demo.set_fleet_config({"sample_rate_hz": 10, "message": "hello fleet"})
@@ -571,6 +812,7 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
         say(f"          converged in {demo.converge():.2f}s")
 
     workload_scene(demo, 6 if decommissioned else 5)
+    orchestration_scene(demo, 7 if decommissioned else 6)
 
     n = 0
     while rounds is None or n < rounds:

@@ -4,13 +4,20 @@ The workload scene is checked by its outcome, not only that it ran: every device
 web 1.0 healthy and answering on its own port, web 2.0 rolled back on every device
 while 1.0 answered every request, the reported reason with the log tail, and no
 workload left running (nor its port answering) once the demo ends, Ctrl-C included.
+The orchestration scene is checked by its printout (labels, both previews before
+their changes, each device's merged document with the layer of every workload, the
+instance leaving the switched-off device and staying away after its return) and by
+the hub's database the demo leaves behind (where the instance is, who contributed
+what), so the printout cannot claim a state the hub does not hold.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +60,12 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
     assert "generations demo-03 applied, from its own disk: [1, 4]" in out
     assert "mutual TLS, per-device ACL, CRL" in out
     assert "3 devices enrolled with one claim token" in out
-    assert out.count("converged in") == 6
+    assert out.count("converged in") == 8
     assert "demo-01 refused it (not signed by the fleet's hub key)" in out
     # The broker itself closed the decommissioned device's open connection.
     assert "closed its open connection (the agent heard: Administrative action)" in out
     ports = check_workload_scene(out, ["demo-01", "demo-02"])
+    check_orchestration_scene(out, tmp_path / "d" / "hub.db")
     assert processes_under(tmp_path) == [], "the demo left processes running"
     assert not any(answers(port) for port in ports), "a workload still answers"
 
@@ -93,6 +101,65 @@ def check_workload_scene(out: str, devices: list[str]) -> list[int]:
     assert "workload web exited with code 1" in reason
     assert "error: the configuration has no 'database_url'; refusing to start" in reason
     return ports
+
+
+def check_orchestration_scene(out: str, db: Path) -> None:
+    """Scene 7 on demo-01 (site=a) and demo-02 (site=b, the canary), from the printout and
+    from the hub's database once the demo has stopped."""
+    scene = out[out.index("scene 7   orchestration") :]
+    layered, placed = scene.split("a placed deployment: recorder", 1)
+    assert "labels: demo-01 site=a; demo-02 canary=yes site=b" in layered
+    fleet, canary = layered.split("deployment/telemetry-canary: preview", 1)
+    # Each preview comes before its change, and the change did what it showed.
+    assert fleet.index("deployment/telemetry: preview (dry run") < fleet.index("applied: ")
+    added = (
+        r"~ 2 devices: demo-01, demo-02\n +\+ telemetry +bundle \w+… +\(from deployment:telemetry\)"
+    )
+    assert re.search(added, fleet), fleet
+    assert "applied: 2 devices change, 0 unchanged, 0 unplaceable; exactly what the " in fleet
+    replaced = (
+        r"~ 1 device: demo-02\n +~ telemetry +\(from deployment:telemetry-canary\)\n"
+        r" +config: .*\"interval_s\":10} -> .*\"interval_s\":1}"
+    )
+    assert re.search(replaced, canary), canary
+    assert "applied: 1 device change, 1 unchanged, 0 unplaceable; exactly what the " in canary
+    first = re.search(r"the planner put it on (demo-0\d)", placed)
+    moved = re.search(r"after it went offline the instance moved to (demo-0\d)", placed)
+    assert first and moved, placed
+    first_id, second_id = first.group(1), moved.group(1)
+    assert first_id != second_id
+    merged = placed.split("each device's merged document:", 1)[1].split("switched off", 1)[0]
+    sources = {"demo-01": "telemetry", "demo-02": "telemetry-canary"}
+    for device, source in sources.items():
+        block = merged.split(f"    {device} ", 1)[1].split("\n    demo-", 1)[0]
+        assert re.search(rf"telemetry +from deployment:{source} +healthy", block), block
+        assert re.search(r"web +from device +healthy", block), block
+        recorder = re.search(r"recorder +from deployment:recorder +healthy", block)
+        assert (recorder is not None) == (device == first_id), block
+    assert f"{first_id} -> {second_id}: lost" in placed
+    assert f"{first_id} comes back" in placed
+    assert f"with {first_id} back: the instance stays on {second_id}" in placed
+    final = placed.split("the instance stays on", 1)[1]
+    final_block = final.split(f"    {first_id} ", 1)[1].split("\n    demo-", 1)[0]
+    assert "recorder" not in final_block, final_block
+    assert re.search(r"recorder +from deployment:recorder +healthy", final), final
+    history = final.split("'s history", 1)[1]
+    kinds = re.findall(r"^ +\d\d:\d\d:\d\d +(\w+) ", history, re.M)
+    assert "placed" in kinds and kinds.index("placed") < kinds.index("moved"), history
+    assert kinds[-1] == "applied", history
+    # What the hub holds after the demo: the instance where the printout left it.
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        instances = conn.execute(
+            "SELECT device_id, original_device_id, attempts FROM deployment_instance "
+            "WHERE deployment = 'recorder'"
+        ).fetchall()
+        rows = dict(conn.execute("SELECT id, contributions FROM device").fetchall())
+    assert instances == [(second_id, first_id, 1)]
+    for device, source in sources.items():
+        expected = {"telemetry": f"deployment:{source}", "web": "device"}
+        if device == second_id:
+            expected["recorder"] = "deployment:recorder"
+        assert json.loads(rows[device]) == expected, device
 
 
 def answers(port: int) -> bool:
@@ -179,6 +246,7 @@ def test_the_plain_listener_is_there_when_asked_for(tmp_path: Path) -> None:
     assert "mqtt://127.0.0.1:" in result.stdout and "plain MQTT (--plain)" in result.stdout
     assert "demo-01 refused it (not signed by the fleet's hub key)" in result.stdout
     assert "enrolled" not in result.stdout
+    assert "orchestration needs two devices (a canary and the rest): skipped" in result.stdout
     # The only error is the one the workload scene quotes from web 2.0's log.
     assert not re.search(r"^\S*(error|failed)", result.stdout, re.M | re.I), result.stdout
     check_workload_scene(result.stdout, ["demo-01"])

@@ -1,8 +1,8 @@
 """Packages point one way (``[tool.importlinter]`` in pyproject.toml, docs/architecture.md).
 
-The command line on top; devtools and the operator's command line (``ctl``, a
-client of the admin API that imports none of the hub, agent, simulator or
-devtools) side by side; the simulator; hub and agent side by side and
+The command line on top; devtools (the demo prints previews with ctl's renderer);
+the operator's command line (``ctl``, a client of the admin API that imports none
+of the hub, agent, simulator or devtools); the simulator; hub and agent side by side and
 independent; the wire contract; the bundle format and trust; plumbing at the
 bottom. The agent and the wire contract never import the hub's web or database
 stack (every device would pay for it). The hub's routes never reach its MQTT link:

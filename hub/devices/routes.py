@@ -41,6 +41,7 @@ from hub.api.problems import responses
 from hub.api.route import HubRoute
 from hub.auth.guard import require
 from hub.auth.models import Role
+from hub.db import begin_write
 from hub.deployments.errors import InvalidSpec
 from hub.deployments.selectors import MAX_SELECTOR_CHARS, SelectorError, parse_selector
 from hub.devices import store, views
@@ -229,6 +230,11 @@ def _relabel(
 
 
 def _labels_of(session: SessionDep, device_id: str) -> dict[str, str]:
+    """The device's labels, read inside the relabel's write transaction: a snapshot read
+    first could not be upgraded to a write once a device report committed meanwhile
+    ("database is locked"), and a patch applied to it could undo a concurrent one."""
+    session.rollback()  # whatever the request read so far (its token): not a write
+    begin_write(session)
     try:
         row = store.device_row(session, device_id=device_id)
     except DeviceNotFound as exc:

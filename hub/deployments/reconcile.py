@@ -377,7 +377,9 @@ def _compose_all(
     for row in rows:
         if row["decommissioned_at"] is not None:
             continue
-        names = tuple(sorted(decided.assignments.get(row["id"], row["assignments"] or ())))
+        names = decided.assignments.get(row["id"])  # sorted
+        if names is None:
+            names = tuple(sorted(row["assignments"] or ()))
         base = row["manual_config"] or {}
         key = (names, canonical(base) if base else None)
         found = memo.get(key)

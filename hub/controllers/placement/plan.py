@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
+from hub.deployments.selectors import Selector
 from hub.deployments.spec import (
     Affinity,
     Constraint,
@@ -156,6 +157,7 @@ class _Devices:
         self._columns: dict[str, dict[str, object]] = {}
         self._indexes: dict[str, dict[object, list[str]]] = {}
         self._labels: dict[str, list[str | None]] = {}
+        self._selected: dict[Selector, list[str]] = {}  # deployments often share selectors
 
     def column(self, attribute: str) -> dict[str, object]:
         """Every active device's value of ``attribute``: a text or a number, None (not
@@ -193,9 +195,16 @@ class _Devices:
         return found
 
     def selected(self, spec: DeploymentSpec) -> list[str]:
-        """Ids of the active devices the selector matches, sorted."""
-        chosen = range(len(self.active))
-        for requirement in spec.selector.requirements:
+        """Ids of the active devices the selector matches, sorted (a list shared by every
+        deployment with this selector: read it, never change it)."""
+        found = self._selected.get(spec.selector)
+        if found is None:
+            found = self._selected[spec.selector] = self._select(spec.selector)
+        return found
+
+    def _select(self, selector: Selector) -> list[str]:
+        chosen: Iterable[int] = range(len(self.active))
+        for requirement in selector.requirements:
             # Each requirement looks at one label: decide each value the fleet has once.
             values = self._labels.get(requirement.key)
             if values is None:
@@ -716,7 +725,7 @@ class _Planner:
             assignments=assignments,
             instances=instances,
             unplaceable={
-                name: dict(sorted(found.items()))
+                name: {device_id: found[device_id] for device_id in sorted(found)}
                 for name, found in sorted(self.unplaceable.items())
                 if found
             },

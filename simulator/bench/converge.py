@@ -323,9 +323,10 @@ async def measure_ours(
 ) -> Round:
     """One fleet-wide PUT, timed to the summary showing every device in sync.
 
-    Milestones on the way (same clock, from before the PUT): the PUT's response,
-    every device has received its new document (hub publish + broker), and the
-    broker has acknowledged every device's report (the rest is hub ingest).
+    Milestones on the way (same clock, from before the PUT): the PUT's response
+    (which may come after the rest, see below), every device has received its new
+    document (hub publish + broker), and the broker has acknowledged every device's
+    report (the rest is hub ingest).
     """
     total = len(fleet)
     before = fleet.counters.snapshot()
@@ -339,28 +340,41 @@ async def measure_ours(
         )
         return time.perf_counter() - start
 
-    delivered = asyncio.create_task(milestone("documents received", "desired_received"))
-    reported = asyncio.create_task(milestone("reports acknowledged", "reports_sent"))
-    try:
+    async def change() -> float:
+        """The PUT; seconds until its answer (checked: every device changed)."""
         if cfg.via == "deployment":
             path = f"/deployments/{DEPLOYMENT}"
-            response = await api.put(
-                path, json={"spec": {"selector": SELECTOR, "workloads": [document]}}
-            )
-            changed = (
-                response.json()["preview"]["summary"]["changed"]
-                if response.status_code == 200
-                else None
-            )
+            body: dict[str, Any] = {"spec": {"selector": SELECTOR, "workloads": [document]}}
         else:
             path = "/fleet/desired"
-            response = await api.put(
-                path, json={"selector": {"labels": LABELS}, "config": document}
+            body = {"selector": {"labels": LABELS}, "config": document}
+        response = await api.put(path, json=body)
+        answered_s = time.perf_counter() - start
+        changed = None
+        if response.status_code == 200:
+            answer = response.json()
+            changed = (
+                answer["preview"]["summary"]["changed"]
+                if cfg.via == "deployment"
+                else answer.get("updated")
             )
-            changed = response.json().get("updated") if response.status_code == 200 else None
-        put_s = time.perf_counter() - start
         if changed != total:
             raise BenchError(f"PUT {path}: HTTP {response.status_code} {response.text[:300]}")
+        return answered_s
+
+    delivered = asyncio.create_task(milestone("documents received", "desired_received"))
+    reported = asyncio.create_task(milestone("reports acknowledged", "reports_sent"))
+    put = asyncio.create_task(change())
+    try:
+        # Poll from the PUT's answer or from every device having its new document,
+        # whichever comes first: from either on, in_sync == total means the new
+        # generation (a device gets a document only after the hub committed it). A
+        # deployment's answer carries the preview (~0.7 KiB per changed device), read by
+        # this process, whose event loop also runs the fleet: while the documents
+        # arrive, reading it can take longer than the devices take to apply them.
+        done, _ = await asyncio.wait({put, delivered}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises BenchError or the HTTP error
         summary = await poll(
             lambda: fleet_summary(api),
             lambda s: s["total"] == total and s["in_sync"] == total,
@@ -369,10 +383,11 @@ async def measure_ours(
             what=f"round {round_no}: in_sync == {total}",
         )
         in_sync_s = time.perf_counter() - start
+        put_s = await put
         delivered_s, reported_s = await delivered, await reported
     finally:
-        delivered.cancel()
-        reported.cancel()
+        for task in (put, delivered, reported):
+            task.cancel()
     if summary["failed"]:
         raise BenchError(f"round {round_no}: {summary['failed']} devices failed: {summary}")
     return Round(

@@ -369,7 +369,7 @@ async def measure_ours(
         # Poll from the PUT's answer or from every device having its new document,
         # whichever comes first: from either on, in_sync == total means the new
         # generation (a device gets a document only after the hub committed it). A
-        # deployment's answer carries the preview (~0.7 KiB per changed device), read by
+        # deployment's answer carries the preview (~450 bytes per changed device), read by
         # this process, whose event loop also runs the fleet: while the documents
         # arrive, reading it can take longer than the devices take to apply them.
         done, _ = await asyncio.wait({put, delivered}, return_when=asyncio.FIRST_COMPLETED)

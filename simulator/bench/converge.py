@@ -8,7 +8,10 @@ devices (the real agent core) and then, R times each, on the same broker:
   desired document to per-device topics; a bare echo client (wildcard
   subscription) republishes each to an echo topic; the time is from the first
   publish until the publisher has all N echoes.
-- OURS: one ``PUT /api/v1/fleet/desired``; the time is from sending it until
+- OURS: one ``PUT /api/v1/fleet/desired`` (or, with ``--via deployment``, one
+  ``PUT /api/v1/deployments/bench`` of a ``fleet`` deployment whose selector
+  matches every device, its one workload changed each round: issue 14); the time
+  is from sending it until
   ``GET /api/v1/fleet/summary`` (polled every ``poll_interval_s``) shows
   ``in_sync == total``. Milestones beside it, on the same clock: the PUT
   returned; every device had received its document (hub publish + broker); the
@@ -35,7 +38,7 @@ import time
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import httpx
@@ -57,6 +60,9 @@ from simulator.fleet import Fleet, FleetConfig, FleetError, FleetTimeout, device
 __all__ = ["BenchError", "HubChild", "poll"]  # imported from here by older callers and tests
 
 LABELS = {"bench": "converge"}
+SELECTOR = "bench=converge"  # LABELS as a deployment's selector: every device
+DEPLOYMENT = "bench"
+Via = Literal["fleet", "deployment"]
 BASELINE_ROOT = "bench/baseline"
 DOCUMENT_BYTES = 256  # target size of the desired document and of the baseline payload
 
@@ -75,10 +81,14 @@ class BenchConfig:
     workdir: Path | None = None  # None: a temporary directory, removed afterwards
     # The hub signs every document (hub key) and every device verifies it (fleet root).
     signed: bool = False
+    # How the change is made: the fleet's own document, or a fleet deployment (issue 14).
+    via: Via = "fleet"
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.repeats < 1:
             raise ValueError("devices and repeats must be at least 1")
+        if self.via not in ("fleet", "deployment"):
+            raise ValueError(f"via must be 'fleet' or 'deployment', not {self.via!r}")
         if self.deadline_s <= 0 or self.poll_interval_s <= 0:
             raise ValueError("deadline_s and poll_interval_s must be positive")
 
@@ -117,6 +127,7 @@ class BenchResult:
         config["workdir"] = str(config["workdir"]) if config["workdir"] else None
         return {
             "benchmark": "converge",
+            "via": self.config.via,
             "command": command,
             "devices": self.config.devices,
             "repeats": self.config.repeats,
@@ -150,7 +161,12 @@ def format_table(result: BenchResult) -> str:
     lines = [
         f"converge: {cfg.devices} devices, {cfg.repeats} repeats, "
         f"{result.payload_bytes}-byte documents, "
-        f"{'signed and verified' if cfg.signed else 'unsigned'}, loopback",
+        f"{'signed and verified' if cfg.signed else 'unsigned'}, loopback, "
+        + (
+            "via PUT /fleet/desired"
+            if cfg.via == "fleet"
+            else f"via PUT /deployments/{DEPLOYMENT} (fleet, selector {SELECTOR!r})"
+        ),
         head + f"{'median':>9}",
     ]
     medians = result.medians()
@@ -169,6 +185,17 @@ def bench_config(
     size = len(_document(device_id, config))
     config["pad"] = "x" * max(0, target_bytes - size)
     return config
+
+
+def deployment_workload(
+    round_no: int, device_id: str, target_bytes: int = DOCUMENT_BYTES
+) -> dict[str, Any]:
+    """Pure: the bench deployment's one workload for a round, padded so that the document
+    it makes on a device is ~target_bytes (the same size as ``bench_config``'s)."""
+    entry: dict[str, Any] = {"name": "bench", "config": {"round": round_no, "pad": ""}}
+    size = len(_document(device_id, {"workloads": [entry]}))
+    entry["config"]["pad"] = "x" * max(0, target_bytes - size)
+    return entry
 
 
 def _document(device_id: str, config: dict[str, Any]) -> bytes:
@@ -296,9 +323,10 @@ async def measure_ours(
 ) -> Round:
     """One fleet-wide PUT, timed to the summary showing every device in sync.
 
-    Milestones on the way (same clock, from before the PUT): the PUT's response,
-    every device has received its new document (hub publish + broker), and the
-    broker has acknowledged every device's report (the rest is hub ingest).
+    Milestones on the way (same clock, from before the PUT): the PUT's response
+    (which may come after the rest, see below), every device has received its new
+    document (hub publish + broker), and the broker has acknowledged every device's
+    report (the rest is hub ingest).
     """
     total = len(fleet)
     before = fleet.counters.snapshot()
@@ -312,17 +340,41 @@ async def measure_ours(
         )
         return time.perf_counter() - start
 
+    async def change() -> float:
+        """The PUT; seconds until its answer (checked: every device changed)."""
+        if cfg.via == "deployment":
+            path = f"/deployments/{DEPLOYMENT}"
+            body: dict[str, Any] = {"spec": {"selector": SELECTOR, "workloads": [document]}}
+        else:
+            path = "/fleet/desired"
+            body = {"selector": {"labels": LABELS}, "config": document}
+        response = await api.put(path, json=body)
+        answered_s = time.perf_counter() - start
+        changed = None
+        if response.status_code == 200:
+            answer = response.json()
+            changed = (
+                answer["preview"]["summary"]["changed"]
+                if cfg.via == "deployment"
+                else answer.get("updated")
+            )
+        if changed != total:
+            raise BenchError(f"PUT {path}: HTTP {response.status_code} {response.text[:300]}")
+        return answered_s
+
     delivered = asyncio.create_task(milestone("documents received", "desired_received"))
     reported = asyncio.create_task(milestone("reports acknowledged", "reports_sent"))
+    put = asyncio.create_task(change())
     try:
-        response = await api.put(
-            "/fleet/desired", json={"selector": {"labels": LABELS}, "config": document}
-        )
-        put_s = time.perf_counter() - start
-        if response.status_code != 200 or response.json().get("updated") != total:
-            raise BenchError(
-                f"PUT /fleet/desired: HTTP {response.status_code} {response.text[:300]}"
-            )
+        # Poll from the PUT's answer or from every device having its new document,
+        # whichever comes first: from either on, in_sync == total means the new
+        # generation (a device gets a document only after the hub committed it). A
+        # deployment's answer carries the preview (~450 bytes per changed device), read by
+        # this process, whose event loop also runs the fleet: while the documents
+        # arrive, reading it can take longer than the devices take to apply them.
+        done, _ = await asyncio.wait({put, delivered}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises BenchError or the HTTP error
         summary = await poll(
             lambda: fleet_summary(api),
             lambda s: s["total"] == total and s["in_sync"] == total,
@@ -331,10 +383,11 @@ async def measure_ours(
             what=f"round {round_no}: in_sync == {total}",
         )
         in_sync_s = time.perf_counter() - start
+        put_s = await put
         delivered_s, reported_s = await delivered, await reported
     finally:
-        delivered.cancel()
-        reported.cancel()
+        for task in (put, delivered, reported):
+            task.cancel()
     if summary["failed"]:
         raise BenchError(f"round {round_no}: {summary['failed']} devices failed: {summary}")
     return Round(
@@ -363,7 +416,16 @@ def _workdir(configured: Path | None) -> Iterator[Path]:
 async def run_bench(cfg: BenchConfig) -> BenchResult:
     """The whole benchmark; raises BenchError (or FleetError/FleetTimeout/BrokerError)."""
     ids = device_ids(cfg.devices)
-    payload_bytes = len(_document(ids[0], bench_config(1, ids[0])))
+
+    def change(round_no: int) -> dict[str, Any]:
+        if cfg.via == "deployment":
+            return deployment_workload(round_no, ids[0])
+        return bench_config(round_no, ids[0])
+
+    first = change(1)
+    payload_bytes = len(
+        _document(ids[0], {"workloads": [first]} if cfg.via == "deployment" else first)
+    )
     result = BenchResult(config=cfg, payload_bytes=payload_bytes)
     clock = time.perf_counter
     with _workdir(cfg.workdir) as workdir:
@@ -427,9 +489,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
             )
             for index in range(1, cfg.repeats + 1):
                 baseline_s = await baseline.measure(index, timeout_s=cfg.deadline_s)
-                ours = await measure_ours(
-                    api, fleet, index, cfg=cfg, document=bench_config(index, ids[0])
-                )
+                ours = await measure_ours(api, fleet, index, cfg=cfg, document=change(index))
                 result.rounds.append(replace(ours, baseline_s=baseline_s))
             result.fleet_counters = fleet.counters.snapshot()
             with contextlib.suppress(httpx.HTTPError, ValueError):
@@ -452,8 +512,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the hub signs every document and every device verifies it (a fresh fleet root)",
     )
-    add_run_arguments(parser, result="converge-N.json", deadline_s=120.0, hub_log_level="info")
+    parser.add_argument(
+        "--via",
+        choices=("fleet", "deployment"),
+        default="fleet",
+        help="the change: PUT /fleet/desired, or PUT /deployments/bench (a fleet deployment)",
+    )
+    add_run_arguments(
+        parser,
+        result="converge-N.json (deploy-N.json with --via deployment)",
+        deadline_s=120.0,
+        hub_log_level="info",
+    )
     return parser.parse_args(argv)
+
+
+def result_file(cfg: BenchConfig) -> str:
+    """Pure: the default result file (deployment runs are kept apart from the report's
+    ``converge-*.json``)."""
+    signed = "-signed" if cfg.signed else ""
+    if cfg.via == "deployment":
+        return f"deploy-{cfg.devices}{signed}.json"
+    return f"converge-{cfg.devices}{signed}.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -472,10 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             hub_log_level=args.hub_log_level,
             workdir=args.workdir,
             signed=args.signed,
+            via=args.via,
         ),
         bench=run_bench,
         table=format_table,
-        result_file=lambda cfg: f"converge-{cfg.devices}{'-signed' if cfg.signed else ''}.json",
+        result_file=result_file,
         json_path=args.json,
         log_level=args.log_level,
         failures=(BenchError, FleetError, FleetTimeout, BrokerError),

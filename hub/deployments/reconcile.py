@@ -614,16 +614,34 @@ def _commit_events(
         }
         for e in decided.events
     ]
+    outcome_events, outcomes = _outcomes(rows, now)
+    events += outcome_events
+    if outcomes:
+        connection.execute(_UPDATE_EVENTS_GENERATION, outcomes)
+    if events:
+        connection.execute(insert(_EVENTS), events)
+        _prune_events(connection)
+
+
+def _outcomes(
+    rows: Iterable[Mapping[str, Any]], now: datetime
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each newest generation's outcome once: an ``applied``/``failed`` event for a device
+    with deployments, and every such device's ``events_generation`` moved up to it."""
+    events: list[dict[str, Any]] = []
     outcomes: list[dict[str, Any]] = []
     for row in rows:
         generation = row["desired_generation"]
-        if generation <= row["events_generation"] or not row["assignments"]:
+        if generation <= row["events_generation"]:
             continue
         if row["reported_generation"] >= generation:
             kind = "applied"
         elif row["failed_generation"] >= generation:
             kind = "failed"
         else:
+            continue
+        outcomes.append({"b_id": row["id"], "b_generation": generation})
+        if not row["assignments"]:
             continue
         sources = sorted(set(row["contributions"].values()) - {"device"})
         events.append(
@@ -637,12 +655,49 @@ def _commit_events(
                 + (f" ({', '.join(sources)})" if sources else ""),
             }
         )
-        outcomes.append({"b_id": row["id"], "b_generation": generation})
+    return events, outcomes
+
+
+_OUTCOME_COLUMNS = (
+    "id",
+    "assignments",
+    "contributions",
+    "desired_generation",
+    "reported_generation",
+    "failed_generation",
+    "events_generation",
+)
+_OUTCOMES_DUE = (
+    sa_select(*(_DEVICES.c[name] for name in _OUTCOME_COLUMNS))
+    .where(_DEVICES.c.decommissioned_at.is_(None))
+    .where(_DEVICES.c.desired_generation > _DEVICES.c.events_generation)
+    .where(
+        (_DEVICES.c.reported_generation >= _DEVICES.c.desired_generation)
+        | (_DEVICES.c.failed_generation >= _DEVICES.c.desired_generation)
+    )
+)
+
+
+def record_outcomes(session: Session, *, now: datetime) -> int:
+    """Record the outcomes devices reported since the last look, without planning: one
+    read, and a write transaction only when there is something to write. Returns how
+    many events it wrote."""
+    due = [dict(r) for r in session.connection().execute(_OUTCOMES_DUE).mappings()]
+    session.rollback()
+    if not due:
+        return 0
+    begin_write(session)
+    # Read again under the write lock: a plan may have recorded them meanwhile.
+    due = [dict(r) for r in session.connection().execute(_OUTCOMES_DUE).mappings()]
+    events, outcomes = _outcomes(due, now)
+    connection = session.connection()
     if outcomes:
         connection.execute(_UPDATE_EVENTS_GENERATION, outcomes)
     if events:
         connection.execute(insert(_EVENTS), events)
         _prune_events(connection)
+    session.commit()
+    return len(events)
 
 
 def _prune_events(connection: Any) -> None:

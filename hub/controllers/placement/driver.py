@@ -2,13 +2,16 @@
 
 Rules:
 - One look: a cheap fingerprint of what placement reads (active devices, the newest
-  registration, the newest online flip, the change feed, the sum of reported
-  generations, how many are online, how many deployments); when it is the one of the
-  last full look (or there is no deployment) and no planner timer is due, the look
-  ends there. Otherwise the whole fleet is planned and committed
+  registration, the newest online flip, the sum of connection numbers, how many are
+  online, how many deployments); when it is the one of the last full look (or there
+  is no deployment) and no planner timer is due, the look only records the outcomes
+  devices reported since (``applied``/``failed`` events: one read, a write only when
+  there is one). Otherwise the whole fleet is planned and committed
   through :meth:`hub.devices.desired.DesiredState.reconcile_fleet` (the very code a
   route's change and its preview run), which bumps every changed document and
-  signals delivery.
+  signals delivery. What needs no plan stays out of the fingerprint: a route's own
+  change (deployments, labels) is planned in its request, a device's own document is
+  merged when it is set, so the wake-up that follows them plans nothing again.
 - Woken by the link's change fan-out (a desired change, the change feed), by its
   interval (``placement_interval_s``), and by the planner's own timers
   (``wake_after_s``: a lost_after or a backoff running out).
@@ -29,6 +32,7 @@ from sqlalchemy import select as sa_select
 from hub.context import Clock
 from hub.controllers.loop import ControllerLoop
 from hub.db import new_session
+from hub.deployments import reconcile
 from hub.deployments.models import Deployment
 from hub.devices.desired import DeliverySignal, DesiredState
 from hub.devices.models import Device
@@ -43,8 +47,7 @@ _FINGERPRINT = sa_select(
     func.count(),
     func.max(_DEVICES.c.created_at),
     func.max(_DEVICES.c.online_changed_at),
-    func.max(_DEVICES.c.desired_seq),
-    func.sum(_DEVICES.c.reported_generation + _DEVICES.c.failed_generation),
+    func.sum(_DEVICES.c.session),
     func.sum(case((_DEVICES.c.online, 1), else_=0)),
     sa_select(func.count()).select_from(_DEPLOYMENTS).scalar_subquery(),
 ).where(_DEVICES.c.decommissioned_at.is_(None))
@@ -70,6 +73,7 @@ class PlacementController:
         self._due_at: float | None = None
         self.looks = 0
         self.plans = 0
+        self.outcomes = 0
 
     def attach(self, session: MqttSession) -> None:
         session.while_connected("placement", self._loop.run)
@@ -91,6 +95,8 @@ class PlacementController:
             # No deployment: nothing to place (removing the last one already cleared
             # every assignment in the same transaction).
             if (fingerprint == self._fingerprint or fingerprint[-1] == 0) and not due:
+                # Nothing placement reads changed; outcomes may have arrived.
+                self.outcomes += reconcile.record_outcomes(session, now=now)
                 return self._wait(now.timestamp(), interval)
             outcome = self._desired.reconcile_fleet(session, now=now)
             self._fingerprint = tuple(session.connection().execute(_FINGERPRINT).one())

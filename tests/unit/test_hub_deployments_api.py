@@ -173,3 +173,37 @@ def test_device_events_record_placements(client: TestClient) -> None:
     assert events["total"] >= 1
     assert events["items"][0]["kind"] == "placed" and events["items"][0]["deployment"] == "web"
     assert client.get("devices/nope/events").status_code == 404
+
+
+def test_reported_outcomes_become_events_once_without_a_plan(client: TestClient) -> None:
+    """The controller's cheap pass: applied/failed once per generation, for devices with
+    deployments; a device without any moves its mark silently."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from hub.db import new_session
+    from hub.deployments import reconcile
+    from hub.devices.models import Device
+
+    register(client, "d1", env="prod")
+    register(client, "d2", env="prod")
+    register(client, "solo")
+    put(client, "web", {"selector": "env=prod", "workloads": [workload("web")]})
+    client.put("devices/solo/desired", json={"config": {"rate": 1}})
+    engine = client.app.state.context.engine  # type: ignore[attr-defined]
+    now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
+    with new_session(engine) as session:
+        session.exec(update(Device).where(Device.id == "d1").values(reported_generation=1))
+        session.exec(update(Device).where(Device.id == "d2").values(failed_generation=1))
+        session.exec(update(Device).where(Device.id == "solo").values(reported_generation=1))
+        session.commit()
+        assert reconcile.record_outcomes(session, now=now) == 2
+        assert reconcile.record_outcomes(session, now=now) == 0  # once per generation
+    kinds = {
+        d: [e["kind"] for e in client.get(f"devices/{d}/events").json()["items"]]
+        for d in ("d1", "d2", "solo")
+    }
+    assert kinds == {"d1": ["applied", "placed"], "d2": ["failed", "placed"], "solo": []}
+    detail = client.get("devices/d1/events").json()["items"][0]["detail"]
+    assert detail == "generation 1 applied (deployment:web)"

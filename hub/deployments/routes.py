@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, func, select
 
 from hub.api.deps import DesiredDep, NowDep, SessionDep, SettingsDep
@@ -96,16 +97,21 @@ def _preview(outcome: Outcome, *, only: str | None = None) -> Preview:
 
 
 def _status(session: Session, name: str, spec: dict[str, Any]) -> DeploymentStatus:
-    devices = session.exec(
-        select(
-            Device.id,
-            Device.assignments,
-            Device.online,
-            Device.desired_generation,
-            Device.reported_generation,
-            Device.failed_generation,
-        ).where(col(Device.decommissioned_at).is_(None))
-    ).all()
+    table = Device.__table__  # type: ignore[attr-defined]
+    devices = (
+        session.connection()
+        .execute(
+            sa_select(
+                table.c.id,
+                table.c.assignments,
+                table.c.online,
+                table.c.desired_generation,
+                table.c.reported_generation,
+                table.c.failed_generation,
+            ).where(table.c.decommissioned_at.is_(None))
+        )
+        .all()
+    )
     unplaced = session.exec(select(Unplaced).where(Unplaced.deployment == name)).all()
     placed = [d for d in devices if name in (d[1] or ())]
     reasons: Counter[str] = Counter(r for u in unplaced for r in u.reasons)

@@ -54,11 +54,9 @@ from hub.devices.errors import (
     DeviceNotFound,
     UnknownBundles,
 )
+from hub.devices.labels import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS
 from hub.devices.models import (
     DEVICE_ID_SCHEMA_PATTERN,
-    LABEL_KEY_PATTERN,
-    LABEL_VALUE_PATTERN,
-    MAX_LABELS,
     DesiredUpdate,
     DeviceBatchCreate,
     DeviceBatchResult,

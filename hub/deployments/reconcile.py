@@ -34,7 +34,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -134,9 +134,7 @@ class Outcome:
     unplaceable: dict[str, dict[str, tuple[str, ...]]]
     bumped: tuple[str, ...]
     """Devices whose generation was bumped (empty for a dry run)."""
-    wake_after_s: float | None
     plan: Plan
-    specs: dict[str, DeploymentSpec] = field(default_factory=dict)
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -272,7 +270,7 @@ def _run(
                 _UPDATE_LABELS, [{"b_id": i, "b_labels": dict(v)} for i, v in labels.items()]
             )
         empty = Plan(assignments={}, instances=(), unplaceable={}, events=(), wake_after_s=None)
-        return Outcome((), 0, {}, (), None, empty)
+        return Outcome((), 0, {}, (), empty)
 
     fleet = read_fleet(connection)
     for row in fleet.devices:
@@ -299,9 +297,7 @@ def _run(
         unchanged=decision.unchanged,
         unplaceable=decision.unplaceable,
         bumped=bumped,
-        wake_after_s=decision.plan.wake_after_s,
         plan=decision.plan,
-        specs=specs,
     )
 
 

@@ -16,7 +16,7 @@ Rules:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from sqlalchemy import select as sa_select
@@ -49,7 +49,8 @@ from hub.deployments.models import (
 )
 from hub.deployments.reconcile import Outcome
 from hub.devices.errors import DeviceNotFound, UnknownBundles
-from hub.devices.models import DEVICE_ID_SCHEMA_PATTERN, Device
+from hub.devices.models import Device
+from hub.devices.routes import DeviceIdPath
 from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
 router = APIRouter(prefix="/deployments", tags=["deployments"], route_class=HubRoute)
@@ -96,7 +97,7 @@ def _preview(outcome: Outcome, *, only: str | None = None) -> Preview:
     )
 
 
-def _status(session: Session, name: str, spec: dict[str, Any]) -> DeploymentStatus:
+def _status(session: Session, name: str) -> DeploymentStatus:
     table = Device.__table__  # type: ignore[attr-defined]
     devices = (
         session.connection()
@@ -179,13 +180,13 @@ def list_deployments(
 @router.get("/{name}", response_model=DeploymentPublic, responses=responses(404))
 def get_deployment(name: NamePath, session: SessionDep) -> DeploymentPublic:
     row = _get(session, name)
-    return _public(row, _status(session, name, row.spec))
+    return _public(row, _status(session, name))
 
 
 @router.get("/{name}/status", response_model=DeploymentStatus, responses=responses(404))
 def deployment_status(name: NamePath, session: SessionDep) -> DeploymentStatus:
-    row = _get(session, name)
-    return _status(session, name, row.spec)
+    _get(session, name)  # 404 for an unknown name
+    return _status(session, name)
 
 
 @router.put(
@@ -252,9 +253,7 @@ def delete_deployment(
 
 @events_router.get("/{device_id}/events", response_model=DeviceEventPage, responses=responses(404))
 def device_events(
-    device_id: Annotated[
-        str, Path(description="device id", max_length=64, pattern=DEVICE_ID_SCHEMA_PATTERN)
-    ],
+    device_id: DeviceIdPath,
     session: SessionDep,
     settings: SettingsDep,
     limit: Limit = None,

@@ -102,7 +102,7 @@ class PlacementController:
             self._fingerprint = tuple(session.connection().execute(_FINGERPRINT).one())
             session.rollback()
         self.plans += 1
-        wake_after = outcome.wake_after_s
+        wake_after = outcome.plan.wake_after_s
         self._due_at = now.timestamp() + wake_after if wake_after is not None else None
         if outcome.bumped or outcome.plan.events:
             log.info(

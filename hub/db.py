@@ -90,7 +90,10 @@ def register_tables() -> None:
     import hub.bundles.models
     import hub.deployments.models
     import hub.devices.models
-    import hub.enrollment.models  # noqa: F401
+    import hub.enrollment.models
+    import hub.jobs.models
+    import hub.rollouts.models
+    import hub.schedules.models  # noqa: F401
 
 
 def _alembic_config() -> Any:

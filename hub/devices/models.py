@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, StringConstraints, field_validator
 from pydantic import Field as PydanticField
-from sqlalchemy import JSON, BigInteger, Column, String
+from sqlalchemy import JSON, BigInteger, Column, Float, String
 from sqlmodel import Field, SQLModel
 
 import protocols
@@ -105,6 +105,20 @@ class Device(SQLModel, table=True):
         default=None, sa_column=Column(JSON, nullable=True)
     )
     events_dropped: int = _big(0)
+    # Liveness and the rollout soak (ingest rules): the heartbeat interval the newest
+    # birth announced; since when, and for how many reports in a row, the applied
+    # generation's workloads were all healthy; the newest report that showed one of them
+    # not healthy (or restarted); the newest generation the device staged (downloaded
+    # and verified, not switched).
+    heartbeat_s: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
+    healthy_since: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    healthy_reports: int = _big(0)
+    unhealthy_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    staged_generation: int = _big(0)
     # Update locks held (protocols.LockStatus as JSON) as last reported, and the last
     # state of each one-shot job (protocols.JobStatus as JSON, newest 100 ids).
     locks: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))

@@ -33,6 +33,8 @@ NEW_COLUMNS = (
     "locks", "jobs",  # revision 0004 (update locks, one-shot jobs)
     "manual_config", "assignments", "contributions", "events_generation",
     "online_changed_at",  # revision 0005 (deployments)
+    "heartbeat_s", "healthy_since", "healthy_reports", "unhealthy_at",
+    "staged_generation",  # revision 0006 (rollouts, liveness, soak)
 )  # fmt: skip
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hub-db-1f12664.sql"
 TABLES = (

@@ -1,0 +1,1 @@
+"""One-shot jobs queued per device (``docs/jobs.md``)."""

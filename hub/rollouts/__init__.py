@@ -1,0 +1,1 @@
+"""Staged rollouts of deployment changes (``docs/rollouts.md``)."""

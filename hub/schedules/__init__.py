@@ -1,0 +1,1 @@
+"""Maintenance windows and start times: schedules kept in the database (``docs/rollouts.md``)."""

@@ -26,6 +26,7 @@ from sqlalchemy import JSON, BigInteger, Column, Float, Integer, String
 from sqlmodel import Field, SQLModel
 
 from hub.db import UTCDateTime
+from hub.rollouts.models import RolloutPolicyIn
 
 DEPLOYMENT_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 DeploymentName = Annotated[str, StringConstraints(pattern=DEPLOYMENT_NAME_PATTERN)]
@@ -168,6 +169,7 @@ class DeploymentSpecIn(_Strict):
     lost_after_s: float = PydanticField(default=300.0, ge=0, le=30 * 86400)
     reschedule: Reschedule = PydanticField(default_factory=Reschedule)
     reconcile: Literal["keep_replacement"] = "keep_replacement"
+    rollout: RolloutPolicyIn | None = None
 
 
 class DeploymentPut(_Strict):

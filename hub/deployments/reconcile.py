@@ -44,6 +44,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from hub.controllers.placement.plan import Plan, plan
+from hub.controllers.rollout.policy import PolicyError, parse_policy
 from hub.db import begin_write
 from hub.deployments.errors import DeploymentNotFound, InvalidSpec
 from hub.deployments.layers import layer_of
@@ -59,6 +60,8 @@ from hub.deployments.spec import (
 )
 from hub.devices.models import Device
 from hub.devices.store import check_bundles, next_desired_seq
+from hub.rollouts import gate
+from hub.rollouts.gate import Gating
 
 TOO_LARGE = "merged document too large"
 HISTORY_KEPT = 50
@@ -135,6 +138,9 @@ class Outcome:
     bumped: tuple[str, ...]
     """Devices whose generation was bumped (empty for a dry run)."""
     plan: Plan
+    rollouts_created: tuple[str, ...] = ()
+    """Deployments whose change this run made a rollout of (the rollout controller
+    starts them)."""
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -238,6 +244,21 @@ def run(
     return outcome
 
 
+def run_in_transaction(session: Session, *, now: datetime, max_config_bytes: int) -> Outcome:
+    """Plan and compose the fleet inside the caller's write transaction, which the
+    caller commits (the rollout controller: its decisions and the documents they
+    change in one transaction)."""
+    return _run(
+        session,
+        now=now,
+        max_config_bytes=max_config_bytes,
+        put={},
+        remove=set(),
+        labels={},
+        dry_run=False,
+    )
+
+
 def _run(
     session: Session,
     *,
@@ -258,9 +279,18 @@ def _run(
     }
     specs_json.update(put)
     specs = {name: spec_of(name, spec) for name, spec in sorted(specs_json.items())}
-    for spec in put.values():
+    for name, spec in put.items():
         check_bundles(session, {"workloads": list(spec.get("workloads") or ())})
+        if spec.get("rollout"):
+            try:
+                parse_policy(spec["rollout"])
+            except PolicyError as error:
+                raise InvalidSpec(name, f"rollout: {error}") from None
+    created: list[str] = []
     if not dry_run:
+        created = gate.create_rollouts(
+            connection, stored=stored, put=put, remove=remove, now=now
+        )
         _store_deployments(connection, stored, put, remove, now)
     if not stored and not specs_json:
         # No deployment before or after: nothing to place or merge (a label change on a
@@ -276,8 +306,14 @@ def _run(
     for row in fleet.devices:
         if row["id"] in labels:
             row["labels"] = dict(labels[row["id"]])
+    gating = gate.read_gating(connection, ungated=put if dry_run else ())
     decision = decide(
-        fleet, specs=specs, specs_json=specs_json, now=now, max_config_bytes=max_config_bytes
+        fleet,
+        specs=specs,
+        specs_json=specs_json,
+        now=now,
+        max_config_bytes=max_config_bytes,
+        gating=gating,
     )
     bumped: tuple[str, ...] = ()
     if not dry_run:
@@ -292,12 +328,20 @@ def _run(
             now=now,
             seq=next_desired_seq(session) if decision.documents else 0,
         )
+        if gating:
+            gate.record_generations(
+                connection,
+                gating,
+                fleet.devices,
+                {p["b_id"]: p["b_generation"] for p in decision.documents},
+            )
     return Outcome(
         changed=tuple(decision.changed),
         unchanged=decision.unchanged,
         unplaceable=decision.unplaceable,
         bumped=bumped,
         plan=decision.plan,
+        rollouts_created=tuple(created),
     )
 
 
@@ -341,10 +385,14 @@ def decide(
     specs_json: Mapping[str, Mapping[str, Any]],
     now: datetime,
     max_config_bytes: int,
+    gating: Mapping[str, Gating] | None = None,
 ) -> Decision:
     """Plan ``fleet`` against the deployments (``specs``, and ``specs_json`` their stored
-    form, for the merge layers) at ``now`` and compose every active device's document; no
-    I/O, no clock. Raises ValueError for inconsistent input (the planner's)."""
+    form, for the merge layers) at ``now`` and compose every active device's document,
+    each deployment with an active rollout in ``gating`` at the version the rollout has
+    the device at (:mod:`hub.rollouts.gate`); no I/O, no clock. Raises ValueError for
+    inconsistent input (the planner's)."""
+    gating = gating or {}
     rows = fleet.devices
     current = {row["id"]: frozenset(row["assignments"] or ()) for row in rows if row["assignments"]}
     with _collector_paused():
@@ -358,7 +406,12 @@ def decide(
         layers = {name: layer_of(name, spec) for name, spec in specs_json.items()}
         unplaceable = {d: dict(by_device) for d, by_device in decided.unplaceable.items()}
         changed, documents, bookkeeping, unchanged = _compose_all(
-            rows, decided, layers, unplaceable, max_config_bytes
+            rows,
+            decided,
+            layers,
+            unplaceable,
+            max_config_bytes,
+            _Versions(layers, gating, gate.forced(gating, rows)),
         )
     return Decision(decided, changed, documents, bookkeeping, unchanged, unplaceable)
 
@@ -369,6 +422,7 @@ def _compose_all(
     layers: Mapping[str, Any],
     unplaceable: dict[str, dict[str, tuple[str, ...]]],
     max_config_bytes: int,
+    versions: _Versions | None = None,
 ) -> tuple[list[DeviceDiff], list[dict[str, Any]], list[dict[str, Any]], int]:
     """Every active device's merged document: the changed ones (a diff each, and the
     row update bumping them), the bookkeeping-only updates, and how many stay as they are."""
@@ -378,7 +432,8 @@ def _compose_all(
     unchanged = 0
     # Devices with the same assignments and the same own document get the same document:
     # compose (and encode) each combination once. The results are shared, never mutated.
-    memo: dict[tuple[tuple[str, ...], bytes | None], tuple[Composed, bytes]] = {}
+    versions = versions or _Versions(layers, {}, set())
+    memo: dict[tuple[Any, ...], tuple[Composed, bytes]] = {}
     for row in rows:
         if row["decommissioned_at"] is not None:
             continue
@@ -386,21 +441,22 @@ def _compose_all(
         if names is None:
             names = tuple(sorted(row["assignments"] or ()))
         base = row["manual_config"] or {}
-        key = (names, canonical(base) if base else None)
+        modes = versions.modes(row["id"], names)
+        key = (names, canonical(base) if base else None, modes)
         found = memo.get(key)
         if found is None:
-            composed = compose(base, [layers[n] for n in names])
+            composed = versions.compose(base, names, modes)
             found = memo[key] = (composed, canonical(composed.document))
         composed, encoded = found
         document = composed.document
-        same = encoded == canonical(row["desired_config"] or {})
+        same = encoded == canonical(row["desired_config"] or {}) and row["id"] not in versions.force
         if not same and names and _too_large(document, max_config_bytes):
             kept = tuple(sorted(row["assignments"] or ()))
             for name in set(names) - set(kept):
                 unplaceable.setdefault(name, {})[row["id"]] = (TOO_LARGE,)
             names = kept
-            composed = compose(
-                row["manual_config"] or {}, [layers[n] for n in names if n in layers]
+            composed = versions.compose(
+                row["manual_config"] or {}, names, versions.modes(row["id"], names)
             )
             document = composed.document
             same = canonical(document) == canonical(row["desired_config"] or {})
@@ -440,6 +496,49 @@ def _compose_all(
         )
 
     return changed, documents, bookkeeping, unchanged
+
+
+class _Versions:
+    """Which version of each deployment a device's document is composed from: the
+    current one, or, while a rollout runs, what the rollout has the device at."""
+
+    __slots__ = ("_gating", "_layers", "_previous", "force")
+
+    def __init__(
+        self, layers: Mapping[str, Any], gating: Mapping[str, Gating], force: set[str]
+    ) -> None:
+        self._layers = layers
+        self._gating = gating
+        self.force = force
+        self._previous = {
+            name: layer_of(name, g.from_spec) if g.from_spec is not None else None
+            for name, g in gating.items()
+        }
+
+    def modes(self, device_id: str, names: Sequence[str]) -> tuple[str, ...] | None:
+        """Per deployment of ``names``: "now", "from", "hold" or "to"; None: all "now"."""
+        if not self._gating:
+            return None
+        modes = tuple(
+            "now" if (g := self._gating.get(n)) is None else g.modes.get(device_id, "from")
+            for n in names
+        )
+        return None if all(m == "now" for m in modes) else modes
+
+    def compose(
+        self, base: Mapping[str, Any], names: Sequence[str], modes: tuple[str, ...] | None
+    ) -> Composed:
+        if modes is None:
+            return compose(base, [self._layers[n] for n in names if n in self._layers])
+        chosen = []
+        for name, mode in zip(names, modes, strict=True):
+            layer = self._previous.get(name) if mode == "from" else self._layers.get(name)
+            if layer is not None:
+                chosen.append(layer)
+        composed = compose(base, chosen)
+        if "hold" in modes:
+            composed.document[gate.HOLD_KEY] = True
+        return composed
 
 
 def _too_large(document: Mapping[str, Any], limit: int) -> bool:

@@ -143,7 +143,13 @@ class DesiredState:
         )
         if outcome.bumped:
             self._delivery.desired_changed(outcome.bumped)
+        if outcome.rollouts_created:
+            self._delivery.fleet_changed()  # the rollout controller starts them
         return outcome
+
+    def rollout_changed(self) -> None:
+        """An operator's command changed a rollout (committed): its controller looks now."""
+        self._delivery.fleet_changed()
 
     def devices_registered(self) -> None:
         """Devices were registered (committed): the placement controller looks now rather

@@ -1,0 +1,340 @@
+"""Rollouts: data access for the routes and the rollout controller.
+
+Rules:
+- Rows change in write transactions only; a command reads the rollout and its
+  devices under the write lock, asks the pure planner
+  (:func:`hub.controllers.rollout.plan.command`) what it means, and writes that.
+- Times go to the planner as epoch seconds and come back as aware UTC datetimes.
+- What the API shows is built here from the rows (:func:`view`); device lists are
+  capped at :data:`LIST_CAP`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, bindparam, delete, update
+from sqlalchemy import select as sa_select
+from sqlmodel import Session
+
+from hub.controllers.rollout.plan import (
+    CommandRefused,
+    RolloutState,
+    Target,
+    command,
+    summarize,
+)
+from hub.controllers.rollout.policy import Policy, PolicyError, parse_policy
+from hub.db import begin_write
+from hub.rollouts.errors import RolloutNotFound, RolloutRefused
+from hub.rollouts.gate import NOTES_KEPT, TERMINAL
+from hub.rollouts.models import (
+    FailedDevice,
+    Rollout,
+    RolloutDevice,
+    RolloutPublic,
+    RolloutWave,
+)
+
+LIST_CAP = 100
+_ROLLOUTS: Table = Rollout.__table__  # type: ignore[attr-defined]
+_TARGETS: Table = RolloutDevice.__table__  # type: ignore[attr-defined]
+FAILED_STATES = ("failed", "timed_out")
+
+
+def ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+def policy_of(row: Mapping[str, Any]) -> Policy:
+    """The stored policy (valid when stored; a stored one that no longer parses is a bug
+    worth a loud error rather than a guess)."""
+    try:
+        return parse_policy(row["policy"])
+    except PolicyError as error:  # pragma: no cover - stored policies were checked
+        raise RuntimeError(f"rollout {row['id']}: stored policy invalid: {error}") from error
+
+
+def state_of(row: Mapping[str, Any]) -> RolloutState:
+    return RolloutState(
+        state=row["state"],
+        reason=row["reason"],
+        wave=row["wave"],
+        promoted=row["promoted"],
+        started_at=ts(row["started_at"]),
+        wave_started_at=ts(row["wave_started_at"]),
+        progress_at=ts(row["progress_at"]),
+        finished_at=ts(row["finished_at"]),
+        start_at=ts(row["start_at"]),
+        activate_at=ts(row["activate_at"]),
+    )
+
+
+def state_values(state: RolloutState, now: datetime) -> dict[str, Any]:
+    """A planner's RolloutState as the row's columns."""
+    return {
+        "state": state.state,
+        "reason": state.reason[:512],
+        "wave": state.wave,
+        "promoted": state.promoted,
+        "started_at": dt(state.started_at),
+        "wave_started_at": dt(state.wave_started_at),
+        "progress_at": dt(state.progress_at),
+        "finished_at": dt(state.finished_at),
+        "start_at": dt(state.start_at),
+        "activate_at": dt(state.activate_at),
+        "updated_at": now,
+    }
+
+
+def target_of(row: Mapping[str, Any]) -> Target:
+    return Target(
+        device_id=row["device_id"],
+        wave=row["wave"],
+        state=row["state"],
+        handed_out_at=ts(row["handed_out_at"]),
+        staged_at=ts(row["staged_at"]),
+        outcome_at=ts(row["outcome_at"]),
+    )
+
+
+def read_targets(connection: Any, rollout_id: int) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in connection.execute(
+            sa_select(_TARGETS)
+            .where(_TARGETS.c.rollout_id == rollout_id)
+            .order_by(_TARGETS.c.wave, _TARGETS.c.device_id)
+        ).mappings()
+    ]
+
+
+_UPDATE_TARGET = (
+    update(_TARGETS)
+    .where(_TARGETS.c.rollout_id == bindparam("b_rollout"))
+    .where(_TARGETS.c.device_id == bindparam("b_device"))
+    .values(
+        state=bindparam("b_state"),
+        handed_out_at=bindparam("b_handed_out_at"),
+        staged_at=bindparam("b_staged_at"),
+        outcome_at=bindparam("b_outcome_at"),
+        detail=bindparam("b_detail"),
+        generation=bindparam("b_generation"),
+    )
+)
+
+
+def write_targets(
+    connection: Any,
+    rollout_id: int,
+    before: Mapping[str, Mapping[str, Any]],
+    changed: Sequence[Target],
+    details: Mapping[str, str] | None = None,
+) -> bool:
+    """Write the planner's changed targets; returns whether any changed the version its
+    device gets (pending/held/handed out: the documents must be composed again)."""
+    params = []
+    recompose = False
+    for target in changed:
+        old = before[target.device_id]
+        generation = old["generation"]
+        if _mode(old["state"]) != _mode(target.state):
+            recompose = True
+        if target.state in ("pending",) or (
+            target.state in ("staging", "waiting_window", "in_flight")
+            and old["state"] != target.state
+            and _mode(old["state"]) != _mode(target.state)
+        ):
+            generation = None  # handed out anew: the compose records what it got
+        if old["state"] in FAILED_STATES and target.state == "pending":
+            generation = None
+        params.append(
+            {
+                "b_rollout": rollout_id,
+                "b_device": target.device_id,
+                "b_state": target.state,
+                "b_handed_out_at": dt(target.handed_out_at),
+                "b_staged_at": dt(target.staged_at),
+                "b_outcome_at": dt(target.outcome_at),
+                "b_detail": ((details or {}).get(target.device_id, old["detail"]) or "")[:512],
+                "b_generation": generation,
+            }
+        )
+    if params:
+        connection.execute(_UPDATE_TARGET, params)
+    return recompose
+
+
+def _mode(state: str) -> str:
+    if state == "pending":
+        return "from"
+    if state in ("staging", "staged", "waiting_window"):
+        return "hold"
+    return "to"
+
+
+def append_notes(old: Sequence[str], notes: Sequence[str], now: datetime) -> list[str]:
+    stamp = now.strftime("%H:%M:%S")
+    return [*old, *(f"{stamp} {n}" for n in notes)][-NOTES_KEPT:]
+
+
+# ---------------------------------------------------------------- reads
+
+
+def newest(session: Session, deployment: str) -> dict[str, Any]:
+    row = session.connection().execute(
+        sa_select(_ROLLOUTS)
+        .where(_ROLLOUTS.c.deployment == deployment)
+        .order_by(_ROLLOUTS.c.id.desc())
+        .limit(1)
+    ).mappings().first()
+    if row is None:
+        raise RolloutNotFound(f"deployment {deployment!r} has no rollout")
+    return dict(row)
+
+
+def by_id(session: Session, rollout_id: int) -> dict[str, Any]:
+    row = session.connection().execute(
+        sa_select(_ROLLOUTS).where(_ROLLOUTS.c.id == rollout_id)
+    ).mappings().first()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} not found")
+    return dict(row)
+
+
+def listing(
+    session: Session, *, deployment: str | None, state: str | None, limit: int
+) -> list[dict[str, Any]]:
+    query = sa_select(_ROLLOUTS).order_by(_ROLLOUTS.c.id.desc()).limit(limit)
+    if deployment is not None:
+        query = query.where(_ROLLOUTS.c.deployment == deployment)
+    if state is not None:
+        query = query.where(_ROLLOUTS.c.state == state)
+    return [dict(r) for r in session.connection().execute(query).mappings()]
+
+
+def view(session: Session, row: Mapping[str, Any]) -> RolloutPublic:
+    """The rollout as the API shows it."""
+    targets = read_targets(session.connection(), row["id"])
+    waves = len(row["waves"] or ())
+    summary = summarize([target_of(t) for t in targets], waves)
+    policy = policy_of(row)
+    failed = [
+        FailedDevice(device_id=t["device_id"], state=t["state"], detail=t["detail"])
+        for t in targets
+        if t["state"] in FAILED_STATES
+    ][:LIST_CAP]
+    unknown = [t["device_id"] for t in targets if t["state"] == "unknown"][:LIST_CAP]
+    progress_from = row["progress_at"] or row["started_at"]
+    deadline = (
+        progress_from + timedelta(seconds=policy.progress_deadline_s)
+        if progress_from is not None and row["state"] not in TERMINAL
+        else None
+    )
+    return RolloutPublic(
+        id=row["id"],
+        deployment=row["deployment"],
+        from_version=row["from_version"],
+        to_version=row["to_version"],
+        state=row["state"],
+        reason=row["reason"],
+        wave=row["wave"],
+        waves=[
+            RolloutWave(index=i, size=len(members), counts=dict(summary.per_wave[i]))
+            for i, members in enumerate(row["waves"] or ())
+        ],
+        counts=dict(summary.counts),
+        targeted=len(targets),
+        staged=summary.staged,
+        policy=policy.as_json(),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        progress_deadline_at=deadline,
+        failed_devices=failed,
+        unknown_devices=unknown,
+        notes=list(row["notes"] or ()),
+    )
+
+
+# ---------------------------------------------------------------- commands
+
+
+def apply_command(
+    session: Session, *, deployment: str, action: str, reason: str, now: datetime
+) -> dict[str, Any]:
+    """Carry out an operator's command on the deployment's newest rollout, in one write
+    transaction; returns the row as committed. Raises RolloutNotFound, RolloutRefused."""
+    begin_write(session)
+    try:
+        row = newest(session, deployment)
+        connection = session.connection()
+        targets = read_targets(connection, row["id"])
+        try:
+            decided = command(
+                policy_of(row),
+                state_of(row),
+                [target_of(t) for t in targets],
+                action,
+                now.timestamp(),
+            )
+        except CommandRefused as refused:
+            raise RolloutRefused(str(refused)) from None
+        new_state = decided.rollout
+        if reason:
+            new_state = replace(new_state, reason=f"{new_state.reason} ({reason})".strip())
+        values = state_values(new_state, now)
+        values["notes"] = append_notes(
+            row["notes"] or (), [*decided.notes, f"{action} by an operator"], now
+        )
+        connection.execute(update(_ROLLOUTS).where(_ROLLOUTS.c.id == row["id"]).values(**values))
+        write_targets(connection, row["id"], {t["device_id"]: t for t in targets}, decided.targets)
+        if decided.abort:
+            restore_deployment(connection, row, now)
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
+    return by_id(session, row["id"])
+
+
+def restore_deployment(connection: Any, row: Mapping[str, Any], now: datetime) -> None:
+    """An abort: the deployment goes back to the rollout's previous spec (a new version)
+    or, if the deployment was new, away; the compose that follows gives every touched
+    device its previous document as a new generation."""
+    from hub.deployments.models import Deployment
+
+    table: Table = Deployment.__table__  # type: ignore[attr-defined]
+    name = row["deployment"]
+    current = connection.execute(
+        sa_select(table.c.version).where(table.c.name == name)
+    ).scalar()
+    if current is None:
+        return
+    if row["from_spec"] is None:
+        connection.execute(delete(table).where(table.c.name == name))
+        return
+    connection.execute(
+        update(table)
+        .where(table.c.name == name)
+        .values(spec=dict(row["from_spec"]), version=current + 1, updated_at=now)
+    )
+
+
+def policy_problem(raw: Mapping[str, Any] | None) -> str | None:
+    """Why a spec's ``rollout`` member cannot be used, or None."""
+    if not raw:
+        return None
+    try:
+        parse_policy(raw)
+    except PolicyError as error:
+        return str(error)
+    return None

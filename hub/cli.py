@@ -86,6 +86,12 @@ def add_subcommands(top: Any) -> None:
         help="the placement controller looks at the fleet at least this often",
     )
     serve.add_argument(
+        "--rollout-interval-s",
+        type=float,
+        default=float(_env("DRIFTLESS_ROLLOUT_INTERVAL_S", "1")),
+        help="while a rollout is active, its controller looks at least this often",
+    )
+    serve.add_argument(
         "--broker-acl-admin",
         action="append",
         default=[],
@@ -168,6 +174,7 @@ def _settings(args: argparse.Namespace) -> Any:
         run_link=not args.no_link,
         desired_poll_s=args.desired_poll_s,
         placement_interval_s=args.placement_interval_s,
+        rollout_interval_s=args.rollout_interval_s,
         api_tls_cert_path=args.api_tls_cert,
         api_tls_key_path=args.api_tls_key,
     )

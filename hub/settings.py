@@ -31,6 +31,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
 _POSITIVE = (
     "broker_cutoff_retry_s",
     "placement_interval_s",
+    "rollout_interval_s",
+    "rollout_lease_s",
     "mqtt_keepalive_s",
     "mqtt_timeout_s",
     "mqtt_reconnect_min_s",
@@ -150,6 +152,11 @@ class HubSettings:
     # first: it plans only when devices came, went, flipped online or reported), and
     # whenever a desired change wakes it or a failover timer is due.
     placement_interval_s: float = 10.0
+    # While a rollout is active its controller looks at least this often (reports
+    # arrive all the time); a look takes the rollout's lease for rollout_lease_s, so a
+    # second hub process leaves it alone until this one stops renewing it.
+    rollout_interval_s: float = 1.0
+    rollout_lease_s: float = 30.0
 
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.

@@ -288,9 +288,7 @@ def _run(
                 raise InvalidSpec(name, f"rollout: {error}") from None
     created: list[str] = []
     if not dry_run:
-        created = gate.create_rollouts(
-            connection, stored=stored, put=put, remove=remove, now=now
-        )
+        created = gate.create_rollouts(connection, stored=stored, put=put, remove=remove, now=now)
         _store_deployments(connection, stored, put, remove, now)
     if not stored and not specs_json:
         # No deployment before or after: nothing to place or merge (a label change on a

@@ -48,6 +48,7 @@ from hub.controllers.cutoff.driver import CutoffController
 from hub.controllers.cutoff.plan import DYNSEC_RESPONSE_TOPIC
 from hub.controllers.loop import Controller
 from hub.controllers.placement.driver import PlacementController
+from hub.controllers.rollout.driver import RolloutController
 from hub.devices.delivery import Delivery
 from hub.devices.ingest import IngestHandler, ingest_subscriptions
 from hub.enrollment.renewal import RenewalHandler
@@ -175,6 +176,10 @@ class BrokerLink:
             engine=engine, settings=settings, clock=clock, delivery=self
         )
         self._controllers.append(self.placement)
+        self.rollouts = RolloutController(
+            engine=engine, settings=settings, clock=clock, delivery=self
+        )
+        self._controllers.append(self.rollouts)
         for controller in self._controllers:
             controller.attach(self.session)
         self.delivery.attach(self.session)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, insert, update
@@ -120,12 +120,22 @@ def create_rollouts(
                 waves=[],
                 promoted=-1,
                 notes=[f"created: version {from_version} -> {version}"],
+                start_at=_iso(policy.get("start_at")),
+                activate_at=_iso(policy.get("activate_at")),
                 created_at=now,
                 updated_at=now,
             )
         )
         created.append(name)
     return created
+
+
+def _iso(value: object) -> datetime | None:
+    """A policy's time (ISO 8601, checked by the policy parser) as an aware datetime."""
+    if not isinstance(value, str):
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _supersede(connection: Any, rollout_id: int, reason: str, now: datetime) -> None:
@@ -142,9 +152,9 @@ def read_gating(connection: Any, *, ungated: Iterable[str] = ()) -> dict[str, Ga
     rollouts = [
         dict(r)
         for r in connection.execute(
-            sa_select(
-                _ROLLOUTS.c.id, _ROLLOUTS.c.deployment, _ROLLOUTS.c.from_spec
-            ).where(_ROLLOUTS.c.state.notin_(TERMINAL))
+            sa_select(_ROLLOUTS.c.id, _ROLLOUTS.c.deployment, _ROLLOUTS.c.from_spec).where(
+                _ROLLOUTS.c.state.notin_(TERMINAL)
+            )
         ).mappings()
         if r["deployment"] not in skip
     ]
@@ -206,6 +216,8 @@ def record_generations(
                 if new is None:
                     continue
             if new != generation:
-                params.append({"b_rollout": g.rollout_id, "b_device": device_id, "b_generation": new})
+                params.append(
+                    {"b_rollout": g.rollout_id, "b_device": device_id, "b_generation": new}
+                )
     if params:
         connection.execute(_SET_GENERATION, params)

@@ -121,8 +121,8 @@ class RolloutPolicyIn(_Strict):
     strategy: Literal["all-at-once", "canary", "waves"] = "all-at-once"
     canary: CanaryIn | None = None
     pause_s: float | None = PydanticField(default=None, ge=0, le=30 * 86400)
-    waves: list[Annotated[int, PydanticField(ge=1, le=1_000_000)] | Percent] | None = (
-        PydanticField(default=None, min_length=1, max_length=100)
+    waves: list[Annotated[int, PydanticField(ge=1, le=1_000_000)] | Percent] | None = PydanticField(
+        default=None, min_length=1, max_length=100
     )
     max_in_flight: int | None = PydanticField(default=None, ge=1, le=1_000_000)
     rate: RateIn | None = None

@@ -91,9 +91,7 @@ def command_rollout(
 @list_router.get("", response_model=RolloutList)
 def list_rollouts(
     session: SessionDep,
-    deployment: Annotated[
-        str | None, Query(max_length=63, pattern=DEPLOYMENT_NAME_PATTERN)
-    ] = None,
+    deployment: Annotated[str | None, Query(max_length=63, pattern=DEPLOYMENT_NAME_PATTERN)] = None,
     state: StateQuery = None,
     limit: Annotated[int, Query(ge=1, le=API_MAX_PAGE_SIZE)] = 50,
 ) -> RolloutList:

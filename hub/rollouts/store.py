@@ -189,21 +189,29 @@ def append_notes(old: Sequence[str], notes: Sequence[str], now: datetime) -> lis
 
 
 def newest(session: Session, deployment: str) -> dict[str, Any]:
-    row = session.connection().execute(
-        sa_select(_ROLLOUTS)
-        .where(_ROLLOUTS.c.deployment == deployment)
-        .order_by(_ROLLOUTS.c.id.desc())
-        .limit(1)
-    ).mappings().first()
+    row = (
+        session.connection()
+        .execute(
+            sa_select(_ROLLOUTS)
+            .where(_ROLLOUTS.c.deployment == deployment)
+            .order_by(_ROLLOUTS.c.id.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         raise RolloutNotFound(f"deployment {deployment!r} has no rollout")
     return dict(row)
 
 
 def by_id(session: Session, rollout_id: int) -> dict[str, Any]:
-    row = session.connection().execute(
-        sa_select(_ROLLOUTS).where(_ROLLOUTS.c.id == rollout_id)
-    ).mappings().first()
+    row = (
+        session.connection()
+        .execute(sa_select(_ROLLOUTS).where(_ROLLOUTS.c.id == rollout_id))
+        .mappings()
+        .first()
+    )
     if row is None:
         raise RolloutNotFound(f"rollout {rollout_id} not found")
     return dict(row)
@@ -314,9 +322,7 @@ def restore_deployment(connection: Any, row: Mapping[str, Any], now: datetime) -
 
     table: Table = Deployment.__table__  # type: ignore[attr-defined]
     name = row["deployment"]
-    current = connection.execute(
-        sa_select(table.c.version).where(table.c.name == name)
-    ).scalar()
+    current = connection.execute(sa_select(table.c.version).where(table.c.name == name)).scalar()
     if current is None:
         return
     if row["from_spec"] is None:

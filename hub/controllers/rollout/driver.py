@@ -1,0 +1,342 @@
+"""The rollout controller's driver: read, step every active rollout, commit, signal.
+
+Rules:
+- One look is one write transaction: every active rollout this hub may advance (its
+  lease is free, expired or this hub's), the evidence of its devices (online, the
+  generations they reported applied, failed and staged, the soak evidence, their
+  maintenance window), the pure planner's step (:func:`hub.controllers.rollout.plan.step`)
+  for each, the rows it changed, and, when a device's version changed (handed out,
+  held, restored by an abort), the fleet's documents composed again in the same
+  transaction (:func:`hub.deployments.reconcile.run_in_transaction`); then delivery
+  is signalled for every bumped device.
+- Two hubs never both advance one rollout: the write transaction serialises the looks
+  (SQLite's write lock; ``SELECT ... FOR UPDATE`` elsewhere), and each look takes the
+  rollout's lease (``lease_owner``, ``lease_until``) for ``rollout_lease_s``, so
+  another hub leaves it alone until this one stops renewing it.
+- A scheduled rollout fixes its waves when it starts: the devices its deployment is
+  assigned to then, in a stable order spread by a hash of the rollout and the device
+  id (so a canary is not always the same few devices).
+- Woken by the link's fan-out (a change committed, a command), by its interval while
+  a rollout is active (reports arrive all the time), and by the planner's timers.
+  What it keeps in memory is pacing: a restarted hub carries on from the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from hub.controllers.rollout.plan import Evidence, build_waves, step
+from sqlalchemy import Engine, Table, insert, or_, update
+from sqlalchemy import select as sa_select
+from sqlmodel import Session
+
+from hub.context import Clock
+from hub.controllers.loop import ControllerLoop
+from hub.db import begin_write, new_session
+from hub.deployments import reconcile
+from hub.devices.desired import DeliverySignal
+from hub.devices.models import Device
+from hub.mqtt.session import MqttSession
+from hub.rollouts import store
+from hub.rollouts.gate import TERMINAL
+from hub.rollouts.models import Rollout, RolloutDevice
+from hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+_DEVICES: Table = Device.__table__  # type: ignore[attr-defined]
+_ROLLOUTS: Table = Rollout.__table__  # type: ignore[attr-defined]
+_TARGETS: Table = RolloutDevice.__table__  # type: ignore[attr-defined]
+_EVIDENCE_COLUMNS = (
+    "id",
+    "labels",
+    "online",
+    "assignments",
+    "decommissioned_at",
+    "reported_generation",
+    "failed_generation",
+    "staged_generation",
+    "healthy_since",
+    "healthy_reports",
+    "unhealthy_at",
+    "report_error",
+)
+_ACTIVE = sa_select(_ROLLOUTS.c.id).where(_ROLLOUTS.c.state.notin_(TERMINAL)).limit(1)
+
+
+def hub_identity(settings: HubSettings) -> str:
+    """Who holds a lease: this process, on this host, with this MQTT client id."""
+    return f"{socket.gethostname()}:{os.getpid()}:{settings.mqtt_client_id}"[:128]
+
+
+class RolloutController:
+    """Advances every active rollout from the evidence its devices report."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        settings: HubSettings,
+        clock: Clock,
+        delivery: DeliverySignal,
+        owner: str | None = None,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._clock = clock
+        self._delivery = delivery
+        self._owner = owner or hub_identity(settings)
+        self._loop = ControllerLoop(self._step)
+        self.looks = 0
+        self.advances = 0
+
+    def attach(self, session: MqttSession) -> None:
+        session.while_connected("rollouts", self._loop.run)
+
+    def wake(self) -> None:
+        self._loop.wake()
+
+    async def _step(self) -> float | None:
+        return await asyncio.to_thread(self.look)
+
+    def look(self) -> float | None:
+        """One look (module rules); returns when to look again (None: when woken)."""
+        self.looks += 1
+        now = self._clock()
+        with new_session(self._engine) as session:
+            if session.connection().execute(_ACTIVE).first() is None:
+                session.rollback()
+                return None
+            session.rollback()
+            bumped, wake_after = advance(
+                session,
+                now=now,
+                owner=self._owner,
+                lease_s=self._settings.rollout_lease_s,
+                max_config_bytes=self._settings.max_config_bytes,
+            )
+        self.advances += 1
+        if bumped:
+            self._delivery.desired_changed(bumped)
+        interval = self._settings.rollout_interval_s
+        return interval if wake_after is None else max(0.0, min(interval, wake_after))
+
+
+def advance(
+    session: Session,
+    *,
+    now: datetime,
+    owner: str,
+    lease_s: float,
+    max_config_bytes: int,
+) -> tuple[tuple[str, ...], float | None]:
+    """Step every active rollout ``owner`` may advance, in one write transaction that
+    this commits; returns the devices whose generation was bumped and when the planners
+    want to look again (seconds)."""
+    begin_write(session)
+    try:
+        bumped, wake_after = _advance(
+            session, now=now, owner=owner, lease_s=lease_s, max_config_bytes=max_config_bytes
+        )
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
+    return bumped, wake_after
+
+
+def _advance(
+    session: Session, *, now: datetime, owner: str, lease_s: float, max_config_bytes: int
+) -> tuple[tuple[str, ...], float | None]:
+    connection = session.connection()
+    rows = [
+        dict(r)
+        for r in connection.execute(
+            sa_select(_ROLLOUTS)
+            .where(_ROLLOUTS.c.state.notin_(TERMINAL))
+            .where(
+                or_(
+                    _ROLLOUTS.c.lease_owner.is_(None),
+                    _ROLLOUTS.c.lease_owner == owner,
+                    _ROLLOUTS.c.lease_until.is_(None),
+                    _ROLLOUTS.c.lease_until <= now,
+                )
+            )
+            .order_by(_ROLLOUTS.c.id)
+            .with_for_update()
+        ).mappings()
+    ]
+    if not rows:
+        return (), lease_s
+    devices = {
+        r["id"]: dict(r)
+        for r in connection.execute(
+            sa_select(*(_DEVICES.c[name] for name in _EVIDENCE_COLUMNS))
+        ).mappings()
+    }
+    recompose = False
+    wakes: list[float] = []
+    for row in rows:
+        changed, wake = _advance_one(
+            connection, row, devices, now=now, owner=owner, lease_s=lease_s
+        )
+        recompose = recompose or changed
+        if wake is not None:
+            wakes.append(wake)
+    bumped: tuple[str, ...] = ()
+    if recompose:
+        outcome = reconcile.run_in_transaction(session, now=now, max_config_bytes=max_config_bytes)
+        bumped = outcome.bumped
+    return bumped, min(wakes) if wakes else None
+
+
+def _advance_one(
+    connection: Any,
+    row: dict[str, Any],
+    devices: Mapping[str, Mapping[str, Any]],
+    *,
+    now: datetime,
+    owner: str,
+    lease_s: float,
+) -> tuple[bool, float | None]:
+    policy = store.policy_of(row)
+    extra: dict[str, Any] = {}
+    if row["state"] == "scheduled" and not row["waves"]:
+        start_at = row["start_at"]
+        if start_at is None or start_at <= now:
+            members = _members(row, devices)
+            waves = build_waves(policy, members)
+            extra["waves"] = waves
+            row["waves"] = waves
+            if members:
+                connection.execute(
+                    insert(_TARGETS),
+                    [
+                        {
+                            "rollout_id": row["id"],
+                            "device_id": device_id,
+                            "wave": index,
+                            "state": "pending",
+                            "detail": "",
+                        }
+                        for index, wave in enumerate(waves)
+                        for device_id in wave
+                    ],
+                )
+    targets = store.read_targets(connection, row["id"])
+    windows = _windows(connection, policy, targets, devices, now)
+    evidence = {t["device_id"]: _evidence(t, devices.get(t["device_id"]), windows) for t in targets}
+    decided = step(
+        policy,
+        store.state_of(row),
+        [store.target_of(t) for t in targets],
+        evidence,
+        now.timestamp(),
+    )
+    values = store.state_values(decided.rollout, now)
+    values.update(extra)
+    values["lease_owner"] = owner
+    values["lease_until"] = now + timedelta(seconds=lease_s)
+    if decided.notes:
+        values["notes"] = store.append_notes(row["notes"] or (), decided.notes, now)
+        log.info(
+            "rollout stepped",
+            extra={
+                "rollout": row["id"],
+                "deployment": row["deployment"],
+                "state": decided.rollout.state,
+                "wave": decided.rollout.wave,
+                "notes": list(decided.notes),
+            },
+        )
+    connection.execute(update(_ROLLOUTS).where(_ROLLOUTS.c.id == row["id"]).values(**values))
+    details = {
+        t.device_id: evidence[t.device_id].detail
+        for t in decided.targets
+        if t.state in store.FAILED_STATES and t.device_id in evidence
+    }
+    recompose = store.write_targets(
+        connection, row["id"], {t["device_id"]: t for t in targets}, decided.targets, details
+    )
+    if decided.abort:
+        store.restore_deployment(connection, row, now)
+        recompose = True
+    return recompose, decided.wake_after_s
+
+
+def _members(row: Mapping[str, Any], devices: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The devices the deployment is assigned to, in the rollout's stable spread order."""
+    name = row["deployment"]
+    ids = [
+        device_id
+        for device_id, d in devices.items()
+        if d["decommissioned_at"] is None and name in (d["assignments"] or ())
+    ]
+    salt = str(row["id"]).encode()
+    return sorted(ids, key=lambda i: hashlib.blake2b(salt + i.encode(), digest_size=8).digest())
+
+
+def _windows(
+    connection: Any,
+    policy: Any,
+    targets: Sequence[Mapping[str, Any]],
+    devices: Mapping[str, Mapping[str, Any]],
+    now: datetime,
+) -> Mapping[str, bool] | None:
+    """Each target's maintenance window, open or not (None: the policy names none)."""
+    if policy.window is None:
+        return None
+    from hub.schedules.window import window_states
+
+    from hub.schedules.models import Schedule
+
+    table: Table = Schedule.__table__  # type: ignore[attr-defined]
+    schedule = (
+        connection.execute(sa_select(table).where(table.c.name == policy.window)).mappings().first()
+    )
+    if schedule is None:
+        return {t["device_id"]: False for t in targets}  # no such window: never open
+    labels = {
+        t["device_id"]: (devices.get(t["device_id"]) or {}).get("labels") or {} for t in targets
+    }
+    return window_states(schedule, labels, now)
+
+
+def _evidence(
+    target: Mapping[str, Any],
+    device: Mapping[str, Any] | None,
+    windows: Mapping[str, bool] | None,
+) -> Evidence:
+    generation = target["generation"]
+    window_open = True if windows is None else windows.get(target["device_id"], False)
+    if device is None or device["decommissioned_at"] is not None:
+        return Evidence(
+            online=False,
+            staged=False,
+            applied=False,
+            failed=False,
+            healthy_since=None,
+            healthy_reports=0,
+            unhealthy_at=None,
+            window_open=window_open,
+            detail="device gone",
+        )
+    applied = generation is not None and device["reported_generation"] >= generation
+    return Evidence(
+        online=bool(device["online"]),
+        staged=generation is not None and device["staged_generation"] >= generation,
+        applied=applied,
+        failed=generation is not None and device["failed_generation"] >= generation,
+        healthy_since=store.ts(device["healthy_since"]) if applied else None,
+        healthy_reports=int(device["healthy_reports"]) if applied else 0,
+        unhealthy_at=store.ts(device["unhealthy_at"]) if applied else None,
+        window_open=window_open,
+        detail=(device["report_error"] or "")[:512],
+    )

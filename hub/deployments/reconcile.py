@@ -279,13 +279,7 @@ def _run(
     }
     specs_json.update(put)
     specs = {name: spec_of(name, spec) for name, spec in sorted(specs_json.items())}
-    for name, spec in put.items():
-        check_bundles(session, {"workloads": list(spec.get("workloads") or ())})
-        if spec.get("rollout"):
-            try:
-                parse_policy(spec["rollout"])
-            except PolicyError as error:
-                raise InvalidSpec(name, f"rollout: {error}") from None
+    _check_puts(session, put)
     created: list[str] = []
     if not dry_run:
         created = gate.create_rollouts(connection, stored=stored, put=put, remove=remove, now=now)
@@ -341,6 +335,17 @@ def _run(
         plan=decision.plan,
         rollouts_created=tuple(created),
     )
+
+
+def _check_puts(session: Session, put: Mapping[str, Mapping[str, Any]]) -> None:
+    """What the specs' shapes cannot say: bundles that exist, a usable rollout policy."""
+    for name, spec in put.items():
+        check_bundles(session, {"workloads": list(spec.get("workloads") or ())})
+        if spec.get("rollout"):
+            try:
+                parse_policy(spec["rollout"])
+            except PolicyError as error:
+                raise InvalidSpec(name, f"rollout: {error}") from None
 
 
 def read_deployments(connection: Any) -> dict[str, tuple[dict[str, Any], int, datetime]]:

@@ -100,13 +100,9 @@ class RolloutStack:
         wait_until(
             lambda: hub.stats()["bundles"]["mqtt_connected"], what="hub chunk server connected"
         )
-        self.shas = {
-            v: upload(hub, web_bundle(self.workdir, self.keys, v)) for v in VERSIONS
-        }
+        self.shas = {v: upload(hub, web_bundle(self.workdir, self.keys, v)) for v in VERSIONS}
         every = [d for ids in IDS.values() for d in ids]
-        bodies = [
-            {"id": d, "labels": {"suite": suite}} for suite, ids in IDS.items() for d in ids
-        ]
+        bodies = [{"id": d, "labels": {"suite": suite}} for suite, ids in IDS.items() for d in ids]
         bodies += [{"id": d, "labels": {"suite": "silent"}} for d in SLOW_IDS]
         self.api("post", "/devices/batch", json={"devices": bodies})
         identities = self.broker.pki.sim_identities(
@@ -169,7 +165,9 @@ class RolloutStack:
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.hub_.api.request(method.upper(), path, **kwargs)
-        assert response.is_success, f"{method.upper()} {path}: {response.status_code} {response.text}"
+        assert response.is_success, (
+            f"{method.upper()} {path}: {response.status_code} {response.text}"
+        )
         return response.json()
 
     def put(self, name: str, suite: str, version: str, rollout: dict[str, Any] | None) -> None:
@@ -189,7 +187,11 @@ class RolloutStack:
         return self.hub_.api.post(f"/deployments/{name}/rollout/{action}", json={})
 
     def wait_rollout(
-        self, name: str, done: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = DEADLINE_S
+        self,
+        name: str,
+        done: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout_s: float = DEADLINE_S,
     ) -> dict[str, Any]:
         found: dict[str, Any] = wait_until(
             lambda: (view := self.rollout(name)) if done(view) else None,
@@ -232,7 +234,9 @@ class RolloutStack:
             behind[:] = [d for d in ids if self.serving(d) != version]
             return not behind
 
-        wait_until(done, timeout_s=DEADLINE_S, what=f"{len(ids)} devices serving {version}: {behind[:5]}")
+        wait_until(
+            done, timeout_s=DEADLINE_S, what=f"{len(ids)} devices serving {version}: {behind[:5]}"
+        )
 
     def network_down(self, device_id: str) -> None:
         self.loop.call(self._device(device_id).network_down)

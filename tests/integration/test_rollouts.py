@@ -80,9 +80,9 @@ def test_a_canary_that_passes_waits_for_a_promote_then_reaches_every_device(
     stack.wait_serving(ids, "3.0.0")
     rows = stack.rows("promote")
     # Each device was handed the new version once: one generation each.
-    assert all(
-        rows[d]["desired_generation"] == before[d]["desired_generation"] + 1 for d in ids
-    ), {d: (before[d]["desired_generation"], rows[d]["desired_generation"]) for d in ids}
+    assert all(rows[d]["desired_generation"] == before[d]["desired_generation"] + 1 for d in ids), {
+        d: (before[d]["desired_generation"], rows[d]["desired_generation"]) for d in ids
+    }
     # A command a finished rollout cannot take is refused, naming why.
     refused = stack.command("promote", "pause")
     assert refused.status_code == 409, refused.text
@@ -110,7 +110,13 @@ def test_a_canary_that_fails_its_soak_aborts_and_restores_the_previous_document(
         lambda: (
             t
             if (rows := stack.rows("abort"))
-            and (t := {d for d in ids if rows[d]["desired_generation"] != before[d]["desired_generation"]})
+            and (
+                t := {
+                    d
+                    for d in ids
+                    if rows[d]["desired_generation"] != before[d]["desired_generation"]
+                }
+            )
             and all(rows[d]["in_sync"] for d in t)
             else None
         ),
@@ -217,7 +223,7 @@ def test_a_hub_killed_mid_rollout_resumes_where_it_was(stack: RolloutStack) -> N
     assert view["counts"]["succeeded"] == len(ids)
     stack.wait_serving(ids, "3.0.0")
     rows = stack.rows("restart")
-    assert all(
-        rows[d]["desired_generation"] == before[d]["desired_generation"] + 1 for d in ids
-    ), "a device was handed the new version twice"
+    assert all(rows[d]["desired_generation"] == before[d]["desired_generation"] + 1 for d in ids), (
+        "a device was handed the new version twice"
+    )
     assert [w["index"] for w in view["waves"]] == list(range(6))

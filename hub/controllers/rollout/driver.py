@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from hub.controllers.rollout.plan import Evidence, build_waves, step
-from sqlalchemy import Engine, Table, insert, or_, update
+from sqlalchemy import Engine, Table, insert, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
@@ -156,25 +156,20 @@ def _advance(
     session: Session, *, now: datetime, owner: str, lease_s: float, max_config_bytes: int
 ) -> tuple[tuple[str, ...], float | None]:
     connection = session.connection()
-    rows = [
+    active = [
         dict(r)
         for r in connection.execute(
             sa_select(_ROLLOUTS)
             .where(_ROLLOUTS.c.state.notin_(TERMINAL))
-            .where(
-                or_(
-                    _ROLLOUTS.c.lease_owner.is_(None),
-                    _ROLLOUTS.c.lease_owner == owner,
-                    _ROLLOUTS.c.lease_until.is_(None),
-                    _ROLLOUTS.c.lease_until <= now,
-                )
-            )
             .order_by(_ROLLOUTS.c.id)
             .with_for_update()
         ).mappings()
     ]
+    if not active:
+        return (), None
+    rows = [r for r in active if _may_advance(r, owner, now)]
     if not rows:
-        return (), lease_s
+        return (), lease_s  # another hub holds them: look again when its lease may lapse
     devices = {
         r["id"]: dict(r)
         for r in connection.execute(
@@ -195,6 +190,14 @@ def _advance(
         outcome = reconcile.run_in_transaction(session, now=now, max_config_bytes=max_config_bytes)
         bumped = outcome.bumped
     return bumped, min(wakes) if wakes else None
+
+
+def _may_advance(row: Mapping[str, Any], owner: str, now: datetime) -> bool:
+    return (
+        row["lease_owner"] in (None, owner)
+        or row["lease_until"] is None
+        or row["lease_until"] <= now
+    )
 
 
 def _advance_one(

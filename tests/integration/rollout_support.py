@@ -23,7 +23,7 @@ from firmware_bundles import archive
 from firmware_bundles.model import Backoff, HttpCheck, RunSpec
 from simulator.fleet import Fleet, FleetConfig, device_ids
 from simulator.profiles import BehaviourOverride, Profile, WorkloadsSpec
-from tests.integration.bundle_support import Keys, hub_with_root, now, upload
+from tests.integration.bundle_support import Keys, now, upload
 from tests.integration.orchestration_support import FleetLoop
 from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
@@ -193,12 +193,15 @@ class RolloutStack:
         what: str,
         timeout_s: float = DEADLINE_S,
     ) -> dict[str, Any]:
-        found: dict[str, Any] = wait_until(
-            lambda: (view := self.rollout(name)) if done(view) else None,
-            timeout_s=timeout_s,
-            what=f"{name}: {what} (now {self._brief(name)})",
-            interval_s=0.1,
-        )
+        try:
+            found: dict[str, Any] = wait_until(
+                lambda: view if done(view := self.rollout(name)) else None,
+                timeout_s=timeout_s,
+                what=f"{name}: {what}",
+                interval_s=0.1,
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the rollout: {self._brief(name)}") from None
         return found
 
     def _brief(self, name: str) -> str:

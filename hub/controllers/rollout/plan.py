@@ -324,6 +324,10 @@ class _Run:
         changed = tuple(t for k, t in self.targets.items() if t != self.before[k])
         switched = [t.handed_out_at for t in self.targets.values() if t.state in _SWITCHED]
         self.update(handed_out_total=sum(1 for at in switched if at is not None))
+        if self.policy.rate is not None:
+            self.update(rate_window_start=min(self.recent(), default=None))
+        if self.rs.state not in TERMINAL:
+            self.deadlines()
         future = [at for at in self.wakes if at > self.now]
         return Step(
             rollout=self.rs,
@@ -332,6 +336,17 @@ class _Run:
             wake_after_s=min(future) - self.now if future else None,
             notes=tuple(self.notes),
         )
+
+    def deadlines(self) -> None:
+        """Wake at every switched device's deadline."""
+        apply_s = self.policy.apply_deadline_s
+        for target in self.targets.values():
+            if target.handed_out_at is None:
+                continue
+            if target.state == IN_FLIGHT:
+                self.wake(target.handed_out_at + apply_s)
+            elif target.state == SOAKING:
+                self.wake(target.handed_out_at + apply_s + self.policy.soak.seconds)
 
     # start
 
@@ -417,8 +432,8 @@ class _Run:
     def deadline(self, target: Target, ev: Evidence, limit_s: float, what: str) -> None:
         at = (target.handed_out_at if target.handed_out_at is not None else self.now) + limit_s
         if self.now < at:
-            self.wake(at)
-        elif ev.online:
+            return
+        if ev.online:
             self.outcome(target, TIMED_OUT, f"{what} {limit_s:g}s after hand-out")
         else:
             self.outcome(target, UNKNOWN, f"offline {limit_s:g}s after hand-out")
@@ -613,27 +628,37 @@ class _Run:
         )
         return limit - busy
 
-    def rate_slots(self) -> tuple[float, float | None]:
-        """Hand-outs the rate allows now, and when the next slot frees if none does."""
+    def rate_window(self) -> tuple[float, int]:
+        """The rate's window (seconds) and how many hand-outs it allows in one."""
         rate = self.policy.rate
         if rate is None:
-            return math.inf, None
+            return _RATE_WINDOW_S, 0
         per_minute = rate.now(self.tally()[SUCCEEDED])
         if per_minute >= 1:
-            window_s, capacity = _RATE_WINDOW_S, math.floor(per_minute)
-        else:
-            window_s, capacity = _RATE_WINDOW_S / per_minute, 1
-        recent = sorted(
+            return _RATE_WINDOW_S, math.floor(per_minute)
+        return _RATE_WINDOW_S / per_minute, 1
+
+    def recent(self) -> list[float]:
+        """When the switches inside the rate's window went out, oldest first."""
+        window_s, _ = self.rate_window()
+        return sorted(
             t.handed_out_at
             for t in self.targets.values()
             if t.state in _SWITCHED
             and t.handed_out_at is not None
             and t.handed_out_at > self.now - window_s
         )
-        self.update(rate_window_start=recent[0] if recent else None)
+
+    def rate_slots(self) -> tuple[float, float | None]:
+        """Hand-outs the rate allows now, and when the next slot frees after those."""
+        if self.policy.rate is None:
+            return math.inf, None
+        window_s, capacity = self.rate_window()
+        recent = self.recent()
         left = capacity - len(recent)
-        free_at = recent[len(recent) - capacity] + window_s if left <= 0 else None
-        return left, free_at
+        # After ``left`` more hand-outs now, the window is full until its oldest expires.
+        oldest = recent[len(recent) - capacity] if left <= 0 else (recent[:1] or [self.now])[0]
+        return left, oldest + window_s
 
 
 def step(

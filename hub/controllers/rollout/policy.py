@@ -329,7 +329,7 @@ def parse_policy(raw: Mapping[str, Any] | None) -> Policy:
     if activate_at is not None and not prestage:
         raise PolicyError(f"{top.path('activate_at')}: needs prestage: true")
     window = top.values.get("window")
-    if window is not None and (not isinstance(window, str) or not _WINDOW_NAME.match(window)):
+    if window is not None and (not isinstance(window, str) or not _WINDOW_NAME.fullmatch(window)):
         raise PolicyError(f"{top.path('window')}: {_show(window)} must match {WINDOW_NAME_PATTERN}")
     return Policy(
         strategy=strategy,

@@ -47,8 +47,9 @@ def ids(n: int, prefix: str = "d") -> list[str]:
 
 
 def running(**over: Any) -> RolloutState:
-    return RolloutState(**({"state": "running", "started_at": T0, "wave_started_at": T0,
-                            "progress_at": T0} | over))  # fmt: skip
+    base: dict[str, Any] = {"state": "running", "started_at": T0, "wave_started_at": T0,
+                            "progress_at": T0}  # fmt: skip
+    return RolloutState(**(base | over))
 
 
 class Sim:
@@ -273,8 +274,7 @@ def test_outcomes(
     raw: dict[str, Any] | None, before: str, evidence: Evidence, now: float, after: str,
     detail: str,
 ) -> None:  # fmt: skip
-    policy = parse_policy((raw or {}) | {"failure_threshold": {"percent": 100,
-                                                               "action": "pause"}})
+    policy = parse_policy((raw or {}) | {"failure_threshold": {"percent": 100, "action": "pause"}})
     target = Target("d", 0, before, handed_out_at=H, outcome_at=H if before == "unknown" else None)
     other = Target("e", 0, "in_flight", handed_out_at=now)  # keeps the wave open
     prestage = bool(raw and raw.get("prestage"))
@@ -696,7 +696,13 @@ def test_summarize() -> None:
     summary = summarize(targets, 3)
     assert set(summary.counts) == set(DEVICE_STATES)
     assert {k: v for k, v in summary.counts.items() if v} == {
-        "succeeded": 1, "failed": 1, "unknown": 1, "staged": 1, "in_flight": 1, "timed_out": 1}
+        "succeeded": 1,
+        "failed": 1,
+        "unknown": 1,
+        "staged": 1,
+        "in_flight": 1,
+        "timed_out": 1,
+    }
     assert summary.waves[0]["succeeded"] == 1 and summary.waves[0]["failed"] == 1
     assert summary.waves[1]["unknown"] == 1 and summary.waves[2]["timed_out"] == 1
     assert summary.wave_sizes == (2, 3, 1) and summary.targeted == 6 and summary.staged == 2

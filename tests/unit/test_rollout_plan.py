@@ -26,6 +26,7 @@ from hub.controllers.rollout.plan import (
     build_waves,
     command,
     parse_policy,
+    progress_deadline_at,
     step,
     summarize,
 )
@@ -710,6 +711,21 @@ def test_summarize() -> None:
     assert summary.unknown_devices == ("c",)
     assert len(summarize([Target(f"u{i}", 0, "unknown") for i in range(150)], 1)
                .unknown_devices) == 100  # fmt: skip
+
+
+def test_summary_as_json_is_the_views_shape() -> None:
+    targets = [Target("a", 0, "succeeded"), Target("b", 1, "failed", detail="boom")]
+    out = summarize(targets, 2).as_json()
+    assert out["waves"][1] == {"index": 1, "size": 1, "counts": out["waves"][1]["counts"]}
+    assert out["waves"][1]["counts"]["failed"] == 1 and out["counts"]["succeeded"] == 1
+    assert out["failed_devices"] == [{"device_id": "b", "state": "failed", "detail": "boom"}]
+    assert (out["targeted"], out["staged"], out["unknown_devices"]) == (2, 0, [])
+
+
+def test_progress_deadline_at() -> None:
+    policy = parse_policy({"progress_deadline_s": 100})
+    assert progress_deadline_at(policy, running(progress_at=T0 + 5)) == T0 + 105
+    assert progress_deadline_at(policy, running(state="paused")) is None
 
 
 # --- a random fleet, run to the end ----------------------------------------------

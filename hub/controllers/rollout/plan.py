@@ -67,6 +67,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hub.controllers.rollout.policy import Policy, PolicyError, Size, iso, parse_policy
 
@@ -90,6 +91,7 @@ __all__ = [
     "build_waves",
     "command",
     "parse_policy",
+    "progress_deadline_at",
     "step",
     "summarize",
 ]
@@ -126,6 +128,7 @@ _SWITCHED = frozenset((IN_FLIGHT, SOAKING, *OUTCOMES))  # handed_out_at is the s
 COMMANDS = ("pause", "resume", "abort", "promote", "retry-failed")
 
 CRASH_DURING_SOAK = "crash during soak"
+_TARGET_CHANGES = frozenset(("state", "handed_out_at", "staged_at", "outcome_at", "detail"))
 _RATE_WINDOW_S = 60.0
 
 
@@ -211,6 +214,23 @@ class Summary:
     failed_devices: tuple[Target, ...] = field(default=())  # failed/timed_out, capped
     unknown_devices: tuple[str, ...] = field(default=())  # capped
 
+    def as_json(self) -> dict[str, Any]:
+        """The view's members: counts, waves, targeted, staged and the device lists."""
+        return {
+            "counts": dict(self.counts),
+            "waves": [
+                {"index": i, "size": size, "counts": dict(counts)}
+                for i, (size, counts) in enumerate(zip(self.wave_sizes, self.waves, strict=True))
+            ],
+            "targeted": self.targeted,
+            "staged": self.staged,
+            "failed_devices": [
+                {"device_id": t.device_id, "state": t.state, "detail": t.detail}
+                for t in self.failed_devices
+            ],
+            "unknown_devices": list(self.unknown_devices),
+        }
+
 
 # --- waves -----------------------------------------------------------------------
 
@@ -278,8 +298,20 @@ class _Run:
     def ev(self, device_id: str) -> Evidence:
         return self.evidence.get(device_id, _NO_EVIDENCE)
 
-    def set(self, target: Target, **changes: object) -> Target:
-        new = replace(target, **changes)  # type: ignore[arg-type]
+    def set(self, target: Target, **changes: Any) -> Target:
+        # Built directly: dataclasses.replace costs several times more per device.
+        if not changes.keys() <= _TARGET_CHANGES:
+            raise TypeError(f"not a target change: {sorted(changes.keys() - _TARGET_CHANGES)}")
+        get = changes.get
+        new = Target(
+            target.device_id,
+            target.wave,
+            get("state", target.state),
+            get("handed_out_at", target.handed_out_at),
+            get("staged_at", target.staged_at),
+            get("outcome_at", target.outcome_at),
+            get("detail", target.detail),
+        )
         self.targets[target.device_id] = new
         return new
 
@@ -295,7 +327,12 @@ class _Run:
 
     def outcome(self, target: Target, state: str, detail: str) -> None:
         self.set(target, state=state, outcome_at=self.now, detail=detail[:512])
-        self.update(progress_at=self.now)
+        self.progress()
+
+    def progress(self) -> None:
+        """Something moved: the progress deadline starts again."""
+        if self.rs.progress_at != self.now:
+            self.update(progress_at=self.now)
 
     def tally(self) -> Counter[str]:
         return Counter(t.state for t in self.targets.values())
@@ -608,7 +645,7 @@ class _Run:
                 blocked_by_rate = True
                 continue
             self.set(target, state=IN_FLIGHT, handed_out_at=self.now, detail="")
-            self.update(progress_at=self.now)
+            self.progress()
             rate_left -= 1
             if ev.online:
                 slots -= 1
@@ -779,6 +816,13 @@ def _retry_failed(run: _Run, said: str) -> None:
 
 
 # --- summary ---------------------------------------------------------------------
+
+
+def progress_deadline_at(policy: Policy, rollout: RolloutState) -> float | None:
+    """Pure: when the progress deadline falls (running only; None otherwise), for the view."""
+    if rollout.state != RUNNING or rollout.progress_at is None:
+        return None
+    return rollout.progress_at + policy.progress_deadline_s
 
 
 def summarize(targets: Sequence[Target], waves: int, cap: int = 100) -> Summary:

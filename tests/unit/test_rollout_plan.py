@@ -558,6 +558,13 @@ def test_window_closed_holds_the_switch() -> None:
     assert sim.targets["d00"].handed_out_at == T0 + 6000
 
 
+def test_a_device_waiting_for_its_window_records_staged() -> None:
+    sim = Sim({"window": "nightly"}, 1, state="scheduled")
+    sim.step(T0, d00=E(window_open=False))
+    sim.step(T0 + 5, d00=E(window_open=False, staged=True))
+    assert sim.state("d00") == "waiting_window" and sim.targets["d00"].staged_at == T0 + 5
+
+
 def test_a_window_closing_mid_apply_does_not_stop_the_device() -> None:
     sim = Sim({"window": "nightly"}, 1, state="scheduled")
     sim.step(T0, d00=E())

@@ -37,9 +37,13 @@ Rules (``docs/rollouts.md`` says why):
   growth_after)``; derived from the targets' ``handed_out_at``, so the row's
   ``handed_out_total`` / ``rate_window_start`` are only written (for the view), never read.
 - Prestage: while not activated every pending device gets the held document
-  (``staging``; ``staged`` when it reports it), not limited by slots; the rollout shows
-  ``waiting_promote`` until ``activate_at`` passed or an operator promoted
-  (``promoted >= 0``); then waves switch as usual.
+  (``staging``; ``staged`` when it reports it), not limited by slots or the rate; the
+  rollout shows ``waiting_promote`` until ``activate_at`` passed or an operator
+  promoted (``promoted >= 0``); then waves switch as usual, staged or not (a rollout
+  that starts after ``activate_at`` switches at once). Any held device that reports
+  the document staged gets ``staged_at`` (the view's staged count).
+- ``promoted`` is the highest wave an operator let start: 0 activates a prestaged
+  rollout, ``w + 1`` ends the wait after wave ``w``.
 - Waves advance when every device of the waves so far has an outcome (unknown counts
   as done). Between waves: canary without ``pause_s`` waits in ``waiting_promote``
   (promote sets ``promoted`` to the next wave); ``pause_s`` pauses that long after the
@@ -418,8 +422,9 @@ class _Run:
     def observe_held(self, target: Target, ev: Evidence) -> None:
         if ev.failed:
             self.outcome(target, FAILED, ev.detail or "the held document failed")
-        elif target.state == STAGING and ev.staged:
-            self.set(target, state=STAGED, staged_at=self.now)
+        elif ev.staged and target.staged_at is None:
+            state = STAGED if target.state == STAGING else target.state
+            self.set(target, state=state, staged_at=self.now)
 
     def observe_in_flight(self, target: Target, ev: Evidence) -> None:
         if ev.failed:
@@ -515,7 +520,8 @@ class _Run:
     def progress_gate(self) -> None:
         if self.rs.state != RUNNING or self.idle:
             return
-        at = (self.rs.progress_at or self.now) + self.policy.progress_deadline_s
+        since = self.rs.progress_at if self.rs.progress_at is not None else self.now
+        at = since + self.policy.progress_deadline_s
         if self.now < at:
             self.wake(at)
             return

@@ -29,6 +29,7 @@ from hub.devices.models import Device
 from hub.enrollment import revocation
 from hub.enrollment import store as enrollment_store
 from hub.identity import CertificateAuthority
+from hub.rollouts import store as rollouts
 from hub.settings import HubSettings
 
 
@@ -147,9 +148,26 @@ class DesiredState:
             self._delivery.fleet_changed()  # the rollout controller starts them
         return outcome
 
-    def rollout_changed(self) -> None:
-        """An operator's command changed a rollout (committed): its controller looks now."""
-        self._delivery.fleet_changed()
+    def rollout_command(
+        self, session: Session, *, deployment: str, action: str, reason: str, now: datetime
+    ) -> dict[str, Any]:
+        """An operator's command on a deployment's rollout (:mod:`hub.rollouts.store`):
+        committed with the documents it changes (an abort's restore), then delivery is
+        signalled and the rollout controller woken. Returns the rollout's row.
+
+        Raises RolloutNotFound or RolloutRefused; nothing is written then."""
+        row, bumped = rollouts.apply_command(
+            session,
+            deployment=deployment,
+            action=action,
+            reason=reason,
+            now=now,
+            max_config_bytes=self._settings.max_config_bytes,
+        )
+        if bumped:
+            self._delivery.desired_changed(bumped)
+        self._delivery.fleet_changed()  # the rollout controller carries on from the rows
+        return row
 
     def devices_registered(self) -> None:
         """Devices were registered (committed): the placement controller looks now rather

@@ -14,8 +14,10 @@ Rules:
   layer until it is handed out (none if the deployment is new), ``to_spec``'s layer
   with the whole document held (``"hold": true``: fetch and verify, do not switch)
   while ``staging``, ``staged`` or ``waiting_window``, and the deployment's current
-  layer (``to_spec``'s) otherwise. A device that joins the deployment during the
-  rollout is not in it: it gets ``from_spec``'s layer until the rollout ends.
+  layer (``to_spec``'s) otherwise, including a failed device put back to pending by
+  a retry (until it is handed out again, as a new generation). A device that joins
+  the deployment during the rollout is not in it: it gets ``from_spec``'s layer until
+  the rollout ends.
 - A preview shows where a change ends: the deployments it puts are not gated.
 - After composing, every handed-out row (``staging``, ``waiting_window``,
   ``in_flight``) records the generation its device got: the new one when its document
@@ -119,6 +121,7 @@ def create_rollouts(
                 wave=0,
                 waves=[],
                 promoted=-1,
+                accepted_failures=0,
                 notes=[f"created: version {from_version} -> {version}"],
                 start_at=_iso(policy.get("start_at")),
                 activate_at=_iso(policy.get("activate_at")),
@@ -164,14 +167,27 @@ def read_gating(connection: Any, *, ungated: Iterable[str] = ()) -> dict[str, Ga
     rows = connection.execute(
         sa_select(
             _TARGETS.c.rollout_id, _TARGETS.c.device_id, _TARGETS.c.state, _TARGETS.c.generation
-        ).where(_TARGETS.c.rollout_id.in_(list(by_id)), _TARGETS.c.state != "pending")
+        ).where(
+            _TARGETS.c.rollout_id.in_(list(by_id)),
+            (_TARGETS.c.state != "pending") | _TARGETS.c.generation.is_not(None),
+        )
     )
     for rollout_id, device_id, state, generation in rows:
         gating = by_id[rollout_id]
-        gating.modes[device_id] = "hold" if state in HELD_STATES else "to"
+        gating.modes[device_id] = mode_of(state, generation)
         if state in HANDED_OUT_STATES:
             gating.handed[device_id] = generation
     return {g.deployment: g for g in by_id.values()}
+
+
+def mode_of(state: str, generation: int | None) -> str:
+    """Which version a device in ``state`` gets: "from", "hold" or "to". A pending device
+    that has a generation was handed out before (a retry): it keeps the new version."""
+    if state == "pending":
+        return "from" if generation is None else "to"
+    if state in HELD_STATES:
+        return "hold"
+    return "to"
 
 
 def forced(gating: Mapping[str, Gating], rows: Sequence[Mapping[str, Any]]) -> set[str]:

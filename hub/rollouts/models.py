@@ -46,6 +46,8 @@ class Rollout(SQLModel, table=True):
     promoted: int = Field(default=-1, sa_column=Column(Integer, nullable=False))
     # The planner's notes, newest last, capped ("wave 2 started", "threshold crossed ...").
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Failures an operator resumed past: the threshold counts only failures beyond them.
+    accepted_failures: int = Field(default=0, sa_column=Column(Integer, nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
     started_at: datetime | None = _at()

@@ -73,7 +73,7 @@ def command_rollout(
     """Pause, resume, abort (restore the previous version), promote (end a pause that
     waits for it), or retry the failed devices."""
     try:
-        row = store.apply_command(
+        row = desired.rollout_command(
             session,
             deployment=name,
             action=action,
@@ -84,7 +84,6 @@ def command_rollout(
         raise _not_found(error) from None
     except RolloutRefused as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    desired.rollout_changed()
     return store.view(session, row)
 
 

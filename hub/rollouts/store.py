@@ -12,8 +12,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, update
@@ -25,12 +24,14 @@ from hub.controllers.rollout.plan import (
     RolloutState,
     Target,
     command,
+    progress_deadline_at,
     summarize,
 )
 from hub.controllers.rollout.policy import Policy, PolicyError, parse_policy
 from hub.db import begin_write
+from hub.deployments import reconcile
 from hub.rollouts.errors import RolloutNotFound, RolloutRefused
-from hub.rollouts.gate import NOTES_KEPT, TERMINAL
+from hub.rollouts.gate import HANDED_OUT_STATES, NOTES_KEPT, mode_of
 from hub.rollouts.models import (
     FailedDevice,
     Rollout,
@@ -74,6 +75,7 @@ def state_of(row: Mapping[str, Any]) -> RolloutState:
         finished_at=ts(row["finished_at"]),
         start_at=ts(row["start_at"]),
         activate_at=ts(row["activate_at"]),
+        accepted_failures=row["accepted_failures"],
     )
 
 
@@ -90,6 +92,7 @@ def state_values(state: RolloutState, now: datetime) -> dict[str, Any]:
         "finished_at": dt(state.finished_at),
         "start_at": dt(state.start_at),
         "activate_at": dt(state.activate_at),
+        "accepted_failures": state.accepted_failures,
         "updated_at": now,
     }
 
@@ -102,6 +105,7 @@ def target_of(row: Mapping[str, Any]) -> Target:
         handed_out_at=ts(row["handed_out_at"]),
         staged_at=ts(row["staged_at"]),
         outcome_at=ts(row["outcome_at"]),
+        detail=row["detail"],
     )
 
 
@@ -138,23 +142,26 @@ def write_targets(
     changed: Sequence[Target],
     details: Mapping[str, str] | None = None,
 ) -> bool:
-    """Write the planner's changed targets; returns whether any changed the version its
-    device gets (pending/held/handed out: the documents must be composed again)."""
+    """Write the planner's changed targets; returns whether the fleet's documents must be
+    composed again (a device's version changed, or it was handed out anew).
+
+    A device handed out anew has its generation cleared (the compose records what it
+    got); a failed device put back to pending (retry) keeps its generation, and with it
+    the new version, until it is handed out again as a new generation."""
     params = []
     recompose = False
     for target in changed:
         old = before[target.device_id]
         generation = old["generation"]
-        if _mode(old["state"]) != _mode(target.state):
-            recompose = True
-        if target.state in ("pending",) or (
-            target.state in ("staging", "waiting_window", "in_flight")
-            and old["state"] != target.state
-            and _mode(old["state"]) != _mode(target.state)
-        ):
-            generation = None  # handed out anew: the compose records what it got
-        if old["state"] in FAILED_STATES and target.state == "pending":
+        anew = (
+            target.state in HANDED_OUT_STATES
+            and target.state != old["state"]
+            and (old["state"] == "pending" or mode_of(old["state"], 0) != mode_of(target.state, 0))
+        )
+        if anew:
             generation = None
+        if anew or mode_of(old["state"], old["generation"]) != mode_of(target.state, generation):
+            recompose = True
         params.append(
             {
                 "b_rollout": rollout_id,
@@ -163,21 +170,15 @@ def write_targets(
                 "b_handed_out_at": dt(target.handed_out_at),
                 "b_staged_at": dt(target.staged_at),
                 "b_outcome_at": dt(target.outcome_at),
-                "b_detail": ((details or {}).get(target.device_id, old["detail"]) or "")[:512],
+                "b_detail": (
+                    target.detail or (details or {}).get(target.device_id) or old["detail"] or ""
+                )[:512],
                 "b_generation": generation,
             }
         )
     if params:
         connection.execute(_UPDATE_TARGET, params)
     return recompose
-
-
-def _mode(state: str) -> str:
-    if state == "pending":
-        return "from"
-    if state in ("staging", "staged", "waiting_window"):
-        return "hold"
-    return "to"
 
 
 def append_notes(old: Sequence[str], notes: Sequence[str], now: datetime) -> list[str]:
@@ -231,21 +232,10 @@ def listing(
 def view(session: Session, row: Mapping[str, Any]) -> RolloutPublic:
     """The rollout as the API shows it."""
     targets = read_targets(session.connection(), row["id"])
-    waves = len(row["waves"] or ())
-    summary = summarize([target_of(t) for t in targets], waves)
+    planned = [target_of(t) for t in targets]
+    summary = summarize(planned, len(row["waves"] or ()), cap=LIST_CAP).as_json()
     policy = policy_of(row)
-    failed = [
-        FailedDevice(device_id=t["device_id"], state=t["state"], detail=t["detail"])
-        for t in targets
-        if t["state"] in FAILED_STATES
-    ][:LIST_CAP]
-    unknown = [t["device_id"] for t in targets if t["state"] == "unknown"][:LIST_CAP]
-    progress_from = row["progress_at"] or row["started_at"]
-    deadline = (
-        progress_from + timedelta(seconds=policy.progress_deadline_s)
-        if progress_from is not None and row["state"] not in TERMINAL
-        else None
-    )
+    deadline = progress_deadline_at(policy, state_of(row))
     return RolloutPublic(
         id=row["id"],
         deployment=row["deployment"],
@@ -254,21 +244,18 @@ def view(session: Session, row: Mapping[str, Any]) -> RolloutPublic:
         state=row["state"],
         reason=row["reason"],
         wave=row["wave"],
-        waves=[
-            RolloutWave(index=i, size=len(members), counts=dict(summary.per_wave[i]))
-            for i, members in enumerate(row["waves"] or ())
-        ],
-        counts=dict(summary.counts),
-        targeted=len(targets),
-        staged=summary.staged,
+        waves=[RolloutWave(**w) for w in summary["waves"]],
+        counts=summary["counts"],
+        targeted=summary["targeted"],
+        staged=summary["staged"],
         policy=policy.as_json(),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-        progress_deadline_at=deadline,
-        failed_devices=failed,
-        unknown_devices=unknown,
+        progress_deadline_at=dt(deadline),
+        failed_devices=[FailedDevice(**d) for d in summary["failed_devices"]],
+        unknown_devices=summary["unknown_devices"],
         notes=list(row["notes"] or ()),
     )
 
@@ -277,10 +264,19 @@ def view(session: Session, row: Mapping[str, Any]) -> RolloutPublic:
 
 
 def apply_command(
-    session: Session, *, deployment: str, action: str, reason: str, now: datetime
-) -> dict[str, Any]:
+    session: Session,
+    *,
+    deployment: str,
+    action: str,
+    reason: str,
+    now: datetime,
+    max_config_bytes: int,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Carry out an operator's command on the deployment's newest rollout, in one write
-    transaction; returns the row as committed. Raises RolloutNotFound, RolloutRefused."""
+    transaction: the rows, and, when a device's version changes (an abort's restore, a
+    retry), the fleet's documents composed again. Returns the row as committed and the
+    devices whose generation was bumped. Raises RolloutNotFound, RolloutRefused."""
+
     begin_write(session)
     try:
         row = newest(session, deployment)
@@ -293,25 +289,31 @@ def apply_command(
                 [target_of(t) for t in targets],
                 action,
                 now.timestamp(),
+                reason,
             )
         except CommandRefused as refused:
             raise RolloutRefused(str(refused)) from None
-        new_state = decided.rollout
-        if reason:
-            new_state = replace(new_state, reason=f"{new_state.reason} ({reason})".strip())
-        values = state_values(new_state, now)
+        values = state_values(decided.rollout, now)
         values["notes"] = append_notes(
             row["notes"] or (), [*decided.notes, f"{action} by an operator"], now
         )
         connection.execute(update(_ROLLOUTS).where(_ROLLOUTS.c.id == row["id"]).values(**values))
-        write_targets(connection, row["id"], {t["device_id"]: t for t in targets}, decided.targets)
+        recompose = write_targets(
+            connection, row["id"], {t["device_id"]: t for t in targets}, decided.targets
+        )
         if decided.abort:
             restore_deployment(connection, row, now)
+            recompose = True
+        bumped: tuple[str, ...] = ()
+        if recompose:
+            bumped = reconcile.run_in_transaction(
+                session, now=now, max_config_bytes=max_config_bytes
+            ).bumped
     except BaseException:
         session.rollback()
         raise
     session.commit()
-    return by_id(session, row["id"])
+    return by_id(session, row["id"]), bumped
 
 
 def restore_deployment(connection: Any, row: Mapping[str, Any], now: datetime) -> None:

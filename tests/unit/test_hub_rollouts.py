@@ -230,3 +230,16 @@ def test_a_restarted_controller_changes_nothing_it_already_did(hub: Hub) -> None
     bumped, _ = hub.look(T0)
     assert bumped == ()
     assert {d: hub.device(d)["desired_generation"] for d in IDS} == before
+
+
+def test_an_operators_abort_restores_in_its_own_request(hub: Hub) -> None:
+    before = {d: hub.device(d) for d in IDS}
+    hub.put(2, {"strategy": "canary", "canary": {"count": 2}})
+    hub.look(T0)
+    canary = [d for d in IDS if hub.version(d) == 2]
+    answer = hub.client.post("deployments/web/rollout/abort", json={"reason": "smoke"})
+    assert answer.status_code == 200 and answer.json()["state"] == "aborted", answer.text
+    # No controller look in between: the request itself restored the documents.
+    for d in canary:
+        assert hub.device(d)["desired_config"] == before[d]["desired_config"]
+        assert hub.device(d)["desired_generation"] == before[d]["desired_generation"] + 2

@@ -169,13 +169,14 @@ def test_max_in_flight_counts_only_online_devices() -> None:
     sim.step(T0)
     # two offline devices are handed out without taking a slot: they cannot block
     assert sim.in_state("in_flight") == ids(5)
-    sim.step(T0 + 1)  # nothing freed: nothing more
-    assert len(sim.in_state("in_flight")) == 5
+    sim.step(T0 + 1)  # nothing freed: nothing more; offline ones are unknown at once
+    assert sim.in_state("in_flight") == ["d02", "d03", "d04"]
+    assert sim.in_state("unknown") == ["d00", "d01"]
     sim.see(["d02"], applied=True)  # succeeded (no soak): frees a slot
     sim.see(["d03"], applied=True, healthy_since=None)
     sim.step(T0 + 2)
     assert sim.state("d02") == "succeeded" and sim.state("d03") == "succeeded"
-    assert sim.in_state("in_flight") == ["d00", "d01", "d04", "d05", "d06"]
+    assert sim.in_state("in_flight") == ["d04", "d05", "d06"]
 
 
 def test_soaking_devices_take_slots_and_unknown_ones_do_not() -> None:
@@ -186,10 +187,10 @@ def test_soaking_devices_take_slots_and_unknown_ones_do_not() -> None:
     sim.step(T0 + 5)
     assert sim.state("d00") == "soaking" and sim.in_state("in_flight") == ["d01"]
     sim.see(["d01"], online=False)  # offline: no longer takes a slot
-    sim.step(T0 + 6)
-    assert sim.in_state("in_flight") == ["d01", "d02"]
-    sim.step(T0 + 606)  # d01 is unknown (offline at its deadline), d02 timed out
-    assert sim.state("d01") == "unknown" and sim.state("d02") == "timed_out"
+    sim.step(T0 + 6)  # d01 is unknown at once and frees its slot
+    assert sim.state("d01") == "unknown" and sim.in_state("in_flight") == ["d02"]
+    sim.step(T0 + 606)  # d02 (online) timed out
+    assert sim.state("d02") == "timed_out"
 
 
 def test_rate_limit_and_growth() -> None:
@@ -250,12 +251,12 @@ SOAK = {"soak": {"seconds": 30, "reports": 2}}
          "rolled back: x"),
         (None, "in_flight", E(), H + 599, "in_flight", ""),
         (None, "in_flight", E(), H + 600, "timed_out", "not applied 600s after hand-out"),
-        (None, "in_flight", E(online=False), H + 600, "unknown", "offline 600s after hand-out"),
+        (None, "in_flight", E(online=False), H + 600, "unknown", "offline after hand-out"),
         (SOAK, "soaking", E(applied=True), H + 629, "soaking", ""),
         (SOAK, "soaking", E(applied=True), H + 630, "timed_out",
          "not healthy through the soak 630s after hand-out"),
         (SOAK, "soaking", E(applied=True, online=False), H + 630, "unknown",
-         "offline 630s after hand-out"),
+         "offline after hand-out"),
         # an unknown device that comes back gets its real outcome, never a second timeout
         (SOAK, "unknown", E(), H + 5000, "unknown", ""),
         (SOAK, "unknown", E(applied=True), H + 5000, "unknown", ""),
@@ -383,11 +384,11 @@ def test_quorum_pauses_when_too_few_reported() -> None:
     done = sim.step(T0 + 100)
     assert done.rollout.state == "paused"
     assert done.rollout.reason == (
-        "reporting quorum not met: wave 0: 6 of 10 reported within 100s (need 80%)"
+        "reporting quorum not met: wave 0: 6 of 9 reported within 100s (need 80%)"
     )
     sim.command("resume", T0 + 200)  # restarts the wave's clock: another 100 s
     assert sim.step(T0 + 250).rollout.state == "running"
-    sim.see(["d06", "d07"], applied=True)  # 8 of 10: enough
+    sim.see(["d06", "d07"], applied=True)  # 8 of 9 (d09 is unknown): enough
     assert sim.step(T0 + 300).rollout.state == "running"
 
 
@@ -426,9 +427,10 @@ def test_waves_advance_when_every_device_has_an_outcome() -> None:
     sim.see(["d01"], online=False)
     sim.step(T0)
     assert sim.in_state("in_flight") == ["d00", "d01"]
+    sim.step(T0 + 5)
+    assert sim.rollout.wave == 0  # d00 has no outcome yet; d01 is unknown (offline)
+    assert sim.state("d01") == "unknown"
     sim.see(["d00"], applied=True)
-    sim.step(T0 + 10)
-    assert sim.rollout.wave == 0  # d01 has no outcome yet
     done = sim.step(T0 + 600)  # d01 unknown: counts as done
     assert done.rollout.wave == 1 and done.rollout.wave_started_at == T0 + 600
     assert "wave 1 started (2 devices)" in done.notes

@@ -32,13 +32,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from hub.controllers.rollout.plan import Evidence, build_waves, step
 from sqlalchemy import Engine, Table, insert, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from hub.context import Clock
 from hub.controllers.loop import ControllerLoop
+from hub.controllers.rollout.plan import Evidence, build_waves, step
 from hub.db import begin_write, new_session
 from hub.deployments import reconcile
 from hub.devices.desired import DeliverySignal
@@ -296,9 +296,8 @@ def _windows(
     """Each target's maintenance window, open or not (None: the policy names none)."""
     if policy.window is None:
         return None
-    from hub.schedules.window import window_states
-
     from hub.schedules.models import Schedule
+    from hub.schedules.window import window_states
 
     table: Table = Schedule.__table__  # type: ignore[attr-defined]
     schedule = (

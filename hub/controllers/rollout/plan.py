@@ -22,7 +22,8 @@ Rules (``docs/rollouts.md`` says why):
   ``healthy_since >= handed_out_at`` and it has been healthy for ``soak.seconds`` with
   ``soak.reports`` healthy reports (no soak: on applied). No outcome by
   ``handed_out_at + apply_deadline_s`` (``+ soak.seconds`` once soaking): ``timed_out``
-  when online, ``unknown`` when offline. An unknown device that reports later gets its
+  (online). A switched device without an outcome that is offline is ``unknown`` at
+  once: it never holds a wave. An unknown device that reports later gets its
   real outcome (failed, or succeeded once soaked; never timed out again) while the
   rollout is not terminal. A held document that failed is a failure too.
 - Admission (running, activated, not in a pause between waves): devices of waves up to
@@ -486,13 +487,15 @@ class _Run:
         return False
 
     def deadline(self, target: Target, ev: Evidence, limit_s: float, what: str) -> None:
+        if not ev.online:
+            # Offline is never a pass or a fail, and never holds a wave: unknown now,
+            # its real outcome if it reports while the rollout runs.
+            self.outcome(target, UNKNOWN, "offline after hand-out")
+            return
         at = (target.handed_out_at if target.handed_out_at is not None else self.now) + limit_s
         if self.now < at:
             return
-        if ev.online:
-            self.outcome(target, TIMED_OUT, f"{what} {limit_s:g}s after hand-out")
-        else:
-            self.outcome(target, UNKNOWN, f"offline {limit_s:g}s after hand-out")
+        self.outcome(target, TIMED_OUT, f"{what} {limit_s:g}s after hand-out")
 
     # gates
 

@@ -44,6 +44,7 @@ def upgrade() -> None:
         sa.Column("waves", sa.JSON(), nullable=False),
         sa.Column("promoted", sa.Integer(), nullable=False),
         sa.Column("notes", sa.JSON(), nullable=False),
+        sa.Column("accepted_failures", sa.Integer(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.Column("started_at", UTCDateTime(), nullable=True),

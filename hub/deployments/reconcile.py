@@ -59,6 +59,7 @@ from hub.deployments.spec import (
 )
 from hub.devices.models import Device
 from hub.devices.store import check_bundles, next_desired_seq
+from hub.jobs.entries import job_entries, with_jobs
 
 TOO_LARGE = "merged document too large"
 HISTORY_KEPT = 50
@@ -319,7 +320,17 @@ def read_fleet(connection: Any) -> FleetRows:
         ).mappings()
     ]
     instances = [_instance(r) for r in connection.execute(sa_select(_INSTANCES)).mappings()]
+    _with_job_entries(connection, devices)
     return FleetRows(devices, instances)
+
+
+def _with_job_entries(connection: Any, devices: list[dict[str, Any]]) -> None:
+    """The jobs handed out to each device join its own document (the base layer) for
+    the composition, so a recomposed document keeps them (:mod:`hub.jobs.entries`)."""
+    entries = job_entries(connection)
+    for row in devices:
+        if row["id"] in entries:
+            row["manual_config"] = with_jobs(row["manual_config"] or {}, entries[row["id"]])
 
 
 @contextmanager

@@ -397,7 +397,7 @@ def counts(states: Iterable[str]) -> dict[str, int]:
 # ---------------------------------------------------------------- views
 
 
-def _public(job: Mapping[str, Any], states: Sequence[str]) -> JobPublic:
+def _public(job: Any, states: Sequence[str]) -> JobPublic:
     return JobPublic(
         id=job["id"],
         command=list(job["command"]),

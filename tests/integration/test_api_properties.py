@@ -55,8 +55,9 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
 # Likewise what a schema cannot say: a label selector's grammar (``selector``), a
 # deployment's meaning (placed-only fields on a fleet deployment, a workload naming a
 # bundle the hub does not hold), a job's target (a device not registered: 404; a
-# selector matching no device: 422; an id used before: 409), and a label patch that would leave more than 32 labels:
-# schema-valid, refused with 422 and a problem detail that says why.
+# selector matching no device: 422; an id used before: 409), and a label patch that
+# would leave more than 32 labels: schema-valid, refused with 422 and a problem detail
+# that says why.
 CONFIG = """
 [[operations]]
 include-operation-id = "upload_bundle_api_v1_bundles_post"

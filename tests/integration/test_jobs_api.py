@@ -112,7 +112,10 @@ def by_device(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_a_job_to_a_selector_runs_once_on_each_device_and_reports_results(stack: Stack) -> None:
-    code = "import os; print('hello from', os.environ['DRIFTLESS_JOB_ID']); raise SystemExit(0)"
+    code = (
+        "import os; open('runs', 'a').write('hello\\n')"  # in the agent's <data>/jobs/
+        "; print('hello from', os.environ['DRIFTLESS_JOB_ID'])"
+    )
     created = stack.job(id="hello", command=[sys.executable, "-c", code], deadline_s=30,
                         selector="group=a")  # fmt: skip
     assert created["targeted"] == 3 and created["counts"]["queued"] == 3
@@ -123,6 +126,8 @@ def test_a_job_to_a_selector_runs_once_on_each_device_and_reports_results(stack:
         assert device["state"] == "succeeded" and device["exit_code"] == 0
         assert device["log_tail"] == "hello from hello\n"
         assert device["handed_out_at"] <= device["started_at"] <= device["finished_at"]
+    for device_id in GROUP:
+        assert (stack.agents[device_id].data_dir / "jobs" / "runs").read_text() == "hello\n"
     failing = stack.job(id="fails", command=[sys.executable, "-c", "raise SystemExit(3)"],
                         deadline_s=30, device_id="job-1")  # fmt: skip
     assert failing["targeted"] == 1
@@ -253,3 +258,13 @@ def test_unknown_jobs_are_404(stack: Stack) -> None:
     assert stack.hub.api.get("/jobs/never").status_code == 404
     assert stack.hub.api.post("/jobs/never/cancel").status_code == 404
     assert stack.hub.api.get("/jobs", params={"state": "bogus"}).status_code == 422
+
+
+def test_a_viewer_reads_jobs_but_cannot_create_or_cancel_them(stack: Stack) -> None:
+    made = stack.hub.api.post("/tokens", json={"name": "jobs-viewer", "role": "viewer"})
+    assert made.status_code == 201, made.text
+    with stack.hub.client(made.json()["token"]) as viewer:
+        assert viewer.get("/jobs").status_code == 200
+        body = {"command": ["true"], "deadline_s": 5, "device_id": "job-0"}
+        assert viewer.post("/jobs", json=body).status_code == 403
+        assert viewer.post("/jobs/hello/cancel").status_code == 403

@@ -3,7 +3,8 @@
 Rules:
 - One runner thread takes the documents' jobs (:meth:`JobRunner.offer`, which
   never blocks: the driver calls it under its lock) and starts those the
-  table never saw (:func:`edge_agent.jobs.to_start`); each started job gets a
+  table never saw (:func:`edge_agent.jobs.to_start`), refusing those whose
+  ``expires_at`` passed (:func:`edge_agent.jobs.to_expire`); each started job gets a
   watcher thread (its deadline, its exit) and a reader thread (its output).
 - A job is written to ``<data>/jobs.json`` as ``running`` BEFORE its process
   is spawned (atomically, mode 0600), so a crash at any instant never lets it
@@ -186,7 +187,10 @@ class JobRunner:
                 table = self._table
             for job_id, reason in jobs.to_refuse(table, document):
                 self._refuse(job_id, reason)
-            self._start_all(jobs.to_start(table, document))
+            now = self.clock()
+            for spec in jobs.to_expire(table, document, now):
+                self._refuse(spec.id, jobs.EXPIRED)
+            self._start_all(jobs.to_start(table, document, now))
 
     def _recover(self) -> tuple[JobSpec, ...]:
         try:

@@ -3,7 +3,8 @@
 A job is a command the hub wants run once on the device (architecture rule 6:
 commands are not state), carried in the signed desired document's
 ``config["jobs"]``: ``[{"id": "...", "command": ["argv0", ...], "deadline_s": N,
-"env": {...}, "idempotent": false}]``. :mod:`edge_agent.job_runner` runs them.
+"env": {...}, "idempotent": false, "expires_at": T}]`` (``expires_at`` optional).
+:mod:`edge_agent.job_runner` runs them.
 
 Rules:
 - A job id runs at most once per device: the table of ids seen
@@ -14,6 +15,11 @@ Rules:
 - A job that was running when the agent died is not known to have finished:
   it is reported ``failed`` ("agent restarted") unless it declared itself
   ``idempotent``, in which case it runs again from the start.
+- A job never seen whose ``expires_at`` (epoch seconds, optional) has passed is
+  refused, never run: reported ``failed`` with the message :data:`EXPIRED` (and
+  remembered like any other id). The hub stops handing a job out at its expiry;
+  this covers a device that gets the document late (it was offline). A job that
+  already started is not affected (expiry is about starting).
 - A job that outlives its ``deadline_s`` is ended (its whole process group)
   and reported ``timed_out``.
 - Progress is a stdout line ``DRIFTLESS_PROGRESS <0-100> [message]``; any
@@ -48,6 +54,8 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 PROGRESS_PREFIX = "DRIFTLESS_PROGRESS"
 _PROGRESS = re.compile(r"^DRIFTLESS_PROGRESS[ \t]+(\d{1,3})(?:[ \t]+(.*))?$")
 AGENT_RESTARTED = "agent restarted while the job ran"
+EXPIRED = "expired"
+"""The message of a job refused because its ``expires_at`` passed before it started."""
 Finished = Literal["succeeded", "failed", "timed_out"]
 
 
@@ -64,6 +72,7 @@ class JobSpec:
     deadline_s: float
     env: tuple[tuple[str, str], ...] = ()
     idempotent: bool = False
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,22 @@ def _spec(entry: Mapping[str, object], job_id: str) -> JobSpec:
     idempotent = entry.get("idempotent", False)
     if not isinstance(idempotent, bool):
         raise JobSpecError("idempotent must be true or false")
-    return JobSpec(job_id, tuple(command), float(deadline), tuple(sorted(env.items())), idempotent)
+    expires_at = entry.get("expires_at")
+    if expires_at is not None and (
+        isinstance(expires_at, bool)
+        or not isinstance(expires_at, int | float)
+        or not math.isfinite(expires_at)
+        or expires_at < 0
+    ):
+        raise JobSpecError("expires_at must be a number of epoch seconds")
+    return JobSpec(
+        job_id,
+        tuple(command),
+        float(deadline),
+        tuple(sorted(env.items())),
+        idempotent,
+        None if expires_at is None else float(expires_at),
+    )
 
 
 def job_specs(config: Mapping[str, object]) -> JobsInDocument:
@@ -178,9 +202,29 @@ class JobTable:
         return tuple(r for r in self.records if r.state == "running")
 
 
-def to_start(table: JobTable, document: JobsInDocument) -> tuple[JobSpec, ...]:
-    """Pure: the document's jobs never seen on this device, in document order."""
-    return tuple(spec for spec in document.specs if table.get(spec.id) is None)
+def expired(spec: JobSpec, now: float) -> bool:
+    """Pure: whether ``spec`` may no longer start at ``now`` (its ``expires_at`` passed)."""
+    return spec.expires_at is not None and now >= spec.expires_at
+
+
+def to_start(
+    table: JobTable, document: JobsInDocument, now: float | None = None
+) -> tuple[JobSpec, ...]:
+    """Pure: the document's jobs never seen on this device, in document order; given
+    ``now``, without those that expired (:func:`to_expire`)."""
+    return tuple(
+        spec
+        for spec in document.specs
+        if table.get(spec.id) is None and (now is None or not expired(spec, now))
+    )
+
+
+def to_expire(table: JobTable, document: JobsInDocument, now: float) -> tuple[JobSpec, ...]:
+    """Pure: the document's jobs never seen on this device whose ``expires_at`` passed:
+    refused with :data:`EXPIRED`, never run."""
+    return tuple(
+        spec for spec in document.specs if table.get(spec.id) is None and expired(spec, now)
+    )
 
 
 def to_refuse(table: JobTable, document: JobsInDocument) -> tuple[tuple[str, str], ...]:

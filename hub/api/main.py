@@ -31,6 +31,7 @@ from hub.bundles import routes as bundles
 from hub.deployments import routes as deployments
 from hub.devices import routes as devices
 from hub.enrollment import routes as enrollment
+from hub.jobs import routes as jobs
 from hub.rollouts import routes as rollouts
 
 API_PREFIX = "/api/v1"
@@ -44,6 +45,7 @@ def build_api_router() -> APIRouter:
     guarded.include_router(deployments.events_router)
     guarded.include_router(rollouts.router)
     guarded.include_router(rollouts.list_router)
+    guarded.include_router(jobs.router)
     guarded.include_router(status.router)
     guarded.include_router(bundles.router)
     guarded.include_router(auth.router)

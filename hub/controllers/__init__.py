@@ -20,6 +20,10 @@ Controllers:
 
 - ``cutoff``: asks the broker to close decommissioned devices' connections until
   it confirms (Mosquitto's dynamic security plugin).
+- ``placement``: places deployments on devices (``docs/orchestration.md``).
+- ``jobs``: hands one-shot jobs out into devices' documents, follows their reports,
+  deadlines and expiry, and stops a job whose failures cross its threshold
+  (``docs/jobs.md``).
 
 Liveness (online/offline) is not a controller yet: it comes from status messages
 and the Last Will in the ingest rules (:mod:`hub.devices.rules`); a liveness

@@ -48,7 +48,7 @@ from hub.controllers.rollout.policy import PolicyError, parse_policy
 from hub.db import begin_write
 from hub.deployments.errors import DeploymentNotFound, InvalidSpec
 from hub.deployments.layers import layer_of
-from hub.deployments.merge import Composed, DocumentDiff, canonical, compose, diff
+from hub.deployments.merge import Composed, DocumentDiff, canonical, diff
 from hub.deployments.models import Deployment, DeploymentInstance, DeviceEvent, Unplaced
 from hub.deployments.spec import (
     DeploymentSpec,
@@ -60,6 +60,7 @@ from hub.deployments.spec import (
 )
 from hub.devices.models import Device
 from hub.devices.store import check_bundles, next_desired_seq
+from hub.jobs.entries import job_entries, with_jobs
 from hub.rollouts import gate
 from hub.rollouts.gate import Gating
 
@@ -366,7 +367,17 @@ def read_fleet(connection: Any) -> FleetRows:
         ).mappings()
     ]
     instances = [_instance(r) for r in connection.execute(sa_select(_INSTANCES)).mappings()]
+    _with_job_entries(connection, devices)
     return FleetRows(devices, instances)
+
+
+def _with_job_entries(connection: Any, devices: list[dict[str, Any]]) -> None:
+    """The jobs handed out to each device join its own document (the base layer) for
+    the composition, so a recomposed document keeps them (:mod:`hub.jobs.entries`)."""
+    entries = job_entries(connection)
+    for row in devices:
+        if row["id"] in entries:
+            row["manual_config"] = with_jobs(row["manual_config"] or {}, entries[row["id"]])
 
 
 @contextmanager
@@ -414,7 +425,7 @@ def decide(
             layers,
             unplaceable,
             max_config_bytes,
-            _Versions(layers, gating, gate.forced(gating, rows)),
+            gate.Versions(layers, gating, gate.forced(gating, rows)),
         )
     return Decision(decided, changed, documents, bookkeeping, unchanged, unplaceable)
 
@@ -425,7 +436,7 @@ def _compose_all(
     layers: Mapping[str, Any],
     unplaceable: dict[str, dict[str, tuple[str, ...]]],
     max_config_bytes: int,
-    versions: _Versions | None = None,
+    versions: gate.Versions | None = None,
 ) -> tuple[list[DeviceDiff], list[dict[str, Any]], list[dict[str, Any]], int]:
     """Every active device's merged document: the changed ones (a diff each, and the
     row update bumping them), the bookkeeping-only updates, and how many stay as they are."""
@@ -435,7 +446,7 @@ def _compose_all(
     unchanged = 0
     # Devices with the same assignments and the same own document get the same document:
     # compose (and encode) each combination once. The results are shared, never mutated.
-    versions = versions or _Versions(layers, {}, set())
+    versions = versions or gate.Versions(layers, {}, set())
     memo: dict[tuple[Any, ...], tuple[Composed, bytes]] = {}
     for row in rows:
         if row["decommissioned_at"] is not None:
@@ -499,49 +510,6 @@ def _compose_all(
         )
 
     return changed, documents, bookkeeping, unchanged
-
-
-class _Versions:
-    """Which version of each deployment a device's document is composed from: the
-    current one, or, while a rollout runs, what the rollout has the device at."""
-
-    __slots__ = ("_gating", "_layers", "_previous", "force")
-
-    def __init__(
-        self, layers: Mapping[str, Any], gating: Mapping[str, Gating], force: set[str]
-    ) -> None:
-        self._layers = layers
-        self._gating = gating
-        self.force = force
-        self._previous = {
-            name: layer_of(name, g.from_spec) if g.from_spec is not None else None
-            for name, g in gating.items()
-        }
-
-    def modes(self, device_id: str, names: Sequence[str]) -> tuple[str, ...] | None:
-        """Per deployment of ``names``: "now", "from", "hold" or "to"; None: all "now"."""
-        if not self._gating:
-            return None
-        modes = tuple(
-            "now" if (g := self._gating.get(n)) is None else g.modes.get(device_id, "from")
-            for n in names
-        )
-        return None if all(m == "now" for m in modes) else modes
-
-    def compose(
-        self, base: Mapping[str, Any], names: Sequence[str], modes: tuple[str, ...] | None
-    ) -> Composed:
-        if modes is None:
-            return compose(base, [self._layers[n] for n in names if n in self._layers])
-        chosen = []
-        for name, mode in zip(names, modes, strict=True):
-            layer = self._previous.get(name) if mode == "from" else self._layers.get(name)
-            if layer is not None:
-                chosen.append(layer)
-        composed = compose(base, chosen)
-        if "hold" in modes:
-            composed.document[gate.HOLD_KEY] = True
-        return composed
 
 
 def _too_large(document: Mapping[str, Any], limit: int) -> bool:

@@ -23,12 +23,14 @@ from typing import Any, Protocol
 
 from sqlmodel import Session
 
+from hub.db import begin_write
 from hub.deployments import reconcile
 from hub.devices import store
 from hub.devices.models import Device
 from hub.enrollment import revocation
 from hub.enrollment import store as enrollment_store
 from hub.identity import CertificateAuthority
+from hub.jobs import store as jobs_store
 from hub.rollouts import store as rollouts
 from hub.settings import HubSettings
 
@@ -168,6 +170,58 @@ class DesiredState:
             self._delivery.desired_changed(bumped)
         self._delivery.fleet_changed()  # the rollout controller carries on from the rows
         return row
+
+    # -- one-shot jobs (hub/jobs, hub/controllers/jobs; docs/jobs.md)
+
+    def jobs_queued(self) -> None:
+        """A job was created (committed): the jobs controller looks now rather than at its
+        next interval. Changes no document (hand-outs are the controller's)."""
+        self._delivery.fleet_changed()
+
+    def cancel_job(self, session: Session, *, job_id: str, reason: str, now: datetime) -> None:
+        """Cancel a job; the devices it was handed out to and that did not start it lose
+        it from their documents (generation + 1), in the same transaction.
+
+        Raises JobNotFound or JobFinished; nothing is written then.
+        """
+        begin_write(session)
+        try:
+            handed = jobs_store.cancel(session, job_id=job_id, reason=reason, now=now)
+            bumped = jobs_store.refresh_documents(
+                session,
+                device_ids=handed,
+                now=now,
+                max_config_bytes=self._settings.max_config_bytes,
+            )
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
+        self._delivery.desired_changed(bumped)
+        self._delivery.fleet_changed()
+
+    def apply_jobs(
+        self,
+        session: Session,
+        *,
+        rows: Sequence[jobs_store.RowChange],
+        jobs: Sequence[jobs_store.JobChange],
+        documents: Sequence[str],
+        now: datetime,
+    ) -> list[str]:
+        """Commit the jobs controller's decisions and the documents they change (a job
+        handed out joins the device's ``jobs``; generation + 1); returns the bumped
+        devices (:func:`hub.jobs.store.commit_changes`)."""
+        bumped = jobs_store.commit_changes(
+            session,
+            rows=rows,
+            jobs=jobs,
+            documents=documents,
+            now=now,
+            max_config_bytes=self._settings.max_config_bytes,
+        )
+        self._delivery.desired_changed(bumped)
+        return bumped
 
     def devices_registered(self) -> None:
         """Devices were registered (committed): the placement controller looks now rather

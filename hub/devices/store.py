@@ -59,6 +59,8 @@ from hub.devices.errors import (
 from hub.devices.models import Device, DeviceDeletion, DeviceState
 from hub.devices.rules import CertFact, DeviceMessage, Reject, Tracking, decide
 from hub.enrollment.models import DeviceCertificate
+from hub.jobs.entries import job_entries, with_jobs
+from hub.rollouts import gate
 
 _TRACKING_FIELDS = tuple(f.name for f in dataclasses.fields(Tracking))
 _READ_ONLY = frozenset({"desired_generation", "decommissioned_at"})  # the rules never write them
@@ -482,7 +484,16 @@ def _set_own(
     """Make ``own`` the device's base layer and bump it to the merge with its deployments
     (an own change always bumps: it is how an operator retries a failed generation).
     ``layers`` caches deployments by name across the rows of one transaction."""
-    composed = compose(own, layers_for(session, row.assignments, layers))
+    entries = job_entries(session.connection(), [row.id]).get(row.id)  # hub.jobs.entries
+    base = with_jobs(own, entries)
+    current = layers_for(session, row.assignments, layers)
+    gating = gate.read_gating(session.connection()) if row.assignments else {}
+    if gating:  # a rollout runs: the device's deployments at the versions it has them
+        versions = gate.Versions({layer.name: layer for layer in current}, gating, set())
+        names = tuple(sorted(row.assignments))
+        composed = versions.compose(base, names, versions.modes(row.id, names))
+    else:
+        composed = compose(base, current)
     document = composed.document
     if row.assignments:
         size = config_size_bytes(document)

@@ -46,6 +46,7 @@ from hub.bundles.files import BundleFiles
 from hub.context import Clock
 from hub.controllers.cutoff.driver import CutoffController
 from hub.controllers.cutoff.plan import DYNSEC_RESPONSE_TOPIC
+from hub.controllers.jobs.driver import JobsController
 from hub.controllers.loop import Controller
 from hub.controllers.placement.driver import PlacementController
 from hub.controllers.rollout.driver import RolloutController
@@ -180,6 +181,8 @@ class BrokerLink:
             engine=engine, settings=settings, clock=clock, delivery=self
         )
         self._controllers.append(self.rollouts)
+        self.jobs = JobsController(engine=engine, settings=settings, clock=clock, delivery=self)
+        self._controllers.append(self.jobs)
         for controller in self._controllers:
             controller.attach(self.session)
         self.delivery.attach(self.session)

@@ -36,7 +36,8 @@ from typing import Any
 from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy import select as sa_select
 
-from hub.deployments.merge import canonical
+from hub.deployments.layers import layer_of
+from hub.deployments.merge import Composed, canonical, compose
 from hub.rollouts.models import Rollout, RolloutDevice
 
 TERMINAL = ("succeeded", "aborted", "superseded")
@@ -237,3 +238,46 @@ def record_generations(
                 )
     if params:
         connection.execute(_SET_GENERATION, params)
+
+
+class Versions:
+    """Which version of each deployment a device's document is composed from: the
+    current one, or, while a rollout runs, what the rollout has the device at."""
+
+    __slots__ = ("_gating", "_layers", "_previous", "force")
+
+    def __init__(
+        self, layers: Mapping[str, Any], gating: Mapping[str, Gating], force: set[str]
+    ) -> None:
+        self._layers = layers
+        self._gating = gating
+        self.force = force
+        self._previous = {
+            name: layer_of(name, g.from_spec) if g.from_spec is not None else None
+            for name, g in gating.items()
+        }
+
+    def modes(self, device_id: str, names: Sequence[str]) -> tuple[str, ...] | None:
+        """Per deployment of ``names``: "now", "from", "hold" or "to"; None: all "now"."""
+        if not self._gating:
+            return None
+        modes = tuple(
+            "now" if (g := self._gating.get(n)) is None else g.modes.get(device_id, "from")
+            for n in names
+        )
+        return None if all(m == "now" for m in modes) else modes
+
+    def compose(
+        self, base: Mapping[str, Any], names: Sequence[str], modes: tuple[str, ...] | None
+    ) -> Composed:
+        if modes is None:
+            return compose(base, [self._layers[n] for n in names if n in self._layers])
+        chosen = []
+        for name, mode in zip(names, modes, strict=True):
+            layer = self._previous.get(name) if mode == "from" else self._layers.get(name)
+            if layer is not None:
+                chosen.append(layer)
+        composed = compose(base, chosen)
+        if "hold" in modes:
+            composed.document[HOLD_KEY] = True
+        return composed

@@ -1,0 +1,1 @@
+"""The jobs controller: hands one-shot jobs out, follows reports, deadlines and expiry."""

@@ -31,6 +31,7 @@ from hub.bundles import routes as bundles
 from hub.deployments import routes as deployments
 from hub.devices import routes as devices
 from hub.enrollment import routes as enrollment
+from hub.schedules import routes as windows
 
 API_PREFIX = "/api/v1"
 
@@ -46,6 +47,7 @@ def build_api_router() -> APIRouter:
     guarded.include_router(auth.router)
     guarded.include_router(enrollment.router)
     guarded.include_router(enrollment.reader_router)
+    guarded.include_router(windows.router)
     open_router = APIRouter()
     open_router.include_router(status.open_router)
     open_router.include_router(bundles.files_router)

@@ -48,6 +48,7 @@ from hub.controllers.cutoff.driver import CutoffController
 from hub.controllers.cutoff.plan import DYNSEC_RESPONSE_TOPIC
 from hub.controllers.loop import Controller
 from hub.controllers.placement.driver import PlacementController
+from hub.controllers.schedules.driver import ScheduleController
 from hub.devices.delivery import Delivery
 from hub.devices.ingest import IngestHandler, ingest_subscriptions
 from hub.enrollment.renewal import RenewalHandler
@@ -175,6 +176,10 @@ class BrokerLink:
             engine=engine, settings=settings, clock=clock, delivery=self
         )
         self._controllers.append(self.placement)
+        # Maintenance windows: each fire wakes the controllers (the rollout controller's
+        # windows open); the scheduler's own wake is a cheap look at the table.
+        self.schedules = ScheduleController(engine=engine, clock=clock, wake=self._wake_controllers)
+        self._controllers.append(self.schedules)
         for controller in self._controllers:
             controller.attach(self.session)
         self.delivery.attach(self.session)

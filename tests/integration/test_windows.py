@@ -157,6 +157,41 @@ async def test_fires_missed_while_down_are_coalesced_late_or_missed(tmp_path: Pa
     assert controller.late == 2 and controller.missed == 2 and woken == [1]
 
 
+async def test_jobs_follow_the_table_and_the_zones_of_devices(tmp_path: Path) -> None:
+    engine = engine_at(tmp_path / "hub.db")
+    now = system_clock()
+    with new_session(engine) as session:
+        store.put_window(
+            session, name="local", cron="0 3 * * *", duration_s=60, timezone="label:tz", now=now
+        )
+        session.add(Device(id="b", labels={"tz": "Europe.Berlin"}, created_at=now))
+        session.commit()
+    controller = ScheduleController(engine=engine, clock=system_clock, wake=lambda: None)
+    task = asyncio.create_task(controller.run())
+    try:
+        await wait_for(lambda: controller.jobs == ["local@Europe/Berlin"], 10, "Berlin's job")
+        with new_session(engine) as session:  # a label change (the fan-out wakes it)
+            session.add(Device(id="t", labels={"tz": "Asia.Tokyo"}, created_at=now))
+            session.add(Device(id="u", labels={}, created_at=now))
+            session.commit()
+        controller.wake()
+        await wait_for(
+            lambda: controller.jobs == ["local@Asia/Tokyo", "local@Europe/Berlin", "local@UTC"],
+            10,
+            "a job per zone",
+        )
+        with new_session(engine) as session:  # the table changes: found by the poll
+            store.put_window(
+                session, name="utc", cron="0 4 * * *", duration_s=60, timezone="UTC", now=now
+            )
+            store.delete_window(session, name="local")
+        controller.wake()
+        await wait_for(lambda: controller.jobs == ["utc@UTC"], 10, "the table's windows")
+    finally:
+        await stop(task)
+    assert controller.jobs == []
+
+
 def test_a_hub_process_records_its_windows_fires(hub: HubProcess) -> None:
     answer = hub.api.put("/windows/often", json={"cron": "*/2 * * * * *", "duration_s": 1})
     assert answer.status_code == 200, answer.text

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from hub.controllers.schedules.plan import catch_up, fire_outcome
 from hub.schedules.window import (
     Window,
     WindowError,
@@ -303,3 +304,86 @@ def test_window_states_for_5000_devices_is_fast() -> None:
     states = window_states(window, labels, at("2026-12-06 01:30"))
     assert len(states) == 5000
     assert time.perf_counter() - started < 0.5
+
+
+# -- the scheduler's planner (hub.controllers.schedules.plan) -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("fire", "now", "outcome"),
+    [
+        pytest.param("2026-12-06 02:00", "2026-12-06 02:00:00.2", "fired", id="on-time"),
+        pytest.param("2026-12-06 02:00", "2026-12-06 02:59:59", "fired", id="late-but-open"),
+        pytest.param("2026-12-06 02:00", "2026-12-06 03:00", "missed", id="after-close"),
+    ],
+)
+def test_fire_outcome(fire: str, now: str, outcome: str) -> None:
+    assert fire_outcome(win("0 2 * * *", 3600), at(fire), at(now)) == outcome
+
+
+@pytest.mark.parametrize(
+    ("now", "changed_at", "last_recorded", "expected"),
+    [
+        pytest.param(
+            "2026-12-06 02:30",
+            "2026-11-01 00:00",
+            None,
+            ("2026-12-06 02:00", "late"),
+            id="down-through-the-fire-still-open",
+        ),
+        pytest.param(
+            "2026-12-06 05:00",
+            "2026-11-01 00:00",
+            "2026-12-01 02:00",
+            ("2026-12-06 02:00", "missed"),
+            id="down-for-days-only-the-newest",
+        ),
+        pytest.param(
+            "2026-12-06 02:30",
+            "2026-11-01 00:00",
+            "2026-12-06 02:00",
+            None,
+            id="already-recorded",
+        ),
+        pytest.param(
+            "2026-12-06 02:30", "2026-12-06 02:10", None, None, id="changed-after-the-fire"
+        ),
+        pytest.param("2026-12-06 02:30", "2026-12-06 02:00", None, None, id="changed-at-the-fire"),
+        pytest.param(
+            "2026-12-06 01:00",
+            "2026-11-01 00:00",
+            None,
+            ("2026-12-05 02:00", "missed"),
+            id="before-todays-fire",
+        ),
+    ],
+)
+def test_catch_up(
+    now: str, changed_at: str, last_recorded: str | None, expected: tuple[str, str] | None
+) -> None:
+    caught = catch_up(
+        win("0 2 * * *", 3600),
+        "UTC",
+        now=at(now),
+        changed_at=at(changed_at),
+        last_recorded=at(last_recorded) if last_recorded else None,
+    )
+    if expected is None:
+        assert caught is None
+    else:
+        assert caught is not None
+        assert (caught.fire_time, caught.outcome) == (at(expected[0]), expected[1])
+        assert caught.wakes is (expected[1] == "late")
+
+
+def test_catch_up_in_berlin_after_the_spring_jump() -> None:
+    """Down across 02:30 on the spring-forward night: the fire at the jump is caught up."""
+    caught = catch_up(
+        win("30 2 * * *", 3600, "label:tz"),
+        BERLIN,
+        now=at("2026-03-29 01:40"),
+        changed_at=at("2026-03-01 00:00"),
+        last_recorded=at("2026-03-28 01:30"),
+    )
+    assert caught is not None and caught.fire_time == at("2026-03-29 01:00")
+    assert caught.outcome == "late"

@@ -49,12 +49,13 @@ from sqlalchemy.exc import IntegrityError
 
 from hub.context import Clock
 from hub.controllers.loop import ControllerLoop
+from hub.controllers.schedules import plan
 from hub.db import new_session
 from hub.mqtt.session import MqttSession
 from hub.schedules import store
 from hub.schedules.errors import InvalidWindow
 from hub.schedules.models import Schedule, ScheduleFire
-from hub.schedules.window import Window, last_fire, next_fire
+from hub.schedules.window import Window, next_fire
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,13 @@ class ScheduleController:
         self.missed = 0
         self.rebuilds = 0
 
+    @property
+    def jobs(self) -> list[str]:
+        """The running jobs' ids (``window@zone``), sorted; empty while not running."""
+        if self._scheduler is None:
+            return []
+        return sorted(job.id for job in self._scheduler.get_jobs())
+
     def attach(self, session: MqttSession) -> None:
         session.while_connected("schedules", self.run)
 
@@ -216,12 +224,12 @@ class ScheduleController:
         if fire_time is None:
             raise TypeError("a fire without its scheduled time")
         now = self._clock()
-        outcome = "fired" if now < fire_time + job.window.duration else "missed"
+        outcome = plan.fire_outcome(job.window, fire_time, now)
         recorded = await asyncio.to_thread(self._record, job, fire_time, outcome, now)
         if not recorded:
             self.skipped += 1
             return
-        if outcome == "fired":
+        if outcome == plan.FIRED:
             self.fired += 1
             self._wake()
         else:
@@ -256,10 +264,10 @@ class ScheduleController:
         return True
 
     def _catch_up(self, jobs: list[_Job]) -> int:
-        """The misfire rule (module rules); how many ``late`` fires it recorded."""
+        """The misfire rule (:func:`.plan.catch_up`); how many ``late`` fires it recorded."""
         with new_session(self._engine) as session:
             recorded = {
-                (str(name), str(zone)): at
+                (str(name), str(zone)): at if at.tzinfo else at.replace(tzinfo=UTC)
                 for name, zone, at in session.connection().execute(
                     sa_select(
                         _FIRES.c.schedule, _FIRES.c.zone, func.max(_FIRES.c.fire_time)
@@ -269,17 +277,16 @@ class ScheduleController:
         late = 0
         now = self._clock()
         for job in jobs:
-            since = job.changed_at
-            last = recorded.get((job.name, job.zone))
-            if last is not None:
-                since = max(since, last if last.tzinfo else last.replace(tzinfo=UTC))
-            fire = last_fire(job.window, job.zone, now, since=since)
-            if fire is None:
+            caught = plan.catch_up(
+                job.window,
+                job.zone,
+                now=now,
+                changed_at=job.changed_at,
+                last_recorded=recorded.get((job.name, job.zone)),
+            )
+            if caught is None or not self._record(job, caught.fire_time, caught.outcome, now):
                 continue
-            outcome = "late" if now < fire + job.window.duration else "missed"
-            if not self._record(job, fire, outcome, now):
-                continue
-            if outcome == "late":
+            if caught.wakes:
                 self.late += 1
                 late += 1
             else:

@@ -33,6 +33,7 @@ from hub.devices import routes as devices
 from hub.enrollment import routes as enrollment
 from hub.jobs import routes as jobs
 from hub.rollouts import routes as rollouts
+from hub.schedules import routes as windows
 
 API_PREFIX = "/api/v1"
 
@@ -51,6 +52,7 @@ def build_api_router() -> APIRouter:
     guarded.include_router(auth.router)
     guarded.include_router(enrollment.router)
     guarded.include_router(enrollment.reader_router)
+    guarded.include_router(windows.router)
     open_router = APIRouter()
     open_router.include_router(status.open_router)
     open_router.include_router(bundles.files_router)

@@ -50,6 +50,7 @@ from hub.controllers.jobs.driver import JobsController
 from hub.controllers.loop import Controller
 from hub.controllers.placement.driver import PlacementController
 from hub.controllers.rollout.driver import RolloutController
+from hub.controllers.schedules.driver import ScheduleController
 from hub.devices.delivery import Delivery
 from hub.devices.ingest import IngestHandler, ingest_subscriptions
 from hub.enrollment.renewal import RenewalHandler
@@ -183,6 +184,10 @@ class BrokerLink:
         self._controllers.append(self.rollouts)
         self.jobs = JobsController(engine=engine, settings=settings, clock=clock, delivery=self)
         self._controllers.append(self.jobs)
+        # Maintenance windows: each fire wakes the controllers (the rollout controller's
+        # windows open); the scheduler's own wake is a cheap look at the table.
+        self.schedules = ScheduleController(engine=engine, clock=clock, wake=self._wake_controllers)
+        self._controllers.append(self.schedules)
         for controller in self._controllers:
             controller.attach(self.session)
         self.delivery.attach(self.session)

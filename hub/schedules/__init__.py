@@ -1,1 +1,1 @@
-"""Maintenance windows and start times: schedules kept in the database (``docs/rollouts.md``)."""
+"""Maintenance windows: kept in the database, rules in :mod:`.window` (docs/windows.md)."""

@@ -47,6 +47,8 @@ from hub.mqtt.session import MqttSession
 from hub.rollouts import store
 from hub.rollouts.gate import TERMINAL
 from hub.rollouts.models import Rollout, RolloutDevice
+from hub.schedules.models import Schedule
+from hub.schedules.window import WindowError, parse_window, window_states
 from hub.settings import HubSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 _DEVICES: Table = Device.__table__  # type: ignore[attr-defined]
 _ROLLOUTS: Table = Rollout.__table__  # type: ignore[attr-defined]
 _TARGETS: Table = RolloutDevice.__table__  # type: ignore[attr-defined]
+_SCHEDULES: Table = Schedule.__table__  # type: ignore[attr-defined]
 _EVIDENCE_COLUMNS = (
     "id",
     "labels",
@@ -296,19 +299,22 @@ def _windows(
     """Each target's maintenance window, open or not (None: the policy names none)."""
     if policy.window is None:
         return None
-    from hub.schedules.models import Schedule
-    from hub.schedules.window import window_states
-
-    table: Table = Schedule.__table__  # type: ignore[attr-defined]
     schedule = (
-        connection.execute(sa_select(table).where(table.c.name == policy.window)).mappings().first()
+        connection.execute(sa_select(_SCHEDULES).where(_SCHEDULES.c.name == policy.window))
+        .mappings()
+        .first()
     )
     if schedule is None:
-        return {t["device_id"]: False for t in targets}  # no such window: never open
+        return dict.fromkeys((t["device_id"] for t in targets), False)  # no such window
+    try:
+        window = parse_window(schedule["cron"], schedule["duration_s"], schedule["timezone"])
+    except WindowError:
+        log.error("rollout window unusable", extra={"window": policy.window})
+        return dict.fromkeys((t["device_id"] for t in targets), False)
     labels = {
         t["device_id"]: (devices.get(t["device_id"]) or {}).get("labels") or {} for t in targets
     }
-    return window_states(schedule, labels, now)
+    return window_states(window, labels, now)
 
 
 def _evidence(

@@ -1,0 +1,1 @@
+"""The scheduler: maintenance windows' fires, recorded once each (``docs/windows.md``)."""

@@ -170,12 +170,15 @@ def status(
     if staged or (view.get("policy") or {}).get("prestage"):
         lines.append(f"Staged:     {staged} of {targeted}")
     lines.append(f"Waves:      {wave_label(view)}")
+    waves = view.get("waves") or ()
+    if waves:
+        lines.append("    WAVE  DEVICES  STATES")
     current = _int(view.get("wave"))
-    for wave in view.get("waves") or ():
+    for wave in waves:
         index = _int(wave.get("index"))
         marker = ">" if index == current and state not in TERMINAL else " "
         lines.append(
-            f"  {marker} {index + 1:>3}  {_int(wave.get('size')):>6}  "
+            f"  {marker} {index + 1:>4}  {_int(wave.get('size')):>7}  "
             f"{breakdown(wave.get('counts') or {})}"
         )
     lines += [

@@ -15,14 +15,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from ctl import commands
+from ctl import commands, documents
 from ctl import rollout_render as show
 from ctl.client import HubClient
+from ctl.errors import DocumentError
 from driftless.cli import build_parser
 
 NOW = datetime(2026, 12, 6, 16, 55, tzinfo=UTC)
@@ -720,3 +722,66 @@ def test_the_rollout_commands_load_none_of_the_hub_agent_or_web_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the files' rollout member
+
+
+def _deployment_file(tmp_path: Path, rollout: dict[str, Any]) -> str:
+    path = tmp_path / "web.yaml"
+    document = {
+        "apiVersion": "driftless/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {"workloads": [{"name": "web", "bundle": "1" * 64}], "rollout": rollout},
+    }
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_a_deployment_file_may_carry_the_contracts_rollout_policy(tmp_path: Path) -> None:
+    policy = {
+        "strategy": "waves",
+        "waves": [10, "25%", "100%"],
+        "pause_s": 60,
+        "max_in_flight": 50,
+        "rate": {"per_minute": 100, "growth_factor": 2.0, "growth_after": 50},
+        "soak": {"seconds": 30, "reports": 2},
+        "failure_threshold": {"percent": 20, "min_reported": 1, "action": "abort"},
+        "quorum": {"percent": 80, "within_s": 600},
+        "apply_deadline_s": 600,
+        "progress_deadline_s": 1800,
+        "on_progress_deadline": "pause",
+        "prestage": True,
+        "activate_at": "2026-12-07T02:00:00Z",
+        "start_at": "2026-12-07T01:00:00Z",
+        "window": "nightly",
+    }
+    (loaded,) = documents.load([_deployment_file(tmp_path, policy)], stdin=io.StringIO())
+    assert loaded.spec["rollout"] == policy
+
+
+@pytest.mark.parametrize(
+    ("policy", "where", "message"),
+    [
+        ({"waves": [10, "150%"]}, "$.spec.rollout.waves[1]", 'a percentage such as "25%"'),
+        ({"waves": [0]}, "$.spec.rollout.waves[0]", "minimum of 1"),
+        ({"waves": [2.5]}, "$.spec.rollout.waves[0]", "is not of type"),
+        ({"strategy": "blue-green"}, "$.spec.rollout.strategy", "blue-green"),
+        ({"canary": {"count": 0}}, "$.spec.rollout.canary.count", "minimum of 1"),
+        ({"soak": {"minutes": 5}}, "$.spec.rollout.soak", "minutes"),
+        (
+            {"failure_threshold": {"action": "ignore"}},
+            "$.spec.rollout.failure_threshold.action",
+            "",
+        ),
+        ({"window": "Nightly"}, "$.spec.rollout.window", "Nightly"),
+    ],
+)
+def test_a_bad_rollout_policy_is_named_before_anything_is_sent(
+    tmp_path: Path, policy: dict[str, Any], where: str, message: str
+) -> None:
+    with pytest.raises(DocumentError) as failed:
+        documents.load([_deployment_file(tmp_path, policy)], stdin=io.StringIO())
+    text = str(failed.value)
+    assert where + ":" in text and message in text, text

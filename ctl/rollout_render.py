@@ -188,9 +188,10 @@ def status(
     if view.get("finished_at"):
         lines.append(f"Finished:   {_when(view.get('finished_at'), now)}")
     if view.get("progress_deadline_at"):
+        then = (view.get("policy") or {}).get("on_progress_deadline", "pause")
         lines.append(
             f"Deadline:   progress by {view['progress_deadline_at']} "
-            f"({_until(view['progress_deadline_at'], now)})"
+            f"({_until(view['progress_deadline_at'], now)}; else {then})"
         )
     lines.extend(_failed(view, counts, ids))
     lines.extend(_unknown(view, counts, ids))
@@ -249,13 +250,18 @@ def acted(action: str, view: Mapping[str, Any]) -> str:
 
 
 def policy(raw: Mapping[str, Any]) -> str:
-    """Pure: the policy in one line: strategy, pauses, limits, soak, gates."""
+    """Pure: the policy in one line: strategy, pauses, limits, soak, gates, deadlines."""
+    return ", ".join([*_stages(raw), *_gates(raw)])
+
+
+def _stages(raw: Mapping[str, Any]) -> list[str]:
+    """How the change is cut up and paced: strategy, pause, in-flight limit, rate."""
     strategy = str(raw.get("strategy") or "all-at-once")
     parts = [strategy]
-    canary = raw.get("canary") or {}
     if strategy == "canary":
+        canary = raw.get("canary") or {}
         size = (
-            f"{canary['percent']}%"
+            f"{_num(canary['percent'])}%"
             if canary.get("percent") is not None
             else plural(_int(canary.get("count") or 1), "device")
         )
@@ -271,7 +277,13 @@ def policy(raw: Mapping[str, Any]) -> str:
         parts.append(f"at most {raw['max_in_flight']} in flight")
     rate = raw.get("rate") or {}
     if rate.get("per_minute"):
-        parts.append(f"{rate['per_minute']}/min")
+        parts.append(f"{_num(rate['per_minute'])}/min")
+    return parts
+
+
+def _gates(raw: Mapping[str, Any]) -> list[str]:
+    """What judges it and when: soak, threshold, quorum, deadline, prestage, window."""
+    parts = []
     soak = raw.get("soak") or {}
     if soak.get("seconds") or soak.get("reports"):
         parts.append(
@@ -283,15 +295,22 @@ def policy(raw: Mapping[str, Any]) -> str:
         limit = (
             f"{threshold['count']} failed"
             if threshold.get("count") is not None
-            else f"{threshold.get('percent', 20)}% failed"
+            else f"{_num(threshold.get('percent', 20))}% failed"
         )
         parts.append(f"{threshold.get('action', 'abort')} at {limit}")
+    quorum = raw.get("quorum") or {}
+    if quorum:
+        parts.append(
+            f"quorum {_num(quorum.get('percent'))}% within {_seconds(quorum.get('within_s'))}"
+        )
+    if raw.get("apply_deadline_s") is not None:
+        parts.append(f"apply deadline {_seconds(raw['apply_deadline_s'])}")
     if raw.get("prestage"):
         at = raw.get("activate_at")
         parts.append("prestaged" + (f", activate at {at}" if at else ", activate on promote"))
     if raw.get("window"):
         parts.append(f"window {raw['window']}")
-    return ", ".join(parts)
+    return parts
 
 
 # ---------------------------------------------------------------- jobs
@@ -411,6 +430,13 @@ def _int(value: object) -> int:
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _num(value: object) -> str:
+    """Pure: a number without a needless ``.0`` (other values as they are)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _seconds(value: object) -> str:

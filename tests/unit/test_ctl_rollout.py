@@ -97,7 +97,7 @@ def test_status_shows_state_policy_bar_waves_times_devices_and_notes() -> None:
         "       3        5  5 pending",
         "Created:    2026-12-06T16:40:00Z (15m ago)",
         "Started:    2026-12-06T16:40:01Z (14m ago)",
-        "Deadline:   progress by 2026-12-06T17:20:00Z (in 25m)",
+        "Deadline:   progress by 2026-12-06T17:20:00Z (in 25m; else pause)",
         "Failed devices (1):",
         "  pump-0003  failed  web: health check failed",
         "Unknown devices (1, offline: neither passed nor failed): pump-0017",
@@ -246,6 +246,23 @@ def test_new_notes_are_those_not_printed_yet() -> None:
     ("policy", "text"),
     [
         ({}, "all-at-once"),
+        # the hub's canonical form: floats, defaults written out
+        (
+            {
+                "strategy": "canary",
+                "canary": {"percent": 5.0},
+                "rate": {"per_minute": 100.0, "growth_factor": 2.0, "growth_after": 50},
+                "soak": {"seconds": 0.0, "reports": 0},
+                "failure_threshold": {"percent": 20.0, "min_reported": 1, "action": "abort"},
+                "quorum": {"percent": 80.0, "within_s": 600.0},
+                "apply_deadline_s": 600.0,
+                "progress_deadline_s": 1800.0,
+                "on_progress_deadline": "pause",
+                "prestage": False,
+            },
+            "canary of 5%, pause until promoted, 100/min, abort at 20% failed, "
+            "quorum 80% within 10m, apply deadline 10m",
+        ),
         (
             {"strategy": "canary", "canary": {"percent": 5}, "pause_s": 600},
             "canary of 5%, pause 10m",
@@ -277,8 +294,9 @@ def test_prestaged_rollouts_show_how_many_are_staged() -> None:
 
 
 def test_a_passed_deadline_says_so() -> None:
-    lines = show.status(view(progress_deadline_at="2026-12-06T16:45:00+00:00"), NOW)
-    assert "Deadline:   progress by 2026-12-06T16:45:00+00:00 (passed 10m ago)" in lines
+    policy = {"on_progress_deadline": "abort"}
+    lines = show.status(view(progress_deadline_at="2026-12-06T16:45:00+00:00", policy=policy), NOW)
+    assert "Deadline:   progress by 2026-12-06T16:45:00+00:00 (passed 10m ago; else abort)" in lines
 
 
 JOB = {

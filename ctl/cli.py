@@ -1,4 +1,5 @@
-"""``driftless apply|diff|delete|get|describe``: the operator's commands (argparse only).
+"""``driftless apply|diff|delete|get|describe|rollout|jobs``: the operator's commands
+(argparse only).
 
 Rule: importing this module imports only argparse; :func:`dispatch` imports the
 commands (httpx, PyYAML, jsonschema) when one runs, so ``driftless agent run``
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-COMMANDS = ("apply", "diff", "delete", "get", "describe")
+COMMANDS = ("apply", "diff", "delete", "get", "describe", "rollout", "jobs")
+ROLLOUT_ACTIONS = ("pause", "resume", "abort", "promote", "retry-failed")
+JOB_STATES = ("queued", "in_progress", "succeeded", "failed", "timed_out", "canceled", "expired")
 
 
 def _connection() -> argparse.ArgumentParser:
@@ -79,7 +82,7 @@ def _preview_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(top: Any) -> None:
-    """Add apply, diff, delete, get and describe to the top-level subparsers."""
+    """Add apply, diff, delete, get, describe, rollout and jobs to the top-level subparsers."""
     common = _connection()
 
     apply = top.add_parser(
@@ -135,8 +138,98 @@ def add_subcommands(top: Any) -> None:
     describe.add_argument("resource", choices=("deployment", "deployments", "deploy"))
     describe.add_argument("name")
 
-    for parser in (apply, diff, delete, get, describe):
+    rollout = _rollout(top, common)
+    jobs = _jobs(top, common)
+
+    for parser in (apply, diff, delete, get, describe, rollout, jobs):
         parser.set_defaults(dispatch=dispatch, plain_output=True)
+
+
+def _shown(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the hub's JSON as it is")
+    parser.add_argument(
+        "--device-ids",
+        type=int,
+        default=10,
+        metavar="N",
+        help="device ids listed per list (failed, unknown; default 10; 0: all the hub sent)",
+    )
+
+
+def _reason(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reason", default="", metavar="TEXT", help="why, kept with the rollout (256 at most)"
+    )
+
+
+def _rollout(top: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    rollout: argparse.ArgumentParser = top.add_parser(
+        "rollout",
+        help="a deployment's rollout: status (live with --watch), pause, resume, abort, "
+        "promote, retry-failed",
+        description="Show or steer the newest rollout of a deployment. Exit: 0 done (a "
+        "watched rollout succeeded), 1 the hub refused or could not be reached (a watched "
+        "rollout was aborted or superseded), 2 bad usage, 3 declined, 130 Ctrl-C.",
+    )
+    actions = rollout.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = actions.add_parser(
+        "status",
+        parents=[common],
+        help="the rollout's state, waves, progress, failed and unknown devices, notes",
+    )
+    status.add_argument("name", metavar="NAME", help="the deployment")
+    status.add_argument(
+        "--watch",
+        "-w",
+        action="store_true",
+        help="redraw until the rollout ends (exit 0 succeeded, 1 aborted or superseded)",
+    )
+    status.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="seconds between polls (2)"
+    )
+    _shown(status)
+    helps = {
+        "pause": "stop handing out the change (devices in flight finish)",
+        "resume": "carry on after a pause",
+        "abort": "stop and restore the previous version on every touched device",
+        "promote": "end a pause that waits for a promote (or a timed pause early)",
+        "retry-failed": "give the failed and timed-out devices another go",
+    }
+    for action in ROLLOUT_ACTIONS:
+        parser = actions.add_parser(action, parents=[common], help=helps[action])
+        parser.add_argument("name", metavar="NAME", help="the deployment")
+        _reason(parser)
+        if action == "abort":
+            parser.add_argument("--yes", "-y", action="store_true", help="abort without asking")
+        else:
+            parser.set_defaults(yes=True)
+        _shown(parser)
+        parser.set_defaults(watch=False)
+    return rollout
+
+
+def _jobs(top: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    jobs: argparse.ArgumentParser = top.add_parser(
+        "jobs",
+        help="one-shot commands on devices: list, get ID, cancel ID",
+        description="Exit: 0 done, 1 the hub refused or could not be reached, 2 bad usage.",
+    )
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="jobs, newest first")
+    listing.add_argument("--state", choices=JOB_STATES, default=None, help="only this state")
+    listing.add_argument("--device", default=None, metavar="ID", help="only jobs for this device")
+    listing.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (100)")
+    listing.add_argument("--json", action="store_true", help="print the hub's JSON as it is")
+    get = actions.add_parser("get", parents=[common], help="one job, with each device's result")
+    get.add_argument("id", metavar="ID")
+    _shown(get)
+    cancel = actions.add_parser(
+        "cancel", parents=[common], help="cancel a job on every device that has not started it"
+    )
+    cancel.add_argument("id", metavar="ID")
+    _reason(cancel)
+    _shown(cancel)
+    return jobs
 
 
 def dispatch(args: argparse.Namespace) -> int:

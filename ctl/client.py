@@ -1,9 +1,13 @@
-"""The admin API's deployment routes, as the command line calls them (httpx, synchronous).
+"""The admin API's routes, as the command line calls them (httpx, synchronous).
 
 Rules:
-- Only the routes of the design contract (``docs/api.md``, "Deployments"):
+- Only the routes of the design contracts (``docs/api.md``, "Deployments"):
   ``GET/PUT/DELETE /api/v1/deployments/{name}`` (``?dry_run=true`` for a preview),
-  ``GET /api/v1/deployments`` (paged) and ``GET …/{name}/status``.
+  ``GET /api/v1/deployments`` (paged) and ``GET …/{name}/status``; rollouts
+  (``docs/rollouts.md``): ``GET …/{name}/rollout`` and
+  ``POST …/{name}/rollout/{action}`` with an optional ``{"reason"}``; jobs
+  (``docs/jobs.md``): ``GET /api/v1/jobs``, ``GET /api/v1/jobs/{id}`` and
+  ``POST /api/v1/jobs/{id}/cancel``.
 - A refusal becomes :class:`~ctl.errors.ApiError` with the problem's title, detail
   and field errors; no answer, or an answer that is not the API's JSON, becomes
   :class:`~ctl.errors.HubUnreachable`. A 401 or 403 adds what to do about it.
@@ -26,7 +30,7 @@ API_PREFIX = "/api/v1"
 PAGE_SIZE = 500
 _HINTS = {
     401: " (give the hub's API token: --token-file FILE or DRIFTLESS_TOKEN)",
-    403: " (deployments need a token of role operator or admin)",
+    403: " (changes need a token of role operator or admin)",
 }
 
 
@@ -114,6 +118,43 @@ class HubClient:
             offset += len(items)
             if not items or offset >= total:
                 return
+
+    # ---------------------------------------------------------------- rollouts
+
+    def get_rollout(self, name: str) -> dict[str, Any]:
+        """``GET /deployments/{name}/rollout``: the deployment's newest rollout (404: none)."""
+        return self._call("GET", _path(name) + "/rollout")
+
+    def rollout_action(self, name: str, action: str, *, reason: str = "") -> dict[str, Any]:
+        """``POST /deployments/{name}/rollout/{action}``: the rollout view after it (409: the
+        rollout's state does not allow it; 404: no rollout). The body only with a reason."""
+        body = {"reason": reason} if reason else None
+        return self._call("POST", _path(name) + "/rollout/" + quote(action, safe=""), body=body)
+
+    # ---------------------------------------------------------------- jobs
+
+    def list_jobs(
+        self, *, state: str | None = None, device_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """``GET /jobs``: newest first, at most ``limit``."""
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        if device_id:
+            params["device_id"] = device_id
+        page = self._call("GET", "/jobs", params=params)
+        items = page.get("items")
+        if not isinstance(items, list):
+            raise HubUnreachable("GET /jobs: the answer has no items")
+        return items
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", "/jobs/" + quote(job_id, safe=""))
+
+    def cancel_job(self, job_id: str, *, reason: str = "") -> dict[str, Any]:
+        """``POST /jobs/{id}/cancel``: the job view after it."""
+        body = {"reason": reason} if reason else None
+        return self._call("POST", "/jobs/" + quote(job_id, safe="") + "/cancel", body=body)
 
     # ---------------------------------------------------------------- transport
 

@@ -1,4 +1,5 @@
-"""``driftless apply/diff/delete/get/describe``: what each command does, in order.
+"""``driftless apply/diff/delete/get/describe``: what each command does, in order
+(``rollout`` and ``jobs`` are :mod:`ctl.rollouts`'; their errors end here too).
 
 Rules:
 - Files are read and checked against the schema before the hub is asked anything;
@@ -62,10 +63,12 @@ class Console:
     stdin: IO[str]
     interactive: bool
     """Whether stdin is a terminal a person can answer a question on."""
+    out_tty: bool = False
+    """Whether stdout is a terminal (``rollout status --watch`` redraws in place)."""
 
     @classmethod
     def system(cls) -> Console:
-        return cls(sys.stdout, sys.stderr, sys.stdin, sys.stdin.isatty())
+        return cls(sys.stdout, sys.stderr, sys.stdin, sys.stdin.isatty(), sys.stdout.isatty())
 
     def say(self, *lines: str) -> None:
         for line in lines:
@@ -116,8 +119,18 @@ class Planned:
 Connect = Callable[[], HubClient]
 
 
-def run(args: Any, *, console: Console, connect: Connect) -> int:
-    """Run the parsed command; every CtlError becomes its message and exit code."""
+def run(
+    args: Any,
+    *,
+    console: Console,
+    connect: Connect,
+    clock: Callable[[], datetime] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> int:
+    """Run the parsed command; every CtlError becomes its message and exit code.
+
+    ``clock`` and ``sleep`` (default: the real ones) are for ``rollout status --watch``
+    and the ages printed by ``rollout`` and ``jobs``."""
     command: str = args.command
     try:
         if command in ("apply", "diff"):
@@ -128,6 +141,10 @@ def run(args: Any, *, console: Console, connect: Connect) -> int:
             return _get(args, console, connect)
         if command == "describe":
             return _describe(args, console, connect)
+        if command in ("rollout", "jobs"):
+            from ctl import rollouts
+
+            return rollouts.run(args, console, connect, clock=clock, sleep=sleep)
         raise UsageError(f"unknown command {command!r}")
     except DocumentError as exc:  # one line per violation, as compilers do
         for violation in exc.violations:
@@ -303,11 +320,11 @@ def _names(target: Sequence[str]) -> list[str]:
     if not names:
         raise UsageError("deployment NAME: give at least one name")
     for name in names:
-        _check_name(name)
+        check_name(name)
     return names
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not NAME.fullmatch(name):
         raise UsageError(
             f"{name!r} is not a deployment name (lowercase letters, digits and '-', "
@@ -320,7 +337,7 @@ def _check_name(name: str) -> None:
 
 def _get(args: Any, console: Console, connect: Connect) -> int:
     if args.name is not None:
-        _check_name(args.name)
+        check_name(args.name)
     with connect() as client:
         if args.name is None:
             items = client.list_deployments()
@@ -340,7 +357,7 @@ def _get(args: Any, console: Console, connect: Connect) -> int:
 
 
 def _describe(args: Any, console: Console, connect: Connect) -> int:
-    _check_name(args.name)
+    check_name(args.name)
     with connect() as client:
         deployment = client.get_deployment(args.name)
         status = client.deployment_status(args.name)

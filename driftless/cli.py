@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 # The module that adds each command, in the order ``driftless --help`` lists them.
 CONTRIBUTORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hub.cli", ("hub",)),
-    ("ctl.cli", ("apply", "diff", "delete", "get", "describe")),
+    ("ctl.cli", ("apply", "diff", "delete", "get", "describe", "rollout", "jobs")),
     ("edge_agent.cli", ("agent",)),
     ("devtools.cli", ("broker", "demo")),
     ("firmware_bundles.cli", ("keys", "bundle")),

@@ -560,7 +560,9 @@ class AgentCore:
                 return self._connecting(now)
             case Connected(now=now, inventory=inventory, cert_serial=cert_serial):
                 self._online, self._ready = True, False
-                beat = [SetTimer(HEARTBEAT_TIMER, now + self.heartbeat_s)] if self.heartbeat_s else []
+                beat = (
+                    [SetTimer(HEARTBEAT_TIMER, now + self.heartbeat_s)] if self.heartbeat_s else []
+                )
                 return [
                     *self._flush(),
                     self._status(True, now),

@@ -31,6 +31,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
 _POSITIVE = (
     "broker_cutoff_retry_s",
     "placement_interval_s",
+    "heartbeat_s",
+    "offline_after_missed",
     "mqtt_keepalive_s",
     "mqtt_timeout_s",
     "mqtt_reconnect_min_s",
@@ -150,6 +152,11 @@ class HubSettings:
     # first: it plans only when devices came, went, flipped online or reported), and
     # whenever a desired change wakes it or a failover timer is due.
     placement_interval_s: float = 10.0
+    # Liveness: a device's heartbeat interval when its birth does not announce one
+    # (seconds); the liveness controller marks a device offline once it was silent (no
+    # message of any kind) for ``offline_after_missed`` of its intervals, Will or not.
+    heartbeat_s: float = 30.0
+    offline_after_missed: int = 3
 
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.

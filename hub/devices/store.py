@@ -772,6 +772,22 @@ def apply_messages(
         if decision.republish:
             republish[device_id] = None
         tracking[device_id] = new
+    _write_changes(connection, loaded, changed, rekeyed, now=now)
+    if flips:
+        insert_events(connection, flips)
+    session.commit()
+    return ApplyResult(outcomes=outcomes, republish=list(republish))
+
+
+def _write_changes(
+    connection: Connection,
+    loaded: Mapping[str, Tracking],
+    changed: Mapping[str, Tracking],
+    rekeyed: Mapping[str, int],
+    *,
+    now: datetime,
+) -> None:
+    """The batch's UPDATEs: the changed tracking columns, then the re-keyed generations."""
     # One executemany per set of changed columns: a run of reports usually changes
     # only the sequence number and last_seen, so most rows bind two values, not eleven.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -792,10 +808,6 @@ def apply_messages(
                 for device_id, generation in rekeyed.items()
             ],
         )
-    if flips:
-        insert_events(connection, flips)
-    session.commit()
-    return ApplyResult(outcomes=outcomes, republish=list(republish))
 
 
 def online_event(device_id: str, *, online: bool, at: datetime, detail: str = "") -> dict[str, Any]:

@@ -209,6 +209,12 @@ def device_ids(count: int, prefix: str = "sim") -> tuple[str, ...]:
     return tuple(validate_device_id(f"{prefix}-{i:0{width}d}") for i in range(count))
 
 
+def _check_heartbeat(heartbeat_s: float | None) -> None:
+    """The protocol's bounds on ``Birth.heartbeat_s``; raises ValueError."""
+    if heartbeat_s is not None and not 1.0 <= heartbeat_s <= 86400.0:
+        raise ValueError(f"heartbeat_s {heartbeat_s} is not within [1, 86400] s")
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """Everything a fleet run depends on; limits carry their unit in the name."""
@@ -293,8 +299,7 @@ class FleetConfig:
             raise ValueError("apply_time_s and apply_jitter_s must not be negative")
         if self.max_concurrent_connects < 1:
             raise ValueError("max_concurrent_connects must be at least 1")
-        if self.heartbeat_s is not None and not 1.0 <= self.heartbeat_s <= 86400.0:
-            raise ValueError(f"heartbeat_s {self.heartbeat_s} is not within [1, 86400] s")
+        _check_heartbeat(self.heartbeat_s)
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
         if len(set(self.device_ids)) != len(self.device_ids):

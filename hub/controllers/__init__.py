@@ -20,8 +20,8 @@ Controllers:
 
 - ``cutoff``: asks the broker to close decommissioned devices' connections until
   it confirms (Mosquitto's dynamic security plugin).
-
-Liveness (online/offline) is not a controller yet: it comes from status messages
-and the Last Will in the ingest rules (:mod:`hub.devices.rules`); a liveness
-controller with timeouts (a device silent past its keepalive) is issue 15.
+- ``placement``: places deployments on the fleet (``docs/orchestration.md``).
+- ``liveness``: marks devices offline that missed ``offline_after_missed``
+  heartbeats without a Will (online/offline otherwise come from births, status and
+  the Will in the ingest rules, :mod:`hub.devices.rules`).
 """

@@ -40,9 +40,10 @@ Rules (the contract; architecture rules 3 and 5):
 - **Soak evidence** (for the applied generation; what a rollout's soak reads). A
   birth or report whose ``applied_generation`` differs from the one known resets it
   first (``healthy_since`` None, ``healthy_reports`` 0, ``unhealthy_at`` None). Then
-  a report in which a workload that was ``healthy`` is now ``unhealthy``, ``failed``
-  or ``starting``, or whose ``restarts`` grew, resets ``healthy_reports`` and
-  ``healthy_since`` and sets ``unhealthy_at`` to ``now``; otherwise a report with
+  a report (not ``applying``: that one lists a rollout's progress) in which a
+  workload that was ``healthy`` is now ``unhealthy``, ``failed`` or ``starting``, or
+  whose ``restarts`` grew, resets ``healthy_reports`` and ``healthy_since`` and sets
+  ``unhealthy_at`` to ``now``; otherwise a report with
   phase ``applied`` after which every workload the hub knows of is ``healthy`` (or it
   knows none) counts: ``healthy_reports`` + 1, ``healthy_since`` set if None.
 - Duplicates and out-of-order deliveries therefore change nothing.
@@ -336,7 +337,9 @@ def soak_evidence(old: Tracking, new: Tracking, report: Reported, *, now: dateti
         known = None  # the workloads of another generation say nothing of this one
     else:
         known = old.workloads
-    if turned_unhealthy(known, report.workloads):
+    # An ``applying`` report lists a rollout's workloads on their way in (downloading,
+    # starting): progress, not a health event.
+    if report.phase != "applying" and turned_unhealthy(known, report.workloads):
         return dataclasses.replace(new, healthy_since=None, healthy_reports=0, unhealthy_at=now)
     if report.phase == "applied" and all(w["state"] == "healthy" for w in new.workloads or ()):
         return dataclasses.replace(

@@ -152,4 +152,4 @@ def test_planners_import_no_io(path: Path) -> None:
 
 
 def test_every_controller_has_a_planner() -> None:
-    assert [p.parent.name for p in PLANNERS] == ["cutoff", "placement"]
+    assert [p.parent.name for p in PLANNERS] == ["cutoff", "liveness", "placement"]

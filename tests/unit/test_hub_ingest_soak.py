@@ -75,6 +75,11 @@ def web(state: str, restarts: int = 0) -> list[WorkloadStatus]:
             report(phase="applying", generation=5), {"healthy_reports": 2}, id="applying-no-count"
         ),
         pytest.param(
+            report(phase="applying", generation=5, workloads=web("starting")),
+            {"healthy_reports": 2, "unhealthy_at": None},
+            id="applying-progress-is-no-health-event",
+        ),
+        pytest.param(
             report(phase="staged", generation=5),
             {"healthy_reports": 2, "staged_generation": 5},
             id="staged-raises-staged-generation",

@@ -78,6 +78,13 @@ def add_subcommands(top: Any) -> None:
         "after 1.5 times it without traffic; keep it below a cellular link's NAT idle timeout",
     )
     run.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=_env("DRIFTLESS_HEARTBEAT_S", "30"),
+        help="send a state report this often while connected, 1..86400 s: the hub marks the "
+        "device offline after a few missed ones (its offline_after_missed)",
+    )
+    run.add_argument(
         "--no-supervise",
         action="store_true",
         default=_env("DRIFTLESS_NO_SUPERVISE", "") == "1",
@@ -126,7 +133,7 @@ def dispatch(args: argparse.Namespace) -> int:
     )
 
     try:
-        mqtt = MqttSettings(keepalive_s=args.keepalive_s)
+        mqtt = MqttSettings(keepalive_s=args.keepalive_s, heartbeat_s=args.heartbeat_s)
         supervisor = SupervisorSettings(
             enabled=not args.no_supervise,
             restart_floor_s=args.restart_floor_s,

@@ -38,6 +38,17 @@ Rules:
   with a trusted root only a document signed by a threshold of the root's
   ``hub`` keys is read at all (invariant 9); without one (``--insecure-unsigned``)
   it is taken unverified. Then its device id must be ours.
+- A HELD document (``config["hold"]`` true: pre-staging, :func:`edge_agent.plan.is_held`)
+  is fetched and installed, never switched: it ends reported ``staged`` (its
+  generation, ``applied_generation`` unchanged), nothing is persisted or recorded
+  in the history. The staged generation counts as known (a copy of it changes
+  nothing); a newer document, held or not, replaces it. Kept in memory only: after
+  a restart the retained document stages again, from the cache.
+- Heartbeat: every ``heartbeat_s`` while connected (a core timer armed at every
+  CONNACK) the device sends a state report of where it is (``applied``, ``failed``,
+  ``staged``, or ``applying`` a rollout in flight) with its workload table: the
+  hub's liveness and soak evidence. The birth announces ``heartbeat_s``. Nothing
+  is sent while offline (the birth after the reconnect says it all).
 - Time is an input (``now`` on every event); nothing here reads a clock.
   A timer is asked for with :class:`SetTimer` and comes back as :class:`TimerFired`.
 
@@ -110,6 +121,9 @@ __all__ = [  # the steps are actions too; importable from here
 
 HISTORY_LIMIT = 32
 REPORT_KEY = "reported"  # the outbox's state key of generation reports
+HEARTBEAT_KEY = "heartbeat"  # the outbox's state key of heartbeats (never replaces a report)
+HEARTBEAT_TIMER = "heartbeat"
+DEFAULT_HEARTBEAT_S = 30.0
 LOCKS_KEY = "locks"  # the outbox's state key of lock reports (the newest is enough)
 
 
@@ -473,6 +487,8 @@ class AgentCore:
     # Whether the runtime starts workloads and checks their health (the runtime issue).
     supervises: bool = False
     health_timeout_s: float = 60.0
+    # A state report this often while connected (seconds; None: no heartbeat).
+    heartbeat_s: float | None = DEFAULT_HEARTBEAT_S
     # The channels subscribed after every connect (``cert`` where the device renews).
     channels: tuple[Channel, ...] = (Channel.DESIRED, Channel.BUNDLE_DATA)
     outbox: Outbox = field(default_factory=lambda: Outbox(OutboxLimits()))
@@ -482,6 +498,7 @@ class AgentCore:
     _rollout: Rollout | None = None
     _step: Step | None = None
     _candidate: Desired | None = None
+    _staged: int = 0  # the newest HELD generation staged (memory only)
     _workloads: dict[str, WorkloadStatus] = field(default_factory=dict)
     # The applied generation's workloads (supervising runtimes): the driver seeds them at
     # start from the applied configuration; a rollout starts only what differs.
@@ -518,6 +535,12 @@ class AgentCore:
         return self._candidate.generation if self._candidate else None
 
     @property
+    def staged(self) -> int | None:
+        """The HELD generation staged and not outdated by anything applied or failed."""
+        newest = max(self.state.applied_generation, self.state.failed_generation)
+        return self._staged if self._staged > newest else None
+
+    @property
     def step(self) -> Step | None:
         """The step handed to the driver and not answered yet."""
         return self._step
@@ -537,10 +560,14 @@ class AgentCore:
                 return self._connecting(now)
             case Connected(now=now, inventory=inventory, cert_serial=cert_serial):
                 self._online, self._ready = True, False
+                beat = (
+                    [SetTimer(HEARTBEAT_TIMER, now + self.heartbeat_s)] if self.heartbeat_s else []
+                )
                 return [
                     *self._flush(),
                     self._status(True, now),
                     self._birth(now, inventory, cert_serial),
+                    *beat,
                     Subscribe(tuple(self._topic(c) for c in self.channels)),
                 ]
             case Subscribed(granted=granted, now=now):
@@ -647,6 +674,7 @@ class AgentCore:
             self.state.failed_generation,
             self._rollout.generation if self._rollout else 0,
             self.waiting or 0,
+            self._staged,
         )
         extras = self._document_extras(desired) if desired.generation >= newest_known else []
         if desired.generation <= newest_known:
@@ -755,6 +783,8 @@ class AgentCore:
         return self._advance(now)
 
     def _timer(self, name: str, now: float) -> list[Action]:
+        if name == HEARTBEAT_TIMER:
+            return self._heartbeat(now)
         rollout = self._rollout
         if rollout is None or name != health_timer(rollout.generation) or rollout.failure:
             return [Ignored(0, f"timer {name!r} is not wanted any more")]
@@ -800,10 +830,35 @@ class AgentCore:
         self._workloads[name] = changed
         return self._emit(self._workload_report(changed, now))
 
+    def _heartbeat(self, now: float) -> list[Action]:
+        """A state report of where the device is, then the next timer (only while
+        connected: the next CONNACK arms it again)."""
+        if not self._online or not self.heartbeat_s:
+            return []
+        rollout = self._rollout
+        phase: Phase
+        if rollout is not None:
+            phase, generation = "applying", rollout.generation
+        else:
+            phase, generation = self._state_phase()
+        workloads = [self._workloads[n] for n in sorted(self._workloads)] or None
+        report = self._report(
+            phase=phase, generation=generation, now=now, workloads=workloads, key=HEARTBEAT_KEY
+        )
+        return [*self._emit(report), SetTimer(HEARTBEAT_TIMER, now + self.heartbeat_s)]
+
+    def _staged_done(self, noop: NoOp, rollout: Rollout, now: float) -> list[Action]:
+        """A HELD document is in place: report it ``staged``; nothing applied changes."""
+        self._staged = max(self._staged, rollout.generation)
+        report = self._report(phase="staged", generation=rollout.generation, now=now)
+        return [noop, *self._emit(report), *self._advance(now)]
+
     def _finish(self, noop: NoOp, now: float) -> list[Action]:
         rollout = self._rollout
         assert rollout is not None
         self._rollout = None
+        if rollout.staged:
+            return self._staged_done(noop, rollout, now)
         generation, ok = rollout.generation, rollout.committed
         entry = HistoryEntry(generation, ok, now)
         history = (*self.state.history, entry)[-HISTORY_LIMIT:]
@@ -921,11 +976,15 @@ class AgentCore:
             inventory=inventory,
             cert_serial=cert_serial,
             events_dropped=self.outbox.dropped,
+            heartbeat_s=self.heartbeat_s or None,
             ts=now,
         )
         return Publish(self._topic(Channel.BIRTH), encode(birth))
 
     def _state_phase(self) -> tuple[Phase, int]:
+        staged = self.staged
+        if staged is not None:
+            return "staged", staged
         failed = self.state.failed_generation > self.state.applied_generation
         generation = max(self.state.applied_generation, self.state.failed_generation)
         return ("failed" if failed else "applied"), generation
@@ -949,6 +1008,7 @@ class AgentCore:
         now: float,
         workloads: list[WorkloadStatus] | None = None,
         lane: Lane = Lane.STATE,
+        key: str = REPORT_KEY,
     ) -> Publish:
         report = Reported(
             device_id=self.device_id,
@@ -962,4 +1022,4 @@ class AgentCore:
             workloads=workloads,
             ts=now,
         )
-        return Publish(self._topic(Channel.REPORTED), encode(report), lane=lane, key=REPORT_KEY)
+        return Publish(self._topic(Channel.REPORTED), encode(report), lane=lane, key=key)

@@ -193,6 +193,7 @@ class AgentDriver:
         self.runtime: Runtime = runtime or self._default_runtime()
         self.renewal = renewal
         channels = (Channel.DESIRED, Channel.BUNDLE_DATA)
+        self.mqtt_settings = mqtt or MqttSettings()
         self.core = AgentCore(
             device_id,
             self.store.load(),
@@ -201,11 +202,11 @@ class AgentDriver:
             clock_skew_s=self.bundle_settings.clock_skew_s,
             supervises=self.runtime.supervises,
             health_timeout_s=self.supervisor_settings.health_timeout_s,
+            heartbeat_s=self.mqtt_settings.heartbeat_s,
             channels=(*channels, Channel.CERT) if renewal is not None else channels,
             outbox=Outbox(outbox or OutboxLimits(), self.outbox_store.load()),
         )
         self.broker_url = broker_url
-        self.mqtt_settings = mqtt or MqttSettings()
         self.transport = MqttTransport(
             device_id,
             broker_url,

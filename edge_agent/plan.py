@@ -32,6 +32,12 @@ Rules:
   reinstalling it.
 - Starts follow ``depends_on`` (a workload after what it depends on), stops
   go the other way.
+- A HELD document (``config["hold"] is True``, :func:`is_held`: pre-staging) is
+  fetched and installed only: its plan is ``FetchBundles`` (if it references
+  bundles), ``Install`` (if it has bundle workloads), then ``NoOp("staged")``.
+  Nothing the device runs changes; the core reports it ``staged`` and a newer
+  document without ``hold`` switches, its fetch and install finding the files
+  and version directories already there.
 - Pure: no I/O, no clock (deadlines are computed by the core from ``now``).
 """
 
@@ -99,6 +105,18 @@ def workload_specs(config: Mapping[str, object]) -> list[WorkloadSpec]:
         specs.append(WorkloadSpec(name, bundle, parse_entry(index, entry)))
     check_dependencies({spec.name: spec.options.depends_on for spec in specs})
     return specs
+
+
+HOLD_KEY = "hold"
+"""A desired config's top-level member that makes the document HELD (pre-staging)."""
+
+
+def is_held(config: Mapping[str, object]) -> bool:
+    """Pure: whether a desired config is HELD: fetch and install, never switch.
+
+    Only the JSON value ``true`` holds; anything else (absent, false, "yes") does not,
+    so a document never stages by accident."""
+    return config.get(HOLD_KEY) is True
 
 
 # ---------------------------------------------------------------- steps
@@ -231,6 +249,16 @@ class Rollout(msgspec.Struct, frozen=True):
     def names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.specs)
 
+    @property
+    def held(self) -> bool:
+        """A HELD document: staged (fetched and installed), never switched."""
+        return is_held(self.desired.config)
+
+    @property
+    def staged(self) -> bool:
+        """A held rollout that got everything it needs in place, without a failure."""
+        return self.held and self.failure is None and not plan_held(self)
+
     def done(self, step: Step) -> Rollout:
         """Pure: this rollout after ``step`` succeeded."""
         match step:
@@ -297,6 +325,18 @@ def _depends(specs: tuple[WorkloadSpec, ...]) -> dict[str, tuple[str, ...]]:
     return {spec.name: spec.options.depends_on for spec in specs}
 
 
+def plan_held(rollout: Rollout) -> list[Step]:
+    """Pure: what is left of the part every document gets before a switch: fetch the
+    referenced bundles, install the bundle workloads (all a HELD document gets)."""
+    steps: list[Step] = []
+    bundles = bundle_references(rollout.desired.config)
+    if bundles and not rollout.fetched:
+        steps.append(FetchBundles(rollout.generation, tuple(sorted(bundles))))
+    if rollout.specs and not rollout.installed:
+        steps.append(Install(rollout.desired))
+    return steps
+
+
 def plan(current: Current, rollout: Rollout) -> list[Step]:
     """Pure: every step left to bring ``rollout``'s generation in, the next one first.
 
@@ -310,12 +350,9 @@ def plan(current: Current, rollout: Rollout) -> list[Step]:
         if rollout.switched and not rollout.rolled_back:
             return [RollBack(generation, current.applied_generation, rollout.failure)]
         return [NoOp(generation, "rolled back" if rollout.rolled_back else "failed")]
-    steps: list[Step] = []
-    bundles = bundle_references(rollout.desired.config)
-    if bundles and not rollout.fetched:
-        steps.append(FetchBundles(generation, tuple(sorted(bundles))))
-    if rollout.specs and not rollout.installed:
-        steps.append(Install(rollout.desired))
+    steps = plan_held(rollout)
+    if rollout.held:
+        return [*steps, NoOp(generation, "staged")]
     if not rollout.switched:
         steps.append(Switch(rollout.desired))
     if current.supervises:

@@ -31,6 +31,8 @@ def default_architecture() -> str:
 
 KEEPALIVE_MIN_S = 5
 KEEPALIVE_MAX_S = 3600
+HEARTBEAT_MIN_S = 1.0  # the protocol's bounds on Birth.heartbeat_s
+HEARTBEAT_MAX_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class MqttSettings:
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 30.0
     """Reconnect backoff: doubles from ``reconnect_min_s`` to this cap, with equal jitter."""
+    heartbeat_s: float = 30.0
+    """A state report this often while connected (the hub's liveness and soak evidence);
+    announced in the birth. Within ``HEARTBEAT_MIN_S``..``HEARTBEAT_MAX_S``."""
 
     def __post_init__(self) -> None:
         keepalive = self.keepalive_s
@@ -70,6 +75,12 @@ class MqttSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        heartbeat = self.heartbeat_s
+        if isinstance(heartbeat, bool) or not HEARTBEAT_MIN_S <= heartbeat <= HEARTBEAT_MAX_S:
+            raise ValueError(
+                f"heartbeat_s must be within {HEARTBEAT_MIN_S:g}..{HEARTBEAT_MAX_S:g} s, "
+                f"got {heartbeat!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,18 @@ def add_subcommands(top: Any) -> None:
         "broker's dynamic security plugin (default), or not at all (ACL reload only)",
     )
     serve.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=float(_env("DRIFTLESS_HUB_HEARTBEAT_S", "30")),
+        help="a device's heartbeat interval when its birth does not say (liveness)",
+    )
+    serve.add_argument(
+        "--offline-after-missed",
+        type=int,
+        default=int(_env("DRIFTLESS_OFFLINE_AFTER_MISSED", "3")),
+        help="mark a device offline after this many heartbeat intervals without a message",
+    )
+    serve.add_argument(
         "--cert-renew-min-interval-s",
         type=float,
         default=float(_env("DRIFTLESS_CERT_RENEW_MIN_INTERVAL_S", "3600")),
@@ -175,6 +187,8 @@ def _settings(args: argparse.Namespace) -> Any:
         desired_poll_s=args.desired_poll_s,
         placement_interval_s=args.placement_interval_s,
         rollout_interval_s=args.rollout_interval_s,
+        heartbeat_s=args.heartbeat_s,
+        offline_after_missed=args.offline_after_missed,
         api_tls_cert_path=args.api_tls_cert,
         api_tls_key_path=args.api_tls_key,
     )

@@ -33,6 +33,8 @@ _POSITIVE = (
     "placement_interval_s",
     "rollout_interval_s",
     "rollout_lease_s",
+    "heartbeat_s",
+    "offline_after_missed",
     "mqtt_keepalive_s",
     "mqtt_timeout_s",
     "mqtt_reconnect_min_s",
@@ -157,6 +159,11 @@ class HubSettings:
     # second hub process leaves it alone until this one stops renewing it.
     rollout_interval_s: float = 1.0
     rollout_lease_s: float = 30.0
+    # Liveness: a device's heartbeat interval when its birth does not announce one
+    # (seconds); the liveness controller marks a device offline once it was silent (no
+    # message of any kind) for ``offline_after_missed`` of its intervals, Will or not.
+    heartbeat_s: float = 30.0
+    offline_after_missed: int = 3
 
     # Ed25519 keys of the fleet root's hub role (``driftless keys add --role hub``):
     # every desired document is signed by each. Empty: documents go out unsigned.

@@ -31,7 +31,9 @@ ShortText = Annotated[str, msgspec.Meta(max_length=64)]
 ProofText = Annotated[str, msgspec.Meta(max_length=256, pattern="^[A-Za-z0-9+/=]+$")]
 CertSerial = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{1,40}$")]  # X.509: 20 bytes at most
 
-Phase = Literal["applied", "applying", "failed", "rolled_back"]
+# "staged": a HELD document (config ``hold: true``) is fetched and installed, not switched.
+Phase = Literal["applied", "applying", "failed", "rolled_back", "staged"]
+HeartbeatInterval = Annotated[float, msgspec.Meta(ge=1, le=86400)]
 WorkloadState = Literal[
     "pending",
     "downloading",
@@ -101,6 +103,9 @@ class Birth(_Base, kw_only=True, frozen=True, tag="birth"):
     cert_serial: CertSerial | None = None
     # Events the device's outbox dropped (oldest first, while offline) since it was made.
     events_dropped: NonNegative = 0
+    # How often (seconds) the device sends a state report while connected (its heartbeat);
+    # None from a device that does not say (the hub then assumes its own default).
+    heartbeat_s: HeartbeatInterval | None = None
     ts: Timestamp
 
 

@@ -53,6 +53,11 @@ Rules:
   DISCONNECT (the broker sends the Will) and it makes no attempt until the network
   is back; then it connects as soon as its backoff allows. Windows may overlap
   (flaky + storm): the network is up only when every window has ended.
+- Heartbeats are the core's (``FleetConfig.heartbeat_s``, default 30 s; None: none),
+  and so are HELD documents (fetched and installed, reported ``staged``). A device
+  can be muted (:meth:`VirtualDevice.mute`: a hung agent whose connection lives on,
+  MQTT pings and all): it publishes nothing, so the broker sends no Will and only
+  the hub's liveness controller notices.
 - A device's "disk" is its last ``PersistState`` (plus, in memory only, its
   bundle storage: ``simulator.transfer.SimDisk``); a fleet can be given the states
   to start from and a ``persist`` callback (``simulator.journal``), so a worker
@@ -204,6 +209,12 @@ def device_ids(count: int, prefix: str = "sim") -> tuple[str, ...]:
     return tuple(validate_device_id(f"{prefix}-{i:0{width}d}") for i in range(count))
 
 
+def _check_heartbeat(heartbeat_s: float | None) -> None:
+    """The protocol's bounds on ``Birth.heartbeat_s``; raises ValueError."""
+    if heartbeat_s is not None and not 1.0 <= heartbeat_s <= 86400.0:
+        raise ValueError(f"heartbeat_s {heartbeat_s} is not within [1, 86400] s")
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """Everything a fleet run depends on; limits carry their unit in the name."""
@@ -218,6 +229,8 @@ class FleetConfig:
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 30.0
     keepalive_s: int = 60
+    heartbeat_s: float | None = 30.0
+    """A state report this often while connected (1..86400 s; None: no heartbeats)."""
     session_expiry_s: int = 3600
     op_timeout_s: float = 10.0
     stop_timeout_s: float = 15.0
@@ -286,6 +299,7 @@ class FleetConfig:
             raise ValueError("apply_time_s and apply_jitter_s must not be negative")
         if self.max_concurrent_connects < 1:
             raise ValueError("max_concurrent_connects must be at least 1")
+        _check_heartbeat(self.heartbeat_s)
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
         if len(set(self.device_ids)) != len(self.device_ids):
@@ -556,6 +570,7 @@ class VirtualDevice:
             clock_skew_s=transfer_settings.clock_skew_s if transfer_settings else 0,
             supervises=config.workloads is not None,
             health_timeout_s=config.workloads.health_timeout_s if config.workloads else 60.0,
+            heartbeat_s=config.heartbeat_s,
         )
         self._config = config
         self._runtime: SimRuntime | None = None  # made at the first install (workloads)
@@ -589,6 +604,7 @@ class VirtualDevice:
         self._link_ready = False  # subscribed on the current session (bundle frames flow)
         self._ever_connected = False
         self._offline_depth = 0  # offline windows in force; the network is up at 0
+        self._muted = False  # a hung agent: publishes nothing, its connection lives on
         self._wake = asyncio.Event()  # set when the network returns or stop() is called
         self._executors = self._executor_table()
 
@@ -715,6 +731,8 @@ class VirtualDevice:
         self._changed()
 
     async def _publish(self, action: Publish) -> Event | None:
+        if self._muted:
+            return None  # hung: nothing goes out, nothing is kept (the agent is stuck)
         link = self._link
         try:
             if link is None:
@@ -1035,6 +1053,12 @@ class VirtualDevice:
             if self.sever():
                 self._counters.severed += 1
             self._changed()
+
+    def mute(self, muted: bool = True) -> None:
+        """Fault: the agent hangs (``muted``) or recovers. A hung agent publishes
+        nothing, but its MQTT client still answers pings, so the broker keeps the
+        connection and sends no Will: only missed heartbeats show it gone."""
+        self._muted = muted
 
     def network_restored(self, *, all_windows: bool = False) -> None:
         """An offline window ends (``all_windows``: every one does); reconnect when none is left."""

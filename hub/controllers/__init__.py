@@ -24,8 +24,11 @@ Controllers:
 - ``jobs``: hands one-shot jobs out into devices' documents, follows their reports,
   deadlines and expiry, and stops a job whose failures cross its threshold
   (``docs/jobs.md``).
-
-Liveness (online/offline) is not a controller yet: it comes from status messages
-and the Last Will in the ingest rules (:mod:`hub.devices.rules`); a liveness
-controller with timeouts (a device silent past its keepalive) is issue 15.
+- ``liveness``: marks devices offline that missed ``offline_after_missed``
+  heartbeats without a Will (online/offline otherwise come from births, status and
+  the Will in the ingest rules, :mod:`hub.devices.rules`).
+- ``rollout``: advances staged rollouts of deployment changes from the devices'
+  evidence, gates, deadlines and operators' commands (``docs/rollouts.md``).
+- ``schedules``: runs maintenance windows from the schedule table with APScheduler,
+  each fire recorded once (``docs/windows.md``).
 """

@@ -40,8 +40,8 @@ Attribute = Annotated[
     ),
 ]
 Scalar = Annotated[str, StringConstraints(max_length=256)] | int | float
-EVENT_KINDS = ("placed", "moved", "unplaced", "applied", "failed")
-EventKind = Literal["placed", "moved", "unplaced", "applied", "failed"]
+EVENT_KINDS = ("placed", "moved", "unplaced", "applied", "failed", "online", "offline")
+EventKind = Literal["placed", "moved", "unplaced", "applied", "failed", "online", "offline"]
 
 
 # ---------------------------------------------------------------- tables

@@ -36,7 +36,7 @@ Labels = Annotated[
 ]
 DEVICE_ID_SCHEMA_PATTERN = f"^{protocols.DEVICE_ID_PATTERN}$"
 
-ReportPhase = Literal["applied", "applying", "failed", "rolled_back"]
+ReportPhase = Literal["applied", "applying", "failed", "rolled_back", "staged"]
 
 
 def _big(default: int) -> Any:
@@ -259,7 +259,7 @@ class LockOverrideCreate(SQLModel):
     duration_s: int = PydanticField(ge=1, le=MAX_OVERRIDE_S)
 
 
-_PHASES = frozenset({"applied", "applying", "failed", "rolled_back"})
+_PHASES = frozenset({"applied", "applying", "failed", "rolled_back", "staged"})
 
 DeviceState = Literal["active", "decommissioned"]
 

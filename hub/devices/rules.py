@@ -29,6 +29,23 @@ Rules (the contract; architecture rules 3 and 5):
   dropped. Otherwise the report fields, the ordering key and ``last_seen`` are taken;
   ``locks`` when the report lists them (an empty list: none held), and each job in
   ``jobs`` replaces that job id's last state (the newest 100 ids kept).
+  A report marks the device online (a device the liveness controller marked
+  offline while its messages were late is back with its next one); it cannot
+  be from an older connection than the Will that marked it offline, since the
+  broker publishes a Will after everything the connection sent.
+- **Staged.** A report with phase ``staged`` raises ``staged_generation`` to its
+  generation (never lowers it).
+- **Heartbeat interval.** A birth stores its ``heartbeat_s`` (None: the device does
+  not say; the liveness controller then uses the hub's default).
+- **Soak evidence** (for the applied generation; what a rollout's soak reads). A
+  birth or report whose ``applied_generation`` differs from the one known resets it
+  first (``healthy_since`` None, ``healthy_reports`` 0, ``unhealthy_at`` None). Then
+  a report (not ``applying``: that one lists a rollout's progress) in which a
+  workload that was ``healthy`` is now ``unhealthy``, ``failed`` or ``starting``, or
+  whose ``restarts`` grew, resets ``healthy_reports`` and ``healthy_since`` and sets
+  ``unhealthy_at`` to ``now``; otherwise a report with
+  phase ``applied`` after which every workload the hub knows of is ``healthy`` (or it
+  knows none) counts: ``healthy_reports`` + 1, ``healthy_since`` set if None.
 - Duplicates and out-of-order deliveries therefore change nothing.
 - **Decommissioned** device: every message is refused (``decommissioned``).
 - **Revoked certificate**: a birth naming a certificate of the device that was
@@ -140,6 +157,14 @@ class Tracking:
     locks: list[dict[str, Any]] | None = None
     # The last state of each one-shot job (JobStatus as JSON), newest MAX_JOBS_KEPT.
     jobs: list[dict[str, Any]] | None = None
+    # The heartbeat interval the newest birth announced (seconds; None: not said).
+    heartbeat_s: float | None = None
+    # Soak evidence for the applied generation (see the module rules).
+    healthy_since: datetime | None = None
+    healthy_reports: int = 0
+    unhealthy_at: datetime | None = None
+    # The newest HELD generation the device reported staged.
+    staged_generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +233,7 @@ def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
         # A birth without inventory (an older or minimal agent) keeps the last one known.
         inventory=msgspec.structs.asdict(birth.inventory) if birth.inventory else t.inventory,
         events_dropped=birth.events_dropped,
+        heartbeat_s=birth.heartbeat_s,
     )
     if (birth.boot_epoch, birth.seq) > (t.last_report_epoch, t.last_report_seq):
         failed = birth.failed_generation > birth.applied_generation
@@ -224,6 +250,8 @@ def on_birth(t: Tracking, birth: Birth, *, now: datetime) -> Decision:
             last_report_epoch=birth.boot_epoch,
             last_report_seq=birth.seq,
         )
+        if birth.applied_generation != t.reported_generation:
+            new = _reset_evidence(new)
     rekey = _device_is_ahead(t, new)
     republish = t.desired_generation > 0 and t.desired_generation > birth.applied_generation
     return Decision(new, republish=republish or rekey, rekey=rekey)
@@ -251,6 +279,8 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
         return Decision(t, stale=Stale.REPORT)
     new = dataclasses.replace(
         t,
+        online=True,
+        online_changed_at=t.online_changed_at if t.online else now,
         reported_generation=report.applied_generation,
         failed_generation=report.failed_generation,
         report_phase=report.phase,
@@ -265,8 +295,59 @@ def on_reported(t: Tracking, report: Reported, *, now: datetime) -> Decision:
         new = dataclasses.replace(new, locks=[msgspec.structs.asdict(x) for x in report.locks])
     if report.jobs:
         new = dataclasses.replace(new, jobs=merge_jobs(t.jobs, report.jobs))
+    if report.phase == "staged" and report.generation > t.staged_generation:
+        new = dataclasses.replace(new, staged_generation=report.generation)
+    new = soak_evidence(t, new, report, now=now)
     rekey = _device_is_ahead(t, new)
     return Decision(new, republish=rekey, rekey=rekey)
+
+
+_NOT_HEALTHY = frozenset({"unhealthy", "failed", "starting"})
+
+
+def _reset_evidence(t: Tracking) -> Tracking:
+    return dataclasses.replace(t, healthy_since=None, healthy_reports=0, unhealthy_at=None)
+
+
+def turned_unhealthy(
+    known: list[dict[str, Any]] | None, reported: Sequence[WorkloadStatus] | None
+) -> bool:
+    """Pure: whether a report says a workload that was ``healthy`` is no longer (it is
+    ``unhealthy``, ``failed`` or ``starting`` again), or that one restarted (``restarts``
+    grew): either ends a soak."""
+    if not reported:
+        return False
+    before = {w["name"]: w for w in known or ()}
+    for status in reported:
+        previous = before.get(status.name)
+        if previous is None:
+            continue
+        if status.state in _NOT_HEALTHY and previous.get("state") == "healthy":
+            return True
+        if status.restarts > previous.get("restarts", 0):
+            return True
+    return False
+
+
+def soak_evidence(old: Tracking, new: Tracking, report: Reported, *, now: datetime) -> Tracking:
+    """Pure: ``new`` (``old`` after ``report``'s other fields) with its soak evidence
+    (see the module rules). ``new.workloads`` is the table after the report."""
+    if report.applied_generation != old.reported_generation:
+        new = _reset_evidence(new)
+        known = None  # the workloads of another generation say nothing of this one
+    else:
+        known = old.workloads
+    # An ``applying`` report lists a rollout's workloads on their way in (downloading,
+    # starting): progress, not a health event.
+    if report.phase != "applying" and turned_unhealthy(known, report.workloads):
+        return dataclasses.replace(new, healthy_since=None, healthy_reports=0, unhealthy_at=now)
+    if report.phase == "applied" and all(w["state"] == "healthy" for w in new.workloads or ()):
+        return dataclasses.replace(
+            new,
+            healthy_reports=new.healthy_reports + 1,
+            healthy_since=new.healthy_since or now,
+        )
+    return new
 
 
 def merge_workloads(

@@ -35,7 +35,9 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
+    insert,
     update,
 )
 from sqlalchemy import select as sa_select
@@ -47,6 +49,7 @@ from hub.bundles.models import Bundle
 from hub.db import begin_write
 from hub.deployments.layers import layers_for
 from hub.deployments.merge import Layer, compose
+from hub.deployments.models import DeviceEvent
 from hub.devices.errors import (
     ConfigTooLarge,
     CutOffPending,
@@ -76,6 +79,7 @@ _UPDATE_REKEY = (
     )
 )
 _json = msgspec.json.Encoder()
+_EVENTS: Table = DeviceEvent.__table__  # type: ignore[attr-defined]
 
 
 # -- devices -----------------------------------------------------------------------------
@@ -728,7 +732,9 @@ def apply_messages(
 
     SQL Core, not the ORM: one SELECT of the tracking columns of the batch's
     devices, the rules in memory, then one executemany UPDATE per set of changed
-    columns (and one for re-keyed devices). Per batch that is a fixed handful of
+    columns (and one for re-keyed devices), and one executemany INSERT of the
+    ``online``/``offline`` device events for every flip of ``online`` (each flip in
+    the batch, in order). Per batch that is a fixed handful of
     statements whatever the number of messages; the ORM's identity map, change
     tracking and per-row flush cost about four times as much per message
     (docs/benchmarks.md, "Hub ingest: what the profile showed").
@@ -745,6 +751,7 @@ def apply_messages(
     rekeyed: dict[str, int] = {}
     outcomes: list[str] = []
     republish: dict[str, None] = {}
+    flips: list[dict[str, Any]] = []
     for message in batch:
         device_id = message.device_id
         current = tracking.get(device_id)
@@ -765,6 +772,8 @@ def apply_messages(
                 new = dataclasses.replace(new, desired_generation=current.desired_generation)
             changed[device_id] = new
             outcomes.append(APPLIED)
+            if new.online != current.online:
+                flips.append(online_event(device_id, online=new.online, at=now))
         if decision.rekey:  # as _bump: pass every generation the device reported
             generation = (
                 max(new.desired_generation, new.reported_generation, new.failed_generation) + 1
@@ -774,6 +783,22 @@ def apply_messages(
         if decision.republish:
             republish[device_id] = None
         tracking[device_id] = new
+    _write_changes(connection, loaded, changed, rekeyed, now=now)
+    if flips:
+        insert_events(connection, flips)
+    session.commit()
+    return ApplyResult(outcomes=outcomes, republish=list(republish))
+
+
+def _write_changes(
+    connection: Connection,
+    loaded: Mapping[str, Tracking],
+    changed: Mapping[str, Tracking],
+    rekeyed: Mapping[str, int],
+    *,
+    now: datetime,
+) -> None:
+    """The batch's UPDATEs: the changed tracking columns, then the re-keyed generations."""
     # One executemany per set of changed columns: a run of reports usually changes
     # only the sequence number and last_seen, so most rows bind two values, not eleven.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -794,8 +819,29 @@ def apply_messages(
                 for device_id, generation in rekeyed.items()
             ],
         )
-    session.commit()
-    return ApplyResult(outcomes=outcomes, republish=list(republish))
+
+
+def online_event(device_id: str, *, online: bool, at: datetime, detail: str = "") -> dict[str, Any]:
+    """Pure: the ``device_event`` row of one flip of ``online`` (for :func:`insert_events`)."""
+    return {
+        "device_id": device_id,
+        "at": at,
+        "kind": "online" if online else "offline",
+        "deployment": None,
+        "generation": None,
+        "detail": detail,
+    }
+
+
+def insert_events(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One executemany INSERT of device events, then the table's bound (the newest
+    ``EVENTS_KEPT`` kept, as placement's events)."""
+    from hub.deployments.reconcile import EVENTS_KEPT  # reconcile imports this module
+
+    connection.execute(insert(_EVENTS), list(rows))
+    top = connection.execute(sa_select(func.max(_EVENTS.c.id))).scalar()
+    if top is not None and top > EVENTS_KEPT:
+        connection.execute(delete(_EVENTS).where(_EVENTS.c.id <= top - EVENTS_KEPT))
 
 
 _CERTIFICATES: Table = DeviceCertificate.__table__  # type: ignore[attr-defined]

@@ -11,7 +11,8 @@ Rules:
     :func:`link_subscriptions`): ingest of births, reports and status
     (:mod:`hub.devices.ingest`), certificate renewal when the hub holds the fleet
     CA (:mod:`hub.enrollment.renewal`), the broker cut-off over TLS
-    (:mod:`hub.controllers.cutoff`), and delivery of desired documents with its
+    (:mod:`hub.controllers.cutoff`), placement, liveness (devices silent past their
+    missed heartbeats, :mod:`hub.controllers.liveness`), and delivery of desired documents with its
     reconnect sweep and change-feed poller (:mod:`hub.devices.delivery`).
   - the **chunk session** (client id ``<mqtt_client_id>-bundles``), a second
     instance of the same class, for the chunk server alone
@@ -47,6 +48,7 @@ from hub.context import Clock
 from hub.controllers.cutoff.driver import CutoffController
 from hub.controllers.cutoff.plan import DYNSEC_RESPONSE_TOPIC
 from hub.controllers.jobs.driver import JobsController
+from hub.controllers.liveness.driver import LivenessController
 from hub.controllers.loop import Controller
 from hub.controllers.placement.driver import PlacementController
 from hub.controllers.rollout.driver import RolloutController
@@ -188,6 +190,8 @@ class BrokerLink:
         # windows open); the scheduler's own wake is a cheap look at the table.
         self.schedules = ScheduleController(engine=engine, clock=clock, wake=self._wake_controllers)
         self._controllers.append(self.schedules)
+        self.liveness = LivenessController(engine=engine, settings=settings, clock=clock)
+        self._controllers.append(self.liveness)
         for controller in self._controllers:
             controller.attach(self.session)
         self.delivery.attach(self.session)

@@ -153,5 +153,10 @@ def test_planners_import_no_io(path: Path) -> None:
 
 def test_every_controller_has_a_planner() -> None:
     assert [p.parent.name for p in PLANNERS] == [
-        "cutoff", "jobs", "placement", "rollout", "schedules"
+        "cutoff",
+        "jobs",
+        "liveness",
+        "placement",
+        "rollout",
+        "schedules",
     ]

@@ -335,6 +335,8 @@ CASES = [
                     "report_generation": 4,
                     "last_report_seq": 8,
                     "last_seen": NOW,
+                    "healthy_reports": 1,  # soak evidence: a healthy report of generation 4
+                    "healthy_since": NOW,
                 }
             )
         ),

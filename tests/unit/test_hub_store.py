@@ -194,7 +194,7 @@ def test_summary_counts_every_column_in_one_pass(engine: Engine) -> None:
         summary = store.fleet_summary(s)
     assert summary == store.Summary(
         total=4,  # a, b, c, e
-        online=1,  # a (d is decommissioned)
+        online=2,  # a, and c: a report says it is there (d is decommissioned)
         in_sync=2,  # a applied 1; e has nothing desired
         out_of_sync=2,  # b (wants 2), c (failed 1)
         failed=1,

@@ -31,7 +31,7 @@ from tests.unit.test_bundles_support import DAY
 
 SEED = 15
 DEADLINE_S = 40.0
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 1.0
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")
 SUITES = {"promote": 30, "abort": 30, "threshold": 30, "offline": 20, "restart": 30}
 IDS = {suite: device_ids(count, prefix=f"ro-{suite}") for suite, count in SUITES.items()}

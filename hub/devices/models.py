@@ -293,6 +293,14 @@ class DevicePublic(SQLModel):
     # Per workload: name, state, restarts, last exit (code and time); None until reported.
     workloads: list[WorkloadPublic] | None
     events_dropped: int
+    # Liveness and the rollout soak: the heartbeat interval its birth announced; since
+    # when and for how many reports in a row its applied generation was healthy; the
+    # newest report that was not; the newest generation it staged (a held document).
+    heartbeat_s: float | None
+    healthy_since: datetime | None
+    healthy_reports: int
+    unhealthy_at: datetime | None
+    staged_generation: int
     # Update locks held on the device now (as last reported); None until reported.
     locks: list[LockPublic] | None
     # The last state of each one-shot job, the most recently updated last.
@@ -347,6 +355,11 @@ def public_device(row: Mapping[Any, Any]) -> dict[str, Any]:
         ),
         "workloads": row["workloads"],
         "events_dropped": row["events_dropped"],
+        "heartbeat_s": row["heartbeat_s"],
+        "healthy_since": row["healthy_since"],
+        "healthy_reports": row["healthy_reports"],
+        "unhealthy_at": row["unhealthy_at"],
+        "staged_generation": row["staged_generation"],
         "locks": row["locks"],
         "jobs": row["jobs"],
         "in_sync": row["reported_generation"] == row["desired_generation"],

@@ -21,6 +21,7 @@ from datetime import datetime
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from hub.db import begin_write
 from hub.devices.models import Device
 from hub.rollouts.models import Rollout
 from hub.schedules.errors import InvalidWindow, WindowInUse, WindowNotFound
@@ -49,6 +50,7 @@ def put_window(
         window = parse_window(cron, duration_s, timezone)
     except WindowError as exc:
         raise InvalidWindow(name, str(exc)) from None
+    begin_write(session)  # read and write under the write lock (SQLite: no upgrade deadlock)
     row = session.get(Schedule, name)
     if row is None:
         row = Schedule(
@@ -92,9 +94,11 @@ def rollouts_naming(session: Session, name: str) -> list[int]:
 
 def delete_window(session: Session, *, name: str) -> None:
     """Remove it; raises :class:`WindowNotFound`, or :class:`WindowInUse`."""
+    begin_write(session)
     row = get_window(session, name)
     in_use = rollouts_naming(session, name)
     if in_use:
+        session.rollback()
         raise WindowInUse(name, in_use)
     session.delete(row)
     session.commit()

@@ -33,7 +33,15 @@ SEED = 15
 DEADLINE_S = 40.0
 HEARTBEAT_S = 1.0
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")
-SUITES = {"promote": 30, "abort": 30, "threshold": 30, "offline": 20, "restart": 30}
+SUITES = {
+    "promote": 30,
+    "abort": 30,
+    "threshold": 30,
+    "offline": 20,
+    "restart": 30,
+    "window": 15,
+    "prestage": 15,
+}
 IDS = {suite: device_ids(count, prefix=f"ro-{suite}") for suite, count in SUITES.items()}
 SLOW_IDS = device_ids(2, prefix="ro-silent")
 """Devices that take every document and never finish applying it (a second fleet)."""
@@ -165,6 +173,11 @@ class RolloutStack:
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.hub_.api.request(method.upper(), path, **kwargs)
+        if response.status_code >= 500:
+            raise AssertionError(
+                f"{method.upper()} {path}: {response.status_code}; the hub's log:\n"
+                + self.hub_.log()[-4000:]
+            )
         assert response.is_success, (
             f"{method.upper()} {path}: {response.status_code} {response.text}"
         )

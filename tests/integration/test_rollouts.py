@@ -7,12 +7,15 @@ generation, and nothing retries the bad version; a failure threshold crossed in 
 second wave stops the rollout before the third; offline devices are counted apart,
 do not block, and converge when they return; devices that never answer time out; a
 hub killed in the middle of a rollout carries on where it was, handing no device out
-twice.
+twice; a closed maintenance window holds the installs while the downloads proceed;
+pre-staged devices switch together when promoted.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -226,3 +229,68 @@ def test_a_hub_killed_mid_rollout_resumes_where_it_was(stack: RolloutStack) -> N
         "a device was handed the new version twice"
     )
     assert [w["index"] for w in view["waves"]] == list(range(6))
+
+
+def handed_out_at(stack: RolloutStack, deployment: str) -> dict[str, str | None]:
+    """Each device's hand-out time of the deployment's newest rollout, from the hub's
+    database (read-only)."""
+    with sqlite3.connect(f"file:{stack.hub_.db_path}?mode=ro", uri=True) as db:
+        (rollout_id,) = db.execute(
+            "SELECT max(id) FROM rollout WHERE deployment = ?", (deployment,)
+        ).fetchone()
+        return dict(
+            db.execute(
+                "SELECT device_id, handed_out_at FROM rollout_device WHERE rollout_id = ?",
+                (rollout_id,),
+            ).fetchall()
+        )
+
+
+def test_a_closed_window_holds_installs_while_downloads_proceed(stack: RolloutStack) -> None:
+    ids = list(IDS["window"])
+    baseline(stack, "window")
+    minute = (datetime.now(UTC).minute + 30) % 60  # half an hour away: closed now
+    closed = {"cron": f"{minute} * * * *", "duration_s": 60, "timezone": "UTC"}
+    stack.api("put", "/windows/night", json=closed)
+    stack.put("window", "window", "3.0.0", {"strategy": "all-at-once", "window": "night"})
+
+    # Downloads proceed: every device stages the held document; nothing switches.
+    view = stack.wait_rollout(
+        "window",
+        lambda v: v["staged"] == len(ids) and v["counts"]["waiting_window"] == len(ids),
+        "every device staged and waiting for its window",
+    )
+    assert view["state"] == "running"
+    assert all(stack.serving(d) == "1.0.0" for d in ids)
+    rows = stack.rows("window")
+    assert all(rows[d]["desired_config"].get("hold") is True for d in ids)
+    assert all(rows[d]["staged_generation"] == rows[d]["desired_generation"] for d in ids)
+
+    # The window opens: the installs go ahead.
+    stack.api("put", "/windows/night", json={**closed, "cron": "* * * * *", "duration_s": 3600})
+    view = stack.wait_rollout("window", lambda v: v["state"] == "succeeded", "the installs")
+    assert view["counts"]["succeeded"] == len(ids)
+    stack.wait_serving(ids, "3.0.0")
+    assert all("hold" not in stack.rows("window")[d]["desired_config"] for d in ids)
+
+
+def test_pre_staged_devices_switch_together_on_promote(stack: RolloutStack) -> None:
+    ids = list(IDS["prestage"])
+    baseline(stack, "prestage")
+    stack.put("prestage", "prestage", "3.0.0", {"strategy": "all-at-once", "prestage": True})
+
+    view = stack.wait_rollout(
+        "prestage",
+        lambda v: v["state"] == "waiting_promote" and v["staged"] == len(ids),
+        "every device staged",
+    )
+    assert view["counts"]["in_flight"] == 0
+    assert all(stack.serving(d) == "1.0.0" for d in ids)
+    assert set(handed_out_at(stack, "prestage").values()) == {None}
+
+    assert stack.command("prestage", "promote").status_code == 200
+    view = stack.wait_rollout("prestage", lambda v: v["state"] == "succeeded", "the switch")
+    assert view["counts"]["succeeded"] == len(ids)
+    stack.wait_serving(ids, "3.0.0")
+    # One hand-out for all: the same instant for every device.
+    assert len(set(handed_out_at(stack, "prestage").values())) == 1

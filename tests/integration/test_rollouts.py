@@ -214,9 +214,9 @@ def test_a_device_that_never_answers_times_out(stack: RolloutStack) -> None:
 def test_a_hub_killed_mid_rollout_resumes_where_it_was(stack: RolloutStack) -> None:
     ids = list(IDS["restart"])
     before = baseline(stack, "restart")
-    policy = {"strategy": "waves", "waves": [5, 5, 5, 5, 5], "pause_s": 1.0}
+    policy = {"strategy": "waves", "waves": [10, 10], "pause_s": 1.0}
     stack.put("restart", "restart", "3.0.0", policy)
-    stack.wait_rollout("restart", lambda v: v["wave"] >= 2, "the third wave")
+    stack.wait_rollout("restart", lambda v: v["wave"] >= 1, "the second wave")
 
     stack.hub_.kill()
     stack.hub_.start()
@@ -228,7 +228,7 @@ def test_a_hub_killed_mid_rollout_resumes_where_it_was(stack: RolloutStack) -> N
     assert all(rows[d]["desired_generation"] == before[d]["desired_generation"] + 1 for d in ids), (
         "a device was handed the new version twice"
     )
-    assert [w["index"] for w in view["waves"]] == list(range(6))
+    assert [w["index"] for w in view["waves"]] == [0, 1, 2]
 
 
 def handed_out_at(stack: RolloutStack, deployment: str) -> dict[str, str | None]:
@@ -286,11 +286,13 @@ def test_pre_staged_devices_switch_together_on_promote(stack: RolloutStack) -> N
     )
     assert view["counts"]["in_flight"] == 0
     assert all(stack.serving(d) == "1.0.0" for d in ids)
-    assert set(handed_out_at(stack, "prestage").values()) == {None}
+    staged_at = set(handed_out_at(stack, "prestage").values())
+    assert len(staged_at) == 1  # the held document went out to all at once
 
     assert stack.command("prestage", "promote").status_code == 200
     view = stack.wait_rollout("prestage", lambda v: v["state"] == "succeeded", "the switch")
     assert view["counts"]["succeeded"] == len(ids)
     stack.wait_serving(ids, "3.0.0")
-    # One hand-out for all: the same instant for every device.
-    assert len(set(handed_out_at(stack, "prestage").values())) == 1
+    # One switch for all: the same instant for every device, after the staging.
+    switched_at = set(handed_out_at(stack, "prestage").values())
+    assert len(switched_at) == 1 and switched_at != staged_at

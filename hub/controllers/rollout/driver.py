@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -75,8 +74,10 @@ _ACTIVE = sa_select(_ROLLOUTS.c.id).where(_ROLLOUTS.c.state.notin_(TERMINAL)).li
 
 
 def hub_identity(settings: HubSettings) -> str:
-    """Who holds a lease: this process, on this host, with this MQTT client id."""
-    return f"{socket.gethostname()}:{os.getpid()}:{settings.mqtt_client_id}"[:128]
+    """Who holds a lease: the hub with this MQTT client id on this host. Not the process:
+    a hub restarted in its place carries on at once instead of waiting out its own
+    lease (two live hubs cannot share a client id: the broker keeps one connection)."""
+    return f"{socket.gethostname()}:{settings.mqtt_client_id}"[:128]
 
 
 class RolloutController:

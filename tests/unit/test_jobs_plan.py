@@ -175,7 +175,7 @@ def test_crossing_the_threshold_aborts_and_cancels_what_is_queued() -> None:
     assert decided.documents == ("waiting",)
     (change,) = decided.jobs
     assert (change.state, change.finished) == ("aborted", True)
-    assert change.reason == "failure threshold 1 crossed: 1 of 2 failed"
+    assert change.reason == "failure threshold 1 crossed: 1 of 2 reported failed"
 
 
 def test_crossing_a_pause_threshold_stops_hand_outs_only() -> None:

@@ -28,8 +28,10 @@ timed_out, canceled, expired; the last five are final):
 - A row of a device that was decommissioned or deleted is ``canceled``; so is
   every queued row of an aborted job.
 - A job (``Job.state``: running, paused, completed, aborted, canceled) is judged
-  by :func:`admission` alone (the failure threshold, ``max_in_flight``, the rate):
-  the one seam where the shared rollout gate can take over. Crossing the
+  by :func:`admission` alone (the failure threshold, ``max_in_flight``, the rate),
+  with the rollouts' own rules (``hub/controllers/rollout/policy.py``:
+  ``FailureThreshold.crossed``, ``Rate``, ``rate_slots``); unlike a rollout, a job
+  without a ``failure_threshold`` has none. Crossing the
   threshold aborts (queued rows canceled, the reason names the figures) or
   pauses (no more hand-outs). A running or paused job whose rows are all final
   is ``completed``.
@@ -41,6 +43,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+
+from hub.controllers.rollout.policy import FailureThreshold, Rate, rate_slots
 
 FINAL = frozenset({"succeeded", "failed", "timed_out", "canceled", "expired"})
 OPEN = frozenset({"queued", "in_progress"})
@@ -62,26 +66,9 @@ class PolicyError(ValueError):
 # ---------------------------------------------------------------- the policy
 
 
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """Hand-outs per minute, multiplied by ``growth_factor`` after every
-    ``growth_after`` devices succeeded (0: no growth)."""
-
-    per_minute: int
-    growth_factor: float = 1.0
-    growth_after: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Threshold:
-    """Failures (failed + timed_out) that stop the job: ``count`` of them, or
-    ``percent`` of the devices that reported (succeeded + failed + timed_out), once at
-    least ``min_reported`` reported."""
-
-    count: int | None = None
-    percent: float | None = None
-    min_reported: int = 1
-    action: Literal["abort", "pause"] = "abort"
+# The rate and the failure threshold are the rollouts' own (one definition of the
+# rules: hub/controllers/rollout/policy.py); a job's threshold is absent unless given.
+Threshold = FailureThreshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +103,7 @@ def policy_from_json(raw: Mapping[str, Any] | None) -> Policy:
             raise PolicyError("rate.per_minute must be at least 1")
         factor = _number(r, "growth_factor")
         after = _number(r, "growth_after", integer=True)
-        rate = Rate(per_minute, 1.0 if factor is None else factor, after or 0)
+        rate = Rate(float(per_minute), 1.0 if factor is None else factor, after or 0)
     if raw.get("failure_threshold") is not None:
         t = raw["failure_threshold"]
         count = _number(t, "count", integer=True)
@@ -158,17 +145,12 @@ class Admission:
 
 
 def crossed(threshold: Threshold, *, reported: int, failed: int) -> str | None:
-    """Pure: why ``threshold`` is crossed, or None."""
-    if reported < max(1, threshold.min_reported) or failed == 0:
+    """Pure: why ``threshold`` is crossed (the rollouts' rule), or None."""
+    if failed == 0 or not threshold.crossed(failed, reported):
         return None
-    if threshold.count is not None and failed >= threshold.count:
-        return f"failure threshold {threshold.count} crossed: {failed} of {reported} failed"
-    if threshold.percent is not None and failed * 100 >= threshold.percent * reported:
-        return (
-            f"failure threshold {threshold.percent:g}% crossed: "
-            f"{failed} of {reported} reported failed"
-        )
-    return None
+    return (
+        f"failure threshold {threshold.describe()} crossed: {failed} of {reported} reported failed"
+    )
 
 
 def admission(policy: Policy, tally: Tally, now: float) -> Admission:
@@ -186,16 +168,13 @@ def admission(policy: Policy, tally: Tally, now: float) -> Admission:
     if policy.max_in_flight is not None:
         slots = max(0, policy.max_in_flight - tally.in_flight)
     if policy.rate is not None:
-        rate = policy.rate
-        allowed = float(rate.per_minute)
-        if rate.growth_after > 0 and rate.growth_factor > 1:
-            steps = min(tally.succeeded // rate.growth_after, 64)
-            allowed = min(allowed * rate.growth_factor**steps, 1e9)
-        recent = sorted(t for t in tally.handed_out_at if t > now - RATE_WINDOW_S)
-        free = max(0, int(allowed) - len(recent))
-        slots = free if slots is None else min(slots, free)
-        if free == 0 and recent:
-            wake = max(0.0, recent[0] + RATE_WINDOW_S - now)
+        free, frees_at = rate_slots(
+            policy.rate, succeeded=tally.succeeded, handed_out_at=tally.handed_out_at, now=now
+        )
+        left = max(0, int(free))
+        slots = left if slots is None else min(slots, left)
+        if left == 0 and frees_at is not None:
+            wake = max(0.0, frees_at - now)
     return Admission(slots, wake_after_s=wake)
 
 

@@ -74,7 +74,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hub.controllers.rollout.policy import Policy, PolicyError, Size, iso, parse_policy
+from hub.controllers.rollout.policy import (
+    Policy,
+    PolicyError,
+    Size,
+    iso,
+    parse_policy,
+    rate_slots,
+)
 
 __all__ = [
     "ABORTED",
@@ -711,14 +718,16 @@ class _Run:
 
     def rate_slots(self) -> tuple[float, float | None]:
         """Hand-outs the rate allows now, and when the next slot frees after those."""
-        if self.policy.rate is None:
-            return math.inf, None
-        window_s, capacity = self.rate_window()
-        recent = self.recent()
-        left = capacity - len(recent)
-        # After ``left`` more hand-outs now, the window is full until its oldest expires.
-        oldest = recent[len(recent) - capacity] if left <= 0 else (recent[:1] or [self.now])[0]
-        return left, oldest + window_s
+        return rate_slots(
+            self.policy.rate,
+            succeeded=self.tally()[SUCCEEDED],
+            handed_out_at=(
+                t.handed_out_at
+                for t in self.targets.values()
+                if t.state in _SWITCHED and t.handed_out_at is not None
+            ),
+            now=self.now,
+        )
 
 
 def step(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -105,6 +105,30 @@ class Rate:
                 if rate >= cap:
                     return cap
         return rate
+
+
+RATE_WINDOW_S = 60.0
+
+
+def rate_slots(
+    rate: Rate | None, *, succeeded: int, handed_out_at: Iterable[float], now: float
+) -> tuple[float, float | None]:
+    """Pure: how many more hand-outs ``rate`` allows at ``now`` after the earlier ones
+    (``math.inf``: no rate), and when the next slot frees after those (epoch seconds).
+    At most ``floor(rate)`` in any 60 s; below one per minute, one per ``60 / rate`` s.
+    The one rule for rollouts and jobs alike."""
+    if rate is None:
+        return math.inf, None
+    per_minute = rate.now(succeeded)
+    if per_minute >= 1:
+        window_s, capacity = RATE_WINDOW_S, math.floor(per_minute)
+    else:
+        window_s, capacity = RATE_WINDOW_S / per_minute, 1
+    recent = sorted(t for t in handed_out_at if t > now - window_s)
+    left = capacity - len(recent)
+    # After ``left`` more hand-outs now, the window is full until its oldest expires.
+    oldest = recent[len(recent) - capacity] if left <= 0 else (recent[:1] or [now])[0]
+    return left, oldest + window_s
 
 
 @dataclass(frozen=True, slots=True)

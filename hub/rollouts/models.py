@@ -190,3 +190,24 @@ class RolloutPublic(SQLModel):
 
 class RolloutList(SQLModel):
     items: list[RolloutPublic]
+
+
+class RolloutDevicePublic(SQLModel):
+    """One device of a rollout: its wave, where it stands (``waiting_window``: its
+    maintenance window is closed; it has the held document), what it was handed."""
+
+    device_id: str
+    wave: int
+    state: str
+    generation: int | None
+    handed_out_at: datetime | None
+    staged_at: datetime | None
+    outcome_at: datetime | None
+    detail: str
+
+
+class RolloutDevicePage(SQLModel):
+    items: list[RolloutDevicePublic]
+    total: int
+    limit: int
+    offset: int

@@ -27,10 +27,11 @@ from hub.rollouts.errors import RolloutNotFound, RolloutRefused
 from hub.rollouts.models import (
     RolloutAction,
     RolloutCommand,
+    RolloutDevicePage,
     RolloutList,
     RolloutPublic,
 )
-from hub.settings import API_MAX_PAGE_SIZE
+from hub.settings import API_MAX_OFFSET, API_MAX_PAGE_SIZE
 
 router = APIRouter(prefix="/deployments", tags=["rollouts"], route_class=HubRoute)
 list_router = APIRouter(prefix="/rollouts", tags=["rollouts"], route_class=HubRoute)
@@ -54,6 +55,32 @@ def get_rollout(name: NamePath, session: SessionDep) -> RolloutPublic:
         return store.view(session, store.newest(session, name))
     except RolloutNotFound as error:
         raise _not_found(error) from None
+
+
+DEVICE_STATES = (
+    "pending", "staging", "staged", "waiting_window", "in_flight", "soaking",
+    "succeeded", "failed", "timed_out", "unknown",
+)  # fmt: skip
+
+
+@router.get("/{name}/rollout/devices", response_model=RolloutDevicePage, responses=responses(404))
+def rollout_devices(
+    name: NamePath,
+    session: SessionDep,
+    state: Annotated[
+        str | None,
+        Query(pattern="^(" + "|".join(DEVICE_STATES) + ")$", description="only this state"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=API_MAX_PAGE_SIZE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=API_MAX_OFFSET)] = 0,
+) -> RolloutDevicePage:
+    """The newest rollout's devices, where each stands (``waiting_window``: waiting for
+    its maintenance window, with the new version downloaded)."""
+    try:
+        row = store.newest(session, name)
+    except RolloutNotFound as error:
+        raise _not_found(error) from None
+    return store.devices_page(session, row["id"], state=state, limit=limit, offset=offset)
 
 
 @router.post(

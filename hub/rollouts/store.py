@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, update
+from sqlalchemy import Table, bindparam, delete, func, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
@@ -36,6 +36,8 @@ from hub.rollouts.models import (
     FailedDevice,
     Rollout,
     RolloutDevice,
+    RolloutDevicePage,
+    RolloutDevicePublic,
     RolloutPublic,
     RolloutWave,
 )
@@ -227,6 +229,34 @@ def listing(
     if state is not None:
         query = query.where(_ROLLOUTS.c.state == state)
     return [dict(r) for r in session.connection().execute(query).mappings()]
+
+
+def devices_page(
+    session: Session, rollout_id: int, *, state: str | None, limit: int, offset: int
+) -> RolloutDevicePage:
+    """A page of the rollout's devices (by wave, then id), optionally in one state."""
+    where = [_TARGETS.c.rollout_id == rollout_id]
+    if state is not None:
+        where.append(_TARGETS.c.state == state)
+    connection = session.connection()
+    total = connection.execute(
+        sa_select(func.count()).select_from(_TARGETS).where(*where)
+    ).scalar_one()
+    rows = connection.execute(
+        sa_select(_TARGETS)
+        .where(*where)
+        .order_by(_TARGETS.c.wave, _TARGETS.c.device_id)
+        .limit(limit)
+        .offset(offset)
+    ).mappings()
+    return RolloutDevicePage(
+        items=[
+            RolloutDevicePublic(**{k: r[k] for k in RolloutDevicePublic.model_fields}) for r in rows
+        ],
+        total=int(total),
+        limit=limit,
+        offset=offset,
+    )
 
 
 def view(session: Session, row: Mapping[str, Any]) -> RolloutPublic:

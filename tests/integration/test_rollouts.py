@@ -262,6 +262,10 @@ def test_a_closed_window_holds_installs_while_downloads_proceed(stack: RolloutSt
     )
     assert view["state"] == "running"
     assert all(stack.serving(d) == "1.0.0" for d in ids)
+    waiting = stack.api(
+        "get", "/deployments/window/rollout/devices", params={"state": "waiting_window"}
+    )
+    assert sorted(d["device_id"] for d in waiting["items"]) == sorted(ids)
     rows = stack.rows("window")
     assert all(rows[d]["desired_config"].get("hold") is True for d in ids)
     assert all(rows[d]["staged_generation"] == rows[d]["desired_generation"] for d in ids)

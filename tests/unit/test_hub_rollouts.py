@@ -243,3 +243,24 @@ def test_an_operators_abort_restores_in_its_own_request(hub: Hub) -> None:
     for d in canary:
         assert hub.device(d)["desired_config"] == before[d]["desired_config"]
         assert hub.device(d)["desired_generation"] == before[d]["desired_generation"] + 2
+
+
+def test_the_rollouts_devices_page_shows_where_each_stands(hub: Hub) -> None:
+    hub.put(2, {"strategy": "waves", "waves": [3]})
+    hub.look(T0)
+    page = hub.client.get("deployments/web/rollout/devices", params={"state": "in_flight"})
+    assert page.status_code == 200, page.text
+    body = page.json()
+    assert body["total"] == 3 and all(d["wave"] == 0 for d in body["items"])
+    assert all(
+        d["generation"] == hub.device(d["device_id"])["desired_generation"] for d in body["items"]
+    )
+    pending = hub.client.get(
+        "deployments/web/rollout/devices", params={"state": "pending", "limit": 2}
+    )
+    assert pending.json()["total"] == 7 and len(pending.json()["items"]) == 2
+    assert (
+        hub.client.get("deployments/web/rollout/devices", params={"state": "lost"}).status_code
+        == 422
+    )
+    assert hub.client.get("deployments/none/rollout/devices").status_code == 404

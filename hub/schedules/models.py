@@ -19,6 +19,8 @@ from sqlalchemy import Column, Float, String
 from sqlmodel import Field, SQLModel
 
 from hub.db import UTCDateTime
+from hub.devices.labels import LABEL_KEY_PATTERN
+from hub.schedules.window import MAX_DURATION_S
 
 
 class Schedule(SQLModel, table=True):
@@ -60,10 +62,13 @@ class WindowPut(SQLModel):
         "0 or 7 = Sunday), or 6 with a leading second field",
         examples=["0 2 * * *"],
     )
-    duration_s: float = PydanticField(description="how long it stays open (0 < s <= 604800)")
+    duration_s: float = PydanticField(
+        gt=0, le=MAX_DURATION_S, allow_inf_nan=False, description="how long it stays open"
+    )
     timezone: str = PydanticField(
         default="UTC",
         max_length=128,
+        pattern=f"^(UTC|label:{LABEL_KEY_PATTERN[1:-1]})$",
         description='"UTC", or "label:<key>": each device\'s zone from its label <key> '
         '(an IANA name with "/" written ".", e.g. Europe.Berlin)',
     )

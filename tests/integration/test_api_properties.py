@@ -55,9 +55,10 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
 # Likewise what a schema cannot say: a label selector's grammar (``selector``), a
 # deployment's meaning (placed-only fields on a fleet deployment, a workload naming a
 # bundle the hub does not hold), a job's target (a device not registered: 404; a
-# selector matching no device: 422; an id used before: 409), and a label patch that
-# would leave more than 32 labels: schema-valid, refused with 422 and a problem detail
-# that says why.
+# selector matching no device: 422; an id used before: 409), a label patch that
+# would leave more than 32 labels, and a window's cron expression: schema-valid,
+# refused with 422 and a problem detail that says why; and a rollout command the
+# rollout's state does not allow (409).
 CONFIG = """
 [[operations]]
 include-operation-id = "upload_bundle_api_v1_bundles_post"
@@ -78,6 +79,14 @@ checks.positive_data_acceptance.expected-statuses = [200, 404, 409, 422]
 [[operations]]
 include-operation-id = "create_job_api_v1_jobs_post"
 checks.positive_data_acceptance.expected-statuses = [201, 404, 409, 422]
+
+[[operations]]
+include-operation-id = "put_window_api_v1_windows__name__put"
+checks.positive_data_acceptance.expected-statuses = [200, 422]
+
+[[operations]]
+include-operation-id = "command_rollout_api_v1_deployments__name__rollout__action__post"
+checks.positive_data_acceptance.expected-statuses = [200, 404, 409]
 """
 
 

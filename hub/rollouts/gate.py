@@ -9,7 +9,8 @@ Rules:
   the rollout controller fixes its waves when it starts). An active rollout of the same
   deployment is superseded, and the new one starts from the superseded one's
   ``from_spec``: a version that never finished rolling out is not a known good one.
-  Deleting a deployment supersedes its active rollout.
+  Deleting a deployment supersedes its active rollout. A change of the policy alone
+  (more in flight, another window) applies to the active rollout; its waves stay.
 - While a rollout is active, each device assigned its deployment gets ``from_spec``'s
   layer until it is handed out (none if the deployment is new), ``to_spec``'s layer
   with the whole document held (``"hold": true``: fetch and verify, do not switch)
@@ -95,6 +96,25 @@ def create_rollouts(
     for name, spec in put.items():
         old = stored.get(name)
         old_spec = old[0] if old is not None else None
+        if (
+            name in active
+            and spec.get("rollout")
+            and not layer_changed(old_spec, spec)
+            and canonical(dict(spec["rollout"])) != canonical(active[name]["policy"])
+        ):
+            # The policy alone changed (more in flight, a later start, no window): the
+            # running rollout follows it; its waves stay as they were fixed.
+            connection.execute(
+                update(_ROLLOUTS)
+                .where(_ROLLOUTS.c.id == active[name]["id"])
+                .values(
+                    policy=dict(spec["rollout"]),
+                    start_at=_iso(spec["rollout"].get("start_at")),
+                    activate_at=_iso(spec["rollout"].get("activate_at")),
+                    updated_at=now,
+                )
+            )
+            continue
         if not spec.get("rollout") or not layer_changed(old_spec, spec):
             if name in active and old_spec is not None and layer_changed(old_spec, spec):
                 # The rollout policy was removed with the change: the change goes out at

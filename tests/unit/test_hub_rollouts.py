@@ -264,3 +264,14 @@ def test_the_rollouts_devices_page_shows_where_each_stands(hub: Hub) -> None:
         == 422
     )
     assert hub.client.get("deployments/none/rollout/devices").status_code == 404
+
+
+def test_a_policy_change_alone_steers_the_running_rollout(hub: Hub) -> None:
+    hub.put(2, {"strategy": "waves", "waves": [2], "max_in_flight": 1})
+    hub.look(T0)
+    assert len([d for d in IDS if hub.version(d) == 2]) == 1
+    hub.put(2, {"strategy": "waves", "waves": [2], "max_in_flight": 2})  # same workloads
+    listed = hub.client.get("rollouts", params={"deployment": "web"}).json()["items"]
+    assert len(listed) == 1 and listed[0]["policy"]["max_in_flight"] == 2
+    hub.look(T0 + timedelta(seconds=1))
+    assert len([d for d in IDS if hub.version(d) == 2]) == 2

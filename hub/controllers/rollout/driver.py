@@ -70,7 +70,10 @@ _EVIDENCE_COLUMNS = (
     "unhealthy_at",
     "report_error",
 )
-_ACTIVE = sa_select(_ROLLOUTS.c.id).where(_ROLLOUTS.c.state.notin_(TERMINAL)).limit(1)
+_ACTIVE = sa_select(_ROLLOUTS.c.state, _ROLLOUTS.c.start_at).where(
+    _ROLLOUTS.c.state.notin_(TERMINAL)
+)
+_IDLE_LOOK_S = 60.0
 
 
 def hub_identity(settings: HubSettings) -> str:
@@ -115,10 +118,16 @@ class RolloutController:
         self.looks += 1
         now = self._clock()
         with new_session(self._engine) as session:
-            if session.connection().execute(_ACTIVE).first() is None:
-                session.rollback()
-                return None
+            active = session.connection().execute(_ACTIVE).all()
             session.rollback()
+            if not active:
+                return None
+            # Only rollouts scheduled for later: nothing to read until the first is due.
+            due = [start for state, start in active if state != "scheduled" or start is None]
+            if not due:
+                first: datetime = min(start for _, start in active)
+                if first > now:
+                    return min(float((first - now).total_seconds()), _IDLE_LOOK_S)
             bumped, wake_after = advance(
                 session,
                 now=now,

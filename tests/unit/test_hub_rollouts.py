@@ -275,3 +275,14 @@ def test_a_policy_change_alone_steers_the_running_rollout(hub: Hub) -> None:
     assert len(listed) == 1 and listed[0]["policy"]["max_in_flight"] == 2
     hub.look(T0 + timedelta(seconds=1))
     assert len([d for d in IDS if hub.version(d) == 2]) == 2
+
+
+def test_a_rollout_with_a_start_time_waits_for_it(hub: Hub) -> None:
+    start = (T0 + timedelta(hours=1)).isoformat()
+    assert hub.put(2, {"strategy": "all-at-once", "start_at": start}).status_code == 200
+    hub.look(T0)
+    assert hub.rollout()["state"] == "scheduled"
+    assert [hub.version(d) for d in IDS] == [1] * 10
+    hub.look(T0 + timedelta(hours=1, seconds=1))
+    assert hub.rollout()["state"] == "running"
+    assert [hub.version(d) for d in IDS] == [2] * 10

@@ -324,9 +324,7 @@ def apply_command(
         except CommandRefused as refused:
             raise RolloutRefused(str(refused)) from None
         values = state_values(decided.rollout, now)
-        values["notes"] = append_notes(
-            row["notes"] or (), [*decided.notes, f"{action} by an operator"], now
-        )
+        values["notes"] = append_notes(row["notes"] or (), decided.notes, now)
         connection.execute(update(_ROLLOUTS).where(_ROLLOUTS.c.id == row["id"]).values(**values))
         recompose = write_targets(
             connection, row["id"], {t["device_id"]: t for t in targets}, decided.targets

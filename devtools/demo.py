@@ -962,6 +962,12 @@ def _stop_group(proc: subprocess.Popen[str]) -> None:
 def rollout_scene(demo: Demo, number: int) -> None:
     """Staged rollouts on a simulated fleet: a canary that fails its soak aborts and
     restores by itself; a good change passes its canary, is promoted, and reaches all."""
+    if demo.plain:
+        say(
+            f"scene {number}   staged rollouts on simulated devices: skipped with --plain "
+            "(quick experiments; half a minute more without it)"
+        )
+        return
     say(
         f"scene {number}   staged rollouts on {SIM_DEVICES} simulated devices (`driftless sim "
         "run`: the agent's own core, supervising web from the same signed bundles)"
@@ -972,9 +978,9 @@ def rollout_scene(demo: Demo, number: int) -> None:
     versions = {good: "1.0", bad: "1.1", fixed: "1.2"}
     started = time.monotonic()
     ids = demo.start_sim(SIM_DEVICES, sim_profile(demo.data_dir / "sim-profile.json"))
-    how = "each enrolled with a claim token, over mutual TLS" if not demo.plain else "plain MQTT"
     say(
-        f"          {len(ids)} devices {ids[0]} … {ids[-1]} online ({how}) in "
+        f"          {len(ids)} devices {ids[0]} … {ids[-1]} online (each enrolled with a "
+        f"claim token, over mutual TLS) in "
         f"{time.monotonic() - started:.1f}s; web 1.1 turns healthy, then crashes a few "
         f"seconds in (the simulator's profile: a mean run time of {CRASH_MEAN_S:g}s)"
     )

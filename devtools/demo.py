@@ -21,6 +21,18 @@ Rules:
   device's workloads from its report, not from the port. The demo's hub looks at
   placement every second (``--placement-interval-s 1``, the default is 10) so a
   lost device's instance moves within seconds of its ``lost_after_s``.
+- The rollout scene runs 24 simulated devices (``driftless sim run --enroll`` as a
+  child: the agent's own core, each enrolled over mutual TLS, supervising ``web``
+  from the same signed bundles with simulated processes; the profile makes web 1.1
+  crash a few seconds into each run) under a ``web-sim`` deployment of their own
+  (selector ``sim=demo-sim``), so the real agents are never touched. The live view
+  is the operator's own: ``driftless rollout status NAME --watch`` as a child, its
+  lines printed as they come; the promote is ``driftless rollout promote``. The
+  outcome (abort, restore, success) is checked from the API and the scene fails
+  loudly otherwise. The hub looks at active rollouts twice a second
+  (``--rollout-interval-s 0.5``). ``--plain`` skips it (quick experiments).
+- ``converge`` counts only the demo's own agents (the simulated devices stay
+  registered after their scene).
 """
 
 from __future__ import annotations

@@ -987,7 +987,6 @@ def rollout_scene(demo: Demo, number: int) -> None:
     good = demo.bundles.get("1.0") or demo.publish_bundle("1.0")
     bad = demo.publish_bundle("1.1", run="1.0")
     fixed = demo.publish_bundle("1.2", run="1.0")
-    versions = {good: "1.0", bad: "1.1", fixed: "1.2"}
     started = time.monotonic()
     ids = demo.start_sim(SIM_DEVICES, sim_profile(demo.data_dir / "sim-profile.json"))
     say(
@@ -1012,7 +1011,7 @@ def rollout_scene(demo: Demo, number: int) -> None:
         f"{len(ids)} in sync, web healthy, in {time.monotonic() - started:.1f}s"
     )
     restored = failing_canary(demo, ids, before, bad=bad, good=good)
-    promoted_waves(demo, ids, restored, fixed=fixed, version=versions[fixed])
+    promoted_waves(demo, ids, restored, fixed=fixed, version="1.2")
     demo.stop_sim()
     say("          the simulated fleet stops (its devices stay registered, offline)")
 

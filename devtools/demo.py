@@ -1077,7 +1077,7 @@ def promoted_waves(
         "strategy": "canary",
         "canary": {"count": 2},
         "max_in_flight": 12,
-        "soak": {"seconds": 2, "reports": 1},
+        "soak": {"seconds": 1, "reports": 1},
         "failure_threshold": {"count": 1, "min_reported": 1, "action": "abort"},
     }
     view = demo.change(name, spec, fixed, waves)

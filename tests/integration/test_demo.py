@@ -174,7 +174,8 @@ def check_rollout_scene(out: str, db: Path) -> None:
     assert "deployment/web-sim (selector sim=demo-sim) at web 1.0: all 24 in sync" in scene
     bad, good = scene.split("change to web 1.2 (the fix)", 1)
     watched = [line[6:] for line in bad.splitlines() if line.startswith("    | ")]
-    assert re.match(r"deployment/web-sim rollout \d+: running, wave 1 of 2: ", watched[0])
+    running = r"deployment/web-sim rollout \d+: running, wave 1 of 2: 0 succeeded, 2 in flight"
+    assert any(re.match(running, line) for line in watched), watched  # the canary's hand-out
     assert re.search(r"rollout \d+ aborted: failure threshold 1 crossed", watched[-1]), watched
     assert "aborted by itself" in bad
     failed = re.findall(r"^ +(demo-sim-\d+) +failed +(.*)$", bad, re.M)

@@ -21,12 +21,25 @@ Rules:
   device's workloads from its report, not from the port. The demo's hub looks at
   placement every second (``--placement-interval-s 1``, the default is 10) so a
   lost device's instance moves within seconds of its ``lost_after_s``.
+- The rollout scene runs 24 simulated devices (``driftless sim run --enroll`` as a
+  child: the agent's own core, each enrolled over mutual TLS, supervising ``web``
+  from the same signed bundles with simulated processes; the profile makes web 1.1
+  crash a few seconds into each run) under a ``web-sim`` deployment of their own
+  (selector ``sim=demo-sim``), so the real agents are never touched. The live view
+  is the operator's own: ``driftless rollout status NAME --watch`` as a child, its
+  lines printed as they come; the promote is ``driftless rollout promote``. The
+  outcome (abort, restore, success) is checked from the API and the scene fails
+  loudly otherwise. The hub looks at active rollouts twice a second
+  (``--rollout-interval-s 0.5``). ``--plain`` skips it (quick experiments).
+- ``converge`` counts only the demo's own agents (the simulated devices stay
+  registered after their scene).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -45,6 +58,7 @@ import httpx
 from paho.mqtt import publish
 
 from ctl import render
+from ctl import rollout_render as rollout_view
 from devtools.broker import (
     BrokerError,
     MosquittoBroker,
@@ -53,7 +67,7 @@ from devtools.broker import (
     wait_for_port,
     write_secure_broker,
 )
-from devtools.procs import AgentChild, HubChild
+from devtools.procs import AgentChild, DriftlessChild, HubChild
 from edge_agent.enroll import Identity
 from edge_agent.store import StateStore
 from edge_agent.supervisor.processes import ProcessTable
@@ -186,6 +200,8 @@ class Demo:
             )
         # The orchestration scene's failover should take seconds, not a 10 s look.
         self.hub.argv += ["--placement-interval-s", "1"]
+        # The rollout scene's soaks and pauses are seconds long: look twice a second.
+        self.hub.argv += ["--rollout-interval-s", "0.5"]
         self.agents = {d: self._agent(d) for d in self.device_ids}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=10)
         self.fleet_config: dict[str, Any] = {}
@@ -193,6 +209,9 @@ class Demo:
         self.workloads: dict[str, list[dict[str, Any]]] = {}
         self.ports: dict[str, int] = {}
         self.bundles: dict[str, str] = {}  # web version -> the uploaded bundle's SHA-256
+        self.sim: DriftlessChild | None = None  # the rollout scene's simulated fleet
+        self.watches: list[subprocess.Popen[str]] = []  # its live views, stopped at the end
+        self.changed_at = 0.0  # when the newest rollout's change was made (monotonic)
 
     def _agent(self, device_id: str) -> AgentChild:
         if self.plain:  # given the root directly; plain MQTT
@@ -208,6 +227,10 @@ class Demo:
             self._start()
             yield self
         finally:
+            for watch in self.watches:
+                _stop_group(watch)
+            if self.sim is not None:
+                self.sim.terminate(timeout_s=20)
             for agent in self.agents.values():
                 agent.terminate()
                 stop_workloads(agent.data_dir)
@@ -353,8 +376,11 @@ class Demo:
             raise DemoError(f"desired state of {device_id}: {response.status_code} {response.text}")
         return int(response.json()["desired_generation"])
 
-    def publish_bundle(self, version: str) -> str:
-        """Build and sign web ``version`` with the bundle CLI, upload it; returns its SHA-256."""
+    def publish_bundle(self, version: str, *, run: str | None = None) -> str:
+        """Build and sign web ``version`` with the bundle CLI, upload it; returns its SHA-256.
+
+        ``run`` names the run file (``run-<run>.json``; default: the version's own).
+        """
         out = self.data_dir / "bundles-built" / f"{WORKLOAD}-{version}.bundle"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
@@ -362,7 +388,7 @@ class Demo:
         for argv in (
             [
                 "build", str(WEB_SOURCE), "--name", WORKLOAD, "--version", version,
-                "--security-version", "1", "--run", str(WEB_SOURCE / f"run-{version}.json"),
+                "--security-version", "1", "--run", str(WEB_SOURCE / f"run-{run or version}.json"),
                 "--expires-days", "7", "--out", str(out),
             ],
             ["sign", str(out), "--key", str(self.fleet.release_key_path)],
@@ -451,10 +477,124 @@ class Demo:
         response.raise_for_status()
         return list(reversed(response.json()["items"]))
 
+    # -- the rollout scene: a simulated fleet, rollouts, the operator's command line
+
+    def ctl_argv(self) -> list[str]:
+        return [sys.executable, "-m", "driftless.cli"]
+
+    def ctl_env(self) -> dict[str, str]:
+        """The operator's environment for ``driftless rollout …``: this hub, this token."""
+        return {
+            **os.environ,
+            "DRIFTLESS_HUB_URL": f"http://127.0.0.1:{self.api_port}",
+            "DRIFTLESS_TOKEN": self.hub.token,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def ctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.ctl_argv(), *argv],
+            env=self.ctl_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def start_sim(self, count: int, profile: Path) -> list[str]:
+        """``driftless sim run`` with ``count`` devices labelled ``sim=<prefix>``, enrolled
+        over mutual TLS unless ``--plain``; returns their ids once every one is online."""
+        argv = [
+            "sim", "run", "--devices", str(count), "--prefix", SIM_PREFIX,
+            "--hub", f"http://127.0.0.1:{self.api_port}", "--broker", self.broker.url,
+            "--profile", str(profile), "--seed", str(SIM_SEED), "--workers", "1",
+            "--state-dir", str(self.data_dir / "sim"), "--root", str(self.fleet.root_path),
+            *([] if self.plain else ["--enroll"]),
+        ]  # fmt: skip
+        self.sim = DriftlessChild(argv, self.data_dir / "sim.log", log_level="warning")
+        self.sim.env = {"DRIFTLESS_TOKEN": self.hub.token}  # not in the process list
+        self.sim.start()
+
+        def online() -> list[str] | None:
+            if self.sim is not None and self.sim.exited() is not None:
+                raise DemoError(f"driftless sim run exited: see {self.sim.log_path}")
+            rows = self.sim_rows()
+            if len(rows) == count and all(d["online"] for d in rows.values()):
+                return sorted(rows)
+            return None
+
+        return _wait(online, timeout_s=60, what=f"{count} simulated devices online")  # type: ignore[no-any-return]
+
+    def stop_sim(self) -> None:
+        if self.sim is not None and self.sim.terminate(timeout_s=20) not in (0, None):
+            raise DemoError(f"driftless sim run did not stop cleanly: see {self.sim.log_path}")
+
+    def sim_rows(self) -> dict[str, dict[str, Any]]:
+        response = self.api.get("/devices", params={"selector": f"sim={SIM_PREFIX}", "limit": 500})
+        response.raise_for_status()
+        return {d["id"]: d for d in response.json()["items"]}
+
+    def wait_sim(self, ids: list[str], bundle: str, *, what: str) -> dict[str, dict[str, Any]]:
+        """Until every simulated device's document runs ``bundle`` and the device is in sync
+        with its workload healthy; returns the rows then (DemoError names who was behind)."""
+        behind: list[str] = []
+
+        def done() -> dict[str, dict[str, Any]] | None:
+            rows = self.sim_rows()
+            behind.clear()
+            for device_id in ids:
+                d = rows[device_id]
+                entries = d["desired_config"].get("workloads") or []
+                if not (
+                    d["in_sync"]
+                    and [e["bundle"] for e in entries] == [bundle]
+                    and _reported(d, WORKLOAD) == "healthy"
+                ):
+                    behind.append(
+                        f"{device_id} g{d['desired_generation']}/g{d['reported_generation']} "
+                        f"{d['report_phase']} {WORKLOAD} {_reported(d, WORKLOAD)} "
+                        f"{[e['bundle'][:8] for e in entries]} {d['report_error'] or ''}".strip()
+                    )
+            return None if behind else rows
+
+        try:
+            return _wait(done, timeout_s=ROLLOUT_DEADLINE_S, what=what)  # type: ignore[no-any-return]
+        except DemoError as exc:
+            raise DemoError(f"{exc}; behind: {'; '.join(behind[:5])}") from None
+
+    def rollout(self, name: str) -> dict[str, Any]:
+        """The deployment's newest rollout (``GET /deployments/{name}/rollout``)."""
+        response = self.api.get(f"/deployments/{name}/rollout")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        response = self.api.get(f"/deployments/{name}")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def change(
+        self, name: str, spec: dict[str, Any], bundle: str, policy: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The deployment's workloads on ``bundle`` under the rollout ``policy``; returns the
+        new rollout's view (and notes when the change was made)."""
+        response = self.api.get(f"/deployments/{name}/rollout")
+        previous = response.json()["id"] if response.status_code == 200 else 0
+        workloads = [{**entry, "bundle": bundle} for entry in spec["workloads"]]
+        self.put_deployment(name, {**spec, "workloads": workloads, "rollout": policy})
+        self.changed_at = time.monotonic()
+        return _wait(  # type: ignore[no-any-return]
+            lambda: (view := self.rollout(name))["id"] > previous and view,
+            timeout_s=10,
+            what=f"{name}'s new rollout",
+        )
+
     def converge(self, *, timeout_s: float = 30) -> float:
+        """Until every device of the demo's own is in sync (the simulated ones not counted)."""
         start = time.monotonic()
+        ids = set(self.device_ids)
         _wait(
-            lambda: self.summary()["in_sync"] == len(self.device_ids),
+            lambda: sum(1 for d in self.devices() if d["id"] in ids and d["in_sync"]) == len(ids),
             timeout_s=timeout_s,
             what="every device in sync",
         )
@@ -739,6 +879,243 @@ def _instance_lines(instance: dict[str, Any]) -> None:
         )
 
 
+SIM_PREFIX = "demo-sim"
+SIM_DEVICES = 24
+SIM_SEED = 15
+ROLLOUT_DEPLOYMENT = "web-sim"
+CRASH_MEAN_S = 3.0
+"""web 1.1 on the simulated devices: the mean run time before a crash (exponential)."""
+ROLLOUT_DEADLINE_S = 60.0
+WATCH_INTERVAL_S = 0.25
+
+
+def sim_profile(path: Path) -> Path:
+    """The simulated fleet's profile: quick applies and starts, web 1.1 crashes a few
+    seconds into each run (the simulator's per-version behaviour)."""
+    profile = {
+        "name": "demo-rollouts",
+        "description": "the demo's rollout scene: web 1.1 turns healthy, then crashes",
+        "apply": {"time_s": 0.05, "jitter_s": 0.05},
+        "workloads": {
+            "start_s": 0.1,
+            "start_jitter_s": 0.1,
+            "versions": {f"{WORKLOAD}@1.1": {"mean_time_to_crash_s": CRASH_MEAN_S}},
+            "health_timeout_s": 15,
+        },
+    }
+    path.write_text(json.dumps(profile, indent=2))
+    return path
+
+
+class Watch:
+    """``driftless rollout status NAME --watch`` as a child: the operator's live view, each
+    line printed as it comes (not a terminal, so a line per change and each new note)."""
+
+    def __init__(self, demo: Demo, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *demo.ctl_argv(), "rollout", "status", name, "--watch",
+                "--interval", str(WATCH_INTERVAL_S),
+            ],
+            env=demo.ctl_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        demo.watches.append(self.proc)
+        self.lines: list[str] = []
+        self._pump = threading.Thread(target=self._print, daemon=True)
+        self._pump.start()
+
+    def _print(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            self.lines.append(line)
+            sys.stdout.write(f"    | {line}\n")
+            sys.stdout.flush()
+
+    def wait_line(self, *texts: str, timeout_s: float, what: str) -> str:
+        """The first line the watch printed that holds every one of ``texts`` (so the
+        scene's own lines come after what the operator saw)."""
+        return _wait(  # type: ignore[no-any-return]
+            lambda: next((line for line in self.lines if all(t in line for t in texts)), None),
+            timeout_s=timeout_s,
+            what=what,
+        )
+
+    def wait(self, timeout_s: float, what: str) -> int:
+        """The watch's exit status once the rollout is terminal; DemoError past the deadline."""
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_group(self.proc)
+            raise DemoError(f"timed out after {timeout_s}s waiting for {what}") from None
+        self._pump.join(timeout=5)
+        return code
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the child's process group, SIGKILL it after a few seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def rollout_scene(demo: Demo, number: int) -> None:
+    """Staged rollouts on a simulated fleet: a canary that fails its soak aborts and
+    restores by itself; a good change passes its canary, is promoted, and reaches all."""
+    if demo.plain:
+        say(
+            f"scene {number}   staged rollouts on simulated devices: skipped with --plain "
+            "(quick experiments; half a minute more without it)"
+        )
+        return
+    say(
+        f"scene {number}   staged rollouts on {SIM_DEVICES} simulated devices (`driftless sim "
+        "run`: the agent's own core, supervising web from the same signed bundles)"
+    )
+    good = demo.bundles.get("1.0") or demo.publish_bundle("1.0")
+    bad = demo.publish_bundle("1.1", run="1.0")
+    fixed = demo.publish_bundle("1.2", run="1.0")
+    started = time.monotonic()
+    ids = demo.start_sim(SIM_DEVICES, sim_profile(demo.data_dir / "sim-profile.json"))
+    say(
+        f"          {len(ids)} devices {ids[0]} … {ids[-1]} online (each enrolled with a "
+        f"claim token, over mutual TLS) in "
+        f"{time.monotonic() - started:.1f}s; web 1.1 turns healthy, then crashes a few "
+        f"seconds in (the simulator's profile: a mean run time of {CRASH_MEAN_S:g}s)"
+    )
+    name = ROLLOUT_DEPLOYMENT
+    spec: dict[str, Any] = {
+        "selector": f"sim={SIM_PREFIX}",
+        "kind": "fleet",
+        "workloads": [
+            {"name": WORKLOAD, "bundle": good, "config": {"greeting": "hello from a simulation"}}
+        ],
+    }
+    started = time.monotonic()
+    demo.put_deployment(name, spec)
+    before = demo.wait_sim(ids, good, what="web 1.0 everywhere")
+    say(
+        f"          deployment/{name} (selector sim={SIM_PREFIX}) at web 1.0: all "
+        f"{len(ids)} in sync, web healthy, in {time.monotonic() - started:.1f}s"
+    )
+    restored = failing_canary(demo, ids, before, bad=bad, good=good)
+    promoted_waves(demo, ids, restored, fixed=fixed, version="1.2")
+    demo.stop_sim()
+    say("          the simulated fleet stops (its devices stay registered, offline)")
+
+
+def failing_canary(
+    demo: Demo, ids: list[str], before: dict[str, dict[str, Any]], *, bad: str, good: str
+) -> dict[str, Any]:
+    """The bad change: its canary fails the soak, the rollout aborts and restores by itself
+    (checked from the API); returns the restored spec."""
+    name = ROLLOUT_DEPLOYMENT
+    spec = demo.deployment(name)["spec"]
+
+    canary: dict[str, Any] = {
+        "strategy": "canary",
+        "canary": {"count": 2},
+        "soak": {"seconds": 6, "reports": 1},
+        "failure_threshold": {"count": 1, "min_reported": 1, "action": "abort"},
+    }
+    view = demo.change(name, spec, bad, canary)
+    say(f"          change to web 1.1, policy: {rollout_view.policy(view['policy'])}")
+    say(f"          the live view, `driftless rollout status {name} --watch`:")
+    watch = Watch(demo, name)
+    code = watch.wait(ROLLOUT_DEADLINE_S, f"{name}'s rollout of web 1.1 to end")
+    view = demo.rollout(name)
+    if view["state"] != "aborted" or code != 1:
+        raise DemoError(f"web 1.1: the rollout ended {view['state']} (watch exit {code})")
+    say(
+        f"          aborted by itself {time.monotonic() - demo.changed_at:.1f}s after the "
+        f"change; `driftless rollout status {name}`:"
+    )
+    now = dt.datetime.now(dt.UTC)
+    for line in rollout_view.status(view, now):
+        print(f"    {line}", flush=True)
+    after = demo.wait_sim(ids, good, what="every device back on web 1.0")
+    touched = [d for d in ids if after[d]["desired_generation"] != before[d]["desired_generation"]]
+    same = [d for d in touched if after[d]["desired_config"] == before[d]["desired_config"]]
+    restored = demo.deployment(name)
+    if restored["spec"]["workloads"][0]["bundle"] != good or same != touched or not touched:
+        raise DemoError(f"web 1.1 was not restored: {restored['spec']}, touched {touched}")
+    say(
+        f"          restored: deployment/{name} is back at web 1.0 (version "
+        f"{restored['version']}: nothing retries 1.1); {len(touched)} touched devices each got "
+        "a new generation whose document equals the one before the change (from the API):"
+    )
+    for device_id in touched:
+        print(
+            f"    {device_id}  g{before[device_id]['desired_generation']} -> "
+            f"g{after[device_id]['desired_generation']}  same document: yes  "
+            f"{'in sync' if after[device_id]['in_sync'] else 'behind'}  "
+            f"{WORKLOAD} {_reported(after[device_id], WORKLOAD)}",
+            flush=True,
+        )
+    say(f"          the other {len(ids) - len(touched)} devices were never handed web 1.1")
+    return dict(restored["spec"])
+
+
+def promoted_waves(
+    demo: Demo, ids: list[str], spec: dict[str, Any], *, fixed: str, version: str
+) -> None:
+    """The good change: its canary passes, waits for a promote, then the rest goes out."""
+    name = ROLLOUT_DEPLOYMENT
+    waves: dict[str, Any] = {
+        "strategy": "canary",
+        "canary": {"count": 2},
+        "max_in_flight": 12,
+        "soak": {"seconds": 1, "reports": 1},
+        "failure_threshold": {"count": 1, "min_reported": 1, "action": "abort"},
+    }
+    view = demo.change(name, spec, fixed, waves)
+    say(f"          change to web 1.2 (the fix), policy: {rollout_view.policy(view['policy'])}")
+    say(f"          the live view, `driftless rollout status {name} --watch`:")
+    watch = Watch(demo, name)
+    watch.wait_line(
+        "note: ",
+        "waiting for a promote",
+        timeout_s=ROLLOUT_DEADLINE_S,
+        what=f"{name}'s canary of web 1.2 to pass its soak",
+    )
+    waiting = demo.rollout(name)
+    if waiting["state"] != "waiting_promote":
+        raise DemoError(f"web 1.2: the watch showed a promote wait the API does not: {waiting}")
+    canaries = waiting["counts"]["succeeded"]
+    say(
+        f"          the canary passed its soak ({canaries} devices on web 1.2); the operator "
+        f"promotes: `driftless rollout promote {name}`"
+    )
+    promoted = demo.ctl("rollout", "promote", name)
+    if promoted.returncode != 0:
+        raise DemoError(f"rollout promote {name}: {promoted.stderr.strip()}")
+    say(f"          {promoted.stderr.strip().splitlines()[0]}")
+    at = time.monotonic()
+    code = watch.wait(ROLLOUT_DEADLINE_S, f"{name}'s rollout of web 1.2 to succeed")
+    view = demo.rollout(name)
+    if view["state"] != "succeeded" or code != 0:
+        raise DemoError(f"web 1.2: the rollout ended {view['state']} (watch exit {code})")
+    final = demo.wait_sim(ids, fixed, what="every device on web 1.2")
+    healthy = sum(1 for d in ids if _reported(final[d], WORKLOAD) == "healthy")
+    say(
+        f"          succeeded {time.monotonic() - at:.1f}s after the promote: "
+        f"{view['counts']['succeeded']} of {view['targeted']} devices on web "
+        f"{version}, {healthy} with web healthy"
+    )
+
+
 def scenes(demo: Demo, *, rounds: int | None) -> None:
     say("scene 1   push a configuration to the whole fleet")
     demo.set_fleet_config({"sample_rate_hz": 10, "message": "hello fleet"})
@@ -813,7 +1190,12 @@ def scenes(demo: Demo, *, rounds: int | None) -> None:
 
     workload_scene(demo, 6 if decommissioned else 5)
     orchestration_scene(demo, 7 if decommissioned else 6)
+    rollout_scene(demo, 8 if decommissioned else 7)
+    ticks(demo, rounds)
 
+
+def ticks(demo: Demo, rounds: int | None) -> None:
+    """After the scenes: a new configuration every 5 s (``rounds`` of them; None: forever)."""
     n = 0
     while rounds is None or n < rounds:
         n += 1

@@ -49,6 +49,7 @@ from edge_agent.supervisor.machine import (
     Supervisor,
     SupervisorEvent,
     Tick,
+    Unwatch,
     Watch,
 )
 from edge_agent.supervisor.restart import DEFAULT_FLOOR_S
@@ -154,6 +155,7 @@ class SimRuntime:
             how = how_to_start(run, old.run, alive, may_reload=False)
         if how == "handover" and old is not None:
             txn.handover[name] = old
+            self._handle(Unwatch(old.instance, self._clock()))  # not the new version's
         elif old is not None:
             self._stop(old)
         txn.replaced.setdefault(name, old)
@@ -195,6 +197,9 @@ class SimRuntime:
             self._serving.pop(name, None)
         self._runs.pop(generation, None)
         self._serving.update(work.serve)
+        for old in txn.handover.values():
+            if old not in work.restart:  # left running: it speaks for its workload again
+                self._handle(Watch(old.instance, self._clock()))
         back: list[SimInstance] = []
         for old in work.restart:
             await self._start_now(old)

@@ -12,7 +12,7 @@ Rules:
   already runs), :class:`Spawned` / :class:`SpawnFailed` (the answer to a
   :class:`Spawn`), :class:`Exited`, :class:`ProbeDone` (the answer to a
   :class:`Probe`), :class:`Tick` (time passed: call it at
-  :meth:`Supervisor.next_wakeup`), :class:`Watch`, :class:`Reloaded`,
+  :meth:`Supervisor.next_wakeup`), :class:`Watch`, :class:`Unwatch`, :class:`Reloaded`,
   :class:`Release`. Every event carries ``now``.
 - Actions: :class:`Spawn`, :class:`Probe`, and the agent core's events
   ``WorkloadExited``, ``HealthPassed`` and ``HealthFailed`` (feed them to
@@ -29,6 +29,9 @@ Rules:
   the rollout is ready for them), then delivered in order: a new version
   started by a rollout reports to the core only once the core waits for its
   health, so no verdict is lost to a race with the step's own answer.
+  :class:`Unwatch` holds them again: the core's events name a workload, not an
+  instance, so during a hand-over the outgoing instance is unwatched and its
+  crashes or health cannot pass for the new version's (nor fail it).
 - A probe's answer counts only for the run it was asked for (``run`` grows
   with every spawn); answers for a released or restarted instance are
   dropped.
@@ -132,6 +135,15 @@ class Watch:
 
 
 @dataclass(frozen=True, slots=True)
+class Unwatch:
+    """From now on the core's events of ``instance`` are held (until a :class:`Watch`): a
+    hand-over's outgoing instance, whose crashes and health are not the new version's."""
+
+    instance: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Reloaded:
     """The instance was sent its reload signal: its health is judged afresh, unwatched."""
 
@@ -156,6 +168,7 @@ SupervisorEvent = (
     | ProbeDone
     | Tick
     | Watch
+    | Unwatch
     | Reloaded
     | Release
 )
@@ -321,6 +334,12 @@ class Supervisor:
         held, entry.held = entry.held, []
         return [*held, *self._evaluate(entry, event.now)]
 
+    def _unwatch(self, event: Unwatch) -> list[SupervisorAction]:
+        entry = self._instances.get(event.instance)
+        if entry is not None:
+            entry.watched = False
+        return []
+
     def _reloaded(self, event: Reloaded) -> list[SupervisorAction]:
         entry = self._instances.get(event.instance)
         if entry is None or entry.state != "running":
@@ -458,6 +477,7 @@ _HANDLERS: dict[type, Callable[[Supervisor, Any], list[SupervisorAction]]] = {
     ProbeDone: Supervisor._probe_done,
     Tick: Supervisor._ticked,
     Watch: Supervisor._watch,
+    Unwatch: Supervisor._unwatch,
     Reloaded: Supervisor._reloaded,
     Release: Supervisor._release,
 }

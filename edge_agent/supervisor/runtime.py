@@ -67,6 +67,7 @@ from edge_agent.supervisor.machine import (
     SupervisorAction,
     SupervisorEvent,
     Tick,
+    Unwatch,
     Watch,
 )
 from edge_agent.supervisor.processes import Exited as ProcessExited
@@ -202,6 +203,7 @@ class SupervisingRuntime:
             how = how_to_start(run, old.run, alive, may_reload=False)
         if how == "handover" and old is not None:
             txn.handover[name] = old
+            self._handle(Unwatch(old.launch.instance, self.clock()))  # not the new version's
         elif old is not None:
             self._wait_for_lock(name)
             self._stop(old)
@@ -259,6 +261,9 @@ class SupervisingRuntime:
         self.applier.roll_back(generation, to_generation)
         self._undo_configs()
         self._serving.update(work.serve)
+        for old in txn.handover.values():
+            if old not in work.restart:  # left running: it speaks for its workload again
+                self._handle(Watch(old.launch.instance, self.clock()))
         back: list[_Instance] = []
         for old in work.restart:
             self._spawn_now(old, watched=False)

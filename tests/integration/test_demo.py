@@ -4,7 +4,10 @@ The workload scene is checked by its outcome, not only that it ran: every device
 web 1.0 healthy and answering on its own port, web 2.0 rolled back on every device
 while 1.0 answered every request, the reported reason with the log tail, and no
 workload left running (nor its port answering) once the demo ends, Ctrl-C included.
-The orchestration scene is checked by its printout (labels, both previews before
+The rollout scene (simulated devices) is checked the same way: the live view shows the
+canary failing and the abort, the touched devices' documents equal their previous ones,
+the good change waits for the promote and then succeeds everywhere, and the hub's
+rows agree. The orchestration scene is checked by its printout (labels, both previews before
 their changes, each device's merged document with the layer of every workload, the
 instance leaving the switched-off device and staying away after its return) and by
 the hub's database the demo leaves behind (where the instance is, who contributed
@@ -50,7 +53,7 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
         check=False,
     )
     out = result.stdout
@@ -66,6 +69,7 @@ def test_demo_runs_its_scenes_and_stops_cleanly(tmp_path: Path) -> None:
     assert "closed its open connection (the agent heard: Administrative action)" in out
     ports = check_workload_scene(out, ["demo-01", "demo-02"])
     check_orchestration_scene(out, tmp_path / "d" / "hub.db")
+    check_rollout_scene(out, tmp_path / "d" / "hub.db")
     assert processes_under(tmp_path) == [], "the demo left processes running"
     assert not any(answers(port) for port in ports), "a workload still answers"
 
@@ -106,7 +110,7 @@ def check_workload_scene(out: str, devices: list[str]) -> list[int]:
 def check_orchestration_scene(out: str, db: Path) -> None:
     """Scene 7 on demo-01 (site=a) and demo-02 (site=b, the canary), from the printout and
     from the hub's database once the demo has stopped."""
-    scene = out[out.index("scene 7   orchestration") :]
+    scene = out[out.index("scene 7   orchestration") : out.index("scene 8   ")]
     layered, placed = scene.split("a placed deployment: recorder", 1)
     assert "labels: demo-01 site=a; demo-02 canary=yes site=b" in layered
     fleet, canary = layered.split("deployment/telemetry-canary: preview", 1)
@@ -160,6 +164,51 @@ def check_orchestration_scene(out: str, db: Path) -> None:
         if device == second_id:
             expected["recorder"] = "deployment:recorder"
         assert json.loads(rows[device]) == expected, device
+
+
+def check_rollout_scene(out: str, db: Path) -> None:
+    """Scene 8 on 24 simulated devices: a canary that fails its soak aborts and restores by
+    itself; a good change waits for a promote, then reaches every device."""
+    scene = out[out.index("scene 8   staged rollouts on 24 simulated devices") :]
+    assert "24 devices demo-sim-00000 … demo-sim-00023 online" in scene
+    assert "deployment/web-sim (selector sim=demo-sim) at web 1.0: all 24 in sync" in scene
+    bad, good = scene.split("change to web 1.2 (the fix)", 1)
+    watched = [line[6:] for line in bad.splitlines() if line.startswith("    | ")]
+    running = r"deployment/web-sim rollout \d+: running, wave 1 of 2: 0 succeeded, 2 in flight"
+    assert any(re.match(running, line) for line in watched), watched  # the canary's hand-out
+    assert re.search(r"rollout \d+ aborted: failure threshold 1 crossed", watched[-1]), watched
+    assert "aborted by itself" in bad
+    failed = re.findall(r"^ +(demo-sim-\d+) +failed +(.*)$", bad, re.M)
+    assert failed and all(why == "crash during soak" for _, why in failed), bad
+    touched = re.findall(
+        r"^ +(demo-sim-\d+) +g(\d+) -> g(\d+) +same document: yes +in sync +web healthy$", bad, re.M
+    )
+    assert 1 <= len(touched) <= 2 and all(int(b) > int(a) for _, a, b in touched), bad
+    assert {d for d, _ in failed} <= {d for d, _, _ in touched}
+    assert f"{len(touched)} touched devices each got a new generation" in bad
+    assert f"the other {24 - len(touched)} devices were never handed web 1.1" in bad
+    # The good change: the operator promotes only once the watch showed the canary passed.
+    assert good.index("waiting for promote (") < good.index("the operator promotes")
+    assert re.search(r"rollout \d+ promoted; now running", good), good
+    assert re.search(r"^    \| deployment/web-sim rollout \d+ succeeded$", good, re.M), good
+    assert "24 of 24 devices on web 1.2, 24 with web healthy" in good
+    # What the hub holds: the abort and the success, every device on 1.2.
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rollouts = conn.execute(
+            "SELECT id, state FROM rollout WHERE deployment = 'web-sim' ORDER BY id"
+        ).fetchall()
+        [(version,)] = conn.execute(
+            "SELECT b.version FROM deployment d JOIN bundle b "
+            "ON b.sha256 = json_extract(d.spec, '$.workloads[0].bundle') WHERE d.name = 'web-sim'"
+        ).fetchall()
+        outcomes = dict(
+            conn.execute(
+                "SELECT state, count(*) FROM rollout_device WHERE rollout_id = ? GROUP BY state",
+                (rollouts[-1][0],),
+            ).fetchall()
+        )
+    assert [state for _, state in rollouts] == ["aborted", "succeeded"]
+    assert version == "1.2" and outcomes == {"succeeded": 24}
 
 
 def answers(port: int) -> bool:
@@ -247,6 +296,7 @@ def test_the_plain_listener_is_there_when_asked_for(tmp_path: Path) -> None:
     assert "demo-01 refused it (not signed by the fleet's hub key)" in result.stdout
     assert "enrolled" not in result.stdout
     assert "orchestration needs two devices (a canary and the rest): skipped" in result.stdout
+    assert "staged rollouts on simulated devices: skipped with --plain" in result.stdout
     # The only error is the one the workload scene quotes from web 2.0's log.
     assert not re.search(r"^\S*(error|failed)", result.stdout, re.M | re.I), result.stdout
     check_workload_scene(result.stdout, ["demo-01"])

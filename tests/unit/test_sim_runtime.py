@@ -34,7 +34,7 @@ class Source:
     run: RunSpec | None = None
 
 
-def source(version: str, *, deadline_s: int = 1) -> Source:
+def source(version: str, *, deadline_s: int = 1, **run: Any) -> Source:
     return Source(
         version,
         run=RunSpec(
@@ -42,7 +42,7 @@ def source(version: str, *, deadline_s: int = 1) -> Source:
             checks=[HttpCheck(port=8080, interval_ms=50, failures=1)],
             min_healthy_ms=50,
             health_deadline_s=deadline_s,
-            backoff=Backoff(delay_ms=1, attempts=3),
+            **{"backoff": Backoff(delay_ms=1, attempts=3), **run},
         ),
     )
 
@@ -85,6 +85,13 @@ def runtime(
 def desired(generation: int, version: str) -> Desired:
     config = {"workloads": [{"name": "web", "bundle": SHA[version]}]}
     return Desired(device_id="d", generation=generation, config=config, issued_at=0)
+
+
+async def wait_alive(rt: SimRuntime, instance: str, timeout_s: float = 3.0) -> None:
+    """The simulated table signals no change, so a short poll under a deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not rt.table.alive(instance):  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.005)
 
 
 async def roll_out(rt: SimRuntime, generation: int, version: str) -> None:
@@ -172,5 +179,74 @@ async def test_a_firmware_bundle_is_passive_and_healthy_at_once() -> None:
         await roll_out(rt, 1, "1.0.0")
         [passed] = await core.wait_for(HealthPassed)
         assert passed.name == "web" and len(rt.table) == 0
+    finally:
+        rt.close()
+
+
+async def test_the_outgoing_instance_of_a_hand_over_does_not_speak_for_the_new_version() -> None:
+    """start-then-stop: while the new version waits for its health, the old one runs on
+    beside it; its crashes are not the new version's (they used to fail the rollout that
+    replaced a crashing version, so an abort's restore of a bad release failed on the very
+    devices it was for). Held, not lost: a rollback that keeps the old one serving hears them."""
+    core = Core()
+    spec = WorkloadsSpec(
+        versions={
+            "1.0.0": BehaviourOverride(mean_time_to_crash_s=0.05),
+            "2.0.0": BehaviourOverride(start_s=0.3),  # a long hand-over
+        },
+        **FAST,
+    )
+    again = Backoff(delay_ms=1, attempts=1000)
+    sources = {
+        SHA[v]: source(v, update="start-then-stop", backoff=again) for v in ("1.0.0", "2.0.0")
+    }
+    rt = runtime(spec, core, sources)
+    try:
+        await roll_out(rt, 1, "1.0.0")  # watched: its crashes are reported
+        await core.wait_for(WorkloadExited)
+        rt.commit(1)
+        await wait_alive(rt, "web.g1")
+        await roll_out(rt, 2, "2.0.0")  # a hand-over: web.g1 runs on beside web.g2
+        seen = len(core.events)
+        await core.wait_for(HealthPassed)
+        after = core.events[seen:]
+        assert [type(e).__name__ for e in after] == ["HealthPassed"], after
+        new, old = rt.machine.view("web.g2"), rt.machine.view("web.g1")
+        assert new is not None and new.healthy  # the pass was the new version's
+        assert old is not None and old.restarts > 0  # the old one did crash, unheard
+        rt.commit(2)
+        assert not rt.table.alive("web.g1") and rt.table.alive("web.g2")
+    finally:
+        rt.close()
+
+
+async def test_a_rollback_that_keeps_the_old_instance_hears_it_again() -> None:
+    core = Core()
+    spec = WorkloadsSpec(
+        versions={
+            "1.0.0": BehaviourOverride(mean_time_to_crash_s=0.05),
+            "2.0.0": BehaviourOverride(health_failure_rate=1.0),
+        },
+        **FAST,
+    )
+    again = Backoff(delay_ms=1, attempts=1000)
+    sources = {
+        SHA[v]: source(v, update="start-then-stop", backoff=again) for v in ("1.0.0", "2.0.0")
+    }
+    rt = runtime(spec, core, sources)
+    try:
+        await roll_out(rt, 1, "1.0.0")
+        await core.wait_for(WorkloadExited)
+        rt.commit(1)
+        await wait_alive(rt, "web.g1")
+        await roll_out(rt, 2, "2.0.0")
+        seen = len(core.events)
+        [failed] = await core.wait_for(HealthFailed)
+        assert "not healthy within 1 s" in failed.reason
+        assert not any(isinstance(e, WorkloadExited) for e in core.events[seen:])
+        await rt.roll_back(2, 1)
+        assert rt.serving()["web"].instance == "web.g1"
+        exits = len([e for e in core.events if isinstance(e, WorkloadExited)])
+        await core.wait_for(WorkloadExited, count=exits + 1)  # heard again
     finally:
         rt.close()

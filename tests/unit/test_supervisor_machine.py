@@ -19,6 +19,7 @@ from edge_agent.supervisor.machine import (
     Supervisor,
     SupervisorAction,
     Tick,
+    Unwatch,
     Watch,
 )
 from edge_agent.supervisor.spec import HealthSpec, HttpGet, RestartPolicy
@@ -130,6 +131,20 @@ def test_unwatched_events_are_held_until_watch_in_order() -> None:
     assert run_until(sup, 5.0) == [Spawn("w.g2", "w")]  # restarted, healthy: all held
     released = sup.handle(Watch("w.g2", 5.0))
     assert [type(e).__name__ for e in released] == ["WorkloadExited", "HealthPassed"]
+
+
+def test_an_unwatched_instance_holds_its_events_again_until_watched() -> None:
+    """A hand-over's outgoing instance: the core does not hear it while the new one runs."""
+    sup = machine()
+    sup.handle(Supervise("w.g1", "w", CRASHY, HealthSpec(min_healthy_s=1), 0.0))
+    sup.handle(Spawned("w.g1", 10, 0.0))
+    assert [type(e).__name__ for e in core_events(run_until(sup, 2.0))] == ["HealthPassed"]
+    assert sup.handle(Unwatch("w.g1", 2.0)) == []
+    assert sup.handle(Exited("w.g1", 1, 2.5)) == []
+    assert core_events(run_until(sup, 6.0)) == []  # restarted and healthy again: held
+    released = sup.handle(Watch("w.g1", 6.0))
+    assert [type(e).__name__ for e in released] == ["WorkloadExited", "HealthPassed"]
+    assert sup.handle(Unwatch("gone", 6.0)) == []  # an unknown instance: nothing
 
 
 def test_stale_probe_answers_and_released_instances_are_ignored() -> None:

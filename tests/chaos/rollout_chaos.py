@@ -35,7 +35,12 @@ from tests.integration.bundle_support import upload
 from tests.integration.rollout_support import RolloutStack, web_bundle
 from tests.support import HubProcess, wait_until
 
-SEED = 1515
+SEED = 1520
+"""Each start draws its fate from the device's own rng (seed, device id), so the seed
+fixes which devices fail 3.0.0: 11 of 200 (28 of 600 at full size), never more than 6%
+of any prefix of the good rollout's wave order (rollout id 2: the bad one is put first),
+so the 20% threshold is not crossed by luck. Seed 1515 put 4 of them in the first wave
+of 20 (20%: the rollout aborted)."""
 HEARTBEAT_S = 5.0
 GOOD, BAD = "good", "bad"
 BASE, NEW, CRASHY = "1.0.0", "3.0.0", "2.0.0"

@@ -196,7 +196,6 @@ class Dropper:
     def __init__(self, stack: ChaosRolloutStack, drops: Sequence[Drop]) -> None:
         self.stack = stack
         self.drops = list(drops)
-        self.down_now: set[str] = set()
         self._future: Future[None] | None = None
 
     def start(self) -> None:
@@ -213,10 +212,8 @@ class Dropper:
             device = self.stack.fleet.devices[device_id]
             if down:
                 device.network_down()
-                self.down_now.add(device_id)
             else:
-                device.network_restored()
-                self.down_now.discard(device_id)
+                device.network_restored()  # a device also taken down by the test stays down
 
     def wait(self, timeout_s: float) -> None:
         """Until the schedule has played (late devices are still down then)."""

@@ -61,7 +61,7 @@ FULL = os.environ.get("DRIFTLESS_CHAOS_FULL") == "1"
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600 if FULL else 240)]
 
 SIZES = {GOOD: 600, BAD: 300} if FULL else {GOOD: 200, BAD: 100}
-DEADLINE_S = 150.0 if FULL else 90.0
+DEADLINE_S = 240.0 if FULL else 90.0  # each wait's; the full run's good rollout took 129 s
 DROP_SHARE = 0.15
 LATE_SHARE = 0.05  # of the random dropouts' suite: away until the rollouts are over
 TARGETED_SHARE = 0.05  # of the bad suite: taken down right after their hand-out

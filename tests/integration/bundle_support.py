@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 
 from firmware_bundles import archive
 from firmware_bundles.keys import SigningKey, write_private_key
-from firmware_bundles.model import AliveCheck, RunSpec
+from firmware_bundles.model import AliveCheck, Backoff, HttpCheck, RunSpec
 from protocols import (
     BundleRequest,
     Channel,
@@ -237,3 +237,41 @@ class ScriptedChunkServer:
 
     def close(self) -> None:
         self.peer.close()
+
+
+def web_bundle(
+    directory: Path,
+    keys: Keys,
+    version: str,
+    *,
+    min_healthy_ms: int = 300,
+    health_deadline_s: float = 1,
+    restart_delay_ms: int = 1000,
+) -> Path:
+    """A real signed ``web`` bundle whose manifest asks for an HTTP health check (the
+    simulated fleets' supervised workload)."""
+    src = directory / f"web-{version}.src"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin" / "web").write_text(f"#!/bin/sh\necho web {version}\n")
+    out = directory / f"web-{version}.bundle"
+    archive.build(
+        src,
+        name="web",
+        version=version,
+        security_version=1,
+        kind="app",
+        architectures=["any"],
+        created=now() - 60,
+        expires=now() + 30 * DAY,
+        out=out,
+        run=RunSpec(
+            command=["bin/web"],
+            checks=[HttpCheck(port=8080, path="/health", interval_ms=100, failures=1)],
+            min_healthy_ms=min_healthy_ms,
+            health_deadline_s=health_deadline_s,
+            backoff=Backoff(delay_ms=restart_delay_ms),
+        ),
+    )
+    for key in keys.fleet.release_keys:
+        archive.sign(out, key)
+    return out

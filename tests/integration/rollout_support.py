@@ -19,15 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from firmware_bundles import archive
-from firmware_bundles.model import Backoff, HttpCheck, RunSpec
 from simulator.fleet import Fleet, FleetConfig, device_ids
 from simulator.profiles import BehaviourOverride, Profile, WorkloadsSpec
-from tests.integration.bundle_support import Keys, now, upload
+from tests.integration.bundle_support import Keys, upload
+from tests.integration.bundle_support import web_bundle as shared_web_bundle
 from tests.integration.orchestration_support import FleetLoop
 from tests.pki import TestBroker
 from tests.support import HubProcess, wait_until
-from tests.unit.test_bundles_support import DAY
 
 SEED = 15
 DEADLINE_S = 40.0
@@ -48,32 +46,10 @@ SLOW_IDS = device_ids(2, prefix="ro-silent")
 
 
 def web_bundle(directory: Path, keys: Keys, version: str) -> Path:
-    """A real signed ``web`` bundle whose manifest asks for an HTTP health check."""
-    src = directory / f"web-{version}.src"
-    (src / "bin").mkdir(parents=True)
-    (src / "bin" / "web").write_text(f"#!/bin/sh\necho web {version}\n")
-    out = directory / f"web-{version}.bundle"
-    archive.build(
-        src,
-        name="web",
-        version=version,
-        security_version=1,
-        kind="app",
-        architectures=["any"],
-        created=now() - 60,
-        expires=now() + 30 * DAY,
-        out=out,
-        run=RunSpec(
-            command=["bin/web"],
-            checks=[HttpCheck(port=8080, path="/health", interval_ms=100, failures=1)],
-            min_healthy_ms=200,
-            health_deadline_s=2,
-            backoff=Backoff(delay_ms=500),
-        ),
+    """The ``web`` bundle of these tests: healthy after 200 ms, restarted after 500 ms."""
+    return shared_web_bundle(
+        directory, keys, version, min_healthy_ms=200, health_deadline_s=2, restart_delay_ms=500
     )
-    for key in keys.fleet.release_keys:
-        archive.sign(out, key)
-    return out
 
 
 class RolloutStack:

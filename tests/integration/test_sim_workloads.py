@@ -20,15 +20,12 @@ from typing import Any
 
 import pytest
 
-from firmware_bundles import archive
-from firmware_bundles.model import Backoff, HttpCheck, RunSpec
 from simulator.fleet import Fleet, FleetConfig, FleetCounters, device_ids
 from simulator.profiles import BehaviourOverride, Profile, WorkloadsSpec, device_rng
-from tests.integration.bundle_support import Keys, hub_with_root, now, upload
+from tests.integration.bundle_support import Keys, hub_with_root, upload, web_bundle
 from tests.integration.test_sim_fleet import identities
 from tests.pki import TestBroker
 from tests.support import HubProcess
-from tests.unit.test_bundles_support import DAY
 
 pytestmark = pytest.mark.integration
 
@@ -53,35 +50,6 @@ def hub(tmp_path: Path, broker: TestBroker, keys: Keys) -> Iterator[HubProcess]:
         yield instance
     finally:
         instance.close()
-
-
-def web_bundle(directory: Path, keys: Keys, version: str) -> Path:
-    """A real signed ``web`` bundle whose manifest asks for an HTTP health check."""
-    src = directory / f"web-{version}.src"
-    (src / "bin").mkdir(parents=True)
-    (src / "bin" / "web").write_text(f"#!/bin/sh\necho web {version}\n")
-    out = directory / f"web-{version}.bundle"
-    archive.build(
-        src,
-        name="web",
-        version=version,
-        security_version=1,
-        kind="app",
-        architectures=["any"],
-        created=now() - 60,
-        expires=now() + 30 * DAY,
-        out=out,
-        run=RunSpec(
-            command=["bin/web"],
-            checks=[HttpCheck(port=8080, path="/health", interval_ms=100, failures=1)],
-            min_healthy_ms=300,
-            health_deadline_s=1,
-            backoff=Backoff(delay_ms=1000),
-        ),
-    )
-    for key in keys.fleet.release_keys:
-        archive.sign(out, key)
-    return out
 
 
 def push(hub: HubProcess, sha: str) -> int:

@@ -34,15 +34,9 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    """A hub as it runs (fleet root, signing key, CA), with no broker: the API alone.
-
-    Both passes fuzz the same hub (a start takes seconds on a loaded machine): neither
-    depends on what the other left, since the first pass already runs on whatever state
-    its own generated requests leave, and the second only sends requests without a token.
-    """
-    tmp_path = tmp_path_factory.mktemp("api-properties")
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubProcess]:
+    """A hub as it runs (fleet root, signing key, CA), with no broker: the API alone."""
     fleet = DevFleet(tmp_path / "fleet")
     process = HubProcess(tmp_path / "hub", f"mqtt://127.0.0.1:{free_port()}")
     process.argv += ["--trust-root", str(fleet.root_path)]

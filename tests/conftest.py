@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +60,19 @@ def _no_workload_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[N
     tmp = request.node.funcargs.get("tmp_path")
     if isinstance(tmp, Path):
         kill_workloads_under(tmp)
+
+
+@pytest.fixture(autouse=True)
+def _fastapi_lets_go_of_each_tests_app() -> Iterator[None]:
+    """FastAPI memoises what kind of callable each dependency is in module-level LRU caches
+    (4,096 entries each, ``fastapi.dependencies.models``). A hub's dependencies are
+    closures over its app, so every app a test creates stays alive until 4,096 later
+    callables push it out: hundreds of apps, millions of objects, and each full garbage
+    collection then takes seconds (the unit tests ran a third slower, and the process
+    spent a minute in its final collection). A hub process creates one app, so only tests
+    pay for this; after each test the caches are emptied and its apps can go."""
+    yield
+    models = sys.modules.get("fastapi.dependencies.models")
+    for cached in vars(models).values() if models is not None else ():
+        if isinstance(cached, functools._lru_cache_wrapper):
+            cached.cache_clear()

@@ -1,8 +1,10 @@
 """The admin API with authentication switched on: bearer tokens, roles, the audit log.
 
 Each test has its own hub app on a fresh SQLite file (broker unreachable, as in
-``test_hub_api``). Tokens are minted straight into the app's database with
-``tests.unit.auth_support``, the way ``driftless hub token create`` does.
+``test_hub_api``), but for the refusals without a valid token: they change nothing a
+later case could see, so they share one app (``refusing``; an app takes ~1 s to build).
+Tokens are minted straight into the app's database with ``tests.unit.auth_support``, the
+way ``driftless hub token create`` does.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ def app(db_path: Path) -> FastAPI:
 def anon(app: FastAPI) -> Iterator[TestClient]:
     """A client that sends no token (each request may add its own header)."""
     with TestClient(app, base_url=API_BASE_URL) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One app, without tokens, for every case of the 401 test (each refusal changes
+    nothing but the audit log, which that test does not read)."""
+    db = tmp_path_factory.mktemp("refusing") / "hub.db"
+    settings = HubSettings(broker_url=f"mqtt://127.0.0.1:{free_port()}", db_url=f"sqlite:///{db}")
+    with TestClient(create_app(settings), base_url=API_BASE_URL) as client:
         yield client
 
 
@@ -98,10 +110,10 @@ def audit(anon: TestClient, admin: str) -> list[dict[str, Any]]:
     ],
 )
 def test_without_a_valid_token_every_route_is_401_with_a_bearer_challenge(
-    anon: TestClient, method: str, path: str, authorization: str | None
+    refusing: TestClient, method: str, path: str, authorization: str | None
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    response = anon.request(method, path, headers=headers, json={} if method != "GET" else None)
+    response = refusing.request(method, path, headers=headers, json={} if method != "GET" else None)
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
     assert "token" in response.json()["detail"]

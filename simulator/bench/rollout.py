@@ -184,6 +184,7 @@ class BenchResult:
                     **{n: round(getattr(r, n), 4) for n in ROUND_FIGURES},
                     "index": r.index,
                     "cpu_ms_per_device": round(r.cpu_ms_per_device, 4),
+                    "ratio_ours_over_baseline": round(ratio(r.ours_s, r.baseline_s), 3),
                     "waves": [{**asdict(w), "took_s": round(w.took_s, 4)} for w in r.waves],
                 }
                 for r in self.rounds
@@ -228,6 +229,8 @@ def format_table(result: BenchResult) -> str:
             f"  wave {index}: {size:>6} {wave['started_s']:>8.3f} {wave['done_s']:>8.3f} "
             f"{wave['took_s']:>8.3f} {wave['baseline_s']:>8.3f}"
         )
+    cells = " ".join(f"{ratio(r.ours_s, r.baseline_s):.2f}x" for r in result.rounds)
+    lines.append(f"ratio ours/baseline per round: {cells}")
     lines.append(f"ratio ours/baseline (median): {result.ratio():.2f}x")
     return "\n".join(lines)
 

@@ -230,6 +230,7 @@ class Baseline:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tag = b""
         self._received = 0
+        self._expected = len(self.in_topics)
         self._all_back = asyncio.Event()
         self._pub: aiomqtt.Client | None = None
 
@@ -279,16 +280,24 @@ class Baseline:
             payload = message.payload
             if isinstance(payload, bytes) and payload.startswith(self._tag):
                 self._received += 1
-                if self._received == len(self.in_topics):
+                if self._received == self._expected:
                     self._all_back.set()
 
-    async def measure(self, round_no: int, *, timeout_s: float) -> float:
-        """Seconds from the first publish until all N echoes are back; raises BenchError."""
+    async def measure(self, round_no: int, *, timeout_s: float, part: slice | None = None) -> float:
+        """Seconds from the first publish until all N echoes are back; raises BenchError.
+
+        ``part`` sends to a slice of the devices' topics only (a rollout's wave); every
+        call needs its own ``round_no`` (echoes of another round are not counted).
+        """
         assert self._pub is not None, "use 'async with Baseline(...)'"
         pub = self._pub
+        topics = self.in_topics if part is None else self.in_topics[part]
+        if not topics:
+            raise BenchError(f"baseline: no devices in {part}")
         self._tag = f"round-{round_no}:".encode()
         payload = self._tag + b"x" * max(0, self.payload_bytes - len(self._tag))
         self._received = 0
+        self._expected = len(topics)
         self._all_back.clear()
         gate = asyncio.Semaphore(self.inflight)
 
@@ -297,13 +306,13 @@ class Baseline:
                 await pub.publish(name, payload, qos=1)
 
         start = time.perf_counter()
-        sends = asyncio.gather(*(send(name) for name in self.in_topics))
+        sends = asyncio.gather(*(send(name) for name in topics))
         try:
             await asyncio.wait_for(self._all_back.wait(), timeout_s)
         except TimeoutError:
             sends.cancel()
             raise BenchError(
-                f"baseline: {self._received}/{len(self.in_topics)} echoes after {timeout_s}s"
+                f"baseline: {self._received}/{len(topics)} echoes after {timeout_s}s"
             ) from None
         elapsed = time.perf_counter() - start
         await asyncio.wait_for(sends, timeout_s)

@@ -56,11 +56,13 @@ _DEVICES: Table = Device.__table__  # type: ignore[attr-defined]
 _ROLLOUTS: Table = Rollout.__table__  # type: ignore[attr-defined]
 _TARGETS: Table = RolloutDevice.__table__  # type: ignore[attr-defined]
 _SCHEDULES: Table = Schedule.__table__  # type: ignore[attr-defined]
+# What every look reads of every device: plain columns only. The JSON ones (labels for
+# windows, assignments for a starting rollout's members) are read when needed: decoding
+# them for a whole fleet on every look was a third of a look's CPU (docs/benchmarks.md,
+# "Rollouts").
 _EVIDENCE_COLUMNS = (
     "id",
-    "labels",
     "online",
-    "assignments",
     "decommissioned_at",
     "reported_generation",
     "failed_generation",
@@ -184,10 +186,10 @@ def _advance(
     if not rows:
         return (), lease_s  # another hub holds them: look again when its lease may lapse
     devices = {
-        r["id"]: dict(r)
-        for r in connection.execute(
+        row[0]: dict(zip(_EVIDENCE_COLUMNS, row, strict=True))
+        for row in connection.execute(
             sa_select(*(_DEVICES.c[name] for name in _EVIDENCE_COLUMNS))
-        ).mappings()
+        ).all()
     }
     recompose = False
     wakes: list[float] = []
@@ -227,7 +229,7 @@ def _advance_one(
     if row["state"] == "scheduled" and not row["waves"]:
         start_at = row["start_at"]
         if start_at is None or start_at <= now:
-            members = _members(row, devices)
+            members = _members(connection, row)
             waves = build_waves(policy, members)
             extra["waves"] = waves
             row["waves"] = waves
@@ -247,7 +249,7 @@ def _advance_one(
                     ],
                 )
     targets = store.read_targets(connection, row["id"])
-    windows = _windows(connection, policy, targets, devices, now)
+    windows = _windows(connection, policy, targets, now)
     evidence = {t["device_id"]: _evidence(t, devices.get(t["device_id"]), windows) for t in targets}
     decided = step(
         policy,
@@ -287,14 +289,15 @@ def _advance_one(
     return recompose, decided.wake_after_s
 
 
-def _members(row: Mapping[str, Any], devices: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _members(connection: Any, row: Mapping[str, Any]) -> list[str]:
     """The devices the deployment is assigned to, in the rollout's stable spread order."""
     name = row["deployment"]
-    ids = [
-        device_id
-        for device_id, d in devices.items()
-        if d["decommissioned_at"] is None and name in (d["assignments"] or ())
-    ]
+    assigned = connection.execute(
+        sa_select(_DEVICES.c.id, _DEVICES.c.assignments).where(
+            _DEVICES.c.decommissioned_at.is_(None)
+        )
+    ).all()
+    ids = [device_id for device_id, assignments in assigned if name in (assignments or ())]
     salt = str(row["id"]).encode()
     return sorted(ids, key=lambda i: hashlib.blake2b(salt + i.encode(), digest_size=8).digest())
 
@@ -303,7 +306,6 @@ def _windows(
     connection: Any,
     policy: Any,
     targets: Sequence[Mapping[str, Any]],
-    devices: Mapping[str, Mapping[str, Any]],
     now: datetime,
 ) -> Mapping[str, bool] | None:
     """Each target's maintenance window, open or not (None: the policy names none)."""
@@ -321,9 +323,8 @@ def _windows(
     except WindowError:
         log.error("rollout window unusable", extra={"window": policy.window})
         return dict.fromkeys((t["device_id"] for t in targets), False)
-    labels = {
-        t["device_id"]: (devices.get(t["device_id"]) or {}).get("labels") or {} for t in targets
-    }
+    every = dict(connection.execute(sa_select(_DEVICES.c.id, _DEVICES.c.labels)).all())
+    labels = {t["device_id"]: every.get(t["device_id"]) or {} for t in targets}
     return window_states(window, labels, now)
 
 

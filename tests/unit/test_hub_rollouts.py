@@ -9,6 +9,8 @@ the lease between two hub processes, and a restarted look that changes nothing.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -286,3 +288,24 @@ def test_a_rollout_with_a_start_time_waits_for_it(hub: Hub) -> None:
     hub.look(T0 + timedelta(hours=1, seconds=1))
     assert hub.rollout()["state"] == "running"
     assert [hub.version(d) for d in IDS] == [2] * 10
+
+
+def test_a_look_with_nothing_to_do_takes_no_write_lock(hub: Hub, tmp_path: Path) -> None:
+    hub.put(2, {"strategy": "waves", "waves": [2]})
+    hub.look(T0)
+    # Another writer holds the database (as ingest does in a batch): a look that would
+    # change nothing returns at once instead of waiting for it.
+    writer = sqlite3.connect(tmp_path / "hub.db", timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        assert hub.look(T0 + timedelta(seconds=1)) == ((), 599.0)  # the apply deadline
+        assert time.monotonic() - started < 2.0
+    finally:
+        writer.rollback()
+        writer.close()
+    # Evidence arrives: the next look writes again.
+    for d in [d for d in IDS if hub.version(d) == 2]:
+        hub.report(d)
+    hub.look(T0 + timedelta(seconds=2))
+    assert hub.rollout()["counts"]["succeeded"] == 2

@@ -154,7 +154,15 @@ def advance(
 ) -> tuple[tuple[str, ...], float | None]:
     """Step every active rollout ``owner`` may advance, in one write transaction that
     this commits; returns the devices whose generation was bumped and when the planners
-    want to look again (seconds)."""
+    want to look again (seconds).
+
+    A look first steps in a read transaction: when no rollout would change (the planner
+    is pure, so the same rows give the same step) and no lease needs renewing, it ends
+    there, without taking the write lock that ingest's reports wait for."""
+    quiet, wake = _quiet(session, now=now, owner=owner, lease_s=lease_s)
+    session.rollback()
+    if quiet:
+        return (), wake
     begin_write(session)
     try:
         bumped, wake_after = _advance(
@@ -171,26 +179,13 @@ def _advance(
     session: Session, *, now: datetime, owner: str, lease_s: float, max_config_bytes: int
 ) -> tuple[tuple[str, ...], float | None]:
     connection = session.connection()
-    active = [
-        dict(r)
-        for r in connection.execute(
-            sa_select(_ROLLOUTS)
-            .where(_ROLLOUTS.c.state.notin_(TERMINAL))
-            .order_by(_ROLLOUTS.c.id)
-            .with_for_update()
-        ).mappings()
-    ]
+    active = _read(connection, lock=True)
     if not active:
         return (), None
     rows = [r for r in active if _may_advance(r, owner, now)]
     if not rows:
         return (), lease_s  # another hub holds them: look again when its lease may lapse
-    devices = {
-        row[0]: dict(zip(_EVIDENCE_COLUMNS, row, strict=True))
-        for row in connection.execute(
-            sa_select(*(_DEVICES.c[name] for name in _EVIDENCE_COLUMNS))
-        ).all()
-    }
+    devices = _read_devices(connection)
     recompose = False
     wakes: list[float] = []
     for row in rows:
@@ -205,6 +200,83 @@ def _advance(
         outcome = reconcile.run_in_transaction(session, now=now, max_config_bytes=max_config_bytes)
         bumped = outcome.bumped
     return bumped, min(wakes) if wakes else None
+
+
+def _read(connection: Any, *, lock: bool) -> list[dict[str, Any]]:
+    query = sa_select(_ROLLOUTS).where(_ROLLOUTS.c.state.notin_(TERMINAL)).order_by(_ROLLOUTS.c.id)
+    return [
+        dict(r) for r in connection.execute(query.with_for_update() if lock else query).mappings()
+    ]
+
+
+def _read_devices(connection: Any) -> dict[str, dict[str, Any]]:
+    return {
+        row[0]: dict(zip(_EVIDENCE_COLUMNS, row, strict=True))
+        for row in connection.execute(
+            sa_select(*(_DEVICES.c[name] for name in _EVIDENCE_COLUMNS))
+        ).all()
+    }
+
+
+def _quiet(
+    session: Session, *, now: datetime, owner: str, lease_s: float
+) -> tuple[bool, float | None]:
+    """Whether a look would write nothing (every rollout steps to where it is, each
+    lease this hub holds has more than half its time left), and when to look again."""
+    connection = session.connection()
+    active = _read(connection, lock=False)
+    if not active:
+        return True, None
+    rows = [r for r in active if _may_advance(r, owner, now)]
+    if not rows:
+        return True, lease_s
+    wakes: list[float] = []
+    devices: dict[str, dict[str, Any]] | None = None
+    for row in rows:
+        lease_left = (
+            (row["lease_until"] - now).total_seconds() if row["lease_until"] is not None else 0
+        )
+        if row["lease_owner"] != owner or lease_left < lease_s / 2:
+            return False, None
+        starts = row["state"] == "scheduled" and not row["waves"]
+        if starts and (row["start_at"] is None or row["start_at"] <= now):
+            return False, None
+        if devices is None:
+            devices = _read_devices(connection)
+        decided, _targets, _evidence = _decide(connection, row, devices, now)
+        if (
+            decided.targets
+            or decided.abort
+            or decided.notes
+            or _persisted(decided.rollout, now) != _persisted(store.state_of(row), now)
+        ):
+            return False, None
+        if decided.wake_after_s is not None:
+            wakes.append(decided.wake_after_s)
+    return True, min(wakes) if wakes else None
+
+
+def _persisted(state: Any, now: datetime) -> dict[str, Any]:
+    """What of a planner's rollout state the row keeps."""
+    return store.state_values(state, now)
+
+
+def _decide(
+    connection: Any, row: Mapping[str, Any], devices: Mapping[str, Mapping[str, Any]], now: datetime
+) -> tuple[Any, list[dict[str, Any]], dict[str, Evidence]]:
+    """The planner's step for one rollout from its rows and its devices' evidence."""
+    policy = store.policy_of(row)
+    targets = store.read_targets(connection, row["id"])
+    windows = _windows(connection, policy, targets, now)
+    evidence = {t["device_id"]: _evidence(t, devices.get(t["device_id"]), windows) for t in targets}
+    decided = step(
+        policy,
+        store.state_of(row),
+        [store.target_of(t) for t in targets],
+        evidence,
+        now.timestamp(),
+    )
+    return decided, targets, evidence
 
 
 def _may_advance(row: Mapping[str, Any], owner: str, now: datetime) -> bool:
@@ -248,16 +320,7 @@ def _advance_one(
                         for device_id in wave
                     ],
                 )
-    targets = store.read_targets(connection, row["id"])
-    windows = _windows(connection, policy, targets, now)
-    evidence = {t["device_id"]: _evidence(t, devices.get(t["device_id"]), windows) for t in targets}
-    decided = step(
-        policy,
-        store.state_of(row),
-        [store.target_of(t) for t in targets],
-        evidence,
-        now.timestamp(),
-    )
+    decided, targets, evidence = _decide(connection, row, devices, now)
     values = store.state_values(decided.rollout, now)
     values.update(extra)
     values["lease_owner"] = owner

@@ -76,9 +76,6 @@ _ACTIVE = sa_select(_ROLLOUTS.c.state, _ROLLOUTS.c.start_at).where(
     _ROLLOUTS.c.state.notin_(TERMINAL)
 )
 _IDLE_LOOK_S = 60.0
-ROLLOUT_SETTLE_S = 0.1
-"""Between looks (the loop's settle): short, because a look that changes nothing is a
-read (no write lock), and a wave's end seen sooner is the next wave sooner."""
 
 
 def hub_identity(settings: HubSettings) -> str:
@@ -105,7 +102,7 @@ class RolloutController:
         self._clock = clock
         self._delivery = delivery
         self._owner = owner or hub_identity(settings)
-        self._loop = ControllerLoop(self._step, settle_s=ROLLOUT_SETTLE_S)
+        self._loop = ControllerLoop(self._step)
         self.looks = 0
         self.advances = 0
 

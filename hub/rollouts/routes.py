@@ -63,26 +63,6 @@ DEVICE_STATES = (
 )  # fmt: skip
 
 
-@router.get("/{name}/rollout/devices", response_model=RolloutDevicePage, responses=responses(404))
-def rollout_devices(
-    name: NamePath,
-    session: SessionDep,
-    state: Annotated[
-        str | None,
-        Query(pattern="^(" + "|".join(DEVICE_STATES) + ")$", description="only this state"),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=API_MAX_PAGE_SIZE)] = 100,
-    offset: Annotated[int, Query(ge=0, le=API_MAX_OFFSET)] = 0,
-) -> RolloutDevicePage:
-    """The newest rollout's devices, where each stands (``waiting_window``: waiting for
-    its maintenance window, with the new version downloaded)."""
-    try:
-        row = store.newest(session, name)
-    except RolloutNotFound as error:
-        raise _not_found(error) from None
-    return store.devices_page(session, row["id"], state=state, limit=limit, offset=offset)
-
-
 @router.post(
     "/{name}/rollout/{action}",
     response_model=RolloutPublic,
@@ -134,3 +114,26 @@ def get_rollout_by_id(
         return store.view(session, store.by_id(session, rollout_id))
     except RolloutNotFound as error:
         raise _not_found(error) from None
+
+
+@list_router.get(
+    "/{rollout_id}/devices", response_model=RolloutDevicePage, responses=responses(404)
+)
+def rollout_devices(
+    rollout_id: Annotated[int, Path(ge=1, le=2**62)],
+    session: SessionDep,
+    state: Annotated[
+        str | None,
+        Query(pattern="^(" + "|".join(DEVICE_STATES) + ")$", description="only this state"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=API_MAX_PAGE_SIZE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=API_MAX_OFFSET)] = 0,
+) -> RolloutDevicePage:
+    """The rollout's devices, where each stands (``waiting_window``: waiting for its
+    maintenance window, with the new version downloaded). Under ``/rollouts/{id}``, not
+    ``/deployments/{name}/rollout/…``, where ``{action}`` names the commands."""
+    try:
+        store.by_id(session, rollout_id)
+    except RolloutNotFound as error:
+        raise _not_found(error) from None
+    return store.devices_page(session, rollout_id, state=state, limit=limit, offset=offset)

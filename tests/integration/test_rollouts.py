@@ -263,7 +263,7 @@ def test_a_closed_window_holds_installs_while_downloads_proceed(stack: RolloutSt
     assert view["state"] == "running"
     assert all(stack.serving(d) == "1.0.0" for d in ids)
     waiting = stack.api(
-        "get", "/deployments/window/rollout/devices", params={"state": "waiting_window"}
+        "get", f"/rollouts/{view['id']}/devices", params={"state": "waiting_window"}
     )
     assert sorted(d["device_id"] for d in waiting["items"]) == sorted(ids)
     rows = stack.rows("window")

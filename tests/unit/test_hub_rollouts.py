@@ -250,7 +250,8 @@ def test_an_operators_abort_restores_in_its_own_request(hub: Hub) -> None:
 def test_the_rollouts_devices_page_shows_where_each_stands(hub: Hub) -> None:
     hub.put(2, {"strategy": "waves", "waves": [3]})
     hub.look(T0)
-    page = hub.client.get("deployments/web/rollout/devices", params={"state": "in_flight"})
+    rollout_id = hub.rollout()["id"]
+    page = hub.client.get(f"rollouts/{rollout_id}/devices", params={"state": "in_flight"})
     assert page.status_code == 200, page.text
     body = page.json()
     assert body["total"] == 3 and all(d["wave"] == 0 for d in body["items"])
@@ -258,14 +259,15 @@ def test_the_rollouts_devices_page_shows_where_each_stands(hub: Hub) -> None:
         d["generation"] == hub.device(d["device_id"])["desired_generation"] for d in body["items"]
     )
     pending = hub.client.get(
-        "deployments/web/rollout/devices", params={"state": "pending", "limit": 2}
+        f"rollouts/{rollout_id}/devices", params={"state": "pending", "limit": 2}
     )
     assert pending.json()["total"] == 7 and len(pending.json()["items"]) == 2
-    assert (
-        hub.client.get("deployments/web/rollout/devices", params={"state": "lost"}).status_code
-        == 422
-    )
-    assert hub.client.get("deployments/none/rollout/devices").status_code == 404
+    lost = hub.client.get(f"rollouts/{rollout_id}/devices", params={"state": "lost"})
+    assert lost.status_code == 422
+    assert hub.client.get("rollouts/999/devices").status_code == 404
+    # No command route swallows the listing's path: another method is a 405.
+    assert hub.client.post(f"rollouts/{rollout_id}/devices").status_code == 405
+    assert hub.client.post("deployments/web/rollout/devices").status_code == 422  # no action
 
 
 def test_a_policy_change_alone_steers_the_running_rollout(hub: Hub) -> None:

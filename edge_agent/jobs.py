@@ -39,10 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from protocols.messages import MAX_JOB_LOG_TAIL, JobState, JobStatus
+from protocols.messages import JOBS_KEY, MAX_JOB_LOG_TAIL, JobState, JobStatus
 
-JOBS_KEY = "jobs"
-"""The member of a desired config that carries jobs."""
 MAX_REMEMBERED_JOBS = 256
 MAX_JOBS_PER_DOCUMENT = 64
 MAX_JOB_DEADLINE_S = 7 * 24 * 3600.0

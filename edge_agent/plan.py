@@ -57,7 +57,7 @@ from edge_agent.supervisor.spec import (
     dependency_order,
     parse_entry,
 )
-from protocols import Desired, bundle_references
+from protocols import HOLD_KEY, Desired, bundle_references
 from protocols.bundles import BUNDLE_KEY, WORKLOADS_KEY, is_sha256
 
 # ---------------------------------------------------------------- the workloads of a config
@@ -105,10 +105,6 @@ def workload_specs(config: Mapping[str, object]) -> list[WorkloadSpec]:
         specs.append(WorkloadSpec(name, bundle, parse_entry(index, entry)))
     check_dependencies({spec.name: spec.options.depends_on for spec in specs})
     return specs
-
-
-HOLD_KEY = "hold"
-"""A desired config's top-level member that makes the document HELD (pre-staging)."""
 
 
 def is_held(config: Mapping[str, object]) -> bool:

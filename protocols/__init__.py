@@ -22,6 +22,8 @@ from protocols.bundles import (
 from protocols.codec import MAX_PAYLOAD_BYTES, MESSAGE_TYPES, decode, encode
 from protocols.errors import ProtocolError, Reason
 from protocols.messages import (
+    HOLD_KEY,
+    JOBS_KEY,
     PROTOCOL_VERSION,
     Birth,
     CertIssued,
@@ -48,6 +50,8 @@ from protocols.topics import (
 
 __all__ = [
     "DEVICE_ID_PATTERN",
+    "HOLD_KEY",
+    "JOBS_KEY",
     "MAX_CHUNK_BYTES",
     "MAX_PAYLOAD_BYTES",
     "MESSAGE_TYPES",

@@ -32,6 +32,12 @@ ProofText = Annotated[str, msgspec.Meta(max_length=256, pattern="^[A-Za-z0-9+/=]
 CertSerial = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{1,40}$")]  # X.509: 20 bytes at most
 
 # "staged": a HELD document (config ``hold: true``) is fetched and installed, not switched.
+HOLD_KEY = "hold"
+"""A desired config's top-level member that HOLDS the document (only the JSON value
+``true``): the device fetches and installs, does not switch, and reports ``staged``."""
+JOBS_KEY = "jobs"
+"""A desired config's top-level member that carries one-shot jobs."""
+
 Phase = Literal["applied", "applying", "failed", "rolled_back", "staged"]
 HeartbeatInterval = Annotated[float, msgspec.Meta(ge=1, le=86400)]
 WorkloadState = Literal[

@@ -25,8 +25,8 @@ from sqlalchemy import Table
 from sqlalchemy import select as sa_select
 
 from hub.jobs.models import Job, JobDevice
+from protocols import JOBS_KEY
 
-JOBS_KEY = "jobs"
 OPEN_STATES = ("queued", "in_progress")
 _JOBS: Table = Job.__table__  # type: ignore[attr-defined]
 _ROWS: Table = JobDevice.__table__  # type: ignore[attr-defined]

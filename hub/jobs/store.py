@@ -37,7 +37,7 @@ from hub.deployments.selectors import SelectorError, parse_selector
 from hub.devices.errors import DeviceDecommissioned, DeviceNotFound
 from hub.devices.models import Device
 from hub.devices.store import next_desired_seq
-from hub.jobs.entries import JOBS_KEY, entry, job_entries, with_jobs
+from hub.jobs.entries import entry, job_entries, with_jobs
 from hub.jobs.errors import InvalidJob, JobExists, JobFinished, JobNotFound
 from hub.jobs.models import (
     MAX_ENTRY_BYTES,
@@ -47,6 +47,7 @@ from hub.jobs.models import (
     JobDevicePublic,
     JobPublic,
 )
+from protocols import JOBS_KEY
 
 MAX_DEVICES_SHOWN = 1000
 JOB_FINAL = frozenset({"completed", "aborted", "canceled"})

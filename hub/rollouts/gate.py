@@ -40,12 +40,12 @@ from sqlalchemy import select as sa_select
 from hub.deployments.layers import layer_of
 from hub.deployments.merge import Composed, canonical, compose
 from hub.rollouts.models import Rollout, RolloutDevice
+from protocols import HOLD_KEY
 
 TERMINAL = ("succeeded", "aborted", "superseded")
 HELD_STATES = frozenset({"staging", "staged", "waiting_window"})
 HANDED_OUT_STATES = frozenset({"staging", "waiting_window", "in_flight"})
 """States whose row records the generation its device is handed in this run."""
-HOLD_KEY = "hold"
 LAYER_KEYS = ("workloads", "priority")
 NOTES_KEPT = 50
 

@@ -48,6 +48,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+def epoch(value: datetime | None) -> float | None:
+    """An aware datetime as unix seconds (the pure planners' time), None kept."""
+    return value.timestamp() if value is not None else None
+
+
+def from_epoch(value: float | None) -> datetime | None:
+    """Unix seconds (a planner's time) as an aware UTC datetime for a column, None kept."""
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
 def make_engine(db_url: str, *, busy_timeout_ms: int) -> Engine:
     """Build the engine; for a SQLite file, create its parent directory first."""
     url = make_url(db_url)

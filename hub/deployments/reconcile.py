@@ -45,7 +45,7 @@ from sqlmodel import Session
 
 from hub.controllers.placement.plan import Plan, plan
 from hub.controllers.rollout.policy import PolicyError, parse_policy
-from hub.db import begin_write
+from hub.db import begin_write, epoch
 from hub.deployments.errors import DeploymentNotFound, InvalidSpec
 from hub.deployments.layers import layer_of
 from hub.deployments.merge import Composed, DocumentDiff, canonical, diff
@@ -144,15 +144,11 @@ class Outcome:
     starts them)."""
 
 
-def _ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
 def _facts(row: Mapping[str, Any]) -> DeviceFacts:
     online = bool(row["online"])
-    changed = _ts(row["online_changed_at"])
-    seen = _ts(row["last_seen"])
-    created = _ts(row["created_at"])
+    changed = epoch(row["online_changed_at"])
+    seen = epoch(row["last_seen"])
+    created = epoch(row["created_at"])
     return DeviceFacts(
         id=row["id"],
         labels=row["labels"] or {},

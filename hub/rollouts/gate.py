@@ -37,13 +37,15 @@ from typing import Any
 from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy import select as sa_select
 
+from hub.controllers.rollout.plan import HELD as HELD_STATES
+from hub.controllers.rollout.plan import TERMINAL as _TERMINAL
 from hub.deployments.layers import layer_of
 from hub.deployments.merge import Composed, canonical, compose
 from hub.rollouts.models import Rollout, RolloutDevice
 from protocols import HOLD_KEY
 
-TERMINAL = ("succeeded", "aborted", "superseded")
-HELD_STATES = frozenset({"staging", "staged", "waiting_window"})
+TERMINAL = tuple(sorted(_TERMINAL))
+"""The rollout states nothing changes any more (the planner's), for SQL."""
 HANDED_OUT_STATES = frozenset({"staging", "waiting_window", "in_flight"})
 """States whose row records the generation its device is handed in this run."""
 LAYER_KEYS = ("workloads", "priority")

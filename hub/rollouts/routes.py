@@ -21,6 +21,7 @@ from hub.api.problems import responses
 from hub.api.route import HubRoute
 from hub.auth.guard import require
 from hub.auth.models import Role
+from hub.controllers.rollout.plan import DEVICE_STATES, ROLLOUT_STATES
 from hub.deployments.models import DEPLOYMENT_NAME_PATTERN
 from hub.rollouts import store
 from hub.rollouts.errors import RolloutNotFound, RolloutRefused
@@ -38,9 +39,9 @@ list_router = APIRouter(prefix="/rollouts", tags=["rollouts"], route_class=HubRo
 NamePath = Annotated[
     str, Path(description="deployment name", max_length=63, pattern=DEPLOYMENT_NAME_PATTERN)
 ]
-STATES = ("scheduled", "running", "paused", "waiting_promote", "succeeded", "aborted", "superseded")
 StateQuery = Annotated[
-    str | None, Query(pattern="^(" + "|".join(STATES) + ")$", description="only this state")
+    str | None,
+    Query(pattern="^(" + "|".join(ROLLOUT_STATES) + ")$", description="only this state"),
 ]
 
 
@@ -55,12 +56,6 @@ def get_rollout(name: NamePath, session: SessionDep) -> RolloutPublic:
         return store.view(session, store.newest(session, name))
     except RolloutNotFound as error:
         raise _not_found(error) from None
-
-
-DEVICE_STATES = (
-    "pending", "staging", "staged", "waiting_window", "in_flight", "soaking",
-    "succeeded", "failed", "timed_out", "unknown",
-)  # fmt: skip
 
 
 @router.post(

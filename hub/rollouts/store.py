@@ -12,7 +12,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, func, update
@@ -20,6 +20,8 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from hub.controllers.rollout.plan import (
+    FAILED,
+    TIMED_OUT,
     CommandRefused,
     RolloutState,
     Target,
@@ -28,8 +30,9 @@ from hub.controllers.rollout.plan import (
     summarize,
 )
 from hub.controllers.rollout.policy import Policy, PolicyError, parse_policy
-from hub.db import begin_write
+from hub.db import begin_write, epoch, from_epoch
 from hub.deployments import reconcile
+from hub.deployments.models import Deployment
 from hub.rollouts.errors import RolloutNotFound, RolloutRefused
 from hub.rollouts.gate import HANDED_OUT_STATES, NOTES_KEPT, mode_of
 from hub.rollouts.models import (
@@ -45,15 +48,8 @@ from hub.rollouts.models import (
 LIST_CAP = 100
 _ROLLOUTS: Table = Rollout.__table__  # type: ignore[attr-defined]
 _TARGETS: Table = RolloutDevice.__table__  # type: ignore[attr-defined]
-FAILED_STATES = ("failed", "timed_out")
-
-
-def ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def dt(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if value is not None else None
+_DEPLOYMENTS: Table = Deployment.__table__  # type: ignore[attr-defined]
+FAILED_STATES = (FAILED, TIMED_OUT)
 
 
 def policy_of(row: Mapping[str, Any]) -> Policy:
@@ -71,12 +67,12 @@ def state_of(row: Mapping[str, Any]) -> RolloutState:
         reason=row["reason"],
         wave=row["wave"],
         promoted=row["promoted"],
-        started_at=ts(row["started_at"]),
-        wave_started_at=ts(row["wave_started_at"]),
-        progress_at=ts(row["progress_at"]),
-        finished_at=ts(row["finished_at"]),
-        start_at=ts(row["start_at"]),
-        activate_at=ts(row["activate_at"]),
+        started_at=epoch(row["started_at"]),
+        wave_started_at=epoch(row["wave_started_at"]),
+        progress_at=epoch(row["progress_at"]),
+        finished_at=epoch(row["finished_at"]),
+        start_at=epoch(row["start_at"]),
+        activate_at=epoch(row["activate_at"]),
         accepted_failures=row["accepted_failures"],
     )
 
@@ -88,12 +84,12 @@ def state_values(state: RolloutState, now: datetime) -> dict[str, Any]:
         "reason": state.reason[:512],
         "wave": state.wave,
         "promoted": state.promoted,
-        "started_at": dt(state.started_at),
-        "wave_started_at": dt(state.wave_started_at),
-        "progress_at": dt(state.progress_at),
-        "finished_at": dt(state.finished_at),
-        "start_at": dt(state.start_at),
-        "activate_at": dt(state.activate_at),
+        "started_at": from_epoch(state.started_at),
+        "wave_started_at": from_epoch(state.wave_started_at),
+        "progress_at": from_epoch(state.progress_at),
+        "finished_at": from_epoch(state.finished_at),
+        "start_at": from_epoch(state.start_at),
+        "activate_at": from_epoch(state.activate_at),
         "accepted_failures": state.accepted_failures,
         "updated_at": now,
     }
@@ -104,9 +100,9 @@ def target_of(row: Mapping[str, Any]) -> Target:
         device_id=row["device_id"],
         wave=row["wave"],
         state=row["state"],
-        handed_out_at=ts(row["handed_out_at"]),
-        staged_at=ts(row["staged_at"]),
-        outcome_at=ts(row["outcome_at"]),
+        handed_out_at=epoch(row["handed_out_at"]),
+        staged_at=epoch(row["staged_at"]),
+        outcome_at=epoch(row["outcome_at"]),
         detail=row["detail"],
     )
 
@@ -170,9 +166,9 @@ def write_targets(
                 "b_rollout": rollout_id,
                 "b_device": target.device_id,
                 "b_state": target.state,
-                "b_handed_out_at": dt(target.handed_out_at),
-                "b_staged_at": dt(target.staged_at),
-                "b_outcome_at": dt(target.outcome_at),
+                "b_handed_out_at": from_epoch(target.handed_out_at),
+                "b_staged_at": from_epoch(target.staged_at),
+                "b_outcome_at": from_epoch(target.outcome_at),
                 "b_detail": (
                     target.detail or (details or {}).get(target.device_id) or old["detail"] or ""
                 )[:512],
@@ -284,7 +280,7 @@ def view(session: Session, row: Mapping[str, Any]) -> RolloutPublic:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-        progress_deadline_at=dt(deadline),
+        progress_deadline_at=from_epoch(deadline),
         failed_devices=[FailedDevice(**d) for d in summary["failed_devices"]],
         unknown_devices=summary["unknown_devices"],
         notes=list(row["notes"] or ()),
@@ -349,9 +345,7 @@ def restore_deployment(connection: Any, row: Mapping[str, Any], now: datetime) -
     """An abort: the deployment goes back to the rollout's previous spec (a new version)
     or, if the deployment was new, away; the compose that follows gives every touched
     device its previous document as a new generation."""
-    from hub.deployments.models import Deployment
-
-    table: Table = Deployment.__table__  # type: ignore[attr-defined]
+    table = _DEPLOYMENTS
     name = row["deployment"]
     current = connection.execute(sa_select(table.c.version).where(table.c.name == name)).scalar()
     if current is None:
@@ -364,14 +358,3 @@ def restore_deployment(connection: Any, row: Mapping[str, Any], now: datetime) -
         .where(table.c.name == name)
         .values(spec=dict(row["from_spec"]), version=current + 1, updated_at=now)
     )
-
-
-def policy_problem(raw: Mapping[str, Any] | None) -> str | None:
-    """Why a spec's ``rollout`` member cannot be used, or None."""
-    if not raw:
-        return None
-    try:
-        parse_policy(raw)
-    except PolicyError as error:
-        return str(error)
-    return None

@@ -23,12 +23,11 @@ from sqlmodel import Session, col, select
 
 from hub.db import begin_write
 from hub.devices.models import Device
+from hub.rollouts.gate import TERMINAL
 from hub.rollouts.models import Rollout
 from hub.schedules.errors import InvalidWindow, WindowInUse, WindowNotFound
 from hub.schedules.models import Schedule
 from hub.schedules.window import UTC_ZONE, Window, WindowError, parse_window, zone_of
-
-TERMINAL_ROLLOUT_STATES = ("succeeded", "aborted", "superseded")
 
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _ROLLOUTS = Rollout.__table__  # type: ignore[attr-defined]
@@ -86,7 +85,7 @@ def rollouts_naming(session: Session, name: str) -> list[int]:
     rows = session.connection().execute(
         sa_select(_ROLLOUTS.c.id)
         .where(_ROLLOUTS.c.policy["window"].as_string() == name)
-        .where(_ROLLOUTS.c.state.not_in(TERMINAL_ROLLOUT_STATES))
+        .where(_ROLLOUTS.c.state.not_in(TERMINAL))
         .order_by(_ROLLOUTS.c.id)
     )
     return [int(r[0]) for r in rows]

@@ -31,9 +31,7 @@ from typing import Any
 
 from simulator.fleet import Fleet, FleetConfig, device_ids
 from simulator.profiles import BehaviourOverride, Profile, WorkloadsSpec
-from tests.integration.bundle_support import upload
-from tests.integration.rollout_support import RolloutStack, web_bundle
-from tests.support import HubProcess, wait_until
+from tests.integration.rollout_support import RolloutStack
 
 SEED = 1520
 """Each start draws its fate from the device's own rng (seed, device id), so the seed
@@ -44,7 +42,6 @@ of 20 (20%: the rollout aborted)."""
 HEARTBEAT_S = 5.0
 GOOD, BAD = "good", "bad"
 BASE, NEW, CRASHY = "1.0.0", "3.0.0", "2.0.0"
-VERSIONS = (BASE, CRASHY, NEW)
 GOOD_FAILURE_RATE = 0.05
 """Share of 3.0.0's starts whose health check fails (the device rolls back)."""
 
@@ -92,26 +89,8 @@ class ChaosRolloutStack(RolloutStack):
         self.hub_kills = 0
 
     def start(self) -> None:
-        self.broker.start()
-        hub = HubProcess(self.workdir / "hub", self.broker)
-        hub.argv += [
-            "--trust-root",
-            str(self.keys.root_path),
-            "--signing-key",
-            str(self.keys.hub_key_path),
-            "--rollout-interval-s",
-            "0.2",
-            "--placement-interval-s",
-            "0.5",
-        ]
         # A few hundred devices' heartbeats at debug level is most of the hub's work.
-        hub.argv[hub.argv.index("--log-level") + 1] = "info"
-        self.hub = hub
-        hub.start()
-        wait_until(
-            lambda: hub.stats()["bundles"]["mqtt_connected"], what="hub chunk server connected"
-        )
-        self.shas = {v: upload(hub, web_bundle(self.workdir, self.keys, v)) for v in VERSIONS}
+        self.start_hub(log_level="info")
         bodies = [
             {"id": d, "labels": {"suite": suite}} for suite, ids in self.ids.items() for d in ids
         ]

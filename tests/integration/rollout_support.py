@@ -66,7 +66,8 @@ class RolloutStack:
 
     # -- lifecycle
 
-    def start(self) -> None:
+    def start_hub(self, *, log_level: str | None = None) -> HubProcess:
+        """The broker and a hub that signs documents and holds every ``web`` version."""
         self.broker.start()
         hub = HubProcess(self.workdir / "hub", self.broker)
         hub.argv += [
@@ -79,12 +80,18 @@ class RolloutStack:
             "--placement-interval-s",
             "0.5",
         ]
+        if log_level is not None:
+            hub.argv[hub.argv.index("--log-level") + 1] = log_level
         self.hub = hub
         hub.start()
         wait_until(
             lambda: hub.stats()["bundles"]["mqtt_connected"], what="hub chunk server connected"
         )
         self.shas = {v: upload(hub, web_bundle(self.workdir, self.keys, v)) for v in VERSIONS}
+        return hub
+
+    def start(self) -> None:
+        self.start_hub()
         every = [d for ids in IDS.values() for d in ids]
         bodies = [{"id": d, "labels": {"suite": suite}} for suite, ids in IDS.items() for d in ids]
         bodies += [{"id": d, "labels": {"suite": "silent"}} for d in SLOW_IDS]

@@ -10,7 +10,6 @@ from hub.controllers.jobs.plan import (
     Device,
     JobIn,
     Policy,
-    PolicyError,
     Rate,
     Report,
     Tally,
@@ -20,6 +19,7 @@ from hub.controllers.jobs.plan import (
     policy_from_json,
     step,
 )
+from hub.controllers.rollout.policy import PolicyError
 
 NOW = 10_000.0
 ON = Device(online=True, active=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -29,7 +28,8 @@ from sqlalchemy import Engine
 from hub.context import Clock
 from hub.controllers.jobs import plan
 from hub.controllers.loop import ControllerLoop
-from hub.db import new_session
+from hub.controllers.rollout.policy import PolicyError
+from hub.db import epoch, from_epoch, new_session
 from hub.devices.desired import DeliverySignal, DesiredState
 from hub.jobs import store
 from hub.mqtt.session import MqttSession
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 
 ACTIVE_INTERVAL_S = 1.0
 IDLE_INTERVAL_S = 5.0
-
-
-def _ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def _dt(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
 def _device(row: Mapping[str, Any]) -> plan.Device:
@@ -70,9 +62,9 @@ def _target(row: Mapping[str, Any]) -> plan.Target:
         device_id=row["device_id"],
         seq=row["seq"],
         state=row["state"],
-        handed_out_at=_ts(row["handed_out_at"]),
-        started_at=_ts(row["started_at"]),
-        finished_at=_ts(row["finished_at"]),
+        handed_out_at=epoch(row["handed_out_at"]),
+        started_at=epoch(row["started_at"]),
+        finished_at=epoch(row["finished_at"]),
         exit_code=row["exit_code"],
         message=row["message"],
         log_tail=row["log_tail"],
@@ -86,7 +78,7 @@ def planner_input(active: store.ActiveJobs) -> tuple[list[plan.JobIn], dict[str,
     for job in active.jobs:
         try:
             policy = plan.policy_from_json(job["policy"])
-        except plan.PolicyError as exc:
+        except PolicyError as exc:
             log.error("job policy unreadable", extra={"job": job["id"], "error": str(exc)})
             policy = plan.Policy()
         jobs.append(
@@ -113,9 +105,9 @@ def changes(decided: plan.Step) -> tuple[list[store.RowChange], list[store.JobCh
             handed_out_was=before.handed_out_at is not None,
             values={
                 "state": after.state,
-                "handed_out_at": _dt(after.handed_out_at),
-                "started_at": _dt(after.started_at),
-                "finished_at": _dt(after.finished_at),
+                "handed_out_at": from_epoch(after.handed_out_at),
+                "started_at": from_epoch(after.started_at),
+                "finished_at": from_epoch(after.finished_at),
                 "exit_code": after.exit_code,
                 "message": after.message[:256] if after.message is not None else None,
                 "log_tail": after.log_tail[-4096:] if after.log_tail is not None else None,

@@ -39,12 +39,16 @@ timed_out, canceled, expired; the last five are final):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from hub.controllers.rollout.policy import FailureThreshold, Rate, rate_slots
+from hub.controllers.rollout.policy import (
+    FailureThreshold,
+    Rate,
+    parse_policy,
+    rate_slots,
+)
 
 FINAL = frozenset({"succeeded", "failed", "timed_out", "canceled", "expired"})
 OPEN = frozenset({"queued", "in_progress"})
@@ -57,10 +61,6 @@ TIMEOUT_GRACE_S = 30.0
 RATE_WINDOW_S = 60.0
 EXPIRED = "expired"
 """The agent's message for a job it refused because its expiry passed."""
-
-
-class PolicyError(ValueError):
-    """A stored ``rollout`` member that is not one (the API checked it on the way in)."""
 
 
 # ---------------------------------------------------------------- the policy
@@ -80,42 +80,19 @@ class Policy:
     failure_threshold: Threshold | None = None
 
 
-def _number(raw: Mapping[str, Any], key: str, *, integer: bool = False) -> Any:
-    value = raw.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PolicyError(f"{key} must be a number")
-    if integer and value != int(value):
-        raise PolicyError(f"{key} must be an integer")
-    return int(value) if integer else float(value)
-
-
 def policy_from_json(raw: Mapping[str, Any] | None) -> Policy:
-    """Pure: the stored ``rollout`` member as a :class:`Policy`; raises PolicyError."""
+    """Pure: the stored ``rollout`` member as a :class:`Policy`, read by the rollouts'
+    own parser (the same fields mean the same); raises the rollouts' PolicyError. A job without a
+    ``failure_threshold`` has none."""
     if not raw:
         return Policy()
-    rate = threshold = None
-    if raw.get("rate") is not None:
-        r = raw["rate"]
-        per_minute = _number(r, "per_minute", integer=True)
-        if per_minute is None or per_minute < 1:
-            raise PolicyError("rate.per_minute must be at least 1")
-        factor = _number(r, "growth_factor")
-        after = _number(r, "growth_after", integer=True)
-        rate = Rate(float(per_minute), 1.0 if factor is None else factor, after or 0)
-    if raw.get("failure_threshold") is not None:
-        t = raw["failure_threshold"]
-        count = _number(t, "count", integer=True)
-        percent = _number(t, "percent")
-        if count is None and percent is None:
-            percent = 20.0
-        min_reported = _number(t, "min_reported", integer=True)
-        action = t.get("action", "abort")
-        if action not in ("abort", "pause"):
-            raise PolicyError("failure_threshold.action must be abort or pause")
-        threshold = Threshold(count, percent, 1 if min_reported is None else min_reported, action)
-    return Policy(_number(raw, "max_in_flight", integer=True), rate, threshold)
+    given = {k: raw[k] for k in _POLICY_KEYS if raw.get(k) is not None}
+    parsed = parse_policy(given)
+    threshold = parsed.failure_threshold if "failure_threshold" in given else None
+    return Policy(parsed.max_in_flight, parsed.rate, threshold)
+
+
+_POLICY_KEYS = ("max_in_flight", "rate", "failure_threshold")
 
 
 # ---------------------------------------------------------------- the seam: admission

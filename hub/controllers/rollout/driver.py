@@ -38,7 +38,7 @@ from sqlmodel import Session
 from hub.context import Clock
 from hub.controllers.loop import ControllerLoop
 from hub.controllers.rollout.plan import Evidence, build_waves, step
-from hub.db import begin_write, new_session
+from hub.db import begin_write, epoch, new_session
 from hub.deployments import reconcile
 from hub.devices.desired import DeliverySignal
 from hub.devices.models import Device
@@ -248,17 +248,13 @@ def _quiet(
             decided.targets
             or decided.abort
             or decided.notes
-            or _persisted(decided.rollout, now) != _persisted(store.state_of(row), now)
+            or store.state_values(decided.rollout, now)
+            != store.state_values(store.state_of(row), now)
         ):
             return False, None
         if decided.wake_after_s is not None:
             wakes.append(decided.wake_after_s)
     return True, min(wakes) if wakes else None
-
-
-def _persisted(state: Any, now: datetime) -> dict[str, Any]:
-    """What of a planner's rollout state the row keeps."""
-    return store.state_values(state, now)
 
 
 def _decide(
@@ -416,9 +412,9 @@ def _evidence(
         staged=generation is not None and device["staged_generation"] >= generation,
         applied=applied,
         failed=generation is not None and device["failed_generation"] >= generation,
-        healthy_since=store.ts(device["healthy_since"]) if applied else None,
+        healthy_since=epoch(device["healthy_since"]) if applied else None,
         healthy_reports=int(device["healthy_reports"]) if applied else 0,
-        unhealthy_at=store.ts(device["unhealthy_at"]) if applied else None,
+        unhealthy_at=epoch(device["unhealthy_at"]) if applied else None,
         window_open=window_open,
         detail=(device["report_error"] or "")[:512],
     )

@@ -89,6 +89,7 @@ __all__ = [
     "CRASH_DURING_SOAK",
     "DEVICE_STATES",
     "FAILED",
+    "HELD",
     "IN_FLIGHT",
     "OUTCOMES",
     "PAUSED",
@@ -148,7 +149,8 @@ DEVICE_STATES = (
     SUCCEEDED, FAILED, TIMED_OUT, UNKNOWN,
 )  # fmt: skip
 OUTCOMES = frozenset((SUCCEEDED, FAILED, TIMED_OUT, UNKNOWN))
-_HELD = frozenset((STAGING, STAGED, WAITING_WINDOW))  # hold the document, no switch
+HELD = frozenset((STAGING, STAGED, WAITING_WINDOW))  # hold the document, no switch
+_HELD = HELD
 _WAITING = frozenset((PENDING, *_HELD))  # not switched yet
 _SWITCHED = frozenset((IN_FLIGHT, SOAKING, *OUTCOMES))  # handed_out_at is the switch
 COMMANDS = ("pause", "resume", "abort", "promote", "retry-failed")
